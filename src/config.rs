@@ -1,0 +1,538 @@
+//! Typed configuration: built-in defaults, then an optional TOML file, then `RELAY_*`
+//! environment variables (`__` between nesting levels, e.g. `RELAY_AMQP__URL`).
+//!
+//! This is the only module that knows about the `config` crate. Everything is read once at
+//! startup, validated here, and passed down as plain typed structs: deeper code never sees a
+//! raw string where a `SocketAddr`, a `Duration` or an [`ExportKey`] belongs.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::auth::{ExportKey, Keyring};
+use crate::routing;
+
+/// An error while loading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file, the environment or a value could not be read into the typed config.
+    #[error("{0}")]
+    Load(#[from] config::ConfigError),
+    /// A value was read but is not acceptable.
+    #[error("invalid {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+    /// No export key is configured at all: the relay would accept nothing, or worse.
+    #[error(
+        "no export key configured: set auth.export_keys in the config file or \
+         RELAY_AUTH__EXPORT_KEYS=key1,key2 in the environment (the relay refuses to run open)"
+    )]
+    NoExportKey,
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+/// The whole configuration of one relay process.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub http: HttpConfig,
+    pub amqp: AmqpConfig,
+    pub auth: AuthConfig,
+    pub log: LogConfig,
+}
+
+/// The webhook-facing HTTP server.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address the webhook port binds to.
+    pub listen: SocketAddr,
+    /// Path HireHop posts to. `GET`/`HEAD` there answer 200 for URL checks.
+    pub path: String,
+    /// Largest accepted body; larger ones get 413.
+    pub max_body_bytes: u64,
+    /// Time a client has to send its request headers (also bounds idle keep-alive).
+    pub header_read_timeout_ms: u64,
+    /// Time a client has to send its whole body once the headers arrived.
+    pub request_timeout_ms: u64,
+    /// On shutdown, time in-flight requests get to finish before connections are cut.
+    pub drain_timeout_ms: u64,
+    /// Value of `Retry-After` on 503 answers.
+    pub retry_after_secs: u64,
+}
+
+/// The RabbitMQ side.
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpConfig {
+    /// AMQP 0-9-1 URI of the broker (`amqp://user:pass@host:5672/vhost`).
+    #[serde(serialize_with = "serialize_redacted_url")]
+    pub url: String,
+    /// Durable topic exchange the relay publishes to.
+    pub exchange: String,
+    /// Declare `<exchange>.unrouted` (fanout + queue) as the exchange's alternate exchange, so
+    /// an event nobody is bound to yet is kept instead of dropped.
+    pub alternate_exchange: bool,
+    /// Prepended to every event name to form the routing key (e.g. `hirehop.`).
+    pub routing_key_prefix: String,
+    /// Number of publishing channels, each with many confirms in flight.
+    pub channels: usize,
+    /// How long a publish may wait for the broker's confirm before the request gets 503.
+    pub confirm_timeout_ms: u64,
+    /// How long one connection attempt (TCP + AMQP handshake + topology) may take.
+    pub connect_timeout_ms: u64,
+    /// Ceiling of the exponential reconnect backoff.
+    pub reconnect_max_backoff_ms: u64,
+}
+
+/// Who may post webhooks.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Keys accepted for any company. In the environment: a comma-separated list.
+    #[serde(deserialize_with = "list_or_comma_separated")]
+    pub export_keys: Vec<ExportKey>,
+    /// Keys that only open one company each; several per company during a rotation.
+    pub companies: Vec<CompanyKeys>,
+}
+
+/// The keys of one HireHop company.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompanyKeys {
+    pub company_id: u64,
+    pub export_keys: Vec<ExportKey>,
+}
+
+/// Log output.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// The defaults, as a TOML document: the single source of truth for every default value, and
+/// the base layer the file and the environment override.
+const DEFAULTS: &str = r#"
+[http]
+listen = "0.0.0.0:8080"
+path = "/webhooks/hirehop"
+max_body_bytes = 1048576
+header_read_timeout_ms = 10000
+request_timeout_ms = 30000
+drain_timeout_ms = 10000
+retry_after_secs = 5
+
+[amqp]
+url = "amqp://guest:guest@127.0.0.1:5672/%2f"
+exchange = "hirehop"
+alternate_exchange = true
+routing_key_prefix = ""
+channels = 4
+confirm_timeout_ms = 5000
+connect_timeout_ms = 10000
+reconnect_max_backoff_ms = 30000
+
+[auth]
+export_keys = []
+companies = []
+
+[log]
+format = "text"
+"#;
+
+impl Config {
+    /// Loads defaults, then `file` if given, then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_from(file, None)
+    }
+
+    /// Like [`Config::load`], with the environment given as a map instead of read from the
+    /// process, so tests need no `set_var`.
+    pub fn load_from(
+        file: Option<&Path>,
+        env: Option<HashMap<String, String>>,
+    ) -> Result<Config, ConfigError> {
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+        }
+        // `prefix_separator("_")` matters: with only `separator("__")` the prefix would have to
+        // be followed by `__` too (`RELAY__AMQP__URL`).
+        let environment = config::Environment::with_prefix("RELAY")
+            .prefix_separator("_")
+            .separator("__")
+            .source(env);
+        let config: Config = builder.add_source(environment).build()?.try_deserialize()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !self.http.path.starts_with('/') {
+            return Err(invalid("http.path", "must start with '/'"));
+        }
+        if ["/healthz", "/readyz"].contains(&self.http.path.as_str()) {
+            return Err(invalid("http.path", "must not be a health endpoint"));
+        }
+        if self.http.max_body_bytes == 0 {
+            return Err(invalid("http.max_body_bytes", "must be greater than 0"));
+        }
+        for (key, ms) in [
+            ("http.header_read_timeout_ms", self.http.header_read_timeout_ms),
+            ("http.request_timeout_ms", self.http.request_timeout_ms),
+            ("amqp.confirm_timeout_ms", self.amqp.confirm_timeout_ms),
+            ("amqp.connect_timeout_ms", self.amqp.connect_timeout_ms),
+            ("amqp.reconnect_max_backoff_ms", self.amqp.reconnect_max_backoff_ms),
+        ] {
+            if ms == 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        if self.amqp.channels == 0 || self.amqp.channels > 64 {
+            return Err(invalid("amqp.channels", "must be between 1 and 64"));
+        }
+        if self.amqp.exchange.is_empty() || self.amqp.exchange.len() > 200 {
+            // 200, not 255: `<exchange>.unrouted` must fit in an AMQP short string too.
+            return Err(invalid("amqp.exchange", "must be 1 to 200 bytes long"));
+        }
+        if !self.amqp.url.starts_with("amqp://") && !self.amqp.url.starts_with("amqps://") {
+            return Err(invalid("amqp.url", "must start with amqp:// or amqps://"));
+        }
+        if let Err(err) = self.amqp.url.parse::<lapin::uri::AMQPUri>() {
+            return Err(invalid("amqp.url", err));
+        }
+        routing::check_prefix(&self.amqp.routing_key_prefix)
+            .map_err(|err| invalid("amqp.routing_key_prefix", err.to_string()))?;
+        for company in &self.auth.companies {
+            if company.export_keys.is_empty() {
+                return Err(invalid(
+                    "auth.companies",
+                    format!("company {} has no export_keys", company.company_id),
+                ));
+            }
+        }
+        if self.keyring().is_empty() {
+            return Err(ConfigError::NoExportKey);
+        }
+        Ok(())
+    }
+
+    /// The configured keys, ready for verification.
+    pub fn keyring(&self) -> Keyring {
+        let companies = self
+            .auth
+            .companies
+            .iter()
+            .map(|c| (c.company_id, c.export_keys.clone()));
+        Keyring::new(self.auth.export_keys.clone(), companies)
+    }
+
+    /// The effective configuration as TOML, with every secret redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        // `ExportKey` serializes as a placeholder and `AmqpConfig` hides the URL's password,
+        // so plain serialization is already safe to print.
+        toml::to_string_pretty(self).unwrap_or_else(|err| format!("# cannot render: {err}\n"))
+    }
+}
+
+impl HttpConfig {
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms)
+    }
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
+    }
+}
+
+impl AmqpConfig {
+    pub fn confirm_timeout(&self) -> Duration {
+        Duration::from_millis(self.confirm_timeout_ms)
+    }
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+    pub fn reconnect_max_backoff(&self) -> Duration {
+        Duration::from_millis(self.reconnect_max_backoff_ms)
+    }
+    /// Name of the alternate exchange and of the queue bound to it.
+    pub fn unrouted_name(&self) -> String {
+        format!("{}.unrouted", self.exchange)
+    }
+    /// The URL with its password replaced, fit for logs.
+    pub fn redacted_url(&self) -> String {
+        redact_url_password(&self.url)
+    }
+}
+
+/// Replaces the password of `scheme://user:password@host/...` with `***`.
+fn redact_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            format!("{scheme}://{user}:***@{host}{path}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+// Hand-written so that the URL's password never reaches a log through `{:?}`.
+impl fmt::Debug for AmqpConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpConfig")
+            .field("url", &self.redacted_url())
+            .field("exchange", &self.exchange)
+            .field("alternate_exchange", &self.alternate_exchange)
+            .field("routing_key_prefix", &self.routing_key_prefix)
+            .field("channels", &self.channels)
+            .field("confirm_timeout_ms", &self.confirm_timeout_ms)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("reconnect_max_backoff_ms", &self.reconnect_max_backoff_ms)
+            .finish()
+    }
+}
+
+fn serialize_redacted_url<S: serde::Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redact_url_password(url))
+}
+
+/// Accepts `["a", "b"]` (TOML) or `"a,b"` (environment variables are plain strings).
+fn list_or_comma_separated<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ExportKey>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrString {
+        List(Vec<ExportKey>),
+        String(String),
+    }
+    Ok(match ListOrString::deserialize(d)? {
+        ListOrString::List(keys) => keys,
+        ListOrString::String(joined) => joined
+            .split(',')
+            .map(str::trim)
+            .filter(|key| !key.is_empty())
+            .map(ExportKey::new)
+            .collect::<Result<_, _>>()
+            .map_err(serde::de::Error::custom)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Option<HashMap<String, String>> {
+        Some(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    fn write_file(contents: &str) -> tempfile_path::TempPath {
+        tempfile_path::TempPath::with_contents(contents)
+    }
+
+    /// A tiny self-deleting temp file, enough for these tests.
+    mod tempfile_path {
+        use std::path::{Path, PathBuf};
+
+        pub struct TempPath(PathBuf);
+
+        impl TempPath {
+            pub fn with_contents(contents: &str) -> Self {
+                let path = std::env::temp_dir().join(format!(
+                    "hirehop-relay-config-{}.toml",
+                    uuid::Uuid::now_v7()
+                ));
+                std::fs::write(&path, contents).expect("temp dir is writable");
+                TempPath(path)
+            }
+            pub fn path(&self) -> &Path {
+                &self.0
+            }
+        }
+
+        impl Drop for TempPath {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn defaults_apply_and_a_key_from_env_is_enough() {
+        let config = Config::load_from(None, env(&[("RELAY_AUTH__EXPORT_KEYS", "k1")])).unwrap();
+        assert_eq!(config.http.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(config.http.path, "/webhooks/hirehop");
+        assert_eq!(config.http.max_body_bytes, 1024 * 1024);
+        assert_eq!(config.amqp.exchange, "hirehop");
+        assert_eq!(config.amqp.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(config.amqp.confirm_timeout(), Duration::from_secs(5));
+        assert_eq!(config.http.drain_timeout(), Duration::from_secs(10));
+        assert_eq!(config.amqp.channels, 4);
+        assert_eq!(config.log.format, LogFormat::Text);
+    }
+
+    #[test]
+    fn env_keys_are_comma_separated_and_keep_leading_zeros() {
+        let config = Config::load_from(
+            None,
+            env(&[("RELAY_AUTH__EXPORT_KEYS", "0012, abc123 ,,true")]),
+        )
+        .unwrap();
+        let keyring = config.keyring();
+        for key in ["0012", "abc123", "true"] {
+            assert!(keyring.verify(key, None), "{key} should be accepted");
+        }
+        assert!(!keyring.verify("12", None));
+    }
+
+    #[test]
+    fn no_key_at_all_refuses_to_start_and_says_how_to_set_one() {
+        let err = Config::load_from(None, env(&[])).unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("no export key configured"), "{message}");
+        assert!(message.contains("RELAY_AUTH__EXPORT_KEYS"), "{message}");
+    }
+
+    #[test]
+    fn file_overrides_defaults_and_env_overrides_file() {
+        let file = write_file(
+            r#"
+            [http]
+            listen = "127.0.0.1:9000"
+            max_body_bytes = 2048
+            [amqp]
+            exchange = "from-file"
+            [auth]
+            export_keys = ["file-key"]
+            [[auth.companies]]
+            company_id = 7
+            export_keys = ["old7", "new7"]
+            "#,
+        );
+        let config = Config::load_from(
+            Some(file.path()),
+            env(&[
+                ("RELAY_AMQP__EXCHANGE", "from-env"),
+                ("RELAY_HTTP__MAX_BODY_BYTES", "4096"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.http.listen, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(config.amqp.exchange, "from-env");
+        assert_eq!(config.http.max_body_bytes, 4096);
+        let keyring = config.keyring();
+        assert!(keyring.verify("file-key", Some(1)));
+        assert!(keyring.verify("old7", Some(7)));
+        assert!(keyring.verify("new7", Some(7)));
+        assert!(!keyring.verify("new7", Some(8)), "a company key opens only its company");
+        assert!(!keyring.verify("new7", None));
+    }
+
+    #[test]
+    fn unknown_key_in_file_is_an_error_naming_it() {
+        let file = write_file("[http]\nlisten_port = 80\n[auth]\nexport_keys = [\"k\"]\n");
+        let message = Config::load_from(Some(file.path()), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("listen_port"), "{message}");
+    }
+
+    #[test]
+    fn bad_value_is_an_error_naming_the_key() {
+        let message = Config::load_from(
+            None,
+            env(&[
+                ("RELAY_AUTH__EXPORT_KEYS", "k"),
+                ("RELAY_HTTP__LISTEN", "not-an-address"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(message.contains("listen"), "{message}");
+
+        let message = Config::load_from(
+            None,
+            env(&[
+                ("RELAY_AUTH__EXPORT_KEYS", "k"),
+                ("RELAY_AMQP__CHANNELS", "0"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(message, "invalid amqp.channels: must be between 1 and 64");
+
+        let message = Config::load_from(
+            None,
+            env(&[
+                ("RELAY_AUTH__EXPORT_KEYS", "k"),
+                ("RELAY_AMQP__ROUTING_KEY_PREFIX", "hirehop.#."),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(message.starts_with("invalid amqp.routing_key_prefix"), "{message}");
+    }
+
+    #[test]
+    fn missing_file_is_an_error_naming_it() {
+        let message = Config::load_from(Some(Path::new("/nonexistent/relay.toml")), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("/nonexistent/relay.toml"), "{message}");
+    }
+
+    #[test]
+    fn redacted_rendering_hides_keys_and_the_url_password() {
+        let config = Config::load_from(
+            None,
+            env(&[
+                ("RELAY_AUTH__EXPORT_KEYS", "supersecretkey"),
+                ("RELAY_AMQP__URL", "amqp://relay:hunter2@rabbit:5672/%2f"),
+            ]),
+        )
+        .unwrap();
+        let rendered = config.to_redacted_toml();
+        assert!(!rendered.contains("supersecretkey"), "{rendered}");
+        assert!(!rendered.contains("hunter2"), "{rendered}");
+        assert!(rendered.contains("amqp://relay:***@rabbit:5672/%2f"), "{rendered}");
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("supersecretkey") && !debug.contains("hunter2"), "{debug}");
+    }
+
+    #[test]
+    fn url_password_redaction_handles_odd_shapes() {
+        assert_eq!(redact_url_password("amqp://h:5672/v"), "amqp://h:5672/v");
+        assert_eq!(redact_url_password("amqp://u@h"), "amqp://u:***@h");
+        assert_eq!(redact_url_password("amqp://u:p@ss@h/%2f"), "amqp://u:***@h/%2f");
+    }
+}

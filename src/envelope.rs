@@ -1,0 +1,221 @@
+//! The few envelope fields the relay reads, borrowed from the raw body.
+//!
+//! The body is published byte for byte, so nothing here builds a document: one pass of
+//! serde_json validates the whole body as JSON and captures `event`, `export_key`,
+//! `company_id` and `user_id` as raw slices; every other field (`data`, `changes` as `{}` or
+//! `[]`, fields HireHop adds later) is skipped without being interpreted.
+//!
+//! What HireHop sends is PHP's `json_encode`, so the readers are lenient where PHP is loose
+//! (`company_id` as `1` or `"1"`) and strict where ambiguity would be dangerous: a duplicated
+//! field is refused, since the relay and a consumer could otherwise read different values.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// Why a body is not a usable envelope. Messages go into 400 answers: they name the rule and
+/// never quote the body.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("body is not a JSON object")]
+    NotAnObject,
+    #[error("body is not valid UTF-8")]
+    NotUtf8,
+    #[error("body is not valid JSON: {0}")]
+    Json(#[source] serde_json::Error),
+    #[error("{0} must be an integer or a string of digits")]
+    NotAnId(&'static str),
+}
+
+/// The fields the relay needs, borrowed from the body where no JSON escape forces a copy.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Envelope<'a> {
+    /// `None` when absent, `null` or not a string (the caller answers 400).
+    pub event: Option<Cow<'a, str>>,
+    /// `None` when absent, `null` or not a string (the caller answers 401).
+    pub export_key: Option<Cow<'a, str>>,
+    pub company_id: Option<u64>,
+    pub user_id: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct RawFields<'a> {
+    #[serde(borrow, default)]
+    event: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    export_key: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    company_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    user_id: Option<&'a RawValue>,
+}
+
+impl<'a> Envelope<'a> {
+    /// Reads the envelope out of `body`, which must be one JSON object (nothing after it).
+    pub fn parse(body: &'a [u8]) -> Result<Envelope<'a>, EnvelopeError> {
+        // serde would happily read a struct from a JSON array, positionally: refuse that first.
+        let first = body.iter().find(|b| !b.is_ascii_whitespace());
+        if first != Some(&b'{') {
+            return Err(EnvelopeError::NotAnObject);
+        }
+        // serde_json skips ignored strings without checking their UTF-8; consumers must get
+        // valid JSON (RFC 8259 requires UTF-8), so check the whole body.
+        let body = std::str::from_utf8(body).map_err(|_| EnvelopeError::NotUtf8)?;
+        let raw: RawFields<'a> = serde_json::from_str(body).map_err(EnvelopeError::Json)?;
+        Ok(Envelope {
+            event: raw.event.and_then(string),
+            export_key: raw.export_key.and_then(string),
+            company_id: raw
+                .company_id
+                .map(|v| id(v).ok_or(EnvelopeError::NotAnId("company_id")))
+                .transpose()?
+                .flatten(),
+            // `user_id` only feeds a header: an odd one is dropped rather than the webhook.
+            user_id: raw.user_id.and_then(id).flatten(),
+        })
+    }
+}
+
+/// A JSON string's value, borrowed unless it contains escapes; `None` for any other type.
+fn string(raw: &RawValue) -> Option<Cow<'_, str>> {
+    let json = raw.get();
+    if let Ok(borrowed) = serde_json::from_str::<&str>(json) {
+        return Some(Cow::Borrowed(borrowed));
+    }
+    serde_json::from_str::<String>(json).ok().map(Cow::Owned)
+}
+
+/// `Some(None)` for `null`, `Some(Some(n))` for `n` or `"n"`, `None` for anything else.
+fn id(raw: &RawValue) -> Option<Option<u64>> {
+    let json = raw.get();
+    if json == "null" {
+        return Some(None);
+    }
+    if let Ok(n) = serde_json::from_str::<u64>(json) {
+        return Some(Some(n));
+    }
+    let s = string(raw)?;
+    let digits = s.trim();
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok().map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: &str) -> Result<Envelope<'_>, EnvelopeError> {
+        Envelope::parse(body.as_bytes())
+    }
+
+    const DOCUMENTED: &str = r#"{
+      "time": "2022-03-29 07:50:42",
+      "user_id": 1,
+      "user_name": "John Smith",
+      "user_email": "john@email.com",
+      "company_id": 1,
+      "export_key": "22u43mrjwe7u",
+      "event": "invoice.status.updated",
+      "data": { },
+      "changes": { "FIELD_NAME": { "from": "old", "to": "new" } }
+    }"#;
+
+    #[test]
+    fn reads_the_documented_example() {
+        let envelope = parse(DOCUMENTED).unwrap();
+        assert_eq!(envelope.event.as_deref(), Some("invoice.status.updated"));
+        assert_eq!(envelope.export_key.as_deref(), Some("22u43mrjwe7u"));
+        assert_eq!(envelope.company_id, Some(1));
+        assert_eq!(envelope.user_id, Some(1));
+        assert!(matches!(envelope.event, Some(Cow::Borrowed(_))));
+    }
+
+    #[test]
+    fn accepts_the_variants_php_produces() {
+        let envelope = parse(
+            r#"{"event":"job.updated","export_key":"k","company_id":"42","user_id":"7",
+                "changes":[],"data":{"JOB_NAME":"Bühne \u00e9t\u00e9 🎪"},"job":{"ID":1}}"#,
+        )
+        .unwrap();
+        assert_eq!(envelope.company_id, Some(42));
+        assert_eq!(envelope.user_id, Some(7));
+
+        let envelope = parse(r#"{"event":"job.updated","export_key":"k"}"#).unwrap();
+        assert_eq!(envelope.company_id, None);
+        assert_eq!(envelope.user_id, None);
+
+        let envelope = parse(r#"{"event":"job.updated","company_id":null,"user_id":""}"#).unwrap();
+        assert_eq!(envelope.company_id, None);
+        assert_eq!(envelope.user_id, None);
+    }
+
+    #[test]
+    fn escaped_strings_are_unescaped() {
+        let envelope = parse(r#"{"event":"job\u002eupdated","export_key":"a\"b"}"#).unwrap();
+        assert_eq!(envelope.event.as_deref(), Some("job.updated"));
+        assert_eq!(envelope.export_key.as_deref(), Some("a\"b"));
+    }
+
+    #[test]
+    fn non_string_fields_read_as_absent() {
+        let envelope = parse(r#"{"event":["job.updated"],"export_key":12345}"#).unwrap();
+        assert_eq!(envelope.event, None);
+        assert_eq!(envelope.export_key, None);
+    }
+
+    #[test]
+    fn not_an_object_is_refused() {
+        for body in ["", "   ", "[]", r#"["job.updated","k"]"#, "\"x\"", "1", "null"] {
+            assert!(
+                matches!(parse(body), Err(EnvelopeError::NotAnObject)),
+                "{body:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_json_is_refused() {
+        for body in [
+            "{",
+            r#"{"event":"a"} trailing"#,
+            r#"{"event":"a",}"#,
+            r#"{"event":"a","event":"b"}"#,
+        ] {
+            assert!(matches!(parse(body), Err(EnvelopeError::Json(_))), "{body:?}");
+        }
+        // Invalid UTF-8, even inside a field the relay does not read.
+        assert!(matches!(
+            Envelope::parse(b"{\"data\":\"\xff\"}"),
+            Err(EnvelopeError::NotUtf8)
+        ));
+    }
+
+    #[test]
+    fn deep_nesting_cannot_overflow_the_stack() {
+        // serde_json walks skipped and raw-captured values without recursion.
+        let deep = |n| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        let skipped = format!(r#"{{"event":"a","data":{}}}"#, deep(100_000));
+        assert!(parse(&skipped).is_ok());
+        let read = format!(r#"{{"event":{}}}"#, deep(100_000));
+        assert_eq!(parse(&read).unwrap().event, None);
+    }
+
+    #[test]
+    fn bad_company_id_is_refused() {
+        for body in [
+            r#"{"company_id":"abc"}"#,
+            r#"{"company_id":-1}"#,
+            r#"{"company_id":1.5}"#,
+            r#"{"company_id":{}}"#,
+            r#"{"company_id":""}"#,
+        ] {
+            assert!(
+                matches!(parse(body), Err(EnvelopeError::NotAnId("company_id"))),
+                "{body:?}"
+            );
+        }
+    }
+}

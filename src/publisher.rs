@@ -1,0 +1,561 @@
+//! The broker side: the only module that imports `lapin`.
+//!
+//! A [`Publisher`] owns one AMQP connection with a small pool of confirm-mode channels and a
+//! supervisor task that keeps them alive. Publishing picks a channel round-robin, sends the
+//! message with `mandatory` set and waits for *that* message's confirm; many confirms are in
+//! flight per channel at once and no lock is held across an await.
+//!
+//! The supervisor wakes on a connection event, on a failed publish or once a second, and
+//! repairs what it finds: closed channels on a live connection are re-opened, a dead
+//! connection is replaced (exponential backoff with jitter, topology declared again).
+//! Meanwhile [`Publisher::publish`] fails fast with [`PublishError::Unavailable`] instead of
+//! waiting, so a webhook is never held hostage by a broker outage.
+//!
+//! Topology, declared on every (re)connect before any channel publishes:
+//! - the durable topic exchange `amqp.exchange`, with `alternate-exchange` =
+//!   `<exchange>.unrouted` when `amqp.alternate_exchange` is on;
+//! - the durable fanout exchange `<exchange>.unrouted` and the durable queue of the same
+//!   name bound to it, which keep events nobody has bound a queue for yet.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_lite::StreamExt;
+use futures_lite::stream::Boxed;
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event};
+use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AmqpConfig;
+use crate::routing::RoutingKey;
+
+/// Why a message was not confirmed. Every variant means "not safely stored": the caller must
+/// not report the message as delivered.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("no broker connection")]
+    Unavailable,
+    #[error("broker did not confirm within {0:?}")]
+    Timeout(Duration),
+    #[error("broker refused the message (nack)")]
+    Nacked,
+    #[error("broker returned the message as unroutable: {0}")]
+    Returned(String),
+    #[error("publish failed: {0}")]
+    Failed(#[source] lapin::Error),
+    #[error("publish task ended abnormally: {0}")]
+    Aborted(String),
+}
+
+/// Why the broker could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("failed to connect to {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error("timed out after {timeout:?} connecting to {url}")]
+    Timeout { url: String, timeout: Duration },
+    #[error("failed to declare {what}: {source}")]
+    Topology {
+        what: String,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error("failed to open a publishing channel: {0}")]
+    Channel(#[source] lapin::Error),
+    #[error("shutdown requested while connecting to the broker")]
+    Cancelled,
+}
+
+impl ConnectError {
+    /// A declaration the broker refuses for what it is, not for a passing fault: an existing
+    /// exchange or queue with other arguments (PRECONDITION_FAILED), or no permission.
+    /// Retrying cannot fix it, so startup stops with the message instead.
+    fn is_fatal(&self) -> bool {
+        let ConnectError::Topology { source, .. } = self else {
+            return false;
+        };
+        let lapin::ErrorKind::ProtocolError(err) = source.kind() else {
+            return false;
+        };
+        matches!(
+            err.kind(),
+            AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED | AMQPSoftError::ACCESSREFUSED)
+        )
+    }
+}
+
+/// One accepted webhook on its way to the broker.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub routing_key: RoutingKey,
+    /// The event name as HireHop sent it (the routing key may carry a prefix).
+    pub event: String,
+    /// The request body, byte for byte.
+    pub body: Bytes,
+    pub message_id: String,
+    pub company_id: Option<u64>,
+    pub user_id: Option<u64>,
+    pub received_at: SystemTime,
+}
+
+impl Message {
+    /// The AMQP properties and headers that make up the consumer contract (see README).
+    fn properties(&self) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        headers.insert("event".into(), long_string(&self.event));
+        if let Some(id) = self.company_id {
+            headers.insert("company_id".into(), integer(id));
+        }
+        if let Some(id) = self.user_id {
+            headers.insert("user_id".into(), integer(id));
+        }
+        headers.insert(
+            "received_at".into(),
+            long_string(&humantime::format_rfc3339_millis(self.received_at).to_string()),
+        );
+        headers.insert(
+            "body_sha256".into(),
+            long_string(&hex::encode(Sha256::digest(&self.body))),
+        );
+        let timestamp = self
+            .received_at
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2) // persistent
+            .with_message_id(self.message_id.as_str().into())
+            .with_timestamp(timestamp)
+            .with_app_id("hirehop-relay".into())
+            // The event name fits: it passed the 255-byte routing key check.
+            .with_type(self.event.as_str().into())
+            .with_headers(headers)
+    }
+}
+
+fn long_string(s: &str) -> AMQPValue {
+    AMQPValue::LongString(s.into())
+}
+
+fn integer(n: u64) -> AMQPValue {
+    // AMQP has no unsigned 64-bit field type RabbitMQ accepts; ids fit in an i64.
+    AMQPValue::LongLongInt(i64::try_from(n).unwrap_or(i64::MAX))
+}
+
+/// Handle to the broker; cheap to clone.
+#[derive(Clone)]
+pub struct Publisher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: AmqpConfig,
+    exchange: ShortString,
+    session: RwLock<Option<Arc<Session>>>,
+    next_channel: AtomicUsize,
+    /// Wakes the supervisor early, e.g. after a publish failed on a dead channel.
+    trouble: Notify,
+    stop: CancellationToken,
+}
+
+/// One live connection and its publishing channels.
+struct Session {
+    connection: Arc<Connection>,
+    channels: Vec<Channel>,
+}
+
+impl Session {
+    fn healthy(&self) -> bool {
+        self.connection.status().connected()
+            && self.channels.iter().all(|c| c.status().connected())
+    }
+}
+
+impl Publisher {
+    /// Connects, declares the topology and opens the channels, retrying with backoff until it
+    /// works, `shutdown` fires, or the broker refuses the topology for good.
+    pub async fn connect(
+        config: AmqpConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Publisher, ConnectError> {
+        let mut attempt = 0;
+        let session = loop {
+            match open_session(&config).await {
+                Ok(session) => break session,
+                Err(err) if err.is_fatal() => return Err(err),
+                Err(err) => {
+                    let delay = backoff(attempt, config.reconnect_max_backoff());
+                    attempt += 1;
+                    tracing::warn!(error = %err, retry_in = ?delay, "broker not available yet");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = shutdown.cancelled() => return Err(ConnectError::Cancelled),
+                    }
+                }
+            }
+        };
+        tracing::info!(
+            url = %config.redacted_url(),
+            exchange = %config.exchange,
+            channels = session.channels.len(),
+            "connected to the broker"
+        );
+        let events = session.connection.events_listener().boxed();
+        let inner = Arc::new(Inner {
+            exchange: config.exchange.as_str().into(),
+            config,
+            session: RwLock::new(Some(Arc::new(session))),
+            next_channel: AtomicUsize::new(0),
+            trouble: Notify::new(),
+            stop: CancellationToken::new(),
+        });
+        tokio::spawn(supervise(Arc::clone(&inner), events));
+        Ok(Publisher { inner })
+    }
+
+    /// Publishes `message` and waits for the broker's confirm (bounded by
+    /// `amqp.confirm_timeout_ms`). `Ok` means the broker has taken responsibility for it.
+    pub async fn publish(&self, message: &Message) -> Result<(), PublishError> {
+        let channel = self.channel().ok_or(PublishError::Unavailable)?;
+        let timeout = self.inner.config.confirm_timeout();
+        let confirmed = tokio::time::timeout(timeout, async {
+            channel
+                .basic_publish(
+                    self.inner.exchange.clone(),
+                    message.routing_key.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        immediate: false,
+                    },
+                    &message.body,
+                    message.properties(),
+                )
+                .await?
+                .await
+        })
+        .await;
+        let result = match confirmed {
+            Err(_) => Err(PublishError::Timeout(timeout)),
+            Ok(Err(err)) => Err(PublishError::Failed(err)),
+            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+            Ok(Ok(Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)))) => {
+                Err(PublishError::Returned(returned.reply_text.to_string()))
+            }
+            Ok(Ok(Confirmation::Nack(None))) => Err(PublishError::Nacked),
+            // Every channel is put in confirm mode before it is handed out.
+            Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::Nacked),
+        };
+        if matches!(result, Err(PublishError::Failed(_))) {
+            self.inner.trouble.notify_one();
+        }
+        result
+    }
+
+    /// Whether the connection and every publishing channel are open right now.
+    pub fn is_ready(&self) -> bool {
+        self.current().is_some_and(|session| session.healthy())
+    }
+
+    /// Stops the supervisor and closes the connection cleanly.
+    pub async fn close(&self) {
+        self.inner.stop.cancel();
+        let session = self.inner.session.write().map(|mut s| s.take()).ok().flatten();
+        if let Some(session) = session {
+            if let Err(err) = session.connection.close(200, "shutdown".into()).await {
+                tracing::warn!(error = %err, "failed to close the broker connection cleanly");
+            }
+        }
+    }
+
+    fn current(&self) -> Option<Arc<Session>> {
+        self.inner.session.read().ok()?.clone()
+    }
+
+    fn channel(&self) -> Option<Channel> {
+        let session = self.current()?;
+        let n = session.channels.len();
+        let start = self.inner.next_channel.fetch_add(1, Ordering::Relaxed);
+        // Skip a channel that died; the supervisor is replacing it.
+        (0..n)
+            .map(|i| &session.channels[(start + i) % n])
+            .find(|c| c.status().connected())
+            .cloned()
+    }
+}
+
+/// Keeps the session healthy until the publisher is closed.
+async fn supervise(inner: Arc<Inner>, events: Boxed<Event>) {
+    let mut events = Some(events);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            () = inner.stop.cancelled() => return,
+            () = inner.trouble.notified() => {}
+            _ = tick.tick() => {}
+            event = next_event(&mut events) => log_event(event),
+        }
+        let session = inner.session.read().ok().and_then(|s| s.clone());
+        match session {
+            Some(session) if session.healthy() => continue,
+            Some(session) if session.connection.status().connected() => {
+                match reopen_channels(&inner.config, &session).await {
+                    Ok(repaired) => {
+                        tracing::info!("re-opened closed publishing channels");
+                        store(&inner, Some(repaired));
+                        continue;
+                    }
+                    Err(err) => {
+                        tracing::error!(error = %err, "failed to re-open publishing channels");
+                        let _ = session.connection.close(320, "reconnecting".into()).await;
+                    }
+                }
+            }
+            _ => {}
+        }
+        tracing::error!("broker connection lost; publishing fails fast until it is back");
+        store(&inner, None);
+        let mut attempt = 0;
+        let session = loop {
+            let delay = backoff(attempt, inner.config.reconnect_max_backoff());
+            attempt += 1;
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = inner.stop.cancelled() => return,
+            }
+            match open_session(&inner.config).await {
+                Ok(session) => break session,
+                Err(err) => tracing::error!(error = %err, attempt, "reconnecting to the broker failed"),
+            }
+        };
+        tracing::info!(url = %inner.config.redacted_url(), "reconnected to the broker");
+        events = Some(session.connection.events_listener().boxed());
+        store(&inner, Some(session));
+    }
+}
+
+async fn next_event(events: &mut Option<Boxed<Event>>) -> Option<Event> {
+    match events {
+        Some(stream) => match stream.next().await {
+            Some(event) => Some(event),
+            None => {
+                *events = None;
+                None
+            }
+        },
+        None => std::future::pending().await,
+    }
+}
+
+fn log_event(event: Option<Event>) {
+    match event {
+        Some(Event::Error(err)) => tracing::error!(error = %err, "broker connection error"),
+        Some(Event::ConnectionBlocked(reason)) => {
+            tracing::warn!(%reason, "broker blocked publishing (resource alarm)");
+        }
+        Some(Event::ConnectionUnblocked) => tracing::info!("broker unblocked publishing"),
+        Some(_) => {}
+        None => tracing::debug!("broker connection event stream ended"),
+    }
+}
+
+fn store(inner: &Inner, session: Option<Session>) {
+    if let Ok(mut slot) = inner.session.write() {
+        *slot = session.map(Arc::new);
+    }
+}
+
+/// Connection, topology and channels, all within `amqp.connect_timeout_ms`.
+async fn open_session(config: &AmqpConfig) -> Result<Session, ConnectError> {
+    let url = config.redacted_url();
+    let timeout = config.connect_timeout();
+    tokio::time::timeout(timeout, async {
+        // The name shows in the management UI and `rabbitmqctl list_connections`.
+        let name = format!(
+            "hirehop-relay exchange={} pid={}",
+            config.exchange,
+            std::process::id()
+        );
+        let properties = ConnectionProperties::default().with_connection_name(name.into());
+        let connection = Connection::connect(&config.url, properties)
+            .await
+            .map_err(|source| ConnectError::Connect {
+                url: url.clone(),
+                source,
+            })?;
+        declare_topology(config, &connection).await?;
+        let mut channels = Vec::with_capacity(config.channels);
+        for _ in 0..config.channels {
+            channels.push(open_channel(&connection).await?);
+        }
+        Ok(Session {
+            connection: Arc::new(connection),
+            channels,
+        })
+    })
+    .await
+    .unwrap_or(Err(ConnectError::Timeout { url, timeout }))
+}
+
+async fn open_channel(connection: &Connection) -> Result<Channel, ConnectError> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(ConnectError::Channel)?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(ConnectError::Channel)?;
+    Ok(channel)
+}
+
+async fn reopen_channels(config: &AmqpConfig, old: &Session) -> Result<Session, ConnectError> {
+    // A channel dies of a channel-level error, e.g. the exchange was deleted: declare again.
+    declare_topology(config, &old.connection).await?;
+    let mut channels = Vec::with_capacity(old.channels.len());
+    for channel in &old.channels {
+        if channel.status().connected() {
+            channels.push(channel.clone());
+        } else {
+            channels.push(open_channel(&old.connection).await?);
+        }
+    }
+    Ok(Session {
+        connection: Arc::clone(&old.connection),
+        channels,
+    })
+}
+
+async fn declare_topology(config: &AmqpConfig, connection: &Connection) -> Result<(), ConnectError> {
+    // A channel of its own: a refused declaration closes the channel it was made on.
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(ConnectError::Channel)?;
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    let topology_error = |what: String| move |source| ConnectError::Topology { what, source };
+    let mut arguments = FieldTable::default();
+    if config.alternate_exchange {
+        let unrouted = config.unrouted_name();
+        channel
+            .exchange_declare(
+                unrouted.as_str().into(),
+                lapin::ExchangeKind::Fanout,
+                durable,
+                FieldTable::default(),
+            )
+            .await
+            .map_err(topology_error(format!("exchange {unrouted}")))?;
+        channel
+            .queue_declare(
+                unrouted.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(topology_error(format!("queue {unrouted}")))?;
+        channel
+            .queue_bind(
+                unrouted.as_str().into(),
+                unrouted.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(topology_error(format!("binding of queue {unrouted}")))?;
+        arguments.insert("alternate-exchange".into(), long_string(&unrouted));
+    }
+    channel
+        .exchange_declare(
+            config.exchange.as_str().into(),
+            lapin::ExchangeKind::Topic,
+            durable,
+            arguments,
+        )
+        .await
+        .map_err(topology_error(format!("exchange {}", config.exchange)))?;
+    // Best effort: the connection stays either way.
+    let _ = channel.close(200, "topology declared".into()).await;
+    Ok(())
+}
+
+/// Exponential backoff from 100 ms up to `max`, with jitter between half and all of the
+/// step, so many relays losing the same broker do not reconnect in lockstep.
+fn backoff(attempt: u32, max: Duration) -> Duration {
+    let step = Duration::from_millis(100)
+        .saturating_mul(2u32.saturating_pow(attempt.min(20)))
+        .min(max);
+    let half = step / 2;
+    half + half.mul_f64(fastrand::f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_exponentially_within_jitter_and_is_capped() {
+        let max = Duration::from_secs(30);
+        for attempt in 0..40 {
+            let nominal = Duration::from_millis(100)
+                .saturating_mul(2u32.saturating_pow(attempt.min(20)))
+                .min(max);
+            for _ in 0..20 {
+                let delay = backoff(attempt, max);
+                assert!(delay >= nominal / 2 && delay <= nominal, "{attempt}: {delay:?}");
+            }
+        }
+        assert!(backoff(100, max) <= max);
+        assert!(backoff(0, max) <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn properties_carry_the_consumer_contract() {
+        let received_at = UNIX_EPOCH + Duration::from_millis(1_648_540_242_123);
+        let message = Message {
+            routing_key: RoutingKey::new("", "job.updated").unwrap(),
+            event: "job.updated".into(),
+            body: Bytes::from_static(b"{}"),
+            message_id: "id-1".into(),
+            company_id: Some(1),
+            user_id: None,
+            received_at,
+        };
+        let props = message.properties();
+        assert_eq!(props.delivery_mode(), &Some(2));
+        assert_eq!(props.timestamp(), &Some(1_648_540_242));
+        assert_eq!(props.kind().as_ref().map(|s| s.as_str()), Some("job.updated"));
+        let headers = props.headers().as_ref().unwrap().inner();
+        assert_eq!(
+            headers.get("received_at"),
+            Some(&long_string("2022-03-29T07:50:42.123Z"))
+        );
+        assert_eq!(headers.get("company_id"), Some(&AMQPValue::LongLongInt(1)));
+        assert!(!headers.contains_key("user_id"));
+        assert_eq!(
+            headers.get("body_sha256"),
+            Some(&long_string(
+                "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
+            ))
+        );
+    }
+}

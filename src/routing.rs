@@ -1,0 +1,164 @@
+//! Event names become routing keys here, checked once; after this module a routing key is a
+//! [`RoutingKey`], never a loose `&str`.
+//!
+//! Any well-formed name is accepted: HireHop publishes no complete list of events, and a new
+//! one must reach the broker without a release. "Well-formed" means it can be used as a topic
+//! routing key without surprising anyone: no wildcard characters (a consumer binding `job.*`
+//! must not be matched by a literal `*`), no empty dot-segments, no control characters, and
+//! it fits in an AMQP short string together with the configured prefix.
+
+/// Longest routing key AMQP allows (a short string).
+const MAX_ROUTING_KEY_BYTES: usize = 255;
+
+/// Why an event name cannot be a routing key. Messages go into 400 answers, so they describe
+/// the rule, never echo the input.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventNameError {
+    #[error("event is empty")]
+    Empty,
+    #[error("event is longer than {max} bytes")]
+    TooLong { max: usize },
+    #[error("event contains a wildcard character ('*' or '#')")]
+    Wildcard,
+    #[error("event contains an empty dot-separated segment")]
+    EmptySegment,
+    #[error("event contains a control character")]
+    ControlCharacter,
+}
+
+/// A routing key built from a checked event name (and the configured prefix).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutingKey(String);
+
+impl RoutingKey {
+    /// Checks `event` and prepends `prefix` (already checked by [`check_prefix`]).
+    pub fn new(prefix: &str, event: &str) -> Result<RoutingKey, EventNameError> {
+        check_event(event, MAX_ROUTING_KEY_BYTES - prefix.len())?;
+        let mut key = String::with_capacity(prefix.len() + event.len());
+        key.push_str(prefix);
+        key.push_str(event);
+        Ok(RoutingKey(key))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+fn check_event(event: &str, max: usize) -> Result<(), EventNameError> {
+    if event.is_empty() {
+        return Err(EventNameError::Empty);
+    }
+    if event.len() > max {
+        return Err(EventNameError::TooLong { max });
+    }
+    check_characters(event)?;
+    if event.split('.').any(str::is_empty) {
+        return Err(EventNameError::EmptySegment);
+    }
+    Ok(())
+}
+
+fn check_characters(s: &str) -> Result<(), EventNameError> {
+    if s.contains(['*', '#']) {
+        return Err(EventNameError::Wildcard);
+    }
+    if s.chars().any(char::is_control) {
+        return Err(EventNameError::ControlCharacter);
+    }
+    Ok(())
+}
+
+/// Checks `amqp.routing_key_prefix`: empty, or dot-separated segments optionally ending in a
+/// dot (`hirehop.` gives `hirehop.job.updated`), leaving room for an event name.
+pub fn check_prefix(prefix: &str) -> Result<(), EventNameError> {
+    if prefix.is_empty() {
+        return Ok(());
+    }
+    // Keep at least 64 bytes for the event itself.
+    if prefix.len() > MAX_ROUTING_KEY_BYTES - 64 {
+        return Err(EventNameError::TooLong {
+            max: MAX_ROUTING_KEY_BYTES - 64,
+        });
+    }
+    check_characters(prefix)?;
+    let body = prefix.strip_suffix('.').unwrap_or(prefix);
+    if body.split('.').any(str::is_empty) {
+        return Err(EventNameError::EmptySegment);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_and_unknown_events_are_accepted() {
+        for event in [
+            "invoice.status.updated",
+            "job.status.updated",
+            "job.updated",
+            "contact.person.created",
+            "brand_new.event-name.v2",
+            "ünïcode.événement",
+            "single",
+        ] {
+            assert_eq!(RoutingKey::new("", event).unwrap().as_str(), event);
+        }
+    }
+
+    #[test]
+    fn prefix_is_prepended() {
+        let key = RoutingKey::new("hirehop.", "job.updated").unwrap();
+        assert_eq!(key.as_str(), "hirehop.job.updated");
+    }
+
+    #[test]
+    fn malformed_events_are_refused_with_the_rule_they_break() {
+        use EventNameError::*;
+        let cases = [
+            ("", Empty),
+            ("job.*", Wildcard),
+            ("job.#", Wildcard),
+            ("#", Wildcard),
+            (".job", EmptySegment),
+            ("job.", EmptySegment),
+            ("job..updated", EmptySegment),
+            ("job\nupdated", ControlCharacter),
+            ("job\u{0}", ControlCharacter),
+            ("job\u{7f}", ControlCharacter),
+        ];
+        for (event, expected) in cases {
+            assert_eq!(RoutingKey::new("", event), Err(expected), "{event:?}");
+        }
+    }
+
+    #[test]
+    fn length_limit_counts_bytes_and_the_prefix() {
+        let max = "a".repeat(255);
+        assert!(RoutingKey::new("", &max).is_ok());
+        assert_eq!(
+            RoutingKey::new("", &"a".repeat(256)),
+            Err(EventNameError::TooLong { max: 255 })
+        );
+        assert_eq!(
+            RoutingKey::new("p.", &max),
+            Err(EventNameError::TooLong { max: 253 })
+        );
+        // 128 two-byte characters are 256 bytes.
+        assert!(RoutingKey::new("", &"é".repeat(128)).is_err());
+    }
+
+    #[test]
+    fn prefixes_are_checked() {
+        assert!(check_prefix("").is_ok());
+        assert!(check_prefix("hirehop.").is_ok());
+        assert!(check_prefix("hirehop.eu.").is_ok());
+        assert!(check_prefix("hirehop").is_ok());
+        assert!(check_prefix(".").is_err());
+        assert!(check_prefix("a..").is_err());
+        assert!(check_prefix("a.*.").is_err());
+        assert!(check_prefix(&"a".repeat(200)).is_err());
+    }
+}

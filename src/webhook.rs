@@ -1,0 +1,277 @@
+//! One HTTP request in, one response out: routing, the bounded body, the envelope, the key,
+//! the event name, the publish, and the mapping of every failure to a status code.
+//!
+//! Checks run cheapest first, so garbage costs little: method and path, then the declared
+//! `Content-Length` (413 before a body byte is read), then the body under a size limit and a
+//! time limit, then the envelope, then the key, then the event name, and only then the broker.
+//! A 202 is sent only once the broker has confirmed the message.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::auth::Keyring;
+use crate::config::HttpConfig;
+use crate::envelope::{Envelope, EnvelopeError};
+use crate::publisher::{Message, PublishError, Publisher};
+use crate::routing::{EventNameError, RoutingKey};
+
+/// What every request handler shares.
+pub struct App {
+    pub http: HttpConfig,
+    pub routing_key_prefix: String,
+    pub keyring: Keyring,
+    pub publisher: Publisher,
+    /// Publishes run as tasks tracked here, so a client hanging up cannot cancel a publish
+    /// already begun, and shutdown can wait for them.
+    pub publishes: TaskTracker,
+}
+
+/// Every way a request can fail, and the status it gets. Messages are sent to the client:
+/// short, lowercase, and never echoing the body or the key.
+#[derive(Debug, thiserror::Error)]
+pub enum Rejection {
+    #[error("not found")]
+    NotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed { allow: &'static str },
+    #[error("body is larger than {limit} bytes")]
+    TooLarge { limit: u64 },
+    #[error("body not received in time")]
+    BodyTimeout,
+    #[error("failed to read body: {0}")]
+    BodyRead(String),
+    #[error(transparent)]
+    Envelope(#[from] EnvelopeError),
+    #[error("export_key is missing or not a string")]
+    MissingKey,
+    #[error("export_key is not valid")]
+    WrongKey,
+    #[error("event is missing or not a string")]
+    MissingEvent,
+    #[error(transparent)]
+    BadEvent(#[from] EventNameError),
+    #[error("broker unavailable, webhook not accepted")]
+    Unavailable(#[source] PublishError),
+}
+
+impl Rejection {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Rejection::NotFound => StatusCode::NOT_FOUND,
+            Rejection::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Rejection::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Rejection::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            Rejection::BodyRead(_)
+            | Rejection::Envelope(_)
+            | Rejection::MissingEvent
+            | Rejection::BadEvent(_) => StatusCode::BAD_REQUEST,
+            Rejection::MissingKey | Rejection::WrongKey => StatusCode::UNAUTHORIZED,
+            Rejection::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// A stable, low-cardinality name for logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Rejection::NotFound => "not_found",
+            Rejection::MethodNotAllowed { .. } => "method_not_allowed",
+            Rejection::TooLarge { .. } => "too_large",
+            Rejection::BodyTimeout => "body_timeout",
+            Rejection::BodyRead(_) => "body_read",
+            Rejection::Envelope(_) => "bad_json",
+            Rejection::MissingKey | Rejection::WrongKey => "bad_key",
+            Rejection::MissingEvent | Rejection::BadEvent(_) => "bad_event",
+            Rejection::Unavailable(_) => "broker_unavailable",
+        }
+    }
+}
+
+/// The hyper service: never fails, every outcome is a response.
+pub async fn handle(
+    app: Arc<App>,
+    peer: SocketAddr,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    // Time-ordered, so message ids sort by arrival; doubles as the request id in logs.
+    let request_id = uuid::Uuid::now_v7().to_string();
+    let span = tracing::info_span!(
+        "request",
+        %request_id,
+        %peer,
+        method = %request.method(),
+        path = request.uri().path(),
+        event = tracing::field::Empty,
+        company_id = tracing::field::Empty,
+    );
+    let mut response = route(&app, request, &request_id)
+        .instrument(span.clone())
+        .await
+        .unwrap_or_else(|rejection| {
+            span.in_scope(|| log_rejection(&rejection));
+            rejection_response(&rejection, app.http.retry_after_secs)
+        });
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    Ok(response)
+}
+
+async fn route(
+    app: &App,
+    request: Request<Incoming>,
+    request_id: &str,
+) -> Result<Response<Full<Bytes>>, Rejection> {
+    let path = request.uri().path();
+    let method = request.method();
+    if path == app.http.path {
+        return match *method {
+            Method::POST => accept(app, request, request_id).await,
+            Method::GET | Method::HEAD => Ok(text(
+                StatusCode::OK,
+                "hirehop-relay: POST HireHop webhooks to this URL\n",
+            )),
+            _ => Err(Rejection::MethodNotAllowed {
+                allow: "GET, HEAD, POST",
+            }),
+        };
+    }
+    match (path, method) {
+        ("/healthz", &Method::GET | &Method::HEAD) => Ok(health(true)),
+        ("/readyz", &Method::GET | &Method::HEAD) => Ok(health(app.publisher.is_ready())),
+        ("/healthz" | "/readyz", _) => Err(Rejection::MethodNotAllowed { allow: "GET, HEAD" }),
+        _ => Err(Rejection::NotFound),
+    }
+}
+
+/// The webhook itself: read, verify, publish, confirm.
+async fn accept(
+    app: &App,
+    request: Request<Incoming>,
+    request_id: &str,
+) -> Result<Response<Full<Bytes>>, Rejection> {
+    let received_at = SystemTime::now();
+    let body = read_body(&app.http, request).await?;
+    let envelope = Envelope::parse(&body)?;
+    let span = tracing::Span::current();
+    if let Some(id) = envelope.company_id {
+        span.record("company_id", id);
+    }
+    let key = envelope.export_key.as_deref().ok_or(Rejection::MissingKey)?;
+    if !app.keyring.verify(key, envelope.company_id) {
+        return Err(Rejection::WrongKey);
+    }
+    let event = envelope.event.as_deref().ok_or(Rejection::MissingEvent)?;
+    span.record("event", event);
+    let routing_key = RoutingKey::new(&app.routing_key_prefix, event)?;
+
+    let message = Message {
+        routing_key,
+        event: event.to_owned(),
+        message_id: request_id.to_owned(),
+        company_id: envelope.company_id,
+        user_id: envelope.user_id,
+        received_at,
+        body: body.clone(),
+    };
+    let publisher = app.publisher.clone();
+    // Spawned, then awaited: if the client disconnects, hyper drops this future, but the
+    // publish goes on to its confirm instead of being cut off halfway.
+    let publish = app
+        .publishes
+        .spawn(async move { publisher.publish(&message).await }.in_current_span());
+    match publish.await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => return Err(Rejection::Unavailable(err)),
+        Err(join) => return Err(Rejection::Unavailable(PublishError::Aborted(join.to_string()))),
+    }
+    tracing::info!(body_len = body.len(), "webhook accepted");
+    let json = format!(r#"{{"status":"accepted","message_id":"{request_id}"}}"#);
+    Ok(json_response(StatusCode::ACCEPTED, json))
+}
+
+async fn read_body(http: &HttpConfig, request: Request<Incoming>) -> Result<Bytes, Rejection> {
+    let limit = http.max_body_bytes;
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(Rejection::TooLarge { limit });
+    }
+    let limited = Limited::new(
+        request.into_body(),
+        usize::try_from(limit).unwrap_or(usize::MAX),
+    );
+    match tokio::time::timeout(http.request_timeout(), limited.collect()).await {
+        Err(_) => Err(Rejection::BodyTimeout),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(err)) if err.is::<LengthLimitError>() => Err(Rejection::TooLarge { limit }),
+        Ok(Err(err)) => Err(Rejection::BodyRead(err.to_string())),
+    }
+}
+
+fn log_rejection(rejection: &Rejection) {
+    let status = rejection.status().as_u16();
+    let reason = rejection.reason();
+    match rejection {
+        Rejection::Unavailable(err) => {
+            tracing::error!(status, reason, error = %err, "webhook not accepted");
+        }
+        _ => tracing::warn!(status, reason, error = %rejection, "request rejected"),
+    }
+}
+
+fn rejection_response(rejection: &Rejection, retry_after_secs: u64) -> Response<Full<Bytes>> {
+    let message = serde_json::json!({ "error": rejection.to_string() }).to_string();
+    let mut response = json_response(rejection.status(), message);
+    let headers = response.headers_mut();
+    match rejection {
+        Rejection::MethodNotAllowed { allow } => {
+            headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
+        Rejection::Unavailable(_) => {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        }
+        _ => {}
+    }
+    response
+}
+
+fn health(ok: bool) -> Response<Full<Bytes>> {
+    if ok {
+        json_response(StatusCode::OK, r#"{"status":"ok"}"#.to_owned())
+    } else {
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            r#"{"status":"unavailable","broker":"disconnected"}"#.to_owned(),
+        )
+    }
+}
+
+fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    with_type(status, body, "application/json")
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    with_type(status, body.to_owned(), "text/plain; charset=utf-8")
+}
+
+fn with_type(status: StatusCode, body: String, content_type: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
