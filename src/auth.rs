@@ -76,7 +76,11 @@ impl Keyring {
             by_company: HashMap::new(),
         };
         for (company_id, keys) in by_company {
-            keyring.by_company.entry(company_id).or_default().extend(keys);
+            keyring
+                .by_company
+                .entry(company_id)
+                .or_default()
+                .extend(keys);
         }
         keyring
     }

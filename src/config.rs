@@ -198,11 +198,17 @@ impl Config {
             return Err(invalid("http.max_body_bytes", "must be greater than 0"));
         }
         for (key, ms) in [
-            ("http.header_read_timeout_ms", self.http.header_read_timeout_ms),
+            (
+                "http.header_read_timeout_ms",
+                self.http.header_read_timeout_ms,
+            ),
             ("http.request_timeout_ms", self.http.request_timeout_ms),
             ("amqp.confirm_timeout_ms", self.amqp.confirm_timeout_ms),
             ("amqp.connect_timeout_ms", self.amqp.connect_timeout_ms),
-            ("amqp.reconnect_max_backoff_ms", self.amqp.reconnect_max_backoff_ms),
+            (
+                "amqp.reconnect_max_backoff_ms",
+                self.amqp.reconnect_max_backoff_ms,
+            ),
         ] {
             if ms == 0 {
                 return Err(invalid(key, "must be greater than 0"));
@@ -454,7 +460,10 @@ mod tests {
         assert!(keyring.verify("file-key", Some(1)));
         assert!(keyring.verify("old7", Some(7)));
         assert!(keyring.verify("new7", Some(7)));
-        assert!(!keyring.verify("new7", Some(8)), "a company key opens only its company");
+        assert!(
+            !keyring.verify("new7", Some(8)),
+            "a company key opens only its company"
+        );
         assert!(!keyring.verify("new7", None));
     }
 
@@ -500,7 +509,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(message.starts_with("invalid amqp.routing_key_prefix"), "{message}");
+        assert!(
+            message.starts_with("invalid amqp.routing_key_prefix"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -524,15 +536,24 @@ mod tests {
         let rendered = config.to_redacted_toml();
         assert!(!rendered.contains("supersecretkey"), "{rendered}");
         assert!(!rendered.contains("hunter2"), "{rendered}");
-        assert!(rendered.contains("amqp://relay:***@rabbit:5672/%2f"), "{rendered}");
+        assert!(
+            rendered.contains("amqp://relay:***@rabbit:5672/%2f"),
+            "{rendered}"
+        );
         let debug = format!("{config:?}");
-        assert!(!debug.contains("supersecretkey") && !debug.contains("hunter2"), "{debug}");
+        assert!(
+            !debug.contains("supersecretkey") && !debug.contains("hunter2"),
+            "{debug}"
+        );
     }
 
     #[test]
     fn url_password_redaction_handles_odd_shapes() {
         assert_eq!(redact_url_password("amqp://h:5672/v"), "amqp://h:5672/v");
         assert_eq!(redact_url_password("amqp://u@h"), "amqp://u:***@h");
-        assert_eq!(redact_url_password("amqp://u:p@ss@h/%2f"), "amqp://u:***@h/%2f");
+        assert_eq!(
+            redact_url_password("amqp://u:p@ss@h/%2f"),
+            "amqp://u:***@h/%2f"
+        );
     }
 }

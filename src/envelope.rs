@@ -168,7 +168,15 @@ mod tests {
 
     #[test]
     fn not_an_object_is_refused() {
-        for body in ["", "   ", "[]", r#"["job.updated","k"]"#, "\"x\"", "1", "null"] {
+        for body in [
+            "",
+            "   ",
+            "[]",
+            r#"["job.updated","k"]"#,
+            "\"x\"",
+            "1",
+            "null",
+        ] {
             assert!(
                 matches!(parse(body), Err(EnvelopeError::NotAnObject)),
                 "{body:?}"
@@ -184,7 +192,10 @@ mod tests {
             r#"{"event":"a",}"#,
             r#"{"event":"a","event":"b"}"#,
         ] {
-            assert!(matches!(parse(body), Err(EnvelopeError::Json(_))), "{body:?}");
+            assert!(
+                matches!(parse(body), Err(EnvelopeError::Json(_))),
+                "{body:?}"
+            );
         }
         // Invalid UTF-8, even inside a field the relay does not read.
         assert!(matches!(

@@ -67,7 +67,10 @@ pub async fn run(
     // Publishes whose client hung up are not covered by the connection drain.
     app.publishes.close();
     let ceiling = config.amqp.confirm_timeout();
-    if tokio::time::timeout(ceiling, app.publishes.wait()).await.is_err() {
+    if tokio::time::timeout(ceiling, app.publishes.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("publishes still unconfirmed at shutdown");
     }
     publisher.close().await;

@@ -61,7 +61,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    tracing::info!(version = env!("CARGO_PKG_VERSION"), "starting hirehop-relay");
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        "starting hirehop-relay"
+    );
     let shutdown = CancellationToken::new();
     tokio::spawn({
         let shutdown = shutdown.clone();

@@ -179,8 +179,7 @@ struct Session {
 
 impl Session {
     fn healthy(&self) -> bool {
-        self.connection.status().connected()
-            && self.channels.iter().all(|c| c.status().connected())
+        self.connection.status().connected() && self.channels.iter().all(|c| c.status().connected())
     }
 }
 
@@ -272,7 +271,13 @@ impl Publisher {
     /// Stops the supervisor and closes the connection cleanly.
     pub async fn close(&self) {
         self.inner.stop.cancel();
-        let session = self.inner.session.write().map(|mut s| s.take()).ok().flatten();
+        let session = self
+            .inner
+            .session
+            .write()
+            .map(|mut s| s.take())
+            .ok()
+            .flatten();
         if let Some(session) = session {
             if let Err(err) = session.connection.close(200, "shutdown".into()).await {
                 tracing::warn!(error = %err, "failed to close the broker connection cleanly");
@@ -337,7 +342,9 @@ async fn supervise(inner: Arc<Inner>, events: Boxed<Event>) {
             }
             match open_session(&inner.config).await {
                 Ok(session) => break session,
-                Err(err) => tracing::error!(error = %err, attempt, "reconnecting to the broker failed"),
+                Err(err) => {
+                    tracing::error!(error = %err, attempt, "reconnecting to the broker failed")
+                }
             }
         };
         tracing::info!(url = %inner.config.redacted_url(), "reconnected to the broker");
@@ -438,7 +445,10 @@ async fn reopen_channels(config: &AmqpConfig, old: &Session) -> Result<Session, 
     })
 }
 
-async fn declare_topology(config: &AmqpConfig, connection: &Connection) -> Result<(), ConnectError> {
+async fn declare_topology(
+    config: &AmqpConfig,
+    connection: &Connection,
+) -> Result<(), ConnectError> {
     // A channel of its own: a refused declaration closes the channel it was made on.
     let channel = connection
         .create_channel()
@@ -521,7 +531,10 @@ mod tests {
                 .min(max);
             for _ in 0..20 {
                 let delay = backoff(attempt, max);
-                assert!(delay >= nominal / 2 && delay <= nominal, "{attempt}: {delay:?}");
+                assert!(
+                    delay >= nominal / 2 && delay <= nominal,
+                    "{attempt}: {delay:?}"
+                );
             }
         }
         assert!(backoff(100, max) <= max);
@@ -543,7 +556,10 @@ mod tests {
         let props = message.properties();
         assert_eq!(props.delivery_mode(), &Some(2));
         assert_eq!(props.timestamp(), &Some(1_648_540_242));
-        assert_eq!(props.kind().as_ref().map(|s| s.as_str()), Some("job.updated"));
+        assert_eq!(
+            props.kind().as_ref().map(|s| s.as_str()),
+            Some("job.updated")
+        );
         let headers = props.headers().as_ref().unwrap().inner();
         assert_eq!(
             headers.get("received_at"),

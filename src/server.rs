@@ -57,7 +57,10 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
 
     drop(listener);
     let drain = app.http.drain_timeout();
-    tracing::info!(?drain, "shutdown requested: no longer accepting, draining connections");
+    tracing::info!(
+        ?drain,
+        "shutdown requested: no longer accepting, draining connections"
+    );
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections drained"),
         () = tokio::time::sleep(drain) => {

@@ -166,7 +166,10 @@ async fn accept(
     if let Some(id) = envelope.company_id {
         span.record("company_id", id);
     }
-    let key = envelope.export_key.as_deref().ok_or(Rejection::MissingKey)?;
+    let key = envelope
+        .export_key
+        .as_deref()
+        .ok_or(Rejection::MissingKey)?;
     if !app.keyring.verify(key, envelope.company_id) {
         return Err(Rejection::WrongKey);
     }
@@ -192,7 +195,11 @@ async fn accept(
     match publish.await {
         Ok(Ok(())) => {}
         Ok(Err(err)) => return Err(Rejection::Unavailable(err)),
-        Err(join) => return Err(Rejection::Unavailable(PublishError::Aborted(join.to_string()))),
+        Err(join) => {
+            return Err(Rejection::Unavailable(PublishError::Aborted(
+                join.to_string(),
+            )));
+        }
     }
     tracing::info!(body_len = body.len(), "webhook accepted");
     let json = format!(r#"{{"status":"accepted","message_id":"{request_id}"}}"#);
@@ -267,7 +274,11 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     with_type(status, body.to_owned(), "text/plain; charset=utf-8")
 }
 
-fn with_type(status: StatusCode, body: String, content_type: &'static str) -> Response<Full<Bytes>> {
+fn with_type(
+    status: StatusCode,
+    body: String,
+    content_type: &'static str,
+) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     response

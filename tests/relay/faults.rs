@@ -1,0 +1,185 @@
+//! Real network faults between relay and broker: the broker closing the connection, the
+//! network cut, traffic stalled. Requests get 503 quickly (never a hang, never a 202 that
+//! the broker did not confirm), and the relay recovers on its own.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use hyper::{Method, StatusCode};
+use tokio::io::AsyncWriteExt;
+
+use crate::harness::{PATIENCE, TestRelay, broker_addr, request, webhook};
+use crate::proxy::Proxy;
+
+/// Polls `/readyz` until it answers `status` ([`PATIENCE`] at most).
+async fn wait_ready(relay: &TestRelay, status: StatusCode) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let reply = relay.send(request(Method::GET, "/readyz", "")).await;
+        if reply.status == status {
+            return;
+        }
+        assert!(Instant::now() < deadline, "/readyz never answered {status}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Closes the relay's connection from the broker side, as an operator or a broker restart
+/// would, found by the connection name the relay gives itself.
+fn close_from_broker(exchange: &str) {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "-q", "pid", "client_properties"])
+        .output()
+        .expect("rabbitmqctl runs (it ships with rabbitmq-server)");
+    let listing = String::from_utf8_lossy(&output.stdout);
+    let needle = format!("exchange={exchange} ");
+    let pids: Vec<&str> = listing
+        .lines()
+        .filter(|line| line.contains(&needle))
+        .filter_map(|line| line.split('\t').next())
+        .collect();
+    assert_eq!(
+        pids.len(),
+        1,
+        "one relay connection expected in:\n{listing}"
+    );
+    let status = std::process::Command::new("rabbitmqctl")
+        .args(["close_connection", pids[0], "closed by the test suite"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn broker_closing_the_connection_gives_fast_503s_until_the_relay_reconnects() {
+    let proxy = Proxy::start(broker_addr()).await;
+    let relay = TestRelay::start_via(&proxy, &[("RELAY_AMQP__CONFIRM_TIMEOUT_MS", "10000")]).await;
+    let mut queue = relay.queue("#").await;
+
+    // Reconnects fail until the test allows them, so the outage lasts as long as needed.
+    proxy.refuse(true);
+    close_from_broker(&relay.exchange);
+    wait_ready(&relay, StatusCode::SERVICE_UNAVAILABLE).await;
+    for _ in 0..5 {
+        let started = Instant::now();
+        let reply = relay.post(webhook("job.updated")).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{:?}",
+            reply.body
+        );
+        assert_eq!(reply.headers["retry-after"], "5");
+        // Fails fast: far below the 10 s confirm timeout.
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    proxy.refuse(false);
+    wait_ready(&relay, StatusCode::OK).await;
+    let reply = relay.post(webhook("job.updated")).await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED);
+    // None of the 503s was published: the first message is the one accepted now.
+    assert_eq!(
+        crate::harness::message_id(&queue.next().await),
+        reply.message_id()
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn network_cuts_under_load_give_503s_and_every_202_reaches_the_broker() {
+    let proxy = Arc::new(Proxy::start(broker_addr()).await);
+    let relay =
+        Arc::new(TestRelay::start_via(&proxy, &[("RELAY_AMQP__CONFIRM_TIMEOUT_MS", "2000")]).await);
+    let mut queue = relay.queue("#").await;
+    let answered = Arc::new(AtomicUsize::new(0));
+
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let relay = Arc::clone(&relay);
+            let answered = Arc::clone(&answered);
+            tokio::spawn(async move {
+                let mut accepted = Vec::new();
+                for _ in 0..40 {
+                    let reply = tokio::time::timeout(PATIENCE, relay.post(webhook("job.updated")))
+                        .await
+                        .expect("no request hangs");
+                    match reply.status {
+                        StatusCode::ACCEPTED => accepted.push(reply.message_id()),
+                        StatusCode::SERVICE_UNAVAILABLE => {}
+                        other => panic!("unexpected {other}: {:?}", reply.body),
+                    }
+                    answered.fetch_add(1, Ordering::SeqCst);
+                }
+                accepted
+            })
+        })
+        .collect();
+
+    for threshold in [60, 150, 240] {
+        while answered.load(Ordering::SeqCst) < threshold {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        proxy.cut();
+    }
+    let mut accepted = HashSet::new();
+    for client in clients {
+        accepted.extend(client.await.unwrap());
+    }
+    assert!(!accepted.is_empty());
+
+    // After the load, the relay is back: one more must be accepted.
+    wait_ready(&relay, StatusCode::OK).await;
+    let last = relay.post(webhook("job.updated")).await;
+    assert_eq!(last.status, StatusCode::ACCEPTED);
+    accepted.insert(last.message_id());
+
+    // Every 202 is on the broker (messages that got a 503 may be there too: at-least-once).
+    let mut missing = accepted.clone();
+    while !missing.is_empty() {
+        let id = crate::harness::message_id(&queue.next().await);
+        missing.remove(&id);
+    }
+    Arc::into_inner(relay)
+        .expect("clients are done")
+        .stop()
+        .await;
+}
+
+#[tokio::test]
+async fn client_hanging_up_does_not_cancel_a_publish_already_begun() {
+    let proxy = Proxy::start(broker_addr()).await;
+    let relay = TestRelay::start_via(&proxy, &[("RELAY_AMQP__CONFIRM_TIMEOUT_MS", "10000")]).await;
+    let mut queue = relay.queue("#").await;
+    let body = webhook("job.updated");
+
+    proxy.stall(true);
+    let sent_before = proxy.bytes_from_client();
+    let mut client = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    let request = format!(
+        "POST /webhooks/hirehop HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    client.write_all(request.as_bytes()).await.unwrap();
+    // The publish has begun once its frames reached the (stalled) network.
+    let deadline = Instant::now() + PATIENCE;
+    while proxy.bytes_from_client() < sent_before + body.len() as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "the relay never started publishing"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(client);
+    proxy.stall(false);
+
+    assert_eq!(queue.next().await.data, body.as_bytes());
+    relay.stop().await;
+}

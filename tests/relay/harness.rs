@@ -1,0 +1,500 @@
+//! Starting relays against the real broker, talking HTTP to them, and reading what reached
+//! the broker.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_lite::StreamExt;
+use hirehop_relay::config::Config;
+use hirehop_relay::publisher::Publisher;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicConsumeOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::proxy::Proxy;
+
+/// The export key every test relay accepts.
+pub const KEY: &str = "k3y-for-tests-0001";
+
+/// Ceiling for anything a test waits on; a healthy run never comes close.
+pub const PATIENCE: Duration = Duration::from_secs(15);
+
+pub fn amqp_url() -> String {
+    std::env::var("RELAY_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// The broker's `host:port`, for the proxy.
+pub fn broker_addr() -> SocketAddr {
+    let uri: lapin::uri::AMQPUri = amqp_url()
+        .parse()
+        .expect("RELAY_TEST_AMQP_URL is a valid AMQP URI");
+    format!("{}:{}", uri.authority.host, uri.authority.port)
+        .parse()
+        .expect("the test broker's host is an IP address")
+}
+
+/// A connection for the test's own declarations and consumers.
+pub async fn broker() -> lapin::Connection {
+    let url = amqp_url();
+    let connected = tokio::time::timeout(
+        PATIENCE,
+        lapin::Connection::connect(&url, lapin::ConnectionProperties::default()),
+    )
+    .await;
+    match connected {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(err)) => no_broker(&url, &err.to_string()),
+        Err(_) => no_broker(&url, "timed out"),
+    }
+}
+
+fn no_broker(url: &str, why: &str) -> ! {
+    panic!(
+        "cannot reach RabbitMQ at {url} ({why}). These tests need a real broker: start one \
+         with `rabbitmq-server -detached` (Debian package rabbitmq-server) or \
+         `docker compose up -d rabbitmq`, or point RELAY_TEST_AMQP_URL at one"
+    )
+}
+
+/// A realistic HireHop webhook, signed with [`KEY`].
+pub fn webhook(event: &str) -> String {
+    webhook_with(event, KEY, 1)
+}
+
+pub fn webhook_with(event: &str, key: &str, company_id: u64) -> String {
+    serde_json::json!({
+        "time": "2022-03-29 07:50:42",
+        "user_id": 1,
+        "user_name": "John Smith",
+        "user_email": "john@email.com",
+        "company_id": company_id,
+        "export_key": key,
+        "event": event,
+        "data": {"ID": 1234, "NUMBER": 1234, "JOB_NAME": "Summer festival", "STATUS": 2},
+        "changes": {"STATUS": {"from": "1", "to": "2"}}
+    })
+    .to_string()
+}
+
+/// An HTTP answer, fully read.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: hyper::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("the relay answers JSON")
+    }
+
+    pub fn message_id(&self) -> String {
+        self.json()["message_id"]
+            .as_str()
+            .expect("a 202 carries the message_id")
+            .to_owned()
+    }
+}
+
+/// Sends one request on a fresh connection.
+pub async fn send(addr: SocketAddr, request: Request<Full<Bytes>>) -> Result<Reply, String> {
+    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok(Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    })
+}
+
+pub fn request(method: Method, path: &str, body: impl Into<Bytes>) -> Request<Full<Bytes>> {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "relay.test")
+        .body(Full::new(body.into()))
+        .unwrap()
+}
+
+/// Writes `bytes` as they are and returns the response head (status line and headers).
+pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    read_head(&mut stream).await
+}
+
+pub async fn read_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    tokio::time::timeout(PATIENCE, async {
+        while !head.ends_with(b"\r\n\r\n") {
+            match stream.read(&mut byte).await {
+                Ok(1) => head.push(byte[0]),
+                _ => break,
+            }
+        }
+    })
+    .await
+    .expect("the relay answers in time");
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+fn unique_exchange() -> String {
+    format!("relay-test-{}", uuid::Uuid::now_v7().simple())
+}
+
+fn test_config(
+    exchange: &str,
+    amqp_url: &str,
+    file: Option<&str>,
+    overrides: &[(&str, &str)],
+) -> Config {
+    let mut env: HashMap<String, String> = [
+        ("RELAY_HTTP__LISTEN", "127.0.0.1:0"),
+        ("RELAY_AMQP__URL", amqp_url),
+        ("RELAY_AMQP__EXCHANGE", exchange),
+        ("RELAY_AUTH__EXPORT_KEYS", KEY),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    for (key, value) in overrides {
+        env.insert((*key).to_owned(), (*value).to_owned());
+    }
+    let path = file.map(|contents| {
+        let path = std::env::temp_dir().join(format!("{exchange}.toml"));
+        std::fs::write(&path, contents).unwrap();
+        path
+    });
+    let config = Config::load_from(path.as_deref(), Some(env));
+    if let Some(path) = path {
+        let _ = std::fs::remove_file(path);
+    }
+    config.expect("test config is valid")
+}
+
+/// A relay running in this process, on its own exchange.
+pub struct TestRelay {
+    pub addr: SocketAddr,
+    pub exchange: String,
+    pub config: Config,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+    broker: lapin::Connection,
+    channel: lapin::Channel,
+}
+
+impl TestRelay {
+    pub async fn start() -> TestRelay {
+        Self::start_with(&[]).await
+    }
+
+    pub async fn start_with(overrides: &[(&str, &str)]) -> TestRelay {
+        Self::start_at(&amqp_url(), None, overrides).await
+    }
+
+    /// A relay configured by a TOML file (and the test's environment on top).
+    pub async fn start_with_file(file: &str, overrides: &[(&str, &str)]) -> TestRelay {
+        Self::start_at(&amqp_url(), Some(file), overrides).await
+    }
+
+    /// A relay whose broker connection goes through `proxy`.
+    pub async fn start_via(proxy: &Proxy, overrides: &[(&str, &str)]) -> TestRelay {
+        let direct = broker_addr().to_string();
+        let url = amqp_url().replacen(&direct, &proxy.addr.to_string(), 1);
+        assert_ne!(
+            url,
+            amqp_url(),
+            "RELAY_TEST_AMQP_URL must spell out host:port"
+        );
+        Self::start_at(&url, None, overrides).await
+    }
+
+    async fn start_at(amqp_url: &str, file: Option<&str>, overrides: &[(&str, &str)]) -> TestRelay {
+        let broker = broker().await;
+        let channel = broker.create_channel().await.unwrap();
+        let exchange = unique_exchange();
+        let config = test_config(&exchange, amqp_url, file, overrides);
+        let publisher = tokio::time::timeout(
+            PATIENCE,
+            Publisher::connect(config.amqp.clone(), CancellationToken::new()),
+        )
+        .await
+        .expect("the relay connects to the broker in time")
+        .expect("the relay sets up the broker");
+        let listener = TcpListener::bind(config.http.listen).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(hirehop_relay::run(
+            config.clone(),
+            publisher,
+            listener,
+            async {
+                let _ = rx.await;
+            },
+        ));
+        TestRelay {
+            addr,
+            exchange,
+            config,
+            shutdown: Some(tx),
+            task: Some(task),
+            broker,
+            channel,
+        }
+    }
+
+    /// A fresh exclusive queue bound to the relay's exchange with `pattern`.
+    pub async fn queue(&self, pattern: &str) -> TestQueue {
+        let name = format!("{}.q.{}", self.exchange, uuid::Uuid::now_v7().simple());
+        self.channel
+            .queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        self.channel
+            .queue_bind(
+                name.as_str().into(),
+                self.exchange.as_str().into(),
+                pattern.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        TestQueue::consume(&self.broker, &name).await
+    }
+
+    /// The relay's `<exchange>.unrouted` queue.
+    pub async fn unrouted(&self) -> TestQueue {
+        TestQueue::consume(&self.broker, &format!("{}.unrouted", self.exchange)).await
+    }
+
+    pub async fn post(&self, body: impl Into<Bytes>) -> Reply {
+        self.send(request(Method::POST, &self.config.http.path, body))
+            .await
+    }
+
+    pub async fn send(&self, request: Request<Full<Bytes>>) -> Reply {
+        send(self.addr, request).await.expect("the relay answers")
+    }
+
+    /// Posts a valid webhook for `event` and checks it is the next message on `queue`:
+    /// whatever the relay published before it would have arrived first.
+    pub async fn assert_nothing_published_before_marker(&self, queue: &mut TestQueue, event: &str) {
+        let reply = self.post(webhook(event)).await;
+        assert_eq!(reply.status, StatusCode::ACCEPTED, "{:?}", reply.body);
+        let delivery = queue.next().await;
+        assert_eq!(
+            delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.to_string()),
+            Some(reply.message_id()),
+            "something was published before the marker: {:?}",
+            String::from_utf8_lossy(&delivery.data)
+        );
+    }
+
+    /// Graceful shutdown, then removal of what the relay declared.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(PATIENCE, task)
+                .await
+                .expect("the relay stops in time")
+                .expect("the relay task does not panic");
+        }
+        delete_topology(&self.channel, &self.exchange).await;
+    }
+}
+
+pub async fn delete_topology(channel: &lapin::Channel, exchange: &str) {
+    let unrouted = format!("{exchange}.unrouted");
+    let _ = channel
+        .queue_delete(unrouted.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    for name in [exchange, unrouted.as_str()] {
+        let _ = channel
+            .exchange_delete(name.into(), ExchangeDeleteOptions::default())
+            .await;
+    }
+}
+
+/// A queue being consumed (auto-ack).
+pub struct TestQueue {
+    consumer: lapin::Consumer,
+    _channel: lapin::Channel,
+}
+
+impl TestQueue {
+    async fn consume(broker: &lapin::Connection, queue: &str) -> TestQueue {
+        let channel = broker.create_channel().await.unwrap();
+        let consumer = channel
+            .basic_consume(
+                queue.into(),
+                format!("test-{}", uuid::Uuid::now_v7().simple()).into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        TestQueue {
+            consumer,
+            _channel: channel,
+        }
+    }
+
+    /// The next message; fails the test if none arrives within [`PATIENCE`].
+    pub async fn next(&mut self) -> Delivery {
+        tokio::time::timeout(PATIENCE, self.consumer.next())
+            .await
+            .expect("a message arrives in time")
+            .expect("the consumer is open")
+            .expect("the delivery is readable")
+    }
+}
+
+pub fn message_id(delivery: &Delivery) -> String {
+    delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .expect("every message has a message_id")
+        .to_string()
+}
+
+/// The real binary, started as a child process; its stderr is collected line by line.
+pub struct RelayProcess {
+    pub child: tokio::process::Child,
+    pub addr: Option<SocketAddr>,
+    lines: mpsc::UnboundedReceiver<String>,
+    log: Vec<String>,
+}
+
+impl RelayProcess {
+    /// Starts the binary and returns at once.
+    pub fn start(args: &[&str], env: &[(&str, &str)]) -> RelayProcess {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_hirehop-relay"));
+        command
+            .args(args)
+            .env_clear()
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command.spawn().expect("the relay binary starts");
+        let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+        let (tx, lines) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = stderr.next_line().await {
+                let _ = tx.send(line);
+            }
+        });
+        RelayProcess {
+            child,
+            addr: None,
+            lines,
+            log: Vec::new(),
+        }
+    }
+
+    /// Starts the binary and waits for its "listening" line, the readiness signal: the port
+    /// is bound and the broker is set up.
+    pub async fn spawn(env: &[(&str, &str)]) -> RelayProcess {
+        let mut process = Self::start(&[], env);
+        let line = process.wait_for("listening").await;
+        let addr = line
+            .split("addr=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok());
+        process.addr = Some(addr.unwrap_or_else(|| panic!("no address in {line:?}")));
+        process
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr.expect("the relay is listening")
+    }
+
+    /// Waits (at most [`PATIENCE`]) for a log line containing `needle`.
+    pub async fn wait_for(&mut self, needle: &str) -> String {
+        let found = tokio::time::timeout(PATIENCE, async {
+            while let Some(line) = self.lines.recv().await {
+                self.log.push(line.clone());
+                if line.contains(needle) {
+                    return Some(line);
+                }
+            }
+            None
+        })
+        .await;
+        match found {
+            Ok(Some(line)) => line,
+            _ => panic!(
+                "no log line with {needle:?}; log so far:\n{}",
+                self.log.join("\n")
+            ),
+        }
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("the relay is running");
+        let status = std::process::Command::new("kill")
+            .args([format!("-{signal}"), pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit; returns its status and its whole log.
+    pub async fn exit(mut self) -> (std::process::ExitStatus, String) {
+        let status = tokio::time::timeout(PATIENCE, self.child.wait())
+            .await
+            .expect("the relay exits in time")
+            .unwrap();
+        while let Some(line) = self.lines.recv().await {
+            self.log.push(line);
+        }
+        (status, self.log.join("\n"))
+    }
+}

@@ -1,0 +1,23 @@
+//! Black-box tests of hirehop-relay against a real RabbitMQ.
+//!
+//! Every test starts its own relay on `127.0.0.1:0` with its own exchange (and so its own
+//! `<exchange>.unrouted` queue), reads what arrived with a real AMQP consumer, and deletes
+//! what it declared at the end. The broker is `amqp://guest:guest@127.0.0.1:5672/%2f`, or
+//! `RELAY_TEST_AMQP_URL`; when it cannot be reached the tests fail and say how to start it.
+//!
+//! Modules:
+//! - `harness`: starting relays (in-process or as the real binary), HTTP helpers, queues.
+//! - `proxy`: a TCP proxy between relay and broker that can cut, refuse and stall.
+//! - `accept`: what a 202 means: the body byte for byte, the properties, the headers.
+//! - `reject`: every 4xx, and that none of them publishes anything.
+//! - `topology`: alternate exchange, returned messages, topology mismatches.
+//! - `faults`: broker connection closed or cut; 503s, never hangs nor false 202s.
+//! - `shutdown`: SIGTERM under load loses no accepted webhook and exits 0.
+
+mod accept;
+mod faults;
+mod harness;
+mod proxy;
+mod reject;
+mod shutdown;
+mod topology;

@@ -1,0 +1,125 @@
+//! A TCP proxy that sits between the relay and the broker, so tests can break the network
+//! for real: cut every open connection, refuse new ones, or stall the traffic.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+
+pub struct Proxy {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+    accept_task: AbortHandle,
+}
+
+struct State {
+    upstream: SocketAddr,
+    refusing: AtomicBool,
+    stalled: watch::Sender<bool>,
+    /// Bytes read from the relay (counted even while stalled).
+    from_client: AtomicU64,
+    connections: Mutex<Vec<AbortHandle>>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(State {
+            upstream,
+            refusing: AtomicBool::new(false),
+            stalled: watch::channel(false).0,
+            from_client: AtomicU64::new(0),
+            connections: Mutex::new(Vec::new()),
+        });
+        let accept_task = tokio::spawn(accept_loop(listener, Arc::clone(&state))).abort_handle();
+        Proxy {
+            addr,
+            state,
+            accept_task,
+        }
+    }
+
+    /// Closes every open connection, both sides, as a network failure would.
+    pub fn cut(&self) {
+        for connection in self.state.connections.lock().unwrap().drain(..) {
+            connection.abort();
+        }
+    }
+
+    /// While on, new connections are accepted and immediately closed.
+    pub fn refuse(&self, on: bool) {
+        self.state.refusing.store(on, Ordering::SeqCst);
+    }
+
+    /// While on, bytes are read but not forwarded, in either direction.
+    pub fn stall(&self, on: bool) {
+        self.state.stalled.send_replace(on);
+    }
+
+    pub fn bytes_from_client(&self) -> u64 {
+        self.state.from_client.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept_task.abort();
+        self.cut();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, state: Arc<State>) {
+    loop {
+        let Ok((client, _)) = listener.accept().await else {
+            continue;
+        };
+        if state.refusing.load(Ordering::SeqCst) {
+            drop(client);
+            continue;
+        }
+        let Ok(server) = TcpStream::connect(state.upstream).await else {
+            continue;
+        };
+        let task = tokio::spawn(pump_both(client, server, Arc::clone(&state)));
+        state.connections.lock().unwrap().push(task.abort_handle());
+    }
+}
+
+async fn pump_both(client: TcpStream, server: TcpStream, state: Arc<State>) {
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
+    tokio::select! {
+        () = pump(client_read, server_write, &state, true) => {}
+        () = pump(server_read, client_write, &state, false) => {}
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    state: &State,
+    count: bool,
+) {
+    let mut stalled = state.stalled.subscribe();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if count {
+            state.from_client.fetch_add(n as u64, Ordering::SeqCst);
+        }
+        if stalled.wait_for(|stalled| !*stalled).await.is_err() {
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
