@@ -41,10 +41,10 @@ impl Dedupe {
         if self.seen.contains(id) {
             return false;
         }
-        if self.order.len() == self.capacity {
-            if let Some(oldest) = self.order.pop_front() {
-                self.seen.remove(&oldest);
-            }
+        if self.order.len() == self.capacity
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.seen.remove(&oldest);
         }
         self.seen.insert(id.to_owned());
         self.order.push_back(id.to_owned());

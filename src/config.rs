@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize};
@@ -47,6 +47,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub amqp: AmqpConfig,
     pub auth: AuthConfig,
+    pub spool: SpoolConfig,
     pub log: LogConfig,
 }
 
@@ -77,6 +78,13 @@ pub struct AmqpConfig {
     /// AMQP 0-9-1 URI of the broker (`amqp://user:pass@host:5672/vhost`).
     #[serde(serialize_with = "serialize_redacted_url")]
     pub url: String,
+    /// Several nodes of a RabbitMQ cluster; when set, used instead of `url`, tried in turn.
+    /// In the environment: a comma-separated list.
+    #[serde(
+        deserialize_with = "string_list",
+        serialize_with = "serialize_redacted_urls"
+    )]
+    pub urls: Vec<String>,
     /// Durable topic exchange the relay publishes to.
     pub exchange: String,
     /// Declare `<exchange>.unrouted` (fanout + queue) as the exchange's alternate exchange, so
@@ -113,6 +121,19 @@ pub struct CompanyKeys {
     pub export_keys: Vec<ExportKey>,
 }
 
+/// The local spool that keeps webhooks the broker cannot confirm right now.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// Without the spool, a webhook that cannot be confirmed gets 503 (and HireHop drops it).
+    pub enabled: bool,
+    /// Directory of the spool; one relay per directory. Relative paths start from the
+    /// working directory.
+    pub dir: PathBuf,
+    /// Disk the spool may use; beyond it webhooks get 503.
+    pub max_bytes: u64,
+}
+
 /// Log output.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -143,6 +164,7 @@ retry_after_secs = 5
 
 [amqp]
 url = "amqp://guest:guest@127.0.0.1:5672/%2f"
+urls = []
 exchange = "hirehop"
 alternate_exchange = true
 routing_key_prefix = ""
@@ -154,6 +176,11 @@ reconnect_max_backoff_ms = 30000
 [auth]
 export_keys = []
 companies = []
+
+[spool]
+enabled = true
+dir = "spool"
+max_bytes = 1073741824
 
 [log]
 format = "text"
@@ -221,11 +248,24 @@ impl Config {
             // 200, not 255: `<exchange>.unrouted` must fit in an AMQP short string too.
             return Err(invalid("amqp.exchange", "must be 1 to 200 bytes long"));
         }
-        if !self.amqp.url.starts_with("amqp://") && !self.amqp.url.starts_with("amqps://") {
-            return Err(invalid("amqp.url", "must start with amqp:// or amqps://"));
+        let key = if self.amqp.urls.is_empty() {
+            "amqp.url"
+        } else {
+            "amqp.urls"
+        };
+        for url in self.amqp.nodes() {
+            if !url.starts_with("amqp://") && !url.starts_with("amqps://") {
+                return Err(invalid(key, "must start with amqp:// or amqps://"));
+            }
+            if let Err(err) = url.parse::<lapin::uri::AMQPUri>() {
+                return Err(invalid(key, err));
+            }
         }
-        if let Err(err) = self.amqp.url.parse::<lapin::uri::AMQPUri>() {
-            return Err(invalid("amqp.url", err));
+        if self.spool.enabled && self.spool.max_bytes < 1024 * 1024 {
+            return Err(invalid(
+                "spool.max_bytes",
+                "must be at least 1 MiB (1048576)",
+            ));
         }
         routing::check_prefix(&self.amqp.routing_key_prefix)
             .map_err(|err| invalid("amqp.routing_key_prefix", err.to_string()))?;
@@ -287,14 +327,18 @@ impl AmqpConfig {
     pub fn unrouted_name(&self) -> String {
         format!("{}.unrouted", self.exchange)
     }
-    /// The URL with its password replaced, fit for logs.
-    pub fn redacted_url(&self) -> String {
-        redact_url_password(&self.url)
+    /// The broker nodes to try, in order: `urls` if set, else `url`.
+    pub fn nodes(&self) -> Vec<&str> {
+        if self.urls.is_empty() {
+            vec![self.url.as_str()]
+        } else {
+            self.urls.iter().map(String::as_str).collect()
+        }
     }
 }
 
 /// Replaces the password of `scheme://user:password@host/...` with `***`.
-fn redact_url_password(url: &str) -> String {
+pub(crate) fn redact_url_password(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
@@ -313,7 +357,15 @@ fn redact_url_password(url: &str) -> String {
 impl fmt::Debug for AmqpConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AmqpConfig")
-            .field("url", &self.redacted_url())
+            .field("url", &redact_url_password(&self.url))
+            .field(
+                "urls",
+                &self
+                    .urls
+                    .iter()
+                    .map(|u| redact_url_password(u))
+                    .collect::<Vec<_>>(),
+            )
             .field("exchange", &self.exchange)
             .field("alternate_exchange", &self.alternate_exchange)
             .field("routing_key_prefix", &self.routing_key_prefix)
@@ -329,24 +381,37 @@ fn serialize_redacted_url<S: serde::Serializer>(url: &str, s: S) -> Result<S::Ok
     s.serialize_str(&redact_url_password(url))
 }
 
-/// Accepts `["a", "b"]` (TOML) or `"a,b"` (environment variables are plain strings).
-fn list_or_comma_separated<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ExportKey>, D::Error> {
+fn serialize_redacted_urls<S: serde::Serializer>(urls: &[String], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(urls.iter().map(|url| redact_url_password(url)))
+}
+
+/// Accepts `["a", "b"]` (TOML) or `"a,b"` (environment variables are plain strings). Empty
+/// items are dropped.
+fn string_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum ListOrString {
-        List(Vec<ExportKey>),
+        List(Vec<String>),
         String(String),
     }
-    Ok(match ListOrString::deserialize(d)? {
-        ListOrString::List(keys) => keys,
-        ListOrString::String(joined) => joined
-            .split(',')
-            .map(str::trim)
-            .filter(|key| !key.is_empty())
-            .map(ExportKey::new)
-            .collect::<Result<_, _>>()
-            .map_err(serde::de::Error::custom)?,
-    })
+    let items = match ListOrString::deserialize(d)? {
+        ListOrString::List(items) => items,
+        ListOrString::String(joined) => joined.split(',').map(str::to_owned).collect(),
+    };
+    Ok(items
+        .into_iter()
+        .map(|item| item.trim().to_owned())
+        .filter(|item| !item.is_empty())
+        .collect())
+}
+
+/// Export keys as a list or a comma-separated string.
+fn list_or_comma_separated<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ExportKey>, D::Error> {
+    string_list(d)?
+        .iter()
+        .map(|key| ExportKey::new(key))
+        .collect::<Result<_, _>>()
+        .map_err(serde::de::Error::custom)
 }
 
 #[cfg(test)]
@@ -544,6 +609,40 @@ mod tests {
         assert!(
             !debug.contains("supersecretkey") && !debug.contains("hunter2"),
             "{debug}"
+        );
+    }
+
+    #[test]
+    fn several_broker_urls_come_from_a_comma_separated_env_var() {
+        let config = Config::load_from(
+            None,
+            env(&[
+                ("RELAY_AUTH__EXPORT_KEYS", "k"),
+                (
+                    "RELAY_AMQP__URLS",
+                    "amqp://a:5672/%2f, amqp://u:pw@b:5672/%2f",
+                ),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            config.amqp.nodes(),
+            vec!["amqp://a:5672/%2f", "amqp://u:pw@b:5672/%2f"]
+        );
+        let rendered = config.to_redacted_toml();
+        assert!(rendered.contains("amqp://u:***@b:5672/%2f") && !rendered.contains(":pw@"));
+        let default = Config::load_from(None, env(&[("RELAY_AUTH__EXPORT_KEYS", "k")])).unwrap();
+        assert_eq!(default.amqp.nodes(), vec![default.amqp.url.as_str()]);
+        let bad = Config::load_from(
+            None,
+            env(&[
+                ("RELAY_AUTH__EXPORT_KEYS", "k"),
+                ("RELAY_AMQP__URLS", "http://x"),
+            ]),
+        );
+        assert_eq!(
+            bad.unwrap_err().to_string(),
+            "invalid amqp.urls: must start with amqp:// or amqps://"
         );
     }
 

@@ -12,8 +12,11 @@
 //!    borrowing them, without building a document.
 //! 4. [`auth`] checks the key in constant time against the configured [`auth::Keyring`].
 //! 5. [`routing`] turns the event name into a [`routing::RoutingKey`] (checked once).
-//! 6. [`publisher`] publishes the very same `Bytes` to the topic exchange with `mandatory`
-//!    and waits for that message's publisher confirm; only an Ack becomes a 202.
+//! 6. [`delivery`] hands the [`message::Message`] to [`publisher`], which publishes the very
+//!    same `Bytes` to the topic exchange with `mandatory` and waits for that message's
+//!    publisher confirm; only an Ack becomes a plain 202. When the broker cannot confirm
+//!    (down, blocked, nack, timeout), the message goes to the [`spool`] instead and the 202
+//!    is sent once it is fsynced on disk; [`delivery::replay`] drains the spool later.
 //!
 //! [`config`] loads everything once at startup; [`signal`] turns SIGTERM/SIGINT into the
 //! shutdown future that [`run`] takes.
@@ -22,32 +25,36 @@
 
 pub mod auth;
 pub mod config;
+pub mod delivery;
 pub mod envelope;
+pub mod message;
 pub mod publisher;
 pub mod routing;
 pub mod server;
 pub mod signal;
+pub mod spool;
 pub mod webhook;
 
 use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::publisher::Publisher;
+use crate::delivery::Delivery;
 use crate::webhook::App;
 
-/// Serves webhooks on `listener`, publishing through `publisher` (already connected, its
-/// topology declared), until `shutdown` resolves; then drains in-flight requests, waits for
-/// publishes still awaiting a confirm, and closes the broker connection.
+/// Serves webhooks on `listener`, delivering through `delivery` (the broker, and the spool
+/// if enabled), until `shutdown` resolves; then drains in-flight requests, waits for
+/// deliveries still under way, stops replay, and closes the spool and the broker connection.
 ///
 /// Production passes the configured address and [`signal::shutdown`]; tests pass
 /// `127.0.0.1:0` and a oneshot.
 pub async fn run(
     config: Config,
-    publisher: Publisher,
+    delivery: Delivery,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -55,24 +62,41 @@ pub async fn run(
         Ok(addr) => tracing::info!(%addr, path = %config.http.path, "listening"),
         Err(err) => tracing::warn!(error = %err, "listening on an unknown address"),
     }
+    let stop_replay = CancellationToken::new();
+    let replay = delivery.spool().map(|spool| {
+        let task = delivery::replay(
+            delivery.publisher().clone(),
+            spool.clone(),
+            stop_replay.clone(),
+        );
+        tokio::spawn(task)
+    });
     let app = Arc::new(App {
         keyring: config.keyring(),
         routing_key_prefix: config.amqp.routing_key_prefix.clone(),
         http: config.http.clone(),
-        publisher: publisher.clone(),
+        delivery: delivery.clone(),
         publishes: TaskTracker::new(),
     });
     server::serve(listener, Arc::clone(&app), shutdown).await;
 
-    // Publishes whose client hung up are not covered by the connection drain.
+    // Deliveries whose client hung up are not covered by the connection drain.
     app.publishes.close();
     let ceiling = config.amqp.confirm_timeout();
     if tokio::time::timeout(ceiling, app.publishes.wait())
         .await
         .is_err()
     {
-        tracing::warn!("publishes still unconfirmed at shutdown");
+        tracing::warn!("deliveries still under way at shutdown");
     }
-    publisher.close().await;
+    stop_replay.cancel();
+    if let Some(replay) = replay {
+        // Replay stops between batches; a batch is bounded by the confirm timeout.
+        let _ = tokio::time::timeout(ceiling * 2, replay).await;
+    }
+    if let Some(spool) = delivery.spool() {
+        spool.close().await;
+    }
+    delivery.publisher().close().await;
     tracing::info!("stopped");
 }

@@ -6,8 +6,12 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use std::sync::{Arc, OnceLock};
+
 use hirehop_relay::config::{Config, LogFormat};
+use hirehop_relay::delivery::Delivery;
 use hirehop_relay::publisher::{ConnectError, Publisher};
+use hirehop_relay::spool::Spool;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -74,17 +78,73 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
     });
 
-    // The broker first: the HTTP port opens only once a 202 is possible.
-    let publisher = match Publisher::connect(config.amqp.clone(), shutdown.clone()).await {
-        Ok(publisher) => publisher,
-        Err(ConnectError::Cancelled) => return Ok(()),
-        Err(err) => return Err(err).context("cannot set up the broker"),
-    };
+    let spool = config
+        .spool
+        .enabled
+        .then(|| open_spool(&config))
+        .transpose()?;
+    let publisher = Publisher::start(config.amqp.clone());
+    // A topology the broker refuses (found at the first connection) stops the relay.
+    let fatal = Arc::new(OnceLock::new());
+    if spool.is_some() {
+        // With a spool, a 202 is possible before the broker answers: open the port now, so a
+        // relay restarted during a broker outage keeps webhooks instead of refusing them.
+        tokio::spawn({
+            let (publisher, shutdown, fatal) =
+                (publisher.clone(), shutdown.clone(), Arc::clone(&fatal));
+            async move {
+                if let Err(err) = publisher.wait_connected(shutdown.clone()).await
+                    && !matches!(err, ConnectError::Cancelled)
+                {
+                    tracing::error!(error = %err, "cannot set up the broker; stopping");
+                    let _ = fatal.set(err);
+                    shutdown.cancel();
+                }
+            }
+        });
+    } else {
+        // Without one, the port opens only once the broker can confirm.
+        match publisher.wait_connected(shutdown.clone()).await {
+            Ok(()) => {}
+            Err(ConnectError::Cancelled) => {
+                publisher.close().await;
+                return Ok(());
+            }
+            Err(err) => return Err(err).context("cannot set up the broker"),
+        }
+    }
+
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
         .with_context(|| format!("failed to bind {}", config.http.listen))?;
-    hirehop_relay::run(config, publisher, listener, shutdown.cancelled_owned()).await;
-    Ok(())
+    let delivery = Delivery::new(publisher, spool);
+    hirehop_relay::run(config, delivery, listener, shutdown.cancelled_owned()).await;
+    match Arc::into_inner(fatal).and_then(OnceLock::into_inner) {
+        Some(err) => Err(err).context("cannot set up the broker"),
+        None => Ok(()),
+    }
+}
+
+/// Opens the spool and reports what an earlier run left in it.
+fn open_spool(config: &Config) -> anyhow::Result<Spool> {
+    let dir = &config.spool.dir;
+    let (spool, recovery) = Spool::open(dir, config.spool.max_bytes)
+        .context("cannot open the spool (set spool.dir, or spool.enabled = false)")?;
+    for (segment, bytes) in &recovery.corrupt {
+        tracing::error!(
+            segment = %segment.display(),
+            bytes,
+            "spool segment had a torn or corrupt tail (e.g. power loss mid-write); cut it off"
+        );
+    }
+    if recovery.records > 0 {
+        tracing::info!(
+            records = recovery.records,
+            "spool holds webhooks from an earlier run; they will be replayed"
+        );
+    }
+    tracing::info!(dir = %dir.display(), max_bytes = config.spool.max_bytes, "spool ready");
+    Ok(spool)
 }
 
 fn init_logging(format: LogFormat) {

@@ -19,9 +19,8 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
-use bytes::Bytes;
 use futures_lite::StreamExt;
 use futures_lite::stream::Boxed;
 use lapin::options::{
@@ -32,11 +31,11 @@ use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event};
 use sha2::{Digest, Sha256};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::AmqpConfig;
-use crate::routing::RoutingKey;
+use crate::config::{AmqpConfig, redact_url_password};
+use crate::message::Message;
 
 /// Why a message was not confirmed. Every variant means "not safely stored": the caller must
 /// not report the message as delivered.
@@ -57,7 +56,7 @@ pub enum PublishError {
 }
 
 /// Why the broker could not be set up.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ConnectError {
     #[error("failed to connect to {url}: {source}")]
     Connect {
@@ -97,53 +96,40 @@ impl ConnectError {
     }
 }
 
-/// One accepted webhook on its way to the broker.
-#[derive(Debug, Clone)]
-pub struct Message {
-    pub routing_key: RoutingKey,
-    /// The event name as HireHop sent it (the routing key may carry a prefix).
-    pub event: String,
-    /// The request body, byte for byte.
-    pub body: Bytes,
-    pub message_id: String,
-    pub company_id: Option<u64>,
-    pub user_id: Option<u64>,
-    pub received_at: SystemTime,
-}
-
-impl Message {
-    /// The AMQP properties and headers that make up the consumer contract (see README).
-    fn properties(&self) -> BasicProperties {
-        let mut headers = FieldTable::default();
-        headers.insert("event".into(), long_string(&self.event));
-        if let Some(id) = self.company_id {
-            headers.insert("company_id".into(), integer(id));
-        }
-        if let Some(id) = self.user_id {
-            headers.insert("user_id".into(), integer(id));
-        }
-        headers.insert(
-            "received_at".into(),
-            long_string(&humantime::format_rfc3339_millis(self.received_at).to_string()),
-        );
-        headers.insert(
-            "body_sha256".into(),
-            long_string(&hex::encode(Sha256::digest(&self.body))),
-        );
-        let timestamp = self
-            .received_at
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2) // persistent
-            .with_message_id(self.message_id.as_str().into())
-            .with_timestamp(timestamp)
-            .with_app_id("hirehop-relay".into())
-            // The event name fits: it passed the 255-byte routing key check.
-            .with_type(self.event.as_str().into())
-            .with_headers(headers)
+/// The AMQP properties and headers that make up the consumer contract (see README).
+fn properties(message: &Message) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert("event".into(), long_string(&message.event));
+    if let Some(id) = message.company_id {
+        headers.insert("company_id".into(), integer(id));
     }
+    if let Some(id) = message.user_id {
+        headers.insert("user_id".into(), integer(id));
+    }
+    headers.insert(
+        "received_at".into(),
+        long_string(&humantime::format_rfc3339_millis(message.received_at).to_string()),
+    );
+    headers.insert(
+        "body_sha256".into(),
+        long_string(&hex::encode(Sha256::digest(&message.body))),
+    );
+    if message.replayed {
+        headers.insert("replayed".into(), AMQPValue::Boolean(true));
+    }
+    let timestamp = message
+        .received_at
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2) // persistent
+        .with_message_id(message.message_id.as_str().into())
+        .with_timestamp(timestamp)
+        .with_app_id("hirehop-relay".into())
+        // The event name fits: it passed the 255-byte routing key check.
+        .with_type(message.event.as_str().into())
+        .with_headers(headers)
 }
 
 fn long_string(s: &str) -> AMQPValue {
@@ -169,6 +155,16 @@ struct Inner {
     /// Wakes the supervisor early, e.g. after a publish failed on a dead channel.
     trouble: Notify,
     stop: CancellationToken,
+    status: watch::Sender<Status>,
+}
+
+/// Where the supervisor is, for [`Publisher::wait_connected`].
+#[derive(Clone)]
+enum Status {
+    Connecting,
+    Connected,
+    /// The first connection found a topology the broker refuses for good.
+    Fatal(Arc<ConnectError>),
 }
 
 /// One live connection and its publishing channels.
@@ -184,45 +180,51 @@ impl Session {
 }
 
 impl Publisher {
+    /// Starts connecting in the background and returns at once; publishes fail fast with
+    /// [`PublishError::Unavailable`] until the first connection is up.
+    pub fn start(config: AmqpConfig) -> Publisher {
+        let inner = Arc::new(Inner {
+            exchange: config.exchange.as_str().into(),
+            config,
+            session: RwLock::new(None),
+            next_channel: AtomicUsize::new(0),
+            trouble: Notify::new(),
+            stop: CancellationToken::new(),
+            status: watch::channel(Status::Connecting).0,
+        });
+        tokio::spawn(supervise(Arc::clone(&inner)));
+        Publisher { inner }
+    }
+
     /// Connects, declares the topology and opens the channels, retrying with backoff until it
     /// works, `shutdown` fires, or the broker refuses the topology for good.
     pub async fn connect(
         config: AmqpConfig,
         shutdown: CancellationToken,
     ) -> Result<Publisher, ConnectError> {
-        let mut attempt = 0;
-        let session = loop {
-            match open_session(&config).await {
-                Ok(session) => break session,
-                Err(err) if err.is_fatal() => return Err(err),
-                Err(err) => {
-                    let delay = backoff(attempt, config.reconnect_max_backoff());
-                    attempt += 1;
-                    tracing::warn!(error = %err, retry_in = ?delay, "broker not available yet");
-                    tokio::select! {
-                        () = tokio::time::sleep(delay) => {}
-                        () = shutdown.cancelled() => return Err(ConnectError::Cancelled),
-                    }
-                }
+        let publisher = Publisher::start(config);
+        match publisher.wait_connected(shutdown).await {
+            Ok(()) => Ok(publisher),
+            Err(err) => {
+                publisher.close().await;
+                Err(err)
             }
+        }
+    }
+
+    /// Waits for the first connection. Fails if the broker refuses the topology (fatal) or
+    /// `shutdown` fires first.
+    pub async fn wait_connected(&self, shutdown: CancellationToken) -> Result<(), ConnectError> {
+        let mut status = self.inner.status.subscribe();
+        let outcome = tokio::select! {
+            outcome = status.wait_for(|s| !matches!(s, Status::Connecting)) => outcome.map(|s| s.clone()),
+            () = shutdown.cancelled() => return Err(ConnectError::Cancelled),
         };
-        tracing::info!(
-            url = %config.redacted_url(),
-            exchange = %config.exchange,
-            channels = session.channels.len(),
-            "connected to the broker"
-        );
-        let events = session.connection.events_listener().boxed();
-        let inner = Arc::new(Inner {
-            exchange: config.exchange.as_str().into(),
-            config,
-            session: RwLock::new(Some(Arc::new(session))),
-            next_channel: AtomicUsize::new(0),
-            trouble: Notify::new(),
-            stop: CancellationToken::new(),
-        });
-        tokio::spawn(supervise(Arc::clone(&inner), events));
-        Ok(Publisher { inner })
+        match outcome {
+            Ok(Status::Fatal(err)) => Err(ConnectError::clone(&err)),
+            Ok(_) => Ok(()),
+            Err(_) => Err(ConnectError::Cancelled),
+        }
     }
 
     /// Publishes `message` and waits for the broker's confirm (bounded by
@@ -230,22 +232,64 @@ impl Publisher {
     pub async fn publish(&self, message: &Message) -> Result<(), PublishError> {
         let channel = self.channel().ok_or(PublishError::Unavailable)?;
         let timeout = self.inner.config.confirm_timeout();
-        let confirmed = tokio::time::timeout(timeout, async {
-            channel
-                .basic_publish(
-                    self.inner.exchange.clone(),
-                    message.routing_key.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        immediate: false,
-                    },
-                    &message.body,
-                    message.properties(),
-                )
-                .await?
-                .await
-        })
-        .await;
+        let confirmed =
+            tokio::time::timeout(timeout, async { self.send(&channel, message).await?.await })
+                .await;
+        self.outcome(confirmed)
+    }
+
+    /// Publishes `messages` in order on one channel (AMQP keeps a channel's order), all
+    /// confirms in flight at once; one result per message, in the same order.
+    pub async fn publish_batch(&self, messages: &[Message]) -> Vec<Result<(), PublishError>> {
+        let Some(channel) = self.channel() else {
+            return messages
+                .iter()
+                .map(|_| Err(PublishError::Unavailable))
+                .collect();
+        };
+        let timeout = self.inner.config.confirm_timeout();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut confirms = Vec::with_capacity(messages.len());
+        for message in messages {
+            let sent = tokio::time::timeout_at(deadline, self.send(&channel, message)).await;
+            confirms.push(sent);
+        }
+        let mut results = Vec::with_capacity(messages.len());
+        for sent in confirms {
+            let confirmed = match sent {
+                Ok(Ok(confirm)) => tokio::time::timeout_at(deadline, confirm).await,
+                Ok(Err(err)) => Ok(Err(err)),
+                Err(elapsed) => Err(elapsed),
+            };
+            results.push(self.outcome(confirmed));
+        }
+        results
+    }
+
+    async fn send(
+        &self,
+        channel: &Channel,
+        message: &Message,
+    ) -> Result<lapin::PublisherConfirm, lapin::Error> {
+        channel
+            .basic_publish(
+                self.inner.exchange.clone(),
+                message.routing_key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                &message.body,
+                properties(message),
+            )
+            .await
+    }
+
+    fn outcome(
+        &self,
+        confirmed: Result<Result<Confirmation, lapin::Error>, tokio::time::error::Elapsed>,
+    ) -> Result<(), PublishError> {
+        let timeout = self.inner.config.confirm_timeout();
         let result = match confirmed {
             Err(_) => Err(PublishError::Timeout(timeout)),
             Ok(Err(err)) => Err(PublishError::Failed(err)),
@@ -268,6 +312,13 @@ impl Publisher {
         self.current().is_some_and(|session| session.healthy())
     }
 
+    /// Whether the broker has blocked publishing (`connection.blocked`: a memory or disk
+    /// alarm). Publishes would then wait for the alarm to clear.
+    pub fn is_blocked(&self) -> bool {
+        self.current()
+            .is_some_and(|session| session.connection.status().blocked())
+    }
+
     /// Stops the supervisor and closes the connection cleanly.
     pub async fn close(&self) {
         self.inner.stop.cancel();
@@ -278,10 +329,10 @@ impl Publisher {
             .map(|mut s| s.take())
             .ok()
             .flatten();
-        if let Some(session) = session {
-            if let Err(err) = session.connection.close(200, "shutdown".into()).await {
-                tracing::warn!(error = %err, "failed to close the broker connection cleanly");
-            }
+        if let Some(session) = session
+            && let Err(err) = session.connection.close(200, "shutdown".into()).await
+        {
+            tracing::warn!(error = %err, "failed to close the broker connection cleanly");
         }
     }
 
@@ -301,55 +352,90 @@ impl Publisher {
     }
 }
 
-/// Keeps the session healthy until the publisher is closed.
-async fn supervise(inner: Arc<Inner>, events: Boxed<Event>) {
-    let mut events = Some(events);
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+/// Connects, then keeps the session healthy, until the publisher is closed.
+async fn supervise(inner: Arc<Inner>) {
+    let nodes = inner.config.nodes();
+    let mut node = 0;
+    let mut connected_once = false;
     loop {
-        tokio::select! {
-            () = inner.stop.cancelled() => return,
-            () = inner.trouble.notified() => {}
-            _ = tick.tick() => {}
-            event = next_event(&mut events) => log_event(event),
-        }
-        let session = inner.session.read().ok().and_then(|s| s.clone());
-        match session {
-            Some(session) if session.healthy() => continue,
-            Some(session) if session.connection.status().connected() => {
-                match reopen_channels(&inner.config, &session).await {
-                    Ok(repaired) => {
-                        tracing::info!("re-opened closed publishing channels");
-                        store(&inner, Some(repaired));
-                        continue;
-                    }
-                    Err(err) => {
-                        tracing::error!(error = %err, "failed to re-open publishing channels");
-                        let _ = session.connection.close(320, "reconnecting".into()).await;
-                    }
+        let mut attempt = 0;
+        let session = loop {
+            // The very first attempt goes at once; every other waits its backoff.
+            if attempt > 0 || connected_once {
+                let delay = backoff(attempt, inner.config.reconnect_max_backoff());
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = inner.stop.cancelled() => return,
                 }
             }
-            _ => {}
+            attempt += 1;
+            let url = nodes[node % nodes.len()];
+            match open_session(&inner.config, url).await {
+                Ok(session) => break session,
+                Err(err) if err.is_fatal() && !connected_once => {
+                    inner.status.send_replace(Status::Fatal(Arc::new(err)));
+                    return;
+                }
+                Err(err) if connected_once => {
+                    tracing::error!(error = %err, attempt, "reconnecting to the broker failed");
+                }
+                Err(err) => tracing::warn!(error = %err, attempt, "broker not available yet"),
+            }
+            // Another node of the cluster may be up.
+            node += 1;
+        };
+        tracing::info!(
+            url = %redact_url_password(nodes[node % nodes.len()]),
+            exchange = %inner.config.exchange,
+            channels = session.channels.len(),
+            "{}",
+            if connected_once { "reconnected to the broker" } else { "connected to the broker" }
+        );
+        connected_once = true;
+        let mut events = Some(session.connection.events_listener().boxed());
+        store(&inner, Some(session));
+        inner.status.send_replace(Status::Connected);
+
+        if !keep_healthy(&inner, &mut events).await {
+            return;
         }
         tracing::error!("broker connection lost; publishing fails fast until it is back");
         store(&inner, None);
-        let mut attempt = 0;
-        let session = loop {
-            let delay = backoff(attempt, inner.config.reconnect_max_backoff());
-            attempt += 1;
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                () = inner.stop.cancelled() => return,
-            }
-            match open_session(&inner.config).await {
-                Ok(session) => break session,
-                Err(err) => {
-                    tracing::error!(error = %err, attempt, "reconnecting to the broker failed")
-                }
-            }
+        node += 1;
+    }
+}
+
+/// Watches the live session and repairs closed channels; returns `true` when the connection
+/// is lost, `false` when the publisher is closed.
+async fn keep_healthy(inner: &Inner, events: &mut Option<Boxed<Event>>) -> bool {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            () = inner.stop.cancelled() => return false,
+            () = inner.trouble.notified() => {}
+            _ = tick.tick() => {}
+            event = next_event(events) => log_event(event),
+        }
+        let Some(session) = inner.session.read().ok().and_then(|s| s.clone()) else {
+            return true;
         };
-        tracing::info!(url = %inner.config.redacted_url(), "reconnected to the broker");
-        events = Some(session.connection.events_listener().boxed());
-        store(&inner, Some(session));
+        if session.healthy() {
+            continue;
+        }
+        if !session.connection.status().connected() {
+            return true;
+        }
+        match reopen_channels(&inner.config, &session).await {
+            Ok(repaired) => {
+                tracing::info!("re-opened closed publishing channels");
+                store(inner, Some(repaired));
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "failed to re-open publishing channels");
+                let _ = session.connection.close(320, "reconnecting".into()).await;
+                return true;
+            }
+        }
     }
 }
 
@@ -385,8 +471,8 @@ fn store(inner: &Inner, session: Option<Session>) {
 }
 
 /// Connection, topology and channels, all within `amqp.connect_timeout_ms`.
-async fn open_session(config: &AmqpConfig) -> Result<Session, ConnectError> {
-    let url = config.redacted_url();
+async fn open_session(config: &AmqpConfig, node: &str) -> Result<Session, ConnectError> {
+    let url = redact_url_password(node);
     let timeout = config.connect_timeout();
     tokio::time::timeout(timeout, async {
         // The name shows in the management UI and `rabbitmqctl list_connections`.
@@ -396,7 +482,7 @@ async fn open_session(config: &AmqpConfig) -> Result<Session, ConnectError> {
             std::process::id()
         );
         let properties = ConnectionProperties::default().with_connection_name(name.into());
-        let connection = Connection::connect(&config.url, properties)
+        let connection = Connection::connect(node, properties)
             .await
             .map_err(|source| ConnectError::Connect {
                 url: url.clone(),
@@ -510,7 +596,7 @@ async fn declare_topology(
 
 /// Exponential backoff from 100 ms up to `max`, with jitter between half and all of the
 /// step, so many relays losing the same broker do not reconnect in lockstep.
-fn backoff(attempt: u32, max: Duration) -> Duration {
+pub fn backoff(attempt: u32, max: Duration) -> Duration {
     let step = Duration::from_millis(100)
         .saturating_mul(2u32.saturating_pow(attempt.min(20)))
         .min(max);
@@ -521,6 +607,8 @@ fn backoff(attempt: u32, max: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::routing::RoutingKey;
+    use bytes::Bytes;
 
     #[test]
     fn backoff_grows_exponentially_within_jitter_and_is_capped() {
@@ -552,8 +640,9 @@ mod tests {
             company_id: Some(1),
             user_id: None,
             received_at,
+            replayed: false,
         };
-        let props = message.properties();
+        let props = properties(&message);
         assert_eq!(props.delivery_mode(), &Some(2));
         assert_eq!(props.timestamp(), &Some(1_648_540_242));
         assert_eq!(

@@ -21,16 +21,19 @@ use tracing::Instrument;
 
 use crate::auth::Keyring;
 use crate::config::HttpConfig;
+use crate::delivery::{BrokerState, Delivery, DeliveryError, Outcome};
 use crate::envelope::{Envelope, EnvelopeError};
-use crate::publisher::{Message, PublishError, Publisher};
+use crate::message::Message;
+use crate::publisher::PublishError;
 use crate::routing::{EventNameError, RoutingKey};
+use crate::spool::SpoolError;
 
 /// What every request handler shares.
 pub struct App {
     pub http: HttpConfig,
     pub routing_key_prefix: String,
     pub keyring: Keyring,
-    pub publisher: Publisher,
+    pub delivery: Delivery,
     /// Publishes run as tasks tracked here, so a client hanging up cannot cancel a publish
     /// already begun, and shutdown can wait for them.
     pub publishes: TaskTracker,
@@ -62,6 +65,23 @@ pub enum Rejection {
     BadEvent(#[from] EventNameError),
     #[error("broker unavailable, webhook not accepted")]
     Unavailable(#[source] PublishError),
+    #[error("event is not routed to any queue, webhook not accepted")]
+    Unroutable(#[source] PublishError),
+    #[error("broker unavailable and spool full, webhook not accepted")]
+    SpoolFull(#[source] SpoolError),
+    #[error("broker unavailable and spool failed, webhook not accepted")]
+    SpoolFailed(#[source] SpoolError),
+}
+
+impl From<DeliveryError> for Rejection {
+    fn from(err: DeliveryError) -> Rejection {
+        match err {
+            DeliveryError::Broker(err @ PublishError::Returned(_)) => Rejection::Unroutable(err),
+            DeliveryError::Broker(err) => Rejection::Unavailable(err),
+            DeliveryError::Spool(err @ SpoolError::Full { .. }) => Rejection::SpoolFull(err),
+            DeliveryError::Spool(err) => Rejection::SpoolFailed(err),
+        }
+    }
 }
 
 impl Rejection {
@@ -76,7 +96,10 @@ impl Rejection {
             | Rejection::MissingEvent
             | Rejection::BadEvent(_) => StatusCode::BAD_REQUEST,
             Rejection::MissingKey | Rejection::WrongKey => StatusCode::UNAUTHORIZED,
-            Rejection::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Rejection::Unavailable(_)
+            | Rejection::Unroutable(_)
+            | Rejection::SpoolFull(_)
+            | Rejection::SpoolFailed(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -92,7 +115,14 @@ impl Rejection {
             Rejection::MissingKey | Rejection::WrongKey => "bad_key",
             Rejection::MissingEvent | Rejection::BadEvent(_) => "bad_event",
             Rejection::Unavailable(_) => "broker_unavailable",
+            Rejection::Unroutable(_) => "unroutable",
+            Rejection::SpoolFull(_) => "spool_full",
+            Rejection::SpoolFailed(_) => "spool_failed",
         }
+    }
+
+    fn is_server_side(&self) -> bool {
+        self.status() == StatusCode::SERVICE_UNAVAILABLE
     }
 }
 
@@ -146,8 +176,8 @@ async fn route(
         };
     }
     match (path, method) {
-        ("/healthz", &Method::GET | &Method::HEAD) => Ok(health(true)),
-        ("/readyz", &Method::GET | &Method::HEAD) => Ok(health(app.publisher.is_ready())),
+        ("/healthz", &Method::GET | &Method::HEAD) => Ok(alive()),
+        ("/readyz", &Method::GET | &Method::HEAD) => Ok(readiness(&app.delivery)),
         ("/healthz" | "/readyz", _) => Err(Rejection::MethodNotAllowed { allow: "GET, HEAD" }),
         _ => Err(Rejection::NotFound),
     }
@@ -185,24 +215,28 @@ async fn accept(
         user_id: envelope.user_id,
         received_at,
         body: body.clone(),
+        replayed: false,
     };
-    let publisher = app.publisher.clone();
+    let delivery = app.delivery.clone();
     // Spawned, then awaited: if the client disconnects, hyper drops this future, but the
-    // publish goes on to its confirm instead of being cut off halfway.
-    let publish = app
+    // publish (or spool write) goes on to its end instead of being cut off halfway.
+    let deliver = app
         .publishes
-        .spawn(async move { publisher.publish(&message).await }.in_current_span());
-    match publish.await {
-        Ok(Ok(())) => {}
-        Ok(Err(err)) => return Err(Rejection::Unavailable(err)),
+        .spawn(async move { delivery.deliver(&message).await }.in_current_span());
+    let outcome = match deliver.await {
+        Ok(result) => result?,
         Err(join) => {
             return Err(Rejection::Unavailable(PublishError::Aborted(
                 join.to_string(),
             )));
         }
-    }
-    tracing::info!(body_len = body.len(), "webhook accepted");
-    let json = format!(r#"{{"status":"accepted","message_id":"{request_id}"}}"#);
+    };
+    let status = match outcome {
+        Outcome::Confirmed => "accepted",
+        Outcome::Spooled => "spooled",
+    };
+    tracing::info!(body_len = body.len(), status, "webhook accepted");
+    let json = format!(r#"{{"status":"{status}","message_id":"{request_id}"}}"#);
     Ok(json_response(StatusCode::ACCEPTED, json))
 }
 
@@ -231,11 +265,11 @@ async fn read_body(http: &HttpConfig, request: Request<Incoming>) -> Result<Byte
 fn log_rejection(rejection: &Rejection) {
     let status = rejection.status().as_u16();
     let reason = rejection.reason();
-    match rejection {
-        Rejection::Unavailable(err) => {
-            tracing::error!(status, reason, error = %err, "webhook not accepted");
-        }
-        _ => tracing::warn!(status, reason, error = %rejection, "request rejected"),
+    if rejection.is_server_side() {
+        let source = std::error::Error::source(rejection).map(ToString::to_string);
+        tracing::error!(status, reason, error = %rejection, cause = source, "webhook not accepted");
+    } else {
+        tracing::warn!(status, reason, error = %rejection, "request rejected");
     }
 }
 
@@ -247,7 +281,7 @@ fn rejection_response(rejection: &Rejection, retry_after_secs: u64) -> Response<
         Rejection::MethodNotAllowed { allow } => {
             headers.insert(header::ALLOW, HeaderValue::from_static(allow));
         }
-        Rejection::Unavailable(_) => {
+        _ if rejection.is_server_side() => {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
         }
         _ => {}
@@ -255,15 +289,34 @@ fn rejection_response(rejection: &Rejection, retry_after_secs: u64) -> Response<
     response
 }
 
-fn health(ok: bool) -> Response<Full<Bytes>> {
-    if ok {
-        json_response(StatusCode::OK, r#"{"status":"ok"}"#.to_owned())
-    } else {
-        json_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            r#"{"status":"unavailable","broker":"disconnected"}"#.to_owned(),
-        )
+/// The process answers, so it is alive.
+fn alive() -> Response<Full<Bytes>> {
+    json_response(StatusCode::OK, r#"{"status":"ok"}"#.to_owned())
+}
+
+/// 200 while a webhook sent here would be kept (broker confirming, or spool accepting), with
+/// the parts in the body; 503 otherwise.
+fn readiness(delivery: &Delivery) -> Response<Full<Bytes>> {
+    let health = delivery.health();
+    let broker = match health.broker {
+        BrokerState::Connected => "connected",
+        BrokerState::Blocked => "blocked",
+        BrokerState::Disconnected => "disconnected",
+    };
+    let mut body = serde_json::json!({ "status": health.status(), "broker": broker });
+    if let Some(spool) = health.spool {
+        body["spool"] = serde_json::json!({
+            "accepting": spool.accepting,
+            "messages": spool.depth.records,
+            "bytes": spool.depth.bytes,
+        });
     }
+    let status = if health.ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json_response(status, body.to_string())
 }
 
 fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {

@@ -9,11 +9,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_lite::StreamExt;
 use hirehop_relay::config::Config;
+use hirehop_relay::delivery::Delivery;
 use hirehop_relay::publisher::Publisher;
+use hirehop_relay::spool::Spool;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use lapin::message::Delivery;
 use lapin::options::{
     BasicConsumeOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
     QueueDeleteOptions,
@@ -164,6 +165,11 @@ pub async fn read_head(stream: &mut TcpStream) -> String {
     String::from_utf8_lossy(&head).into_owned()
 }
 
+/// A spool directory of its own for each relay, under the system's temp directory.
+pub fn spool_dir(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("{name}-spool"))
+}
+
 fn unique_exchange() -> String {
     format!("relay-test-{}", uuid::Uuid::now_v7().simple())
 }
@@ -179,6 +185,7 @@ fn test_config(
         ("RELAY_AMQP__URL", amqp_url),
         ("RELAY_AMQP__EXCHANGE", exchange),
         ("RELAY_AUTH__EXPORT_KEYS", KEY),
+        ("RELAY_SPOOL__DIR", &spool_dir(exchange).to_string_lossy()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -215,44 +222,53 @@ impl TestRelay {
     }
 
     pub async fn start_with(overrides: &[(&str, &str)]) -> TestRelay {
-        Self::start_at(&amqp_url(), None, overrides).await
+        Self::start_at(&amqp_url(), None, overrides, true).await
     }
 
     /// A relay configured by a TOML file (and the test's environment on top).
     pub async fn start_with_file(file: &str, overrides: &[(&str, &str)]) -> TestRelay {
-        Self::start_at(&amqp_url(), Some(file), overrides).await
+        Self::start_at(&amqp_url(), Some(file), overrides, true).await
     }
 
-    /// A relay whose broker connection goes through `proxy`.
+    /// A relay whose broker connection goes through `proxy`; waits for the broker.
     pub async fn start_via(proxy: &Proxy, overrides: &[(&str, &str)]) -> TestRelay {
-        let direct = broker_addr().to_string();
-        let url = amqp_url().replacen(&direct, &proxy.addr.to_string(), 1);
-        assert_ne!(
-            url,
-            amqp_url(),
-            "RELAY_TEST_AMQP_URL must spell out host:port"
-        );
-        Self::start_at(&url, None, overrides).await
+        Self::start_at(&via(proxy), None, overrides, true).await
     }
 
-    async fn start_at(amqp_url: &str, file: Option<&str>, overrides: &[(&str, &str)]) -> TestRelay {
+    /// Like [`TestRelay::start_via`], but serves at once, broker or not (spool mode).
+    pub async fn start_via_without_waiting(proxy: &Proxy, overrides: &[(&str, &str)]) -> TestRelay {
+        Self::start_at(&via(proxy), None, overrides, false).await
+    }
+
+    async fn start_at(
+        amqp_url: &str,
+        file: Option<&str>,
+        overrides: &[(&str, &str)],
+        wait_for_broker: bool,
+    ) -> TestRelay {
         let broker = broker().await;
         let channel = broker.create_channel().await.unwrap();
         let exchange = unique_exchange();
         let config = test_config(&exchange, amqp_url, file, overrides);
-        let publisher = tokio::time::timeout(
-            PATIENCE,
-            Publisher::connect(config.amqp.clone(), CancellationToken::new()),
-        )
-        .await
-        .expect("the relay connects to the broker in time")
-        .expect("the relay sets up the broker");
+        let publisher = Publisher::start(config.amqp.clone());
+        if wait_for_broker {
+            tokio::time::timeout(PATIENCE, publisher.wait_connected(CancellationToken::new()))
+                .await
+                .expect("the relay connects to the broker in time")
+                .expect("the relay sets up the broker");
+        }
+        let spool = config.spool.enabled.then(|| {
+            Spool::open(&config.spool.dir, config.spool.max_bytes)
+                .expect("the test spool opens")
+                .0
+        });
+        let delivery = Delivery::new(publisher, spool);
         let listener = TcpListener::bind(config.http.listen).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(hirehop_relay::run(
             config.clone(),
-            publisher,
+            delivery,
             listener,
             async {
                 let _ = rx.await;
@@ -341,7 +357,19 @@ impl TestRelay {
                 .expect("the relay task does not panic");
         }
         delete_topology(&self.channel, &self.exchange).await;
+        let _ = std::fs::remove_dir_all(&self.config.spool.dir);
     }
+}
+
+/// The test broker's URL, pointed at `proxy` instead.
+pub fn via(proxy: &Proxy) -> String {
+    let url = amqp_url().replacen(&broker_addr().to_string(), &proxy.addr.to_string(), 1);
+    assert_ne!(
+        url,
+        amqp_url(),
+        "RELAY_TEST_AMQP_URL must spell out host:port"
+    );
+    url
 }
 
 pub async fn delete_topology(channel: &lapin::Channel, exchange: &str) {
@@ -384,7 +412,7 @@ impl TestQueue {
     }
 
     /// The next message; fails the test if none arrives within [`PATIENCE`].
-    pub async fn next(&mut self) -> Delivery {
+    pub async fn next(&mut self) -> lapin::message::Delivery {
         tokio::time::timeout(PATIENCE, self.consumer.next())
             .await
             .expect("a message arrives in time")
@@ -393,7 +421,7 @@ impl TestQueue {
     }
 }
 
-pub fn message_id(delivery: &Delivery) -> String {
+pub fn message_id(delivery: &lapin::message::Delivery) -> String {
     delivery
         .properties
         .message_id()
@@ -408,16 +436,20 @@ pub struct RelayProcess {
     pub addr: Option<SocketAddr>,
     lines: mpsc::UnboundedReceiver<String>,
     log: Vec<String>,
+    /// Lines before this one were matched by an earlier [`RelayProcess::wait_for`].
+    matched: usize,
 }
 
 impl RelayProcess {
     /// Starts the binary and returns at once.
     pub fn start(args: &[&str], env: &[(&str, &str)]) -> RelayProcess {
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_hirehop-relay"));
+        let own_spool = spool_dir(&format!("relay-process-{}", uuid::Uuid::now_v7().simple()));
         command
             .args(args)
             .env_clear()
             .env("RUST_LOG", "info")
+            .env("RELAY_SPOOL__DIR", own_spool)
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -435,6 +467,7 @@ impl RelayProcess {
             addr: None,
             lines,
             log: Vec::new(),
+            matched: 0,
         }
     }
 
@@ -443,6 +476,8 @@ impl RelayProcess {
     pub async fn spawn(env: &[(&str, &str)]) -> RelayProcess {
         let mut process = Self::start(&[], env);
         let line = process.wait_for("listening").await;
+        // Lines logged before "listening" stay available to later waits.
+        process.matched = 0;
         let addr = line
             .split("addr=")
             .nth(1)
@@ -456,12 +491,21 @@ impl RelayProcess {
         self.addr.expect("the relay is listening")
     }
 
-    /// Waits (at most [`PATIENCE`]) for a log line containing `needle`.
+    /// Waits (at most [`PATIENCE`]) for a log line containing `needle`, after the line the
+    /// previous wait matched.
     pub async fn wait_for(&mut self, needle: &str) -> String {
+        if let Some(i) = self.log[self.matched..]
+            .iter()
+            .position(|l| l.contains(needle))
+        {
+            self.matched += i + 1;
+            return self.log[self.matched - 1].clone();
+        }
         let found = tokio::time::timeout(PATIENCE, async {
             while let Some(line) = self.lines.recv().await {
                 self.log.push(line.clone());
                 if line.contains(needle) {
+                    self.matched = self.log.len();
                     return Some(line);
                 }
             }

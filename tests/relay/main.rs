@@ -13,6 +13,7 @@
 //! - `topology`: alternate exchange, returned messages, topology mismatches.
 //! - `faults`: broker connection closed or cut; 503s, never hangs nor false 202s.
 //! - `shutdown`: SIGTERM under load loses no accepted webhook and exits 0.
+//! - `spool`: broker out of reach, SIGKILL, torn spool tail, full spool, several broker URLs.
 
 mod accept;
 mod faults;
@@ -20,4 +21,5 @@ mod harness;
 mod proxy;
 mod reject;
 mod shutdown;
+mod spool;
 mod topology;

@@ -15,7 +15,7 @@ use crate::harness::{
 };
 use crate::proxy::Proxy;
 
-fn env<'a>(exchange: &'a str, url: &'a str) -> Vec<(&'a str, &'a str)> {
+pub fn env<'a>(exchange: &'a str, url: &'a str) -> Vec<(&'a str, &'a str)> {
     vec![
         ("RELAY_HTTP__LISTEN", "127.0.0.1:0"),
         ("RELAY_AMQP__URL", url),
@@ -24,7 +24,7 @@ fn env<'a>(exchange: &'a str, url: &'a str) -> Vec<(&'a str, &'a str)> {
     ]
 }
 
-fn unique_exchange() -> String {
+pub fn unique_exchange() -> String {
     format!("relay-test-{}", uuid::Uuid::now_v7().simple())
 }
 
@@ -32,7 +32,8 @@ fn unique_exchange() -> String {
 async fn sigterm_under_load_loses_no_accepted_webhook_and_exits_0() {
     let exchange = unique_exchange();
     let url = harness::amqp_url();
-    let relay = RelayProcess::spawn(&env(&exchange, &url)).await;
+    let mut relay = RelayProcess::spawn(&env(&exchange, &url)).await;
+    relay.wait_for("connected to the broker").await;
     let addr = relay.addr();
 
     // Our own durable-enough queue, bound before the load starts.
@@ -125,7 +126,8 @@ async fn logs_never_contain_keys_or_bodies() {
     let url = harness::amqp_url();
     let mut relay_env = env(&exchange, &url);
     relay_env.push(("RUST_LOG", "trace"));
-    let relay = RelayProcess::spawn(&relay_env).await;
+    let mut relay = RelayProcess::spawn(&relay_env).await;
+    relay.wait_for("connected to the broker").await;
     let post = |body: String| {
         send(
             relay.addr(),
@@ -169,8 +171,10 @@ async fn startup_waits_for_the_broker_and_says_why() {
     let proxy = Proxy::start(broker_addr()).await;
     proxy.refuse(true);
     let exchange = unique_exchange();
-    let url = harness::amqp_url().replacen(&broker_addr().to_string(), &proxy.addr.to_string(), 1);
-    let mut relay = RelayProcess::start(&[], &env(&exchange, &url));
+    let url = harness::via(&proxy);
+    let mut relay_env = env(&exchange, &url);
+    relay_env.push(("RELAY_SPOOL__ENABLED", "false"));
+    let mut relay = RelayProcess::start(&[], &relay_env);
     relay.wait_for("broker not available yet").await;
     relay.wait_for("broker not available yet").await;
     proxy.refuse(false);
@@ -190,9 +194,11 @@ async fn startup_waits_for_the_broker_and_says_why() {
 async fn sigterm_while_waiting_for_the_broker_exits_0() {
     let proxy = Proxy::start(broker_addr()).await;
     proxy.refuse(true);
-    let url = harness::amqp_url().replacen(&broker_addr().to_string(), &proxy.addr.to_string(), 1);
+    let url = harness::via(&proxy);
     let exchange = unique_exchange();
-    let mut relay = RelayProcess::start(&[], &env(&exchange, &url));
+    let mut relay_env = env(&exchange, &url);
+    relay_env.push(("RELAY_SPOOL__ENABLED", "false"));
+    let mut relay = RelayProcess::start(&[], &relay_env);
     relay.wait_for("broker not available yet").await;
     relay.signal("TERM");
     let (status, log) = relay.exit().await;

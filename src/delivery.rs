@@ -1,0 +1,226 @@
+//! Where an accepted webhook goes: straight to the broker while it confirms, into the spool
+//! while it does not; and the replay task that drains the spool back to the broker.
+//!
+//! Ordering: while the spool holds anything, new webhooks are appended behind it instead of
+//! overtaking it, and replay publishes in spool order on one channel. So webhooks reach the
+//! broker in arrival order, except around a failure: a webhook whose direct publish fails
+//! (e.g. a confirm timeout) is spooled behind ones that arrived after it. With several relay
+//! instances behind a load balancer there is no order across instances at all; consumers
+//! that care use the `received_at` header or HireHop's own `time` field.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::message::Message;
+use crate::publisher::{PublishError, Publisher, backoff};
+use crate::spool::{Depth, Spool, SpoolError};
+
+/// Webhooks replayed per batch (and confirms in flight during replay).
+const REPLAY_BATCH: usize = 256;
+
+/// How a webhook was kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The broker confirmed it.
+    Confirmed,
+    /// It is fsynced in the local spool and will be replayed.
+    Spooled,
+}
+
+/// A webhook that was not kept.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    #[error(transparent)]
+    Broker(#[from] PublishError),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+}
+
+/// The broker, and the spool if enabled; cheap to clone.
+#[derive(Clone)]
+pub struct Delivery {
+    publisher: Publisher,
+    spool: Option<Spool>,
+}
+
+/// The parts `/readyz` reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Health {
+    pub broker: BrokerState,
+    pub spool: Option<SpoolHealth>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerState {
+    Connected,
+    /// Connected, but publishing is blocked by a resource alarm.
+    Blocked,
+    Disconnected,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpoolHealth {
+    pub depth: Depth,
+    pub accepting: bool,
+}
+
+impl Health {
+    /// Safe to send webhooks here: the broker confirms, or the spool takes them.
+    pub fn ready(&self) -> bool {
+        self.broker == BrokerState::Connected || self.spool.is_some_and(|s| s.accepting)
+    }
+
+    /// `ok`, `degraded` (accepting into the spool only) or `unavailable`.
+    pub fn status(&self) -> &'static str {
+        match (self.broker, self.ready()) {
+            (BrokerState::Connected, _) => "ok",
+            (_, true) => "degraded",
+            (_, false) => "unavailable",
+        }
+    }
+}
+
+impl Delivery {
+    pub fn new(publisher: Publisher, spool: Option<Spool>) -> Delivery {
+        Delivery { publisher, spool }
+    }
+
+    pub fn publisher(&self) -> &Publisher {
+        &self.publisher
+    }
+
+    pub fn spool(&self) -> Option<&Spool> {
+        self.spool.as_ref()
+    }
+
+    /// Keeps `message`: confirmed by the broker, or else fsynced in the spool.
+    pub async fn deliver(&self, message: &Message) -> Result<Outcome, DeliveryError> {
+        let Some(spool) = &self.spool else {
+            self.publisher.publish(message).await?;
+            return Ok(Outcome::Confirmed);
+        };
+        // Behind a non-empty spool, or while the broker cannot confirm, spool at once: this
+        // keeps arrival order and answers without waiting out a timeout.
+        let broker_up = self.publisher.is_ready() && !self.publisher.is_blocked();
+        if broker_up && spool.is_drained() {
+            match self.publisher.publish(message).await {
+                Ok(()) => return Ok(Outcome::Confirmed),
+                // Unroutable would be unroutable again on replay: refuse it now instead.
+                Err(err @ PublishError::Returned(_)) => return Err(err.into()),
+                Err(err) => tracing::warn!(error = %err, "broker did not confirm; spooling"),
+            }
+        }
+        spool.append(message.encode()).await?;
+        Ok(Outcome::Spooled)
+    }
+
+    pub fn health(&self) -> Health {
+        let broker = if !self.publisher.is_ready() {
+            BrokerState::Disconnected
+        } else if self.publisher.is_blocked() {
+            BrokerState::Blocked
+        } else {
+            BrokerState::Connected
+        };
+        let spool = self.spool.as_ref().map(|spool| SpoolHealth {
+            depth: spool.depth(),
+            accepting: spool.is_accepting(),
+        });
+        Health { broker, spool }
+    }
+}
+
+/// Drains the spool to the broker, oldest first, until `stop` fires. A record leaves the
+/// spool only once the broker confirmed it (or everything before it in its batch).
+pub async fn replay(publisher: Publisher, spool: Spool, stop: CancellationToken) {
+    let mut failures = 0;
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = spool.wait_for_records() => {}
+        }
+        if !publisher.is_ready() || publisher.is_blocked() {
+            // Woken by the supervisor's state only indirectly: look again shortly.
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(100)) => continue,
+            }
+        }
+        if !draining {
+            let depth = spool.depth();
+            tracing::info!(
+                records = depth.records,
+                bytes = depth.bytes,
+                "replaying spooled webhooks"
+            );
+            draining = true;
+        }
+        let delivered = match replay_batch(&publisher, &spool).await {
+            Ok(delivered) => delivered,
+            Err(err) => {
+                tracing::error!(error = %err, "spool replay stalled");
+                false
+            }
+        };
+        if delivered {
+            failures = 0;
+            if spool.depth().records == 0 {
+                tracing::info!("spool drained");
+                draining = false;
+            }
+        } else {
+            let delay = backoff(failures, Duration::from_secs(5));
+            failures += 1;
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+}
+
+/// Publishes one batch; true if all of it was confirmed.
+async fn replay_batch(publisher: &Publisher, spool: &Spool) -> Result<bool, std::io::Error> {
+    let batch = spool.read_batch(REPLAY_BATCH)?;
+    let mut messages = Vec::with_capacity(batch.len());
+    let mut unreadable = Vec::new();
+    for (i, (record, _)) in batch.iter().enumerate() {
+        match Message::decode(record.clone()) {
+            Ok(mut message) => {
+                message.replayed = true;
+                messages.push((i, message));
+            }
+            Err(err) => {
+                // It passed its checksum, so this is a format problem, not a torn write; it
+                // can never be published, and must not block everything behind it.
+                tracing::error!(error = %err, "dropping an unreadable spool record");
+                unreadable.push(i);
+            }
+        }
+    }
+    let to_publish: Vec<Message> = messages.iter().map(|(_, m)| m.clone()).collect();
+    let results = publisher.publish_batch(&to_publish).await;
+    let mut ok = vec![false; batch.len()];
+    for i in unreadable {
+        ok[i] = true;
+    }
+    let mut first_error = None;
+    for ((i, message), result) in messages.iter().zip(results) {
+        match result {
+            Ok(()) => ok[*i] = true,
+            Err(err) => {
+                first_error.get_or_insert((message.event.clone(), err));
+            }
+        }
+    }
+    let prefix = ok.iter().take_while(|ok| **ok).count();
+    if let Some((_, position)) = prefix.checked_sub(1).map(|last| &batch[last]) {
+        spool.consume_through(*position, prefix as u64);
+    }
+    if let Some((event, err)) = first_error {
+        tracing::error!(%event, error = %err, "replay of a spooled webhook failed; will retry");
+    }
+    Ok(prefix == batch.len())
+}

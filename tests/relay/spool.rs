@@ -1,0 +1,308 @@
+//! The spool: with the broker out of reach, webhooks are still accepted (fsynced locally),
+//! survive SIGKILL and torn writes, and reach the broker once it is back.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use hyper::{Method, StatusCode};
+use lapin::types::AMQPValue;
+
+use crate::harness::{
+    self, KEY, PATIENCE, RelayProcess, TestRelay, broker_addr, message_id, request, send,
+    spool_dir, via, webhook, webhook_with,
+};
+use crate::proxy::Proxy;
+use crate::shutdown::{env, unique_exchange};
+
+async fn readyz(addr: std::net::SocketAddr) -> harness::Reply {
+    send(addr, request(Method::GET, "/readyz", ""))
+        .await
+        .unwrap()
+}
+
+/// Polls `/readyz` until the broker shows as connected.
+async fn wait_broker_connected(addr: std::net::SocketAddr) {
+    let deadline = Instant::now() + PATIENCE;
+    while readyz(addr).await.json()["broker"] != "connected" {
+        assert!(
+            Instant::now() < deadline,
+            "the relay never reached the broker"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn broker_out_of_reach_webhooks_are_spooled_then_replayed_in_order() {
+    let proxy = Proxy::start(broker_addr()).await;
+    proxy.refuse(true);
+    let relay = TestRelay::start_via_without_waiting(&proxy, &[]).await;
+
+    let ready = readyz(relay.addr).await;
+    assert_eq!(
+        ready.status,
+        StatusCode::OK,
+        "accepting into the spool is safe"
+    );
+    assert_eq!(ready.json()["status"], "degraded");
+    assert_eq!(ready.json()["broker"], "disconnected");
+
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        let reply = relay.post(webhook(&format!("job.n{n}"))).await;
+        assert_eq!(reply.status, StatusCode::ACCEPTED, "{:?}", reply.body);
+        assert_eq!(reply.json()["status"], "spooled");
+        ids.push(reply.message_id());
+    }
+    assert_eq!(readyz(relay.addr).await.json()["spool"]["messages"], 20);
+
+    proxy.refuse(false);
+    wait_broker_connected(relay.addr).await;
+    // Nothing was bound while they were spooled: they land in the unrouted queue, in order.
+    let mut unrouted = relay.unrouted().await;
+    for (n, id) in ids.iter().enumerate() {
+        let delivery = unrouted.next().await;
+        assert_eq!(&message_id(&delivery), id);
+        assert_eq!(delivery.routing_key.as_str(), format!("job.n{n}"));
+        let headers = delivery.properties.headers().as_ref().unwrap().inner();
+        assert_eq!(headers.get("replayed"), Some(&AMQPValue::Boolean(true)));
+        assert!(headers.contains_key("received_at"));
+    }
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn sigkill_while_the_broker_is_out_of_reach_loses_no_accepted_webhook() {
+    let proxy = Proxy::start(broker_addr()).await;
+    proxy.refuse(true);
+    let exchange = unique_exchange();
+    let dir = spool_dir(&exchange);
+    let dir_str = dir.to_string_lossy().into_owned();
+    let url = via(&proxy);
+    let mut relay_env = env(&exchange, &url);
+    relay_env.push(("RELAY_SPOOL__DIR", &dir_str));
+    let relay = RelayProcess::spawn(&relay_env).await;
+    let addr = relay.addr();
+
+    let accepted_count = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let accepted_count = Arc::clone(&accepted_count);
+            tokio::spawn(async move {
+                let mut accepted = Vec::new();
+                for _ in 0..1000 {
+                    let req = request(Method::POST, "/webhooks/hirehop", webhook("job.updated"));
+                    match send(addr, req).await {
+                        Ok(reply) if reply.status == StatusCode::ACCEPTED => {
+                            accepted.push(reply.message_id());
+                            accepted_count.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Ok(reply) => panic!("unexpected {}: {:?}", reply.status, reply.body),
+                        // The relay is gone.
+                        Err(_) => break,
+                    }
+                }
+                accepted
+            })
+        })
+        .collect();
+    while accepted_count.load(Ordering::SeqCst) < 200 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    relay.signal("KILL");
+    let mut accepted = HashSet::new();
+    for client in clients {
+        accepted.extend(client.await.unwrap());
+    }
+    let (status, _) = relay.exit().await;
+    assert!(!status.success());
+
+    // Restart on the same spool, with the broker reachable again.
+    proxy.refuse(false);
+    let mut relay = RelayProcess::spawn(&relay_env).await;
+    relay.wait_for("will be replayed").await;
+    wait_broker_connected(relay.addr()).await;
+    let broker = harness::broker().await;
+    let channel = broker.create_channel().await.unwrap();
+    let mut consumer = consume(&channel, &format!("{exchange}.unrouted")).await;
+    let mut missing = accepted;
+    while !missing.is_empty() {
+        let delivery = next(&mut consumer, missing.len()).await;
+        missing.remove(&message_id(&delivery));
+    }
+    relay.signal("TERM");
+    let (status, log) = relay.exit().await;
+    assert!(status.success(), "{log}");
+    harness::delete_topology(&channel, &exchange).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn a_corrupt_spool_tail_is_reported_and_the_rest_delivered() {
+    let proxy = Proxy::start(broker_addr()).await;
+    proxy.refuse(true);
+    let exchange = unique_exchange();
+    let dir = spool_dir(&exchange);
+    let dir_str = dir.to_string_lossy().into_owned();
+    let url = via(&proxy);
+    let mut relay_env = env(&exchange, &url);
+    relay_env.push(("RELAY_SPOOL__DIR", &dir_str));
+    let relay = RelayProcess::spawn(&relay_env).await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let req = request(Method::POST, "/webhooks/hirehop", webhook("job.updated"));
+        let reply = send(relay.addr(), req).await.unwrap();
+        assert_eq!(reply.json()["status"], "spooled");
+        ids.push(reply.message_id());
+    }
+    relay.signal("KILL");
+    relay.exit().await;
+
+    // Power lost mid-write: half a record at the end of the newest segment.
+    let mut segments: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "seg"))
+        .collect();
+    segments.sort();
+    let newest = segments.last().expect("the spool has a segment");
+    let mut bytes = std::fs::read(newest).unwrap();
+    bytes.extend_from_slice(&[0xff, 0x00, 0x00, 0x00, 0xde, 0xad, 0xbe, 0xef, b'{', b'"']);
+    std::fs::write(newest, bytes).unwrap();
+
+    proxy.refuse(false);
+    let mut relay = RelayProcess::start(&[], &relay_env);
+    relay.wait_for("torn or corrupt").await;
+    relay.wait_for("listening").await;
+    let broker = harness::broker().await;
+    let channel = broker.create_channel().await.unwrap();
+    let unrouted = format!("{exchange}.unrouted");
+    relay.wait_for("connected to the broker").await;
+    let mut consumer = consume(&channel, &unrouted).await;
+    for id in &ids {
+        assert_eq!(&message_id(&next(&mut consumer, ids.len()).await), id);
+    }
+    relay.signal("TERM");
+    let (status, log) = relay.exit().await;
+    assert!(status.success(), "{log}");
+    harness::delete_topology(&channel, &exchange).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn a_full_spool_answers_503_loses_nothing_and_recovers() {
+    let proxy = Proxy::start(broker_addr()).await;
+    proxy.refuse(true);
+    let relay =
+        TestRelay::start_via_without_waiting(&proxy, &[("RELAY_SPOOL__MAX_BYTES", "1048576")])
+            .await;
+    // 100 KB webhooks: about ten fit.
+    let big = |n: usize| {
+        let mut body = webhook_with("job.updated", KEY, 1);
+        body.insert_str(1, &format!("\"pad{n}\":\"{}\",", "x".repeat(100_000)));
+        body
+    };
+    let mut accepted = Vec::new();
+    let full = loop {
+        let reply = relay.post(big(accepted.len())).await;
+        if reply.status != StatusCode::ACCEPTED {
+            break reply;
+        }
+        accepted.push(reply.message_id());
+        assert!(accepted.len() < 20, "the spool never filled up");
+    };
+    assert_eq!(full.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        full.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("spool full")
+    );
+    assert!(full.headers.contains_key("retry-after"));
+    let ready = readyz(relay.addr).await;
+    assert_eq!(
+        ready.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{:?}",
+        ready.body
+    );
+    assert_eq!(ready.json()["status"], "unavailable");
+
+    proxy.refuse(false);
+    wait_broker_connected(relay.addr).await;
+    let mut unrouted = relay.unrouted().await;
+    for id in &accepted {
+        assert_eq!(&message_id(&unrouted.next().await), id);
+    }
+    // Once replay has caught up, space is free again.
+    let deadline = Instant::now() + PATIENCE;
+    while readyz(relay.addr).await.json()["spool"]["messages"] != 0 {
+        assert!(Instant::now() < deadline, "the spool never drained");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reply = relay.post(big(99)).await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{:?}", reply.body);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn with_two_broker_urls_the_relay_uses_the_one_that_answers() {
+    let proxy = Proxy::start(broker_addr()).await;
+    proxy.refuse(true);
+    let urls = format!("{},{}", via(&proxy), harness::amqp_url());
+    let relay = TestRelay::start_with(&[("RELAY_AMQP__URLS", &urls)]).await;
+    let mut queue = relay.queue("#").await;
+    let reply = relay.post(webhook("job.updated")).await;
+    assert_eq!(reply.json()["status"], "accepted");
+    assert_eq!(message_id(&queue.next().await), reply.message_id());
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn topology_mismatch_found_after_serving_from_the_spool_stops_the_relay() {
+    let broker = harness::broker().await;
+    let channel = broker.create_channel().await.unwrap();
+    let exchange = unique_exchange();
+    channel
+        .exchange_declare(
+            exchange.as_str().into(),
+            lapin::ExchangeKind::Fanout,
+            lapin::options::ExchangeDeclareOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let url = harness::amqp_url();
+    let relay = RelayProcess::start(&[], &env(&exchange, &url));
+    let (status, log) = relay.exit().await;
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("PRECONDITION"), "{log}");
+    assert!(log.contains(&format!("exchange {exchange}")), "{log}");
+    harness::delete_topology(&channel, &exchange).await;
+}
+
+async fn consume(channel: &lapin::Channel, queue: &str) -> lapin::Consumer {
+    channel
+        .basic_consume(
+            queue.into(),
+            format!("spool-test-{}", uuid::Uuid::now_v7().simple()).into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap()
+}
+
+async fn next(consumer: &mut lapin::Consumer, missing: usize) -> lapin::message::Delivery {
+    use futures_lite::StreamExt;
+    tokio::time::timeout(PATIENCE, consumer.next())
+        .await
+        .unwrap_or_else(|_| panic!("{missing} accepted webhooks never arrived"))
+        .unwrap()
+        .unwrap()
+}
