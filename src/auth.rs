@@ -8,6 +8,9 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use serde::{Serialize, Serializer};
 use sha2::{Digest, Sha256};
@@ -111,6 +114,122 @@ impl Keyring {
     }
 }
 
+/// The keyring in use, replaced whole when the keys file changes.
+#[derive(Debug)]
+pub struct KeyStore {
+    current: RwLock<Arc<Keyring>>,
+}
+
+impl KeyStore {
+    pub fn new(keyring: Keyring) -> KeyStore {
+        KeyStore {
+            current: RwLock::new(Arc::new(keyring)),
+        }
+    }
+
+    pub fn current(&self) -> Arc<Keyring> {
+        Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn replace(&self, keyring: Keyring) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keyring);
+    }
+}
+
+/// A keys file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KeysFileError {
+    #[error("failed to read keys file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("keys file {path}, line {line}: expected KEY or COMPANY_ID KEY")]
+    Syntax { path: PathBuf, line: usize },
+}
+
+/// The keys one keys file holds.
+#[derive(Debug, Default)]
+pub struct FileKeys {
+    pub any_company: Vec<ExportKey>,
+    pub by_company: Vec<(u64, Vec<ExportKey>)>,
+}
+
+/// Keys from a file (e.g. a mounted Kubernetes Secret): one per line, `KEY` for a key that
+/// opens every company or `COMPANY_ID KEY` for one company; blank lines and `#` comments
+/// are skipped.
+pub fn read_keys_file(path: &std::path::Path) -> Result<FileKeys, KeysFileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| KeysFileError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let syntax = |line| KeysFileError::Syntax {
+        path: path.to_owned(),
+        line,
+    };
+    let mut keys = FileKeys::default();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields[..] {
+            [key] => keys
+                .any_company
+                .push(ExportKey::new(key).map_err(|_| syntax(n + 1))?),
+            [company, key] => {
+                let company = company.parse().map_err(|_| syntax(n + 1))?;
+                let key = ExportKey::new(key).map_err(|_| syntax(n + 1))?;
+                keys.by_company.push((company, vec![key]));
+            }
+            _ => return Err(syntax(n + 1)),
+        }
+    }
+    Ok(keys)
+}
+
+/// Reloads the keys when `path` changes (checked every two seconds: a Kubernetes Secret is
+/// swapped through a symlink, so file events are unreliable) and on every `reload` signal
+/// (SIGHUP). A reload that fails, or that would leave no key at all, keeps the old keys and
+/// logs why.
+pub async fn watch_keys_file(
+    store: Arc<KeyStore>,
+    path: PathBuf,
+    load: impl Fn() -> Result<Keyring, String>,
+    mut reload: impl FnMut() -> futures_lite::future::Boxed<()>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let fingerprint = |path: &PathBuf| std::fs::read(path).ok().map(|b| Sha256::digest(&b));
+    let mut last = fingerprint(&path);
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        let forced = tokio::select! {
+            () = stop.cancelled() => return,
+            () = reload() => true,
+            _ = tick.tick() => false,
+        };
+        let now = fingerprint(&path);
+        if !forced && now == last {
+            continue;
+        }
+        last = now;
+        match load() {
+            Ok(keyring) if keyring.is_empty() => {
+                tracing::error!(path = %path.display(), "keys file reload would leave no export key; keeping the old keys");
+            }
+            Ok(keyring) => {
+                store.replace(keyring);
+                tracing::info!(path = %path.display(), "export keys reloaded");
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "keys file reload failed; keeping the old keys")
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,6 +261,29 @@ mod tests {
         assert!(keyring.verify("global", Some(42)));
         assert!(!keyring.verify("globa", Some(42)));
         assert!(!keyring.verify("global ", Some(42)));
+    }
+
+    #[test]
+    fn keys_file_lines_are_keys_or_company_and_key() {
+        let path = std::env::temp_dir().join(format!("keys-{}", uuid::Uuid::now_v7()));
+        std::fs::write(
+            &path,
+            "# rotation in progress\nglobal1\n\n 7 old7 \n7 new7\n",
+        )
+        .unwrap();
+        let keys = read_keys_file(&path).unwrap();
+        let keyring = Keyring::new(keys.any_company, keys.by_company);
+        assert!(keyring.verify("global1", Some(3)));
+        assert!(keyring.verify("old7", Some(7)) && keyring.verify("new7", Some(7)));
+        assert!(!keyring.verify("new7", Some(8)));
+        std::fs::write(&path, "7 new7 extra\n").unwrap();
+        let err = read_keys_file(&path).unwrap_err().to_string();
+        assert!(
+            err.ends_with("line 1: expected KEY or COMPANY_ID KEY"),
+            "{err}"
+        );
+        assert!(!err.contains("new7"), "the message never quotes a key");
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

@@ -27,8 +27,9 @@ pub enum ConfigError {
     Invalid { key: &'static str, reason: String },
     /// No export key is configured at all: the relay would accept nothing, or worse.
     #[error(
-        "no export key configured: set auth.export_keys in the config file or \
-         RELAY_AUTH__EXPORT_KEYS=key1,key2 in the environment (the relay refuses to run open)"
+        "no export key configured: set auth.export_keys in the config file, \
+         RELAY_AUTH__EXPORT_KEYS=key1,key2 in the environment, or auth.export_keys_file \
+         (the relay refuses to run open)"
     )]
     NoExportKey,
 }
@@ -48,6 +49,7 @@ pub struct Config {
     pub amqp: AmqpConfig,
     pub auth: AuthConfig,
     pub spool: SpoolConfig,
+    pub metrics: MetricsConfig,
     pub log: LogConfig,
 }
 
@@ -69,6 +71,10 @@ pub struct HttpConfig {
     pub drain_timeout_ms: u64,
     /// Value of `Retry-After` on 503 answers.
     pub retry_after_secs: u64,
+    /// Webhook requests handled at once; beyond it, 503 at once instead of queueing.
+    pub max_in_flight: usize,
+    /// Open connections at once; beyond it, new connections get 503 and are closed.
+    pub max_connections: usize,
 }
 
 /// The RabbitMQ side.
@@ -111,6 +117,10 @@ pub struct AuthConfig {
     pub export_keys: Vec<ExportKey>,
     /// Keys that only open one company each; several per company during a rotation.
     pub companies: Vec<CompanyKeys>,
+    /// More keys from a file (`KEY` or `COMPANY_ID KEY` per line), re-read when it changes
+    /// and on SIGHUP; e.g. a mounted Kubernetes Secret.
+    #[serde(default)]
+    pub export_keys_file: Option<PathBuf>,
 }
 
 /// The keys of one HireHop company.
@@ -132,6 +142,18 @@ pub struct SpoolConfig {
     pub dir: PathBuf,
     /// Disk the spool may use; beyond it webhooks get 503.
     pub max_bytes: u64,
+}
+
+/// The Prometheus endpoint.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve `/metrics` on this address instead of the webhook port (which then answers 404
+    /// there), so metrics need not face the internet.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// Distinct event names that get a label of their own; the rest count as `other`.
+    pub max_event_labels: usize,
 }
 
 /// Log output.
@@ -161,6 +183,8 @@ header_read_timeout_ms = 10000
 request_timeout_ms = 30000
 drain_timeout_ms = 10000
 retry_after_secs = 5
+max_in_flight = 1024
+max_connections = 4096
 
 [amqp]
 url = "amqp://guest:guest@127.0.0.1:5672/%2f"
@@ -181,6 +205,9 @@ companies = []
 enabled = true
 dir = "spool"
 max_bytes = 1073741824
+
+[metrics]
+max_event_labels = 200
 
 [log]
 format = "text"
@@ -220,6 +247,12 @@ impl Config {
         }
         if ["/healthz", "/readyz"].contains(&self.http.path.as_str()) {
             return Err(invalid("http.path", "must not be a health endpoint"));
+        }
+        if self.http.max_in_flight == 0 {
+            return Err(invalid("http.max_in_flight", "must be greater than 0"));
+        }
+        if self.http.max_connections == 0 {
+            return Err(invalid("http.max_connections", "must be greater than 0"));
         }
         if self.http.max_body_bytes == 0 {
             return Err(invalid("http.max_body_bytes", "must be greater than 0"));
@@ -277,20 +310,29 @@ impl Config {
                 ));
             }
         }
-        if self.keyring().is_empty() {
+        if self.keyring()?.is_empty() {
             return Err(ConfigError::NoExportKey);
         }
         Ok(())
     }
 
-    /// The configured keys, ready for verification.
-    pub fn keyring(&self) -> Keyring {
-        let companies = self
+    /// The configured keys, with those of `auth.export_keys_file` (read now), ready for
+    /// verification.
+    pub fn keyring(&self) -> Result<Keyring, ConfigError> {
+        let mut any = self.auth.export_keys.clone();
+        let mut companies: Vec<(u64, Vec<ExportKey>)> = self
             .auth
             .companies
             .iter()
-            .map(|c| (c.company_id, c.export_keys.clone()));
-        Keyring::new(self.auth.export_keys.clone(), companies)
+            .map(|c| (c.company_id, c.export_keys.clone()))
+            .collect();
+        if let Some(path) = &self.auth.export_keys_file {
+            let keys = crate::auth::read_keys_file(path)
+                .map_err(|err| invalid("auth.export_keys_file", err.to_string()))?;
+            any.extend(keys.any_company);
+            companies.extend(keys.by_company);
+        }
+        Ok(Keyring::new(any, companies))
     }
 
     /// The effective configuration as TOML, with every secret redacted.
@@ -479,7 +521,7 @@ mod tests {
             env(&[("RELAY_AUTH__EXPORT_KEYS", "0012, abc123 ,,true")]),
         )
         .unwrap();
-        let keyring = config.keyring();
+        let keyring = config.keyring().unwrap();
         for key in ["0012", "abc123", "true"] {
             assert!(keyring.verify(key, None), "{key} should be accepted");
         }
@@ -521,7 +563,7 @@ mod tests {
         assert_eq!(config.http.listen, "127.0.0.1:9000".parse().unwrap());
         assert_eq!(config.amqp.exchange, "from-env");
         assert_eq!(config.http.max_body_bytes, 4096);
-        let keyring = config.keyring();
+        let keyring = config.keyring().unwrap();
         assert!(keyring.verify("file-key", Some(1)));
         assert!(keyring.verify("old7", Some(7)));
         assert!(keyring.verify("new7", Some(7)));

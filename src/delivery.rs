@@ -8,11 +8,13 @@
 //! instances behind a load balancer there is no order across instances at all; consumers
 //! that care use the `received_at` header or HireHop's own `time` field.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
 use crate::message::Message;
+use crate::metrics::Metrics;
 use crate::publisher::{PublishError, Publisher, backoff};
 use crate::spool::{Depth, Spool, SpoolError};
 
@@ -42,6 +44,7 @@ pub enum DeliveryError {
 pub struct Delivery {
     publisher: Publisher,
     spool: Option<Spool>,
+    metrics: Arc<Metrics>,
 }
 
 /// The parts `/readyz` reports.
@@ -82,8 +85,16 @@ impl Health {
 }
 
 impl Delivery {
-    pub fn new(publisher: Publisher, spool: Option<Spool>) -> Delivery {
-        Delivery { publisher, spool }
+    pub fn new(publisher: Publisher, spool: Option<Spool>, metrics: Arc<Metrics>) -> Delivery {
+        Delivery {
+            publisher,
+            spool,
+            metrics,
+        }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     pub fn publisher(&self) -> &Publisher {
@@ -97,22 +108,47 @@ impl Delivery {
     /// Keeps `message`: confirmed by the broker, or else fsynced in the spool.
     pub async fn deliver(&self, message: &Message) -> Result<Outcome, DeliveryError> {
         let Some(spool) = &self.spool else {
-            self.publisher.publish(message).await?;
+            self.publish(message).await?;
             return Ok(Outcome::Confirmed);
         };
         // Behind a non-empty spool, or while the broker cannot confirm, spool at once: this
         // keeps arrival order and answers without waiting out a timeout.
         let broker_up = self.publisher.is_ready() && !self.publisher.is_blocked();
         if broker_up && spool.is_drained() {
-            match self.publisher.publish(message).await {
+            match self.publish(message).await {
                 Ok(()) => return Ok(Outcome::Confirmed),
                 // Unroutable would be unroutable again on replay: refuse it now instead.
                 Err(err @ PublishError::Returned(_)) => return Err(err.into()),
                 Err(err) => tracing::warn!(error = %err, "broker did not confirm; spooling"),
             }
         }
-        spool.append(message.encode()).await?;
-        Ok(Outcome::Spooled)
+        match spool.append(message.encode()).await {
+            Ok(()) => {
+                self.metrics.publish("spooled");
+                Ok(Outcome::Spooled)
+            }
+            Err(err) => {
+                let outcome = match err {
+                    SpoolError::Full { .. } => "spool_full",
+                    _ => "spool_error",
+                };
+                self.metrics.publish(outcome);
+                Err(err.into())
+            }
+        }
+    }
+
+    async fn publish(&self, message: &Message) -> Result<(), PublishError> {
+        let started = Instant::now();
+        let result = self.publisher.publish(message).await;
+        match &result {
+            Ok(()) => {
+                self.metrics.confirm_latency(started.elapsed());
+                self.metrics.publish("ack");
+            }
+            Err(err) => self.metrics.publish(err.outcome()),
+        }
+        result
     }
 
     pub fn health(&self) -> Health {
@@ -133,7 +169,11 @@ impl Delivery {
 
 /// Drains the spool to the broker, oldest first, until `stop` fires. A record leaves the
 /// spool only once the broker confirmed it (or everything before it in its batch).
-pub async fn replay(publisher: Publisher, spool: Spool, stop: CancellationToken) {
+pub async fn replay(delivery: Delivery, stop: CancellationToken) {
+    let Some(spool) = delivery.spool.clone() else {
+        return;
+    };
+    let publisher = &delivery.publisher;
     let mut failures = 0;
     let mut draining = false;
     loop {
@@ -157,7 +197,7 @@ pub async fn replay(publisher: Publisher, spool: Spool, stop: CancellationToken)
             );
             draining = true;
         }
-        let delivered = match replay_batch(&publisher, &spool).await {
+        let delivered = match replay_batch(publisher, &spool, &delivery.metrics).await {
             Ok(delivered) => delivered,
             Err(err) => {
                 tracing::error!(error = %err, "spool replay stalled");
@@ -182,7 +222,11 @@ pub async fn replay(publisher: Publisher, spool: Spool, stop: CancellationToken)
 }
 
 /// Publishes one batch; true if all of it was confirmed.
-async fn replay_batch(publisher: &Publisher, spool: &Spool) -> Result<bool, std::io::Error> {
+async fn replay_batch(
+    publisher: &Publisher,
+    spool: &Spool,
+    metrics: &Metrics,
+) -> Result<bool, std::io::Error> {
     let batch = spool.read_batch(REPLAY_BATCH)?;
     let mut messages = Vec::with_capacity(batch.len());
     let mut unreadable = Vec::new();
@@ -209,7 +253,10 @@ async fn replay_batch(publisher: &Publisher, spool: &Spool) -> Result<bool, std:
     let mut first_error = None;
     for ((i, message), result) in messages.iter().zip(results) {
         match result {
-            Ok(()) => ok[*i] = true,
+            Ok(()) => {
+                ok[*i] = true;
+                metrics.replayed(1);
+            }
             Err(err) => {
                 first_error.get_or_insert((message.event.clone(), err));
             }

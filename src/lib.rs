@@ -28,20 +28,24 @@ pub mod config;
 pub mod delivery;
 pub mod envelope;
 pub mod message;
+pub mod metrics;
 pub mod publisher;
 pub mod routing;
 pub mod server;
 pub mod signal;
 pub mod spool;
+pub mod tracecontext;
 pub mod webhook;
 
 use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::KeyStore;
 use crate::config::Config;
 use crate::delivery::Delivery;
 use crate::webhook::App;
@@ -62,23 +66,65 @@ pub async fn run(
         Ok(addr) => tracing::info!(%addr, path = %config.http.path, "listening"),
         Err(err) => tracing::warn!(error = %err, "listening on an unknown address"),
     }
+    // One token for everything that stops with the server.
+    let stopping = CancellationToken::new();
     let stop_replay = CancellationToken::new();
-    let replay = delivery.spool().map(|spool| {
-        let task = delivery::replay(
-            delivery.publisher().clone(),
-            spool.clone(),
-            stop_replay.clone(),
-        );
-        tokio::spawn(task)
-    });
+    let replay = delivery
+        .spool()
+        .is_some()
+        .then(|| tokio::spawn(delivery::replay(delivery.clone(), stop_replay.clone())));
+    let keys = Arc::new(KeyStore::new(
+        config.keyring().expect("the config was validated at load"),
+    ));
+    if let Some(path) = config.auth.export_keys_file.clone() {
+        let config = config.clone();
+        let load = move || config.keyring().map_err(|err| err.to_string());
+        let hangups = signal::hangups();
+        tokio::spawn(auth::watch_keys_file(
+            Arc::clone(&keys),
+            path,
+            load,
+            hangups,
+            stopping.clone(),
+        ));
+    }
+    let metrics_server = match config.metrics.listen {
+        Some(addr) => match TcpListener::bind(addr).await {
+            Ok(listener) => {
+                tracing::info!(%addr, "serving /metrics");
+                let delivery = delivery.clone();
+                let handler = move |_peer, request: hyper::Request<hyper::body::Incoming>| {
+                    let delivery = delivery.clone();
+                    async move { Ok(metrics_only(&delivery, request.uri().path())) }
+                };
+                let http = config.http.clone();
+                let stop = stopping.clone();
+                Some(tokio::spawn(async move {
+                    server::serve(listener, &http, handler, stop.cancelled_owned()).await;
+                }))
+            }
+            Err(err) => {
+                tracing::error!(%addr, error = %err, "failed to bind metrics.listen; /metrics is not served");
+                None
+            }
+        },
+        None => None,
+    };
     let app = Arc::new(App {
-        keyring: config.keyring(),
+        keys,
         routing_key_prefix: config.amqp.routing_key_prefix.clone(),
         http: config.http.clone(),
         delivery: delivery.clone(),
         publishes: TaskTracker::new(),
+        in_flight: Semaphore::new(config.http.max_in_flight),
+        metrics_here: config.metrics.listen.is_none(),
     });
-    server::serve(listener, Arc::clone(&app), shutdown).await;
+    let handler = {
+        let app = Arc::clone(&app);
+        move |peer, request| webhook::handle(Arc::clone(&app), peer, request)
+    };
+    server::serve(listener, &config.http, handler, shutdown).await;
+    stopping.cancel();
 
     // Deliveries whose client hung up are not covered by the connection drain.
     app.publishes.close();
@@ -94,9 +140,25 @@ pub async fn run(
         // Replay stops between batches; a batch is bounded by the confirm timeout.
         let _ = tokio::time::timeout(ceiling * 2, replay).await;
     }
+    if let Some(metrics_server) = metrics_server {
+        let _ = metrics_server.await;
+    }
     if let Some(spool) = delivery.spool() {
         spool.close().await;
     }
     delivery.publisher().close().await;
     tracing::info!("stopped");
+}
+
+/// The metrics listener answers `/metrics` and nothing else.
+fn metrics_only(
+    delivery: &Delivery,
+    path: &str,
+) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+    if path == "/metrics" {
+        return webhook::metrics(delivery);
+    }
+    let mut response = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
+    *response.status_mut() = hyper::StatusCode::NOT_FOUND;
+    response
 }

@@ -10,6 +10,7 @@ use std::sync::{Arc, OnceLock};
 
 use hirehop_relay::config::{Config, LogFormat};
 use hirehop_relay::delivery::Delivery;
+use hirehop_relay::metrics::Metrics;
 use hirehop_relay::publisher::{ConnectError, Publisher};
 use hirehop_relay::spool::Spool;
 use tokio_util::sync::CancellationToken;
@@ -117,7 +118,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
         .with_context(|| format!("failed to bind {}", config.http.listen))?;
-    let delivery = Delivery::new(publisher, spool);
+    let metrics = Arc::new(Metrics::new(config.metrics.max_event_labels));
+    let delivery = Delivery::new(publisher, spool, metrics);
     hirehop_relay::run(config, delivery, listener, shutdown.cancelled_owned()).await;
     match Arc::into_inner(fatal).and_then(OnceLock::into_inner) {
         Some(err) => Err(err).context("cannot set up the broker"),

@@ -21,6 +21,9 @@ pub struct Message {
     pub received_at: SystemTime,
     /// Published from the spool rather than straight from the request.
     pub replayed: bool,
+    /// W3C `traceparent` naming the relay's span, and the caller's `tracestate`.
+    pub traceparent: String,
+    pub tracestate: Option<String>,
 }
 
 /// A spool record that cannot be read back as a message.
@@ -37,6 +40,10 @@ struct SpooledHeader {
     company_id: Option<u64>,
     user_id: Option<u64>,
     received_at_ms: u64,
+    #[serde(default)]
+    traceparent: String,
+    #[serde(default)]
+    tracestate: Option<String>,
 }
 
 impl Message {
@@ -53,6 +60,8 @@ impl Message {
             company_id: self.company_id,
             user_id: self.user_id,
             received_at_ms,
+            traceparent: self.traceparent.clone(),
+            tracestate: self.tracestate.clone(),
         };
         let header =
             serde_json::to_vec(&header).expect("a struct of strings and numbers serializes");
@@ -87,6 +96,8 @@ impl Message {
             user_id: header.user_id,
             received_at: UNIX_EPOCH + Duration::from_millis(header.received_at_ms),
             replayed: false,
+            traceparent: header.traceparent,
+            tracestate: header.tracestate,
         })
     }
 }
@@ -106,6 +117,8 @@ mod tests {
             user_id: None,
             received_at: UNIX_EPOCH + Duration::from_millis(1_648_540_242_123),
             replayed: false,
+            traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+            tracestate: Some("v=1".into()),
         };
         assert_eq!(Message::decode(message.encode()).unwrap(), message);
     }

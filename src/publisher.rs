@@ -17,7 +17,7 @@
 //! - the durable fanout exchange `<exchange>.unrouted` and the durable queue of the same
 //!   name bound to it, which keep events nobody has bound a queue for yet.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -78,6 +78,19 @@ pub enum ConnectError {
     Cancelled,
 }
 
+impl PublishError {
+    /// The outcome label for metrics.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            PublishError::Unavailable => "unavailable",
+            PublishError::Timeout(_) => "timeout",
+            PublishError::Nacked => "nack",
+            PublishError::Returned(_) => "returned",
+            PublishError::Failed(_) | PublishError::Aborted(_) => "error",
+        }
+    }
+}
+
 impl ConnectError {
     /// A declaration the broker refuses for what it is, not for a passing fault: an existing
     /// exchange or queue with other arguments (PRECONDITION_FAILED), or no permission.
@@ -116,6 +129,12 @@ fn properties(message: &Message) -> BasicProperties {
     );
     if message.replayed {
         headers.insert("replayed".into(), AMQPValue::Boolean(true));
+    }
+    if !message.traceparent.is_empty() {
+        headers.insert("traceparent".into(), long_string(&message.traceparent));
+    }
+    if let Some(state) = &message.tracestate {
+        headers.insert("tracestate".into(), long_string(state));
     }
     let timestamp = message
         .received_at
@@ -156,6 +175,7 @@ struct Inner {
     trouble: Notify,
     stop: CancellationToken,
     status: watch::Sender<Status>,
+    reconnects: AtomicU64,
 }
 
 /// Where the supervisor is, for [`Publisher::wait_connected`].
@@ -191,6 +211,7 @@ impl Publisher {
             trouble: Notify::new(),
             stop: CancellationToken::new(),
             status: watch::channel(Status::Connecting).0,
+            reconnects: AtomicU64::new(0),
         });
         tokio::spawn(supervise(Arc::clone(&inner)));
         Publisher { inner }
@@ -312,6 +333,11 @@ impl Publisher {
         self.current().is_some_and(|session| session.healthy())
     }
 
+    /// Connections re-established after a loss, since start.
+    pub fn reconnects(&self) -> u64 {
+        self.inner.reconnects.load(Ordering::Relaxed)
+    }
+
     /// Whether the broker has blocked publishing (`connection.blocked`: a memory or disk
     /// alarm). Publishes would then wait for the alarm to clear.
     pub fn is_blocked(&self) -> bool {
@@ -391,6 +417,9 @@ async fn supervise(inner: Arc<Inner>) {
             "{}",
             if connected_once { "reconnected to the broker" } else { "connected to the broker" }
         );
+        if connected_once {
+            inner.reconnects.fetch_add(1, Ordering::Relaxed);
+        }
         connected_once = true;
         let mut events = Some(session.connection.events_listener().boxed());
         store(&inner, Some(session));
@@ -641,6 +670,8 @@ mod tests {
             user_id: None,
             received_at,
             replayed: false,
+            traceparent: String::new(),
+            tracestate: None,
         };
         let props = properties(&message);
         assert_eq!(props.delivery_mode(), &Some(2));

@@ -14,3 +14,21 @@ pub async fn shutdown() {
     };
     tracing::info!(signal = name, "received shutdown signal");
 }
+
+/// A future per SIGHUP: "reload your keys", as for nginx or HAProxy.
+pub fn hangups() -> impl FnMut() -> futures_lite::future::Boxed<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let hangup = std::sync::Arc::new(tokio::sync::Mutex::new(
+        signal(SignalKind::hangup()).expect("installing a SIGHUP handler works"),
+    ));
+    move || {
+        let hangup = std::sync::Arc::clone(&hangup);
+        Box::pin(async move {
+            let received = hangup.lock().await.recv().await;
+            if received.is_none() {
+                std::future::pending::<()>().await;
+            }
+            tracing::info!("received SIGHUP: reloading export keys");
+        })
+    }
+}

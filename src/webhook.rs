@@ -4,22 +4,23 @@
 //! Checks run cheapest first, so garbage costs little: method and path, then the declared
 //! `Content-Length` (413 before a body byte is read), then the body under a size limit and a
 //! time limit, then the envelope, then the key, then the event name, and only then the broker.
-//! A 202 is sent only once the broker has confirmed the message.
+//! A 202 is sent only once the broker has confirmed the message (or the spool fsynced it).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
+use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::auth::Keyring;
+use crate::auth::KeyStore;
 use crate::config::HttpConfig;
 use crate::delivery::{BrokerState, Delivery, DeliveryError, Outcome};
 use crate::envelope::{Envelope, EnvelopeError};
@@ -27,16 +28,21 @@ use crate::message::Message;
 use crate::publisher::PublishError;
 use crate::routing::{EventNameError, RoutingKey};
 use crate::spool::SpoolError;
+use crate::tracecontext::TraceContext;
 
 /// What every request handler shares.
 pub struct App {
     pub http: HttpConfig,
     pub routing_key_prefix: String,
-    pub keyring: Keyring,
+    pub keys: Arc<KeyStore>,
     pub delivery: Delivery,
     /// Publishes run as tasks tracked here, so a client hanging up cannot cancel a publish
     /// already begun, and shutdown can wait for them.
     pub publishes: TaskTracker,
+    /// Permits for webhooks handled at once (`http.max_in_flight`).
+    pub in_flight: Semaphore,
+    /// Whether `/metrics` is served here (not when it has a listener of its own).
+    pub metrics_here: bool,
 }
 
 /// Every way a request can fail, and the status it gets. Messages are sent to the client:
@@ -47,6 +53,8 @@ pub enum Rejection {
     NotFound,
     #[error("method not allowed")]
     MethodNotAllowed { allow: &'static str },
+    #[error("too many requests in flight, try again later")]
+    Overloaded,
     #[error("body is larger than {limit} bytes")]
     TooLarge { limit: u64 },
     #[error("body not received in time")]
@@ -96,7 +104,8 @@ impl Rejection {
             | Rejection::MissingEvent
             | Rejection::BadEvent(_) => StatusCode::BAD_REQUEST,
             Rejection::MissingKey | Rejection::WrongKey => StatusCode::UNAUTHORIZED,
-            Rejection::Unavailable(_)
+            Rejection::Overloaded
+            | Rejection::Unavailable(_)
             | Rejection::Unroutable(_)
             | Rejection::SpoolFull(_)
             | Rejection::SpoolFailed(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -108,6 +117,7 @@ impl Rejection {
         match self {
             Rejection::NotFound => "not_found",
             Rejection::MethodNotAllowed { .. } => "method_not_allowed",
+            Rejection::Overloaded => "overloaded",
             Rejection::TooLarge { .. } => "too_large",
             Rejection::BodyTimeout => "body_timeout",
             Rejection::BodyRead(_) => "body_read",
@@ -132,40 +142,68 @@ pub async fn handle(
     peer: SocketAddr,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    let started = Instant::now();
     // Time-ordered, so message ids sort by arrival; doubles as the request id in logs.
     let request_id = uuid::Uuid::now_v7().to_string();
+    let trace = TraceContext::from_headers(request.headers());
+    let route = route_name(&app, request.uri().path());
     let span = tracing::info_span!(
         "request",
         %request_id,
+        trace_id = trace.trace_id(),
         %peer,
         method = %request.method(),
         path = request.uri().path(),
         event = tracing::field::Empty,
         company_id = tracing::field::Empty,
     );
-    let mut response = route(&app, request, &request_id)
+    let mut response = dispatch(&app, request, &request_id, trace)
         .instrument(span.clone())
         .await
         .unwrap_or_else(|rejection| {
             span.in_scope(|| log_rejection(&rejection));
+            app.delivery.metrics().rejection(rejection.reason());
             rejection_response(&rejection, app.http.retry_after_secs)
         });
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("x-request-id", value);
     }
+    app.delivery
+        .metrics()
+        .request(route, response.status().as_u16(), started.elapsed());
     Ok(response)
 }
 
-async fn route(
+/// The `route` label: a fixed set, whatever path a client invents.
+fn route_name(app: &App, path: &str) -> &'static str {
+    match path {
+        _ if path == app.http.path => "webhook",
+        "/healthz" => "healthz",
+        "/readyz" => "readyz",
+        "/metrics" if app.metrics_here => "metrics",
+        _ => "other",
+    }
+}
+
+async fn dispatch(
     app: &App,
     request: Request<Incoming>,
     request_id: &str,
+    trace: TraceContext,
 ) -> Result<Response<Full<Bytes>>, Rejection> {
     let path = request.uri().path();
     let method = request.method();
     if path == app.http.path {
         return match *method {
-            Method::POST => accept(app, request, request_id).await,
+            Method::POST => {
+                // Beyond the cap, answer at once instead of queueing without bound.
+                let _permit = app
+                    .in_flight
+                    .try_acquire()
+                    .map_err(|_| Rejection::Overloaded)?;
+                let _counted = app.delivery.metrics().in_flight();
+                accept(app, request, request_id, trace).await
+            }
             Method::GET | Method::HEAD => Ok(text(
                 StatusCode::OK,
                 "hirehop-relay: POST HireHop webhooks to this URL\n",
@@ -175,12 +213,27 @@ async fn route(
             }),
         };
     }
-    match (path, method) {
-        ("/healthz", &Method::GET | &Method::HEAD) => Ok(alive()),
-        ("/readyz", &Method::GET | &Method::HEAD) => Ok(readiness(&app.delivery)),
-        ("/healthz" | "/readyz", _) => Err(Rejection::MethodNotAllowed { allow: "GET, HEAD" }),
+    match (route_name(app, path), method) {
+        ("healthz", &Method::GET | &Method::HEAD) => Ok(alive()),
+        ("readyz", &Method::GET | &Method::HEAD) => Ok(readiness(&app.delivery)),
+        ("metrics", &Method::GET | &Method::HEAD) => Ok(metrics(&app.delivery)),
+        ("healthz" | "readyz" | "metrics", _) => {
+            Err(Rejection::MethodNotAllowed { allow: "GET, HEAD" })
+        }
         _ => Err(Rejection::NotFound),
     }
+}
+
+/// `GET /metrics` (on whichever listener serves it).
+pub fn metrics(delivery: &Delivery) -> Response<Full<Bytes>> {
+    let text = delivery
+        .metrics()
+        .render(&delivery.health(), delivery.publisher().reconnects());
+    with_type(
+        StatusCode::OK,
+        text,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+    )
 }
 
 /// The webhook itself: read, verify, publish, confirm.
@@ -188,6 +241,7 @@ async fn accept(
     app: &App,
     request: Request<Incoming>,
     request_id: &str,
+    trace: TraceContext,
 ) -> Result<Response<Full<Bytes>>, Rejection> {
     let received_at = SystemTime::now();
     let body = read_body(&app.http, request).await?;
@@ -200,7 +254,7 @@ async fn accept(
         .export_key
         .as_deref()
         .ok_or(Rejection::MissingKey)?;
-    if !app.keyring.verify(key, envelope.company_id) {
+    if !app.keys.current().verify(key, envelope.company_id) {
         return Err(Rejection::WrongKey);
     }
     let event = envelope.event.as_deref().ok_or(Rejection::MissingEvent)?;
@@ -216,6 +270,8 @@ async fn accept(
         received_at,
         body: body.clone(),
         replayed: false,
+        traceparent: trace.to_string(),
+        tracestate: trace.tracestate,
     };
     let delivery = app.delivery.clone();
     // Spawned, then awaited: if the client disconnects, hyper drops this future, but the
@@ -235,6 +291,7 @@ async fn accept(
         Outcome::Confirmed => "accepted",
         Outcome::Spooled => "spooled",
     };
+    app.delivery.metrics().webhook(event);
     tracing::info!(body_len = body.len(), status, "webhook accepted");
     let json = format!(r#"{{"status":"{status}","message_id":"{request_id}"}}"#);
     Ok(json_response(StatusCode::ACCEPTED, json))

@@ -4,12 +4,14 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_lite::StreamExt;
 use hirehop_relay::config::Config;
 use hirehop_relay::delivery::Delivery;
+use hirehop_relay::metrics::Metrics;
 use hirehop_relay::publisher::Publisher;
 use hirehop_relay::spool::Spool;
 use http_body_util::{BodyExt, Full};
@@ -262,7 +264,8 @@ impl TestRelay {
                 .expect("the test spool opens")
                 .0
         });
-        let delivery = Delivery::new(publisher, spool);
+        let metrics = Arc::new(Metrics::new(config.metrics.max_event_labels));
+        let delivery = Delivery::new(publisher, spool, metrics);
         let listener = TcpListener::bind(config.http.listen).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();

@@ -7,6 +7,7 @@
 //!
 //! Modules:
 //! - `harness`: starting relays (in-process or as the real binary), HTTP helpers, queues.
+//! - `operate`: metrics, trace context, overload, keys reloaded on SIGHUP.
 //! - `proxy`: a TCP proxy between relay and broker that can cut, refuse and stall.
 //! - `accept`: what a 202 means: the body byte for byte, the properties, the headers.
 //! - `reject`: every 4xx, and that none of them publishes anything.
@@ -18,6 +19,7 @@
 mod accept;
 mod faults;
 mod harness;
+mod operate;
 mod proxy;
 mod reject;
 mod shutdown;

@@ -1,0 +1,132 @@
+//! W3C Trace Context (`traceparent`, `tracestate`): the relay joins the caller's trace, or
+//! starts one, and hands it on in the AMQP headers so a consumer's spans join it too.
+
+use std::fmt;
+
+use hyper::HeaderMap;
+
+/// The relay's own span in a trace: the caller's trace id (or a new one), a new span id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceContext {
+    trace_id: String,
+    span_id: String,
+    flags: String,
+    /// Vendor data from the caller, passed on as it came (when well-formed).
+    pub tracestate: Option<String>,
+}
+
+impl TraceContext {
+    /// A child of the request's `traceparent` if it has a valid one, else a new sampled root.
+    pub fn from_headers(headers: &HeaderMap) -> TraceContext {
+        let parent = headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_traceparent);
+        let span_id = random_hex(8);
+        match parent {
+            Some((trace_id, flags)) => TraceContext {
+                trace_id,
+                span_id,
+                flags,
+                tracestate: headers
+                    .get("tracestate")
+                    .and_then(|v| v.to_str().ok())
+                    .filter(|s| s.len() <= 512 && !s.is_empty())
+                    .map(str::to_owned),
+            },
+            None => TraceContext {
+                trace_id: random_hex(16),
+                span_id,
+                flags: "01".to_owned(),
+                tracestate: None,
+            },
+        }
+    }
+
+    pub fn trace_id(&self) -> &str {
+        &self.trace_id
+    }
+}
+
+/// The `traceparent` value naming this span as the parent.
+impl fmt::Display for TraceContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "00-{}-{}-{}", self.trace_id, self.span_id, self.flags)
+    }
+}
+
+/// `(trace_id, flags)` of a version-00 `traceparent`, if valid.
+fn parse_traceparent(value: &str) -> Option<(String, String)> {
+    let mut parts = value.trim().split('-');
+    let (version, trace_id, parent_id, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let valid = version == "00"
+        && parts.next().is_none()
+        && hex(trace_id, 32)
+        && hex(parent_id, 16)
+        && hex(flags, 2)
+        && trace_id.bytes().any(|b| b != b'0')
+        && parent_id.bytes().any(|b| b != b'0');
+    valid.then(|| (trace_id.to_owned(), flags.to_owned()))
+}
+
+fn random_hex(bytes: usize) -> String {
+    loop {
+        let id: String = (0..bytes)
+            .map(|_| format!("{:02x}", fastrand::u8(..)))
+            .collect();
+        // All zeros is invalid in W3C trace context.
+        if id.bytes().any(|b| b != b'0') {
+            return id;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.parse().unwrap(), v.parse().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn joins_the_callers_trace_with_a_new_span() {
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let ctx = TraceContext::from_headers(&headers(&[
+            ("traceparent", parent),
+            ("tracestate", "vendor=abc"),
+        ]));
+        let ours = ctx.to_string();
+        assert_eq!(ctx.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert!(ours.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+        assert!(ours.ends_with("-01"));
+        assert_ne!(ours, parent, "a new span id");
+        assert_eq!(ctx.tracestate.as_deref(), Some("vendor=abc"));
+    }
+
+    #[test]
+    fn starts_a_trace_when_there_is_none_or_it_is_malformed() {
+        for bad in [
+            "",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+        ] {
+            let ctx = TraceContext::from_headers(&headers(&[("traceparent", bad)]));
+            let value = ctx.to_string();
+            assert_eq!(value.len(), 55, "{value}");
+            assert!(parse_traceparent(&value).is_some(), "{value}");
+            assert!(!value.contains("4bf92f"), "{bad:?} must not be joined");
+        }
+    }
+}

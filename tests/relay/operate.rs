@@ -1,0 +1,352 @@
+//! What an operator relies on: metrics that move as they should and never carry a secret,
+//! trace context handed on, overload answered fast, keys reloaded without a restart.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::{Method, StatusCode};
+use lapin::types::AMQPValue;
+
+use crate::harness::{
+    KEY, PATIENCE, RelayProcess, TestRelay, broker_addr, message_id, request, send, webhook,
+    webhook_with,
+};
+use crate::proxy::Proxy;
+use crate::shutdown::{env, unique_exchange};
+
+async fn scrape(relay: &TestRelay) -> String {
+    let reply = relay.send(request(Method::GET, "/metrics", "")).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(
+        reply.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    String::from_utf8(reply.body.to_vec()).unwrap()
+}
+
+/// The value of the sample whose line starts with `series` (name and labels).
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
+}
+
+#[tokio::test]
+async fn metrics_move_with_accepted_rejected_and_failed_requests() {
+    let relay = TestRelay::start().await;
+    let mut queue = relay.queue("#").await;
+    for _ in 0..2 {
+        assert_eq!(
+            relay.post(webhook("job.updated")).await.status,
+            StatusCode::ACCEPTED
+        );
+        queue.next().await;
+    }
+    let wrong = relay
+        .post(webhook_with("job.updated", "wrong-key-m3", 1))
+        .await;
+    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(relay.post("nope").await.status, StatusCode::BAD_REQUEST);
+
+    let text = scrape(&relay).await;
+    let counter = |series: &str| sample(&text, series);
+    assert_eq!(
+        counter(r#"hirehop_relay_http_requests_total{route="webhook",status="202"}"#),
+        2.0
+    );
+    assert_eq!(
+        counter(r#"hirehop_relay_http_requests_total{route="webhook",status="401"}"#),
+        1.0
+    );
+    assert_eq!(
+        counter(r#"hirehop_relay_http_requests_total{route="webhook",status="400"}"#),
+        1.0
+    );
+    assert_eq!(
+        counter(r#"hirehop_relay_rejections_total{reason="bad_key"}"#),
+        1.0
+    );
+    assert_eq!(
+        counter(r#"hirehop_relay_rejections_total{reason="bad_json"}"#),
+        1.0
+    );
+    assert_eq!(
+        counter(r#"hirehop_relay_publishes_total{outcome="ack"}"#),
+        2.0
+    );
+    assert_eq!(
+        counter(r#"hirehop_relay_webhooks_total{event="job.updated"}"#),
+        2.0
+    );
+    assert_eq!(counter("hirehop_relay_confirm_duration_seconds_count"), 2.0);
+    assert_eq!(counter("hirehop_relay_broker_connected"), 1.0);
+    assert_eq!(counter("hirehop_relay_broker_blocked"), 0.0);
+    assert_eq!(counter("hirehop_relay_http_requests_in_flight"), 0.0);
+    assert_eq!(counter("hirehop_relay_spool_messages"), 0.0);
+    assert!(text.contains("hirehop_relay_build_info{version="), "{text}");
+    for secret in [KEY, "wrong-key-m3", "John Smith"] {
+        assert!(!text.contains(secret), "{secret:?} in metrics");
+    }
+    relay.stop().await;
+
+    // A failed delivery: nothing bound and no alternate exchange.
+    let relay = TestRelay::start_with(&[("RELAY_AMQP__ALTERNATE_EXCHANGE", "false")]).await;
+    let reply = relay.post(webhook("job.updated")).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    let text = scrape(&relay).await;
+    assert_eq!(
+        sample(
+            &text,
+            r#"hirehop_relay_publishes_total{outcome="returned"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"hirehop_relay_rejections_total{reason="unroutable"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"hirehop_relay_http_requests_total{route="webhook",status="503"}"#
+        ),
+        1.0
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn event_labels_stay_bounded_whatever_names_arrive() {
+    let relay = Arc::new(TestRelay::start_with(&[("RELAY_METRICS__MAX_EVENT_LABELS", "20")]).await);
+    let workers: Vec<_> = (0..8)
+        .map(|w| {
+            let relay = Arc::clone(&relay);
+            tokio::spawn(async move {
+                for i in 0..40 {
+                    let reply = relay.post(webhook(&format!("invented.w{w}.n{i}"))).await;
+                    assert_eq!(reply.status, StatusCode::ACCEPTED);
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    // Unauthenticated names never become labels at all.
+    let stranger = relay.post(webhook_with("stranger.event", "bad", 1)).await;
+    assert_eq!(stranger.status, StatusCode::UNAUTHORIZED);
+    let text = scrape(&relay).await;
+    let series: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("hirehop_relay_webhooks_total{"))
+        .collect();
+    assert_eq!(series.len(), 21, "20 names and other: {series:#?}");
+    assert_eq!(
+        sample(&text, r#"hirehop_relay_webhooks_total{event="other"}"#),
+        300.0
+    );
+    assert!(!text.contains("stranger.event"));
+    Arc::into_inner(relay).unwrap().stop().await;
+}
+
+#[tokio::test]
+async fn metrics_can_move_off_the_webhook_port() {
+    let relay = TestRelay::start_with(&[("RELAY_METRICS__LISTEN", "127.0.0.1:0")]).await;
+    let reply = relay.send(request(Method::GET, "/metrics", "")).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn trace_context_is_carried_into_the_message() {
+    let relay = TestRelay::start().await;
+    let mut queue = relay.queue("#").await;
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut req = request(Method::POST, "/webhooks/hirehop", webhook("job.updated"));
+    req.headers_mut()
+        .insert("traceparent", parent.parse().unwrap());
+    req.headers_mut()
+        .insert("tracestate", "vendor=1".parse().unwrap());
+    assert_eq!(relay.send(req).await.status, StatusCode::ACCEPTED);
+    let delivery = queue.next().await;
+    let headers = delivery.properties.headers().as_ref().unwrap().inner();
+    let Some(AMQPValue::LongString(traceparent)) = headers.get("traceparent") else {
+        panic!("no traceparent header: {headers:?}");
+    };
+    let traceparent = traceparent.to_string();
+    assert!(
+        traceparent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{traceparent}"
+    );
+    assert_ne!(traceparent, parent);
+    assert!(headers.contains_key("tracestate"));
+
+    // Without one, the relay starts a trace.
+    assert_eq!(
+        relay.post(webhook("job.updated")).await.status,
+        StatusCode::ACCEPTED
+    );
+    let delivery = queue.next().await;
+    let headers = delivery.properties.headers().as_ref().unwrap().inner();
+    let Some(AMQPValue::LongString(traceparent)) = headers.get("traceparent") else {
+        panic!("no traceparent header: {headers:?}");
+    };
+    assert_eq!(traceparent.to_string().len(), 55);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn overload_is_answered_fast_while_accepted_requests_complete() {
+    let proxy = Proxy::start(broker_addr()).await;
+    let relay = Arc::new(
+        TestRelay::start_via(
+            &proxy,
+            &[
+                ("RELAY_HTTP__MAX_IN_FLIGHT", "2"),
+                ("RELAY_AMQP__CONFIRM_TIMEOUT_MS", "10000"),
+                ("RELAY_SPOOL__ENABLED", "false"),
+            ],
+        )
+        .await,
+    );
+    let mut queue = relay.queue("#").await;
+    proxy.stall(true);
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let relay = Arc::clone(&relay);
+            tokio::spawn(async move { relay.post(webhook("job.updated")).await })
+        })
+        .collect();
+    let deadline = Instant::now() + PATIENCE;
+    while sample(
+        &scrape(&relay).await,
+        "hirehop_relay_http_requests_in_flight",
+    ) < 2.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the two requests never got in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let started = Instant::now();
+    let refused = relay.post(webhook("job.updated")).await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(refused.headers.contains_key("retry-after"));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+
+    proxy.stall(false);
+    let mut ids = HashSet::new();
+    for request in slow {
+        let reply = request.await.unwrap();
+        assert_eq!(reply.status, StatusCode::ACCEPTED);
+        ids.insert(reply.message_id());
+    }
+    while !ids.is_empty() {
+        ids.remove(&message_id(&queue.next().await));
+    }
+    let text = scrape(&relay).await;
+    assert_eq!(
+        sample(
+            &text,
+            r#"hirehop_relay_rejections_total{reason="overloaded"}"#
+        ),
+        1.0
+    );
+    Arc::into_inner(relay).unwrap().stop().await;
+}
+
+#[tokio::test]
+async fn connections_beyond_the_cap_get_503_and_are_closed() {
+    let relay = TestRelay::start_with(&[("RELAY_HTTP__MAX_CONNECTIONS", "2")]).await;
+    let first = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    let second = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    let head = crate::harness::raw(relay.addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    drop((first, second));
+    // Once the idle ones are gone, requests are served again.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let reply = relay.send(request(Method::GET, "/healthz", "")).await;
+        if reply.status == StatusCode::OK {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the connection count never went down"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn keys_file_reloads_on_sighup_without_dropping_requests() {
+    let exchange = unique_exchange();
+    let keys = std::env::temp_dir().join(format!("{exchange}.keys"));
+    std::fs::write(&keys, "# before\nkey-always\nkey-old\n").unwrap();
+    let url = crate::harness::amqp_url();
+    let keys_str = keys.to_string_lossy().into_owned();
+    let mut relay_env: Vec<(&str, &str)> = env(&exchange, &url)
+        .into_iter()
+        .filter(|(k, _)| *k != "RELAY_AUTH__EXPORT_KEYS")
+        .collect();
+    relay_env.push(("RELAY_AUTH__EXPORT_KEYS_FILE", &keys_str));
+    let mut relay = RelayProcess::spawn(&relay_env).await;
+    relay.wait_for("connected to the broker").await;
+    let addr = relay.addr();
+    let post = move |key: &'static str| async move {
+        let req = request(
+            Method::POST,
+            "/webhooks/hirehop",
+            webhook_with("job.updated", key, 1),
+        );
+        send(addr, req).await.unwrap().status
+    };
+    assert_eq!(post("key-old").await, StatusCode::ACCEPTED);
+    assert_eq!(post("key-new").await, StatusCode::UNAUTHORIZED);
+
+    // Requests with a key present before and after keep flowing during the reload.
+    let steady = tokio::spawn(async move {
+        for _ in 0..100 {
+            assert_eq!(post("key-always").await, StatusCode::ACCEPTED);
+        }
+    });
+    std::fs::write(&keys, "# after\nkey-always\nkey-new\n").unwrap();
+    relay.signal("HUP");
+    relay.wait_for("export keys reloaded").await;
+    assert_eq!(post("key-new").await, StatusCode::ACCEPTED);
+    assert_eq!(post("key-old").await, StatusCode::UNAUTHORIZED);
+    steady.await.unwrap();
+
+    // A broken file keeps the keys in use.
+    std::fs::write(&keys, "1 2 3\n").unwrap();
+    relay.signal("HUP");
+    relay.wait_for("reload failed").await;
+    assert_eq!(post("key-new").await, StatusCode::ACCEPTED);
+
+    relay.signal("TERM");
+    let (status, log) = relay.exit().await;
+    assert!(status.success(), "{log}");
+    for secret in ["key-always", "key-new", "key-old"] {
+        assert!(!log.contains(secret), "{secret} leaked into the log");
+    }
+    let _ = std::fs::remove_file(keys);
+    let broker = crate::harness::broker().await;
+    crate::harness::delete_topology(&broker.create_channel().await.unwrap(), &exchange).await;
+}
