@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::auth::{ExportKey, Keyring};
-use crate::routing;
+use crate::routing::{self, RoutingTemplate};
 
 /// An error while loading or validating the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -96,8 +96,20 @@ pub struct AmqpConfig {
     /// Declare `<exchange>.unrouted` (fanout + queue) as the exchange's alternate exchange, so
     /// an event nobody is bound to yet is kept instead of dropped.
     pub alternate_exchange: bool,
-    /// Prepended to every event name to form the routing key (e.g. `hirehop.`).
+    /// Prepended to every routing key (e.g. `hirehop.`).
     pub routing_key_prefix: String,
+    /// How the routing key is built: `{event}` (the default), or with `{company_id}`, e.g.
+    /// `{company_id}.{event}` so integrators serving several companies can bind per company.
+    pub routing_key_template: String,
+    /// Queues declared (with their bindings) at startup and after every reconnect.
+    pub queues: Vec<QueueConfig>,
+    /// Declare a durable queue per event name the first time it is seen, bound to exactly
+    /// its routing key, before publishing it.
+    pub per_event_queues: bool,
+    /// Name of a per-event queue: this prefix and the routing key.
+    pub per_event_queue_prefix: String,
+    /// Type of per-event queues.
+    pub per_event_queue_type: QueueType,
     /// Number of publishing channels, each with many confirms in flight.
     pub channels: usize,
     /// How long a publish may wait for the broker's confirm before the request gets 503.
@@ -106,6 +118,75 @@ pub struct AmqpConfig {
     pub connect_timeout_ms: u64,
     /// Ceiling of the exponential reconnect backoff.
     pub reconnect_max_backoff_ms: u64,
+}
+
+/// A queue the relay declares and binds to its exchange.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    pub name: String,
+    /// Topic patterns (`invoice.#`, `job.status.updated`, ...).
+    pub bindings: Vec<String>,
+    #[serde(rename = "type", default = "QueueType::quorum")]
+    pub kind: QueueType,
+    /// Where rejected or expired messages go (`x-dead-letter-exchange`).
+    #[serde(default)]
+    pub dead_letter_exchange: Option<String>,
+    /// Redeliveries before a message is dead-lettered (`x-delivery-limit`, quorum only).
+    #[serde(default)]
+    pub delivery_limit: Option<u32>,
+    /// `x-message-ttl`.
+    #[serde(default)]
+    pub message_ttl_ms: Option<u64>,
+    /// `x-max-length`; with `overflow = "reject-publish"` (the default) a full queue nacks,
+    /// so the relay spools or answers 503 instead of the broker dropping a message.
+    #[serde(default)]
+    pub max_length: Option<u64>,
+    #[serde(default)]
+    pub overflow: Overflow,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    Classic,
+    /// Replicated (Raft); the right choice on a cluster.
+    Quorum,
+}
+
+impl QueueType {
+    fn quorum() -> QueueType {
+        QueueType::Quorum
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Overflow {
+    /// A full queue refuses new messages (the publisher gets a nack): nothing is dropped.
+    #[default]
+    RejectPublish,
+    /// As `reject-publish`, and the refused message is dead-lettered.
+    RejectPublishDlx,
+    /// A full queue drops its oldest message. Loses data: only if you mean it.
+    DropHead,
+}
+
+impl Overflow {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Overflow::RejectPublish => "reject-publish",
+            Overflow::RejectPublishDlx => "reject-publish-dlx",
+            Overflow::DropHead => "drop-head",
+        }
+    }
 }
 
 /// Who may post webhooks.
@@ -192,6 +273,11 @@ urls = []
 exchange = "hirehop"
 alternate_exchange = true
 routing_key_prefix = ""
+routing_key_template = "{event}"
+queues = []
+per_event_queues = false
+per_event_queue_prefix = "hirehop."
+per_event_queue_type = "quorum"
 channels = 4
 confirm_timeout_ms = 5000
 connect_timeout_ms = 10000
@@ -302,6 +388,9 @@ impl Config {
         }
         routing::check_prefix(&self.amqp.routing_key_prefix)
             .map_err(|err| invalid("amqp.routing_key_prefix", err.to_string()))?;
+        RoutingTemplate::parse(&self.amqp.routing_key_template)
+            .map_err(|err| invalid("amqp.routing_key_template", err.to_string()))?;
+        self.validate_queues()?;
         for company in &self.auth.companies {
             if company.export_keys.is_empty() {
                 return Err(invalid(
@@ -312,6 +401,52 @@ impl Config {
         }
         if self.keyring()?.is_empty() {
             return Err(ConfigError::NoExportKey);
+        }
+        Ok(())
+    }
+
+    fn validate_queues(&self) -> Result<(), ConfigError> {
+        let mut names = std::collections::HashSet::new();
+        for queue in &self.amqp.queues {
+            let name = &queue.name;
+            if name.is_empty() || name.len() > 255 || name.starts_with("amq.") {
+                return Err(invalid(
+                    "amqp.queues",
+                    format!("queue name {name:?} must be 1 to 255 bytes and not start with amq."),
+                ));
+            }
+            if !names.insert(name) {
+                return Err(invalid(
+                    "amqp.queues",
+                    format!("queue {name} is declared twice"),
+                ));
+            }
+            if queue.bindings.is_empty() {
+                return Err(invalid(
+                    "amqp.queues",
+                    format!("queue {name} has no bindings"),
+                ));
+            }
+            for pattern in &queue.bindings {
+                routing::check_binding(pattern).map_err(|err| {
+                    invalid(
+                        "amqp.queues",
+                        format!("queue {name}, binding {pattern:?}: {err}"),
+                    )
+                })?;
+            }
+            if queue.delivery_limit.is_some() && queue.kind != QueueType::Quorum {
+                return Err(invalid(
+                    "amqp.queues",
+                    format!("queue {name}: delivery_limit needs type = \"quorum\""),
+                ));
+            }
+        }
+        if self.amqp.per_event_queues && self.amqp.per_event_queue_prefix.len() > 64 {
+            return Err(invalid(
+                "amqp.per_event_queue_prefix",
+                "must be at most 64 bytes",
+            ));
         }
         Ok(())
     }
@@ -411,6 +546,11 @@ impl fmt::Debug for AmqpConfig {
             .field("exchange", &self.exchange)
             .field("alternate_exchange", &self.alternate_exchange)
             .field("routing_key_prefix", &self.routing_key_prefix)
+            .field("routing_key_template", &self.routing_key_template)
+            .field("queues", &self.queues)
+            .field("per_event_queues", &self.per_event_queues)
+            .field("per_event_queue_prefix", &self.per_event_queue_prefix)
+            .field("per_event_queue_type", &self.per_event_queue_type)
             .field("channels", &self.channels)
             .field("confirm_timeout_ms", &self.confirm_timeout_ms)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
@@ -685,6 +825,81 @@ mod tests {
         assert_eq!(
             bad.unwrap_err().to_string(),
             "invalid amqp.urls: must start with amqp:// or amqps://"
+        );
+    }
+
+    #[test]
+    fn declared_queues_are_read_and_checked() {
+        let file = write_file(
+            r#"
+            [auth]
+            export_keys = ["k"]
+            [[amqp.queues]]
+            name = "accounting"
+            bindings = ["invoice.#", "job.status.updated"]
+            max_length = 1000
+            delivery_limit = 5
+            dead_letter_exchange = "hirehop.dead"
+            [[amqp.queues]]
+            name = "crm"
+            type = "classic"
+            bindings = ["contact.#"]
+            message_ttl_ms = 60000
+            "#,
+        );
+        let config = Config::load_from(Some(file.path()), env(&[])).unwrap();
+        let queues = &config.amqp.queues;
+        assert_eq!(queues[0].kind, QueueType::Quorum, "quorum by default");
+        assert_eq!(
+            queues[0].overflow,
+            Overflow::RejectPublish,
+            "never drop by default"
+        );
+        assert_eq!(queues[1].kind, QueueType::Classic);
+
+        for (bad, message) in [
+            ("name = \"q\"\nbindings = []", "queue q has no bindings"),
+            (
+                "name = \"q\"\nbindings = [\"a..b\"]",
+                "queue q, binding \"a..b\"",
+            ),
+            (
+                "name = \"q\"\ntype = \"classic\"\nbindings = [\"a\"]\ndelivery_limit = 3",
+                "delivery_limit needs type = \"quorum\"",
+            ),
+        ] {
+            let file = write_file(&format!(
+                "[auth]\nexport_keys = [\"k\"]\n[[amqp.queues]]\n{bad}\n"
+            ));
+            let err = Config::load_from(Some(file.path()), env(&[]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(message), "{err}");
+        }
+    }
+
+    #[test]
+    fn routing_template_is_checked_at_load() {
+        let ok = Config::load_from(
+            None,
+            env(&[
+                ("RELAY_AUTH__EXPORT_KEYS", "k"),
+                ("RELAY_AMQP__ROUTING_KEY_TEMPLATE", "{company_id}.{event}"),
+            ]),
+        );
+        assert!(ok.is_ok());
+        let err = Config::load_from(
+            None,
+            env(&[
+                ("RELAY_AUTH__EXPORT_KEYS", "k"),
+                ("RELAY_AMQP__ROUTING_KEY_TEMPLATE", "{company}.{event}"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("invalid amqp.routing_key_template"),
+            "{err}"
         );
     }
 

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::amqp::{PublishError, Publisher, backoff};
 use crate::message::Message;
 use crate::metrics::Metrics;
-use crate::publisher::{PublishError, Publisher, backoff};
 use crate::spool::{Depth, Spool, SpoolError};
 
 /// Webhooks replayed per batch (and confirms in flight during replay).

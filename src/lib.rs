@@ -12,7 +12,7 @@
 //!    borrowing them, without building a document.
 //! 4. [`auth`] checks the key in constant time against the configured [`auth::Keyring`].
 //! 5. [`routing`] turns the event name into a [`routing::RoutingKey`] (checked once).
-//! 6. [`delivery`] hands the [`message::Message`] to [`publisher`], which publishes the very
+//! 6. [`delivery`] hands the [`message::Message`] to [`amqp`], which publishes the very
 //!    same `Bytes` to the topic exchange with `mandatory` and waits for that message's
 //!    publisher confirm; only an Ack becomes a plain 202. When the broker cannot confirm
 //!    (down, blocked, nack, timeout), the message goes to the [`spool`] instead and the 202
@@ -23,14 +23,15 @@
 
 #![forbid(unsafe_code)]
 
+pub mod amqp;
 pub mod auth;
 pub mod config;
 pub mod delivery;
 pub mod envelope;
 pub mod message;
 pub mod metrics;
-pub mod publisher;
 pub mod routing;
+pub mod send;
 pub mod server;
 pub mod signal;
 pub mod spool;
@@ -48,6 +49,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::KeyStore;
 use crate::config::Config;
 use crate::delivery::Delivery;
+use crate::routing::RoutingTemplate;
 use crate::webhook::App;
 
 /// Serves webhooks on `listener`, delivering through `delivery` (the broker, and the spool
@@ -113,6 +115,8 @@ pub async fn run(
     let app = Arc::new(App {
         keys,
         routing_key_prefix: config.amqp.routing_key_prefix.clone(),
+        routing: RoutingTemplate::parse(&config.amqp.routing_key_template)
+            .expect("the config was validated at load"),
         http: config.http.clone(),
         delivery: delivery.clone(),
         publishes: TaskTracker::new(),

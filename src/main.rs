@@ -3,15 +3,16 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use std::sync::{Arc, OnceLock};
-
+use hirehop_relay::amqp::tail::tail;
+use hirehop_relay::amqp::{ConnectError, Publisher, declare_topology_once, topology};
 use hirehop_relay::config::{Config, LogFormat};
 use hirehop_relay::delivery::Delivery;
 use hirehop_relay::metrics::Metrics;
-use hirehop_relay::publisher::{ConnectError, Publisher};
+use hirehop_relay::send::Sample;
 use hirehop_relay::spool::Spool;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -32,8 +33,39 @@ struct Cli {
 enum Command {
     /// Run the relay (the default).
     Serve,
-    /// Print the effective configuration (secrets redacted) and exit; non-zero if invalid.
+    /// Print the effective configuration (secrets redacted) and the topology it describes;
+    /// exit non-zero if it is invalid.
     CheckConfig,
+    /// Post a realistic sample HireHop webhook to a relay and print the answer.
+    Send {
+        /// The relay's webhook URL (plain HTTP).
+        #[arg(long, default_value = "http://127.0.0.1:8080/webhooks/hirehop")]
+        url: String,
+        /// Event name; known HireHop events get a matching sample body.
+        #[arg(long, default_value = "job.status.updated")]
+        event: String,
+        /// Export key to put in the body.
+        #[arg(long, env = "HIREHOP_EXPORT_KEY")]
+        key: String,
+        /// HireHop company id.
+        #[arg(long, default_value_t = 1)]
+        company: u64,
+    },
+    /// Print every message published with a routing key matching PATTERN, as it arrives.
+    Tail {
+        /// Topic pattern, e.g. 'job.#'.
+        #[arg(long, default_value = "#")]
+        pattern: String,
+        /// One JSON object per line, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the exchanges, queues and bindings the config describes.
+    Topology {
+        /// Also declare them on the broker.
+        #[arg(long)]
+        apply: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -48,21 +80,76 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let command = cli.command.unwrap_or(Command::Serve);
+    if let Command::Send {
+        url,
+        event,
+        key,
+        company,
+    } = &command
+    {
+        // Needs no relay configuration: it only talks HTTP.
+        return runtime()?.block_on(send(url, event, key, *company));
+    }
     let config = Config::load(cli.config.as_deref()).context("invalid configuration")?;
-    match cli.command.unwrap_or(Command::Serve) {
+    match command {
         Command::CheckConfig => {
             print!("{}", config.to_redacted_toml());
+            println!("\n# topology");
+            for line in topology::describe(&config.amqp).lines() {
+                println!("# {line}");
+            }
             Ok(())
+        }
+        Command::Topology { apply } => {
+            print!("{}", topology::describe(&config.amqp));
+            if apply {
+                runtime()?
+                    .block_on(declare_topology_once(&config.amqp))
+                    .context("failed to declare the topology")?;
+                eprintln!("declared");
+            }
+            Ok(())
+        }
+        Command::Tail { pattern, json } => {
+            let mut out = std::io::stdout().lock();
+            runtime()?
+                .block_on(async {
+                    tokio::select! {
+                        result = tail(&config.amqp, &pattern, json, &mut out) => result,
+                        () = hirehop_relay::signal::shutdown() => Ok(()),
+                    }
+                })
+                .context("tail stopped")
         }
         Command::Serve => {
             init_logging(config.log.format);
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("failed to start the async runtime")?
-                .block_on(serve(config))
+            runtime()?.block_on(serve(config))
         }
+        Command::Send { .. } => unreachable!("handled above"),
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")
+}
+
+async fn send(url: &str, event: &str, key: &str, company_id: u64) -> anyhow::Result<()> {
+    let sample = Sample {
+        event,
+        export_key: key,
+        company_id,
+    };
+    let (status, body) = hirehop_relay::send::send(url, &sample)
+        .await
+        .with_context(|| format!("failed to send a {event} webhook"))?;
+    println!("{status}");
+    println!("{}", body.trim_end());
+    anyhow::ensure!(status.is_success(), "the relay answered {status}");
+    Ok(())
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

@@ -89,6 +89,118 @@ pub fn check_prefix(prefix: &str) -> Result<(), EventNameError> {
     Ok(())
 }
 
+/// Checks a binding pattern: wildcards allowed, otherwise the routing-key rules.
+pub fn check_binding(pattern: &str) -> Result<(), EventNameError> {
+    if pattern.is_empty() {
+        return Err(EventNameError::Empty);
+    }
+    if pattern.len() > MAX_ROUTING_KEY_BYTES {
+        return Err(EventNameError::TooLong {
+            max: MAX_ROUTING_KEY_BYTES,
+        });
+    }
+    if pattern.chars().any(char::is_control) {
+        return Err(EventNameError::ControlCharacter);
+    }
+    if pattern.split('.').any(str::is_empty) {
+        return Err(EventNameError::EmptySegment);
+    }
+    Ok(())
+}
+
+/// A `amqp.routing_key_template` that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    #[error("unknown placeholder {{{0}}}: use {{event}} or {{company_id}}")]
+    Unknown(String),
+    #[error("a '{{' is not closed")]
+    Unclosed,
+    #[error("must contain {{event}}")]
+    NoEvent,
+    #[error("does not make a valid routing key: {0}")]
+    Invalid(EventNameError),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Literal(String),
+    Event,
+    CompanyId,
+}
+
+/// How a routing key is built from a webhook, e.g. `{company_id}.{event}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutingTemplate {
+    parts: Vec<Part>,
+}
+
+impl RoutingTemplate {
+    pub fn parse(template: &str) -> Result<RoutingTemplate, TemplateError> {
+        let mut parts = Vec::new();
+        let mut rest = template;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(Part::Literal(rest[..open].to_owned()));
+            }
+            let close = rest[open..].find('}').ok_or(TemplateError::Unclosed)? + open;
+            parts.push(match &rest[open + 1..close] {
+                "event" => Part::Event,
+                "company_id" => Part::CompanyId,
+                other => return Err(TemplateError::Unknown(other.to_owned())),
+            });
+            rest = &rest[close + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Literal(rest.to_owned()));
+        }
+        if !parts.contains(&Part::Event) {
+            return Err(TemplateError::NoEvent);
+        }
+        let template = RoutingTemplate { parts };
+        // The literal parts must make a valid key around any valid event and company.
+        let sample = template.render("event", Some(1));
+        check_event(&sample, MAX_ROUTING_KEY_BYTES).map_err(TemplateError::Invalid)?;
+        Ok(template)
+    }
+
+    /// Checks `event` and builds the routing key: `prefix` then the template. A missing
+    /// `company_id` renders as `unknown`, so the webhook still has a route.
+    pub fn routing_key(
+        &self,
+        prefix: &str,
+        event: &str,
+        company_id: Option<u64>,
+    ) -> Result<RoutingKey, EventNameError> {
+        let rendered = self.render(event, company_id);
+        let overhead = prefix.len() + rendered.len() - event.len();
+        check_event(event, MAX_ROUTING_KEY_BYTES.saturating_sub(overhead))?;
+        if self.parts == [Part::Event] {
+            return RoutingKey::new(prefix, event);
+        }
+        Ok(RoutingKey(format!("{prefix}{rendered}")))
+    }
+
+    fn render(&self, event: &str, company_id: Option<u64>) -> String {
+        let company = company_id.map_or_else(|| "unknown".to_owned(), |id| id.to_string());
+        self.parts
+            .iter()
+            .map(|part| match part {
+                Part::Literal(text) => text.as_str(),
+                Part::Event => event,
+                Part::CompanyId => company.as_str(),
+            })
+            .collect()
+    }
+}
+
+impl Default for RoutingTemplate {
+    fn default() -> Self {
+        RoutingTemplate {
+            parts: vec![Part::Event],
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,6 +260,61 @@ mod tests {
         );
         // 128 two-byte characters are 256 bytes.
         assert!(RoutingKey::new("", &"é".repeat(128)).is_err());
+    }
+
+    #[test]
+    fn templates_route_companies_apart() {
+        let template = RoutingTemplate::parse("{company_id}.{event}").unwrap();
+        let key = template.routing_key("", "job.updated", Some(42)).unwrap();
+        assert_eq!(key.as_str(), "42.job.updated");
+        let key = template.routing_key("hh.", "job.updated", None).unwrap();
+        assert_eq!(key.as_str(), "hh.unknown.job.updated");
+        assert_eq!(
+            template.routing_key("", "job.*", Some(1)),
+            Err(EventNameError::Wildcard)
+        );
+        let default = RoutingTemplate::parse("{event}").unwrap();
+        assert_eq!(default, RoutingTemplate::default());
+        assert_eq!(
+            default.routing_key("", "a.b", Some(1)).unwrap().as_str(),
+            "a.b"
+        );
+        // The whole key must fit in 255 bytes.
+        let long = "a".repeat(250);
+        assert!(template.routing_key("", &long, Some(123_456)).is_err());
+    }
+
+    #[test]
+    fn bad_templates_are_refused() {
+        assert_eq!(
+            RoutingTemplate::parse("{company_id}"),
+            Err(TemplateError::NoEvent)
+        );
+        assert_eq!(
+            RoutingTemplate::parse("{company}.{event}"),
+            Err(TemplateError::Unknown("company".into()))
+        );
+        assert_eq!(
+            RoutingTemplate::parse("{event"),
+            Err(TemplateError::Unclosed)
+        );
+        assert!(matches!(
+            RoutingTemplate::parse("{company_id}..{event}"),
+            Err(TemplateError::Invalid(EventNameError::EmptySegment))
+        ));
+        assert!(matches!(
+            RoutingTemplate::parse("#.{event}"),
+            Err(TemplateError::Invalid(EventNameError::Wildcard))
+        ));
+    }
+
+    #[test]
+    fn bindings_allow_wildcards_but_not_empty_segments() {
+        assert!(check_binding("invoice.#").is_ok());
+        assert!(check_binding("*.job.updated").is_ok());
+        assert!(check_binding("#").is_ok());
+        assert!(check_binding("").is_err());
+        assert!(check_binding("a..b").is_err());
     }
 
     #[test]

@@ -20,13 +20,13 @@ use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::amqp::PublishError;
 use crate::auth::KeyStore;
 use crate::config::HttpConfig;
 use crate::delivery::{BrokerState, Delivery, DeliveryError, Outcome};
 use crate::envelope::{Envelope, EnvelopeError};
 use crate::message::Message;
-use crate::publisher::PublishError;
-use crate::routing::{EventNameError, RoutingKey};
+use crate::routing::{EventNameError, RoutingTemplate};
 use crate::spool::SpoolError;
 use crate::tracecontext::TraceContext;
 
@@ -34,6 +34,7 @@ use crate::tracecontext::TraceContext;
 pub struct App {
     pub http: HttpConfig,
     pub routing_key_prefix: String,
+    pub routing: RoutingTemplate,
     pub keys: Arc<KeyStore>,
     pub delivery: Delivery,
     /// Publishes run as tasks tracked here, so a client hanging up cannot cancel a publish
@@ -259,7 +260,9 @@ async fn accept(
     }
     let event = envelope.event.as_deref().ok_or(Rejection::MissingEvent)?;
     span.record("event", event);
-    let routing_key = RoutingKey::new(&app.routing_key_prefix, event)?;
+    let routing_key =
+        app.routing
+            .routing_key(&app.routing_key_prefix, event, envelope.company_id)?;
 
     let message = Message {
         routing_key,

@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_lite::StreamExt;
+use hirehop_relay::amqp::Publisher;
 use hirehop_relay::config::Config;
 use hirehop_relay::delivery::Delivery;
 use hirehop_relay::metrics::Metrics;
-use hirehop_relay::publisher::Publisher;
 use hirehop_relay::spool::Spool;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
@@ -235,6 +235,15 @@ impl TestRelay {
     /// A relay whose broker connection goes through `proxy`; waits for the broker.
     pub async fn start_via(proxy: &Proxy, overrides: &[(&str, &str)]) -> TestRelay {
         Self::start_at(&via(proxy), None, overrides, true).await
+    }
+
+    /// A relay through `proxy`, configured by a TOML file too.
+    pub async fn start_via_file(
+        proxy: &Proxy,
+        file: &str,
+        overrides: &[(&str, &str)],
+    ) -> TestRelay {
+        Self::start_at(&via(proxy), Some(file), overrides, true).await
     }
 
     /// Like [`TestRelay::start_via`], but serves at once, broker or not (spool mode).

@@ -10,6 +10,7 @@
 //! - `operate`: metrics, trace context, overload, keys reloaded on SIGHUP.
 //! - `proxy`: a TCP proxy between relay and broker that can cut, refuse and stall.
 //! - `accept`: what a 202 means: the body byte for byte, the properties, the headers.
+//! - `queues`: declared and per-event queues, routing templates, `send`, `tail`, `topology`.
 //! - `reject`: every 4xx, and that none of them publishes anything.
 //! - `topology`: alternate exchange, returned messages, topology mismatches.
 //! - `faults`: broker connection closed or cut; 503s, never hangs nor false 202s.
@@ -21,6 +22,7 @@ mod faults;
 mod harness;
 mod operate;
 mod proxy;
+mod queues;
 mod reject;
 mod shutdown;
 mod spool;

@@ -74,7 +74,7 @@ async fn topology_mismatch_stops_startup_with_a_clear_message() {
     let config = hirehop_relay::config::Config::load_from(None, Some(env)).unwrap();
     let result = tokio::time::timeout(
         harness::PATIENCE,
-        hirehop_relay::publisher::Publisher::connect(config.amqp, CancellationToken::new()),
+        hirehop_relay::amqp::Publisher::connect(config.amqp, CancellationToken::new()),
     )
     .await
     .expect("a mismatch fails at once instead of retrying");

@@ -17,16 +17,14 @@
 //! - the durable fanout exchange `<exchange>.unrouted` and the durable queue of the same
 //!   name bound to it, which keep events nobody has bound a queue for yet.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, UNIX_EPOCH};
 
 use futures_lite::StreamExt;
 use futures_lite::stream::Boxed;
-use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event};
@@ -34,6 +32,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::amqp::topology;
 use crate::config::{AmqpConfig, redact_url_password};
 use crate::message::Message;
 
@@ -176,6 +175,8 @@ struct Inner {
     stop: CancellationToken,
     status: watch::Sender<Status>,
     reconnects: AtomicU64,
+    /// Routing keys whose per-event queue was declared on the current connection.
+    event_queues: Mutex<HashSet<String>>,
 }
 
 /// Where the supervisor is, for [`Publisher::wait_connected`].
@@ -212,6 +213,7 @@ impl Publisher {
             stop: CancellationToken::new(),
             status: watch::channel(Status::Connecting).0,
             reconnects: AtomicU64::new(0),
+            event_queues: Mutex::new(HashSet::new()),
         });
         tokio::spawn(supervise(Arc::clone(&inner)));
         Publisher { inner }
@@ -292,6 +294,10 @@ impl Publisher {
         channel: &Channel,
         message: &Message,
     ) -> Result<lapin::PublisherConfirm, lapin::Error> {
+        if self.inner.config.per_event_queues {
+            self.ensure_event_queue(channel, message.routing_key.as_str())
+                .await?;
+        }
         channel
             .basic_publish(
                 self.inner.exchange.clone(),
@@ -304,6 +310,40 @@ impl Publisher {
                 properties(message),
             )
             .await
+    }
+
+    /// Declares the per-event queue for `routing_key` unless done on this connection already,
+    /// so that no event is published with nobody to keep it.
+    async fn ensure_event_queue(
+        &self,
+        channel: &Channel,
+        routing_key: &str,
+    ) -> Result<(), lapin::Error> {
+        let known = |inner: &Inner| {
+            inner
+                .event_queues
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(routing_key)
+        };
+        if known(&self.inner) {
+            return Ok(());
+        }
+        match topology::declare_event_queue(&self.inner.config, channel, routing_key).await {
+            Ok(()) => {
+                self.inner
+                    .event_queues
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(routing_key.to_owned());
+                Ok(())
+            }
+            Err(ConnectError::Topology { what, source }) => {
+                tracing::error!(%what, error = %source, "failed to declare a per-event queue");
+                Err(source)
+            }
+            Err(err) => Err(lapin::Error::from(std::io::Error::other(err.to_string()))),
+        }
     }
 
     fn outcome(
@@ -494,6 +534,12 @@ fn log_event(event: Option<Event>) {
 }
 
 fn store(inner: &Inner, session: Option<Session>) {
+    // A new connection may meet a broker that lost non-replicated queues: declare again.
+    inner
+        .event_queues
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clear();
     if let Ok(mut slot) = inner.session.write() {
         *slot = session.map(Arc::new);
     }
@@ -517,7 +563,7 @@ async fn open_session(config: &AmqpConfig, node: &str) -> Result<Session, Connec
                 url: url.clone(),
                 source,
             })?;
-        declare_topology(config, &connection).await?;
+        topology::declare(config, &connection).await?;
         let mut channels = Vec::with_capacity(config.channels);
         for _ in 0..config.channels {
             channels.push(open_channel(&connection).await?);
@@ -545,7 +591,7 @@ async fn open_channel(connection: &Connection) -> Result<Channel, ConnectError> 
 
 async fn reopen_channels(config: &AmqpConfig, old: &Session) -> Result<Session, ConnectError> {
     // A channel dies of a channel-level error, e.g. the exchange was deleted: declare again.
-    declare_topology(config, &old.connection).await?;
+    topology::declare(config, &old.connection).await?;
     let mut channels = Vec::with_capacity(old.channels.len());
     for channel in &old.channels {
         if channel.status().connected() {
@@ -560,67 +606,24 @@ async fn reopen_channels(config: &AmqpConfig, old: &Session) -> Result<Session, 
     })
 }
 
-async fn declare_topology(
-    config: &AmqpConfig,
-    connection: &Connection,
-) -> Result<(), ConnectError> {
-    // A channel of its own: a refused declaration closes the channel it was made on.
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(ConnectError::Channel)?;
-    let durable = ExchangeDeclareOptions {
-        durable: true,
-        ..ExchangeDeclareOptions::default()
-    };
-    let topology_error = |what: String| move |source| ConnectError::Topology { what, source };
-    let mut arguments = FieldTable::default();
-    if config.alternate_exchange {
-        let unrouted = config.unrouted_name();
-        channel
-            .exchange_declare(
-                unrouted.as_str().into(),
-                lapin::ExchangeKind::Fanout,
-                durable,
-                FieldTable::default(),
-            )
-            .await
-            .map_err(topology_error(format!("exchange {unrouted}")))?;
-        channel
-            .queue_declare(
-                unrouted.as_str().into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(topology_error(format!("queue {unrouted}")))?;
-        channel
-            .queue_bind(
-                unrouted.as_str().into(),
-                unrouted.as_str().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(topology_error(format!("binding of queue {unrouted}")))?;
-        arguments.insert("alternate-exchange".into(), long_string(&unrouted));
+/// Connects to the first node that answers, declares the topology, and disconnects: for
+/// `hirehop-relay topology --apply`.
+pub async fn declare_topology_once(config: &AmqpConfig) -> Result<(), ConnectError> {
+    let mut last = None;
+    for node in config.nodes() {
+        match open_session(config, node).await {
+            Ok(session) => {
+                let _ = session
+                    .connection
+                    .close(200, "topology declared".into())
+                    .await;
+                return Ok(());
+            }
+            Err(err) if err.is_fatal() => return Err(err),
+            Err(err) => last = Some(err),
+        }
     }
-    channel
-        .exchange_declare(
-            config.exchange.as_str().into(),
-            lapin::ExchangeKind::Topic,
-            durable,
-            arguments,
-        )
-        .await
-        .map_err(topology_error(format!("exchange {}", config.exchange)))?;
-    // Best effort: the connection stays either way.
-    let _ = channel.close(200, "topology declared".into()).await;
-    Ok(())
+    Err(last.unwrap_or(ConnectError::Cancelled))
 }
 
 /// Exponential backoff from 100 ms up to `max`, with jitter between half and all of the

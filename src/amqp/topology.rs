@@ -1,0 +1,209 @@
+//! The exchanges, queues and bindings the config describes: declared on every (re)connect
+//! before any channel publishes, declared on demand for per-event queues, and printed by
+//! `hirehop-relay topology` and `check-config`.
+//!
+//! - the durable topic exchange `amqp.exchange`, with `alternate-exchange` =
+//!   `<exchange>.unrouted` when `amqp.alternate_exchange` is on;
+//! - the durable fanout exchange `<exchange>.unrouted` and the durable queue of the same
+//!   name bound to it, which keep events nobody has bound a queue for yet;
+//! - every `[[amqp.queues]]` entry, with its arguments and bindings;
+//! - with `amqp.per_event_queues`, one queue per routing key, declared the first time it is
+//!   published.
+
+use std::fmt::Write as _;
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection};
+
+use crate::amqp::ConnectError;
+use crate::config::{AmqpConfig, QueueConfig, QueueType};
+
+/// Declares everything the config describes, on a channel of its own (a refused
+/// declaration closes the channel it was made on).
+pub async fn declare(config: &AmqpConfig, connection: &Connection) -> Result<(), ConnectError> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(ConnectError::Channel)?;
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    let mut arguments = FieldTable::default();
+    if config.alternate_exchange {
+        let unrouted = config.unrouted_name();
+        channel
+            .exchange_declare(
+                unrouted.as_str().into(),
+                lapin::ExchangeKind::Fanout,
+                durable,
+                FieldTable::default(),
+            )
+            .await
+            .map_err(failed(format!("exchange {unrouted}")))?;
+        declare_queue(&channel, &unrouted, &FieldTable::default()).await?;
+        bind(&channel, &unrouted, &unrouted, "").await?;
+        arguments.insert("alternate-exchange".into(), string(&unrouted));
+    }
+    channel
+        .exchange_declare(
+            config.exchange.as_str().into(),
+            lapin::ExchangeKind::Topic,
+            durable,
+            arguments,
+        )
+        .await
+        .map_err(failed(format!("exchange {}", config.exchange)))?;
+    for queue in &config.queues {
+        declare_queue(&channel, &queue.name, &queue_arguments(queue)).await?;
+        for pattern in &queue.bindings {
+            bind(&channel, &queue.name, &config.exchange, pattern).await?;
+        }
+    }
+    // Best effort: the connection stays either way.
+    let _ = channel.close(200, "topology declared".into()).await;
+    Ok(())
+}
+
+/// The per-event queue for `routing_key`: `<per_event_queue_prefix><routing key>`, bound to
+/// exactly that key.
+pub fn event_queue_name(config: &AmqpConfig, routing_key: &str) -> String {
+    format!("{}{routing_key}", config.per_event_queue_prefix)
+}
+
+/// Declares the per-event queue for `routing_key` and binds it.
+pub async fn declare_event_queue(
+    config: &AmqpConfig,
+    channel: &Channel,
+    routing_key: &str,
+) -> Result<(), ConnectError> {
+    let name = event_queue_name(config, routing_key);
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-queue-type".into(),
+        string(config.per_event_queue_type.as_str()),
+    );
+    declare_queue(channel, &name, &arguments).await?;
+    bind(channel, &name, &config.exchange, routing_key).await
+}
+
+fn queue_arguments(queue: &QueueConfig) -> FieldTable {
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-queue-type".into(), string(queue.kind.as_str()));
+    if let Some(dlx) = &queue.dead_letter_exchange {
+        arguments.insert("x-dead-letter-exchange".into(), string(dlx));
+    }
+    if let Some(limit) = queue.delivery_limit {
+        arguments.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(limit.into()),
+        );
+    }
+    if let Some(ttl) = queue.message_ttl_ms {
+        arguments.insert("x-message-ttl".into(), integer(ttl));
+    }
+    if let Some(max) = queue.max_length {
+        arguments.insert("x-max-length".into(), integer(max));
+        arguments.insert("x-overflow".into(), string(queue.overflow.as_str()));
+    }
+    arguments
+}
+
+async fn declare_queue(
+    channel: &Channel,
+    name: &str,
+    arguments: &FieldTable,
+) -> Result<(), ConnectError> {
+    let options = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(name.into(), options, arguments.clone())
+        .await
+        .map(drop)
+        .map_err(failed(format!("queue {name}")))
+}
+
+async fn bind(
+    channel: &Channel,
+    queue: &str,
+    exchange: &str,
+    pattern: &str,
+) -> Result<(), ConnectError> {
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            pattern.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(failed(format!(
+            "binding of queue {queue} to {exchange} with {pattern:?}"
+        )))
+}
+
+fn failed(what: String) -> impl FnOnce(lapin::Error) -> ConnectError {
+    move |source| ConnectError::Topology { what, source }
+}
+
+fn string(s: &str) -> AMQPValue {
+    AMQPValue::LongString(s.into())
+}
+
+fn integer(n: u64) -> AMQPValue {
+    AMQPValue::LongLongInt(i64::try_from(n).unwrap_or(i64::MAX))
+}
+
+/// The topology as text, for people.
+pub fn describe(config: &AmqpConfig) -> String {
+    let mut out = String::new();
+    let ae = if config.alternate_exchange {
+        format!(", alternate-exchange={}", config.unrouted_name())
+    } else {
+        String::new()
+    };
+    let _ = writeln!(out, "exchange {} (topic, durable{ae})", config.exchange);
+    if config.alternate_exchange {
+        let unrouted = config.unrouted_name();
+        let _ = writeln!(out, "exchange {unrouted} (fanout, durable)");
+        let _ = writeln!(out, "queue {unrouted} (classic, durable)");
+        let _ = writeln!(out, "  bound to {unrouted}");
+    }
+    for queue in &config.queues {
+        let mut args = vec![queue.kind.as_str().to_owned(), "durable".to_owned()];
+        if let Some(dlx) = &queue.dead_letter_exchange {
+            args.push(format!("dead-letter-exchange={dlx}"));
+        }
+        if let Some(limit) = queue.delivery_limit {
+            args.push(format!("delivery-limit={limit}"));
+        }
+        if let Some(ttl) = queue.message_ttl_ms {
+            args.push(format!("message-ttl={ttl}ms"));
+        }
+        if let Some(max) = queue.max_length {
+            args.push(format!("max-length={max}"));
+            args.push(format!("overflow={}", queue.overflow.as_str()));
+        }
+        let _ = writeln!(out, "queue {} ({})", queue.name, args.join(", "));
+        for pattern in &queue.bindings {
+            let _ = writeln!(out, "  bound to {} with {pattern}", config.exchange);
+        }
+    }
+    if config.per_event_queues {
+        let kind = match config.per_event_queue_type {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        };
+        let _ = writeln!(
+            out,
+            "queue {}<routing key> ({kind}, durable), one per event, declared when first seen",
+            config.per_event_queue_prefix
+        );
+        let _ = writeln!(out, "  bound to {} with <routing key>", config.exchange);
+    }
+    out
+}

@@ -1,0 +1,392 @@
+//! Declared queues, per-event queues, routing templates, and the `send`, `tail` and
+//! `topology` subcommands.
+
+use std::time::{Duration, Instant};
+
+use futures_lite::StreamExt;
+use hyper::StatusCode;
+use lapin::options::{
+    BasicConsumeOptions, BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::harness::{
+    self, KEY, PATIENCE, RelayProcess, TestRelay, broker_addr, message_id, webhook, webhook_with,
+};
+use crate::proxy::Proxy;
+use crate::shutdown::{env, unique_exchange};
+
+/// Declares `queue` passively: does it exist? (On a channel of its own: a missing queue
+/// closes the channel it was asked on.)
+async fn exists(broker: &lapin::Connection, queue: &str) -> bool {
+    let channel = broker.create_channel().await.unwrap();
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+        .is_ok()
+}
+
+/// Takes one message from `queue`, waiting for it (at most [`PATIENCE`]).
+async fn get(channel: &lapin::Channel, queue: &str) -> lapin::message::Delivery {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let got = channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap();
+        if let Some(message) = got {
+            return message.delivery;
+        }
+        assert!(Instant::now() < deadline, "nothing arrived in {queue}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn delete_queues(channel: &lapin::Channel, queues: &[&str]) {
+    for queue in queues {
+        let _ = channel
+            .queue_delete((*queue).into(), QueueDeleteOptions::default())
+            .await;
+    }
+}
+
+#[tokio::test]
+async fn declared_queues_exist_with_their_arguments_after_start_and_after_a_reconnect() {
+    let proxy = Proxy::start(broker_addr()).await;
+    let prefix = format!("q-{}", uuid::Uuid::now_v7().simple());
+    let (accounting, crm) = (format!("{prefix}.accounting"), format!("{prefix}.crm"));
+    let file = format!(
+        r#"
+        [[amqp.queues]]
+        name = "{accounting}"
+        bindings = ["invoice.#", "job.status.updated"]
+        max_length = 1000
+        delivery_limit = 5
+        [[amqp.queues]]
+        name = "{crm}"
+        type = "classic"
+        bindings = ["contact.#"]
+        message_ttl_ms = 600000
+        "#
+    );
+    let relay = TestRelay::start_via_file(&proxy, &file, &[]).await;
+    let broker = harness::broker().await;
+    let channel = broker.create_channel().await.unwrap();
+
+    // The arguments are what the config says: declaring them again is accepted as
+    // equivalent, declaring anything else is refused.
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(1000));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(5));
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(accounting.as_str().into(), durable, args.clone())
+        .await
+        .expect("same arguments as declared by the relay");
+    let other = broker.create_channel().await.unwrap();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(5));
+    assert!(
+        other
+            .queue_declare(accounting.as_str().into(), durable, args)
+            .await
+            .is_err()
+    );
+
+    // Bindings route: invoice events to accounting, contacts to crm.
+    let invoice = relay.post(webhook("invoice.status.updated")).await;
+    let contact = relay.post(webhook("contact.person.created")).await;
+    assert_eq!(
+        message_id(&get(&channel, &accounting).await),
+        invoice.message_id()
+    );
+    assert_eq!(message_id(&get(&channel, &crm).await), contact.message_id());
+
+    // Someone deletes a queue; after a reconnect the relay declares it again.
+    delete_queues(&channel, &[&crm]).await;
+    assert!(!exists(&broker, &crm).await);
+    proxy.cut();
+    let deadline = Instant::now() + PATIENCE;
+    while !exists(&broker, &crm).await {
+        assert!(Instant::now() < deadline, "{crm} was not declared again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    relay.stop().await;
+    delete_queues(&channel, &[&accounting, &crm]).await;
+}
+
+#[tokio::test]
+async fn per_event_queues_catch_the_first_message_of_a_new_event() {
+    let prefix = format!("ev-{}.", uuid::Uuid::now_v7().simple());
+    let relay = TestRelay::start_with(&[
+        ("RELAY_AMQP__PER_EVENT_QUEUES", "true"),
+        ("RELAY_AMQP__PER_EVENT_QUEUE_PREFIX", &prefix),
+    ])
+    .await;
+    let broker = harness::broker().await;
+    let channel = broker.create_channel().await.unwrap();
+    let queue = format!("{prefix}brand.new.event");
+    assert!(!exists(&broker, &queue).await);
+    let reply = relay.post(webhook("brand.new.event")).await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED);
+    assert_eq!(message_id(&get(&channel, &queue).await), reply.message_id());
+    // The second one uses the cached declaration and lands in the same queue.
+    let reply = relay.post(webhook("brand.new.event")).await;
+    assert_eq!(message_id(&get(&channel, &queue).await), reply.message_id());
+    relay.stop().await;
+    delete_queues(&channel, &[&queue]).await;
+}
+
+#[tokio::test]
+async fn a_routing_template_routes_two_companies_apart() {
+    let relay = TestRelay::start_with(&[
+        ("RELAY_AMQP__ROUTING_KEY_TEMPLATE", "{company_id}.{event}"),
+        ("RELAY_AUTH__EXPORT_KEYS", &format!("key-a,key-b,{KEY}")),
+    ])
+    .await;
+    let mut first = relay.queue("1.#").await;
+    let mut second = relay.queue("2.job.*").await;
+    let a = relay.post(webhook_with("job.updated", "key-a", 1)).await;
+    let b = relay.post(webhook_with("job.updated", "key-b", 2)).await;
+    let delivery = first.next().await;
+    assert_eq!(message_id(&delivery), a.message_id());
+    assert_eq!(delivery.routing_key.as_str(), "1.job.updated");
+    assert_eq!(message_id(&second.next().await), b.message_id());
+    relay
+        .assert_nothing_published_before_marker(&mut first, "1.marker")
+        .await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_full_reject_publish_queue_gives_503_or_spools_and_loses_nothing() {
+    for spool in ["false", "true"] {
+        let name = format!("full-{}", uuid::Uuid::now_v7().simple());
+        let file =
+            format!("[[amqp.queues]]\nname = \"{name}\"\nbindings = [\"#\"]\nmax_length = 2\n");
+        let relay = TestRelay::start_with_file(
+            &file,
+            &[
+                ("RELAY_SPOOL__ENABLED", spool),
+                ("RELAY_AMQP__CONFIRM_TIMEOUT_MS", "3000"),
+            ],
+        )
+        .await;
+        // Quorum queues apply the limit once it is exceeded, so the refusal may come a
+        // message or so after the second.
+        let mut accepted = Vec::new();
+        let refused = loop {
+            let reply = relay.post(webhook("job.updated")).await;
+            if reply.status != StatusCode::ACCEPTED || reply.json()["status"] == "spooled" {
+                break reply;
+            }
+            accepted.push(reply.message_id());
+            assert!(
+                accepted.len() < 10,
+                "the full queue never refused a message"
+            );
+        };
+        if spool == "false" {
+            assert_eq!(
+                refused.status,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "{:?}",
+                refused.body
+            );
+        } else {
+            assert_eq!(refused.status, StatusCode::ACCEPTED, "{:?}", refused.body);
+            accepted.push(refused.message_id());
+        }
+        // A consumer makes room; everything accepted arrives, in order.
+        let broker = harness::broker().await;
+        let channel = broker.create_channel().await.unwrap();
+        let mut consumer = channel
+            .basic_consume(
+                name.as_str().into(),
+                "full-test".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        for id in &accepted {
+            let delivery = tokio::time::timeout(PATIENCE, consumer.next())
+                .await
+                .expect("accepted webhooks arrive")
+                .unwrap()
+                .unwrap();
+            assert_eq!(&message_id(&delivery), id);
+        }
+        relay.stop().await;
+        delete_queues(&channel, &[&name]).await;
+    }
+}
+
+#[tokio::test]
+async fn a_queue_declared_differently_stops_startup_naming_queue_and_argument() {
+    let broker = harness::broker().await;
+    let channel = broker.create_channel().await.unwrap();
+    let name = format!("mismatch-{}", uuid::Uuid::now_v7().simple());
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(name.as_str().into(), durable, FieldTable::default())
+        .await
+        .unwrap();
+    let exchange = unique_exchange();
+    let config = std::env::temp_dir().join(format!("{exchange}.toml"));
+    std::fs::write(
+        &config,
+        format!("[[amqp.queues]]\nname = \"{name}\"\nbindings = [\"#\"]\n"),
+    )
+    .unwrap();
+    let url = harness::amqp_url();
+    let config_arg = config.to_string_lossy().into_owned();
+    let relay = RelayProcess::start(&["--config", &config_arg], &env(&exchange, &url));
+    let (status, log) = relay.exit().await;
+    assert!(!status.success(), "{log}");
+    assert!(log.contains(&format!("queue {name}")), "{log}");
+    assert!(log.contains("x-queue-type"), "{log}");
+    harness::delete_topology(&channel, &exchange).await;
+    delete_queues(&channel, &[&name]).await;
+    let _ = std::fs::remove_file(config);
+}
+
+#[tokio::test]
+async fn send_posts_a_sample_that_tail_prints() {
+    let exchange = unique_exchange();
+    let url = harness::amqp_url();
+    let relay_env = env(&exchange, &url);
+    let mut relay = RelayProcess::spawn(&relay_env).await;
+    relay.wait_for("connected to the broker").await;
+
+    let mut tail = tokio::process::Command::new(env!("CARGO_BIN_EXE_hirehop-relay"))
+        .args(["tail", "--pattern", "job.#", "--json"])
+        .env_clear()
+        .envs(relay_env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut tail_err = BufReader::new(tail.stderr.take().unwrap()).lines();
+    let ready = tokio::time::timeout(PATIENCE, tail_err.next_line())
+        .await
+        .expect("tail starts")
+        .unwrap()
+        .unwrap_or_default();
+    assert!(ready.starts_with("tailing exchange"), "{ready}");
+
+    let webhook_url = format!("http://{}/webhooks/hirehop", relay.addr());
+    let sent = tokio::process::Command::new(env!("CARGO_BIN_EXE_hirehop-relay"))
+        .args([
+            "send",
+            "--url",
+            &webhook_url,
+            "--event",
+            "job.status.updated",
+        ])
+        .args(["--key", KEY, "--company", "7"])
+        .env_clear()
+        .output()
+        .await
+        .unwrap();
+    let answer = String::from_utf8(sent.stdout).unwrap();
+    assert!(sent.status.success(), "{answer}");
+    assert!(answer.starts_with("202 Accepted"), "{answer}");
+    let answer: serde_json::Value = serde_json::from_str(answer.lines().nth(1).unwrap()).unwrap();
+
+    let mut tail_out = BufReader::new(tail.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(PATIENCE, tail_out.next_line())
+        .await
+        .expect("tail prints the message")
+        .unwrap()
+        .unwrap();
+    let printed: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(printed["routing_key"], "job.status.updated");
+    assert_eq!(printed["properties"]["message_id"], answer["message_id"]);
+    assert_eq!(printed["headers"]["company_id"], 7);
+    assert_eq!(printed["body"]["event"], "job.status.updated");
+    assert_eq!(printed["body"]["export_key"], "<redacted>");
+    assert!(!line.contains(KEY));
+
+    // A wrong key: send says so and fails.
+    let refused = tokio::process::Command::new(env!("CARGO_BIN_EXE_hirehop-relay"))
+        .args(["send", "--url", &webhook_url, "--key", "nope"])
+        .env_clear()
+        .output()
+        .await
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stdout).starts_with("401"));
+
+    tail.kill().await.unwrap();
+    relay.signal("TERM");
+    relay.exit().await;
+    let broker = harness::broker().await;
+    harness::delete_topology(&broker.create_channel().await.unwrap(), &exchange).await;
+}
+
+#[tokio::test]
+async fn topology_prints_and_applies_what_the_config_describes() {
+    let exchange = unique_exchange();
+    let name = format!("{exchange}.jobs");
+    let config = std::env::temp_dir().join(format!("{exchange}.toml"));
+    std::fs::write(
+        &config,
+        format!("[[amqp.queues]]\nname = \"{name}\"\nbindings = [\"job.#\"]\n"),
+    )
+    .unwrap();
+    let url = harness::amqp_url();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_hirehop-relay"))
+        .args(["topology", "--apply", "--config", &config.to_string_lossy()])
+        .env_clear()
+        .envs(env(&exchange, &url))
+        .output()
+        .await
+        .unwrap();
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        printed.contains(&format!("exchange {exchange} (topic, durable")),
+        "{printed}"
+    );
+    assert!(
+        printed.contains(&format!("queue {name} (quorum, durable)")),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("bound to") && printed.contains("job.#"),
+        "{printed}"
+    );
+    let broker = harness::broker().await;
+    let channel = broker.create_channel().await.unwrap();
+    assert!(exists(&broker, &name).await, "--apply declared the queue");
+    harness::delete_topology(&channel, &exchange).await;
+    delete_queues(&channel, &[&name]).await;
+    let _ = std::fs::remove_file(config);
+}
