@@ -49,6 +49,7 @@ pub struct Config {
     pub amqp: AmqpConfig,
     pub auth: AuthConfig,
     pub spool: SpoolConfig,
+    pub tls: TlsConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
 }
@@ -67,6 +68,19 @@ pub struct HttpConfig {
     pub header_read_timeout_ms: u64,
     /// Time a client has to send its whole body once the headers arrived.
     pub request_timeout_ms: u64,
+    /// Longest pause allowed between two pieces of the body (slow-body clients).
+    pub body_idle_timeout_ms: u64,
+    /// Most request headers accepted (431 beyond).
+    pub max_headers: usize,
+    /// Most bytes of request line and headers accepted (at least 8192).
+    pub max_header_bytes: usize,
+    /// Only these networks may post webhooks (CIDRs or addresses); empty: everyone. Others
+    /// get 403 before their body is read. Health and metrics are not affected.
+    #[serde(deserialize_with = "ip_nets")]
+    pub allow_from: Vec<ipnet::IpNet>,
+    /// Load balancers whose `X-Forwarded-For`/`Forwarded` headers are believed.
+    #[serde(deserialize_with = "ip_nets")]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// On shutdown, time in-flight requests get to finish before connections are cut.
     pub drain_timeout_ms: u64,
     /// Value of `Retry-After` on 503 answers.
@@ -118,6 +132,10 @@ pub struct AmqpConfig {
     pub connect_timeout_ms: u64,
     /// Ceiling of the exponential reconnect backoff.
     pub reconnect_max_backoff_ms: u64,
+    /// Replace the value of `export_key` in the published body with `"<redacted>"` (every
+    /// other byte unchanged), so consumers never see a credential that also opens the
+    /// company's data exports. Off by default: the body is published byte for byte.
+    pub redact_export_key: bool,
 }
 
 /// A queue the relay declares and binds to its exchange.
@@ -202,6 +220,9 @@ pub struct AuthConfig {
     /// and on SIGHUP; e.g. a mounted Kubernetes Secret.
     #[serde(default)]
     pub export_keys_file: Option<PathBuf>,
+    /// Refuse webhooks whose `time` is more than this many seconds old (or ahead); 0: off.
+    /// Off by default: HireHop's clock and delays are unknown.
+    pub max_age_secs: u64,
 }
 
 /// The keys of one HireHop company.
@@ -223,6 +244,18 @@ pub struct SpoolConfig {
     pub dir: PathBuf,
     /// Disk the spool may use; beyond it webhooks get 503.
     pub max_bytes: u64,
+}
+
+/// Optional TLS termination on the webhook port.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain; with `key_file`, turns TLS on. Re-read when it changes.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
 }
 
 /// The Prometheus endpoint.
@@ -266,6 +299,11 @@ drain_timeout_ms = 10000
 retry_after_secs = 5
 max_in_flight = 1024
 max_connections = 4096
+body_idle_timeout_ms = 10000
+max_headers = 100
+max_header_bytes = 16384
+allow_from = []
+trusted_proxies = []
 
 [amqp]
 url = "amqp://guest:guest@127.0.0.1:5672/%2f"
@@ -282,10 +320,14 @@ channels = 4
 confirm_timeout_ms = 5000
 connect_timeout_ms = 10000
 reconnect_max_backoff_ms = 30000
+redact_export_key = false
 
 [auth]
 export_keys = []
 companies = []
+max_age_secs = 0
+
+[tls]
 
 [spool]
 enabled = true
@@ -334,6 +376,18 @@ impl Config {
         if ["/healthz", "/readyz"].contains(&self.http.path.as_str()) {
             return Err(invalid("http.path", "must not be a health endpoint"));
         }
+        if self.http.max_headers == 0 {
+            return Err(invalid("http.max_headers", "must be greater than 0"));
+        }
+        if self.http.max_header_bytes < 8192 {
+            return Err(invalid("http.max_header_bytes", "must be at least 8192"));
+        }
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            return Err(invalid(
+                "tls",
+                "set both cert_file and key_file, or neither",
+            ));
+        }
         if self.http.max_in_flight == 0 {
             return Err(invalid("http.max_in_flight", "must be greater than 0"));
         }
@@ -349,6 +403,7 @@ impl Config {
                 self.http.header_read_timeout_ms,
             ),
             ("http.request_timeout_ms", self.http.request_timeout_ms),
+            ("http.body_idle_timeout_ms", self.http.body_idle_timeout_ms),
             ("amqp.confirm_timeout_ms", self.amqp.confirm_timeout_ms),
             ("amqp.connect_timeout_ms", self.amqp.connect_timeout_ms),
             (
@@ -485,6 +540,9 @@ impl HttpConfig {
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
     }
+    pub fn body_idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_idle_timeout_ms)
+    }
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_millis(self.drain_timeout_ms)
     }
@@ -585,6 +643,20 @@ fn string_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error>
         .map(|item| item.trim().to_owned())
         .filter(|item| !item.is_empty())
         .collect())
+}
+
+/// CIDRs (or single addresses) as a list or a comma-separated string.
+fn ip_nets<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ipnet::IpNet>, D::Error> {
+    string_list(d)?
+        .iter()
+        .map(|item| {
+            item.parse::<ipnet::IpNet>()
+                .or_else(|_| item.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    serde::de::Error::custom(format!("{item:?} is not an address or CIDR"))
+                })
+        })
+        .collect()
 }
 
 /// Export keys as a list or a comma-separated string.
@@ -899,6 +971,34 @@ mod tests {
         .to_string();
         assert!(
             err.starts_with("invalid amqp.routing_key_template"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn network_lists_take_cidrs_and_addresses() {
+        let config = Config::load_from(
+            None,
+            env(&[
+                ("RELAY_AUTH__EXPORT_KEYS", "k"),
+                ("RELAY_HTTP__ALLOW_FROM", "203.0.113.0/24, 2001:db8::1"),
+                ("RELAY_HTTP__TRUSTED_PROXIES", "10.0.0.0/8"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.http.allow_from.len(), 2);
+        assert_eq!(config.http.allow_from[1].to_string(), "2001:db8::1/128");
+        let err = Config::load_from(
+            None,
+            env(&[
+                ("RELAY_AUTH__EXPORT_KEYS", "k"),
+                ("RELAY_HTTP__ALLOW_FROM", "10.0.0.0/33"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("10.0.0.0/33") && err.contains("allow_from"),
             "{err}"
         );
     }

@@ -10,6 +10,7 @@
 //! field is refused, since the relay and a consumer could otherwise read different values.
 
 use std::borrow::Cow;
+use std::ops::Range;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -37,6 +38,10 @@ pub struct Envelope<'a> {
     pub export_key: Option<Cow<'a, str>>,
     pub company_id: Option<u64>,
     pub user_id: Option<u64>,
+    /// HireHop's send time (`YYYY-MM-DD HH:MM:SS`, UTC), as sent.
+    pub time: Option<Cow<'a, str>>,
+    /// Where `export_key`'s JSON value (quotes included) sits in the body, for redaction.
+    pub export_key_span: Option<Range<usize>>,
 }
 
 #[derive(Deserialize)]
@@ -49,6 +54,8 @@ struct RawFields<'a> {
     company_id: Option<&'a RawValue>,
     #[serde(borrow, default)]
     user_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    time: Option<&'a RawValue>,
 }
 
 impl<'a> Envelope<'a> {
@@ -63,7 +70,17 @@ impl<'a> Envelope<'a> {
         // valid JSON (RFC 8259 requires UTF-8), so check the whole body.
         let body = std::str::from_utf8(body).map_err(|_| EnvelopeError::NotUtf8)?;
         let raw: RawFields<'a> = serde_json::from_str(body).map_err(EnvelopeError::Json)?;
+        // A borrowed raw value is a slice of `body`: its offset is its place in the body.
+        let span = |value: &RawValue| {
+            let start = value.get().as_ptr() as usize - body.as_ptr() as usize;
+            start..start + value.get().len()
+        };
         Ok(Envelope {
+            export_key_span: raw
+                .export_key
+                .filter(|v| v.get().starts_with('"'))
+                .map(span),
+            time: raw.time.and_then(string),
             event: raw.event.and_then(string),
             export_key: raw.export_key.and_then(string),
             company_id: raw
@@ -150,6 +167,17 @@ mod tests {
         let envelope = parse(r#"{"event":"job.updated","company_id":null,"user_id":""}"#).unwrap();
         assert_eq!(envelope.company_id, None);
         assert_eq!(envelope.user_id, None);
+    }
+
+    #[test]
+    fn the_key_span_points_at_its_json_string_in_the_body() {
+        let body = r#"{"event":"a", "export_key" : "22u43mrjwe7u" ,"x":1}"#;
+        let envelope = parse(body).unwrap();
+        let span = envelope.export_key_span.unwrap();
+        assert_eq!(&body[span], "\"22u43mrjwe7u\"");
+        assert_eq!(parse(r#"{"export_key":5}"#).unwrap().export_key_span, None);
+        let envelope = parse(r#"{"time":"2022-03-29 07:50:42"}"#).unwrap();
+        assert_eq!(envelope.time.as_deref(), Some("2022-03-29 07:50:42"));
     }
 
     #[test]

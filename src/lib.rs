@@ -23,6 +23,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod amqp;
 pub mod auth;
 pub mod config;
@@ -35,6 +36,7 @@ pub mod send;
 pub mod server;
 pub mod signal;
 pub mod spool;
+pub mod tls;
 pub mod tracecontext;
 pub mod webhook;
 
@@ -46,6 +48,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::access::AccessPolicy;
 use crate::auth::KeyStore;
 use crate::config::Config;
 use crate::delivery::Delivery;
@@ -63,9 +66,14 @@ pub async fn run(
     delivery: Delivery,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
-) {
+) -> Result<(), tls::TlsError> {
+    let tls = match (&config.tls.cert_file, &config.tls.key_file) {
+        (Some(cert), Some(key)) => Some(Arc::new(tls::Tls::load(cert, key)?)),
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     match listener.local_addr() {
-        Ok(addr) => tracing::info!(%addr, path = %config.http.path, "listening"),
+        Ok(addr) => tracing::info!(%addr, scheme, path = %config.http.path, "listening"),
         Err(err) => tracing::warn!(error = %err, "listening on an unknown address"),
     }
     // One token for everything that stops with the server.
@@ -90,10 +98,15 @@ pub async fn run(
             stopping.clone(),
         ));
     }
+    if let Some(tls) = &tls {
+        let (tls, stop) = (Arc::clone(tls), stopping.clone());
+        tokio::spawn(async move { tls.watch(stop).await });
+    }
     let metrics_server = match config.metrics.listen {
         Some(addr) => match TcpListener::bind(addr).await {
             Ok(listener) => {
                 tracing::info!(%addr, "serving /metrics");
+                let metrics = Arc::clone(delivery.metrics());
                 let delivery = delivery.clone();
                 let handler = move |_peer, request: hyper::Request<hyper::body::Incoming>| {
                     let delivery = delivery.clone();
@@ -102,7 +115,8 @@ pub async fn run(
                 let http = config.http.clone();
                 let stop = stopping.clone();
                 Some(tokio::spawn(async move {
-                    server::serve(listener, &http, handler, stop.cancelled_owned()).await;
+                    let shutdown = stop.cancelled_owned();
+                    server::serve(listener, &http, None, metrics, handler, shutdown).await;
                 }))
             }
             Err(err) => {
@@ -122,12 +136,20 @@ pub async fn run(
         publishes: TaskTracker::new(),
         in_flight: Semaphore::new(config.http.max_in_flight),
         metrics_here: config.metrics.listen.is_none(),
+        access: AccessPolicy::new(
+            config.http.allow_from.clone(),
+            config.http.trusted_proxies.clone(),
+        ),
+        redact_export_key: config.amqp.redact_export_key,
+        max_age: (config.auth.max_age_secs > 0)
+            .then(|| std::time::Duration::from_secs(config.auth.max_age_secs)),
     });
     let handler = {
         let app = Arc::clone(&app);
         move |peer, request| webhook::handle(Arc::clone(&app), peer, request)
     };
-    server::serve(listener, &config.http, handler, shutdown).await;
+    let metrics = Arc::clone(delivery.metrics());
+    server::serve(listener, &config.http, tls, metrics, handler, shutdown).await;
     stopping.cancel();
 
     // Deliveries whose client hung up are not covered by the connection drain.
@@ -152,6 +174,7 @@ pub async fn run(
     }
     delivery.publisher().close().await;
     tracing::info!("stopped");
+    Ok(())
 }
 
 /// The metrics listener answers `/metrics` and nothing else.

@@ -207,7 +207,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("failed to bind {}", config.http.listen))?;
     let metrics = Arc::new(Metrics::new(config.metrics.max_event_labels));
     let delivery = Delivery::new(publisher, spool, metrics);
-    hirehop_relay::run(config, delivery, listener, shutdown.cancelled_owned()).await;
+    hirehop_relay::run(config, delivery, listener, shutdown.cancelled_owned())
+        .await
+        .context("cannot serve")?;
     match Arc::into_inner(fatal).and_then(OnceLock::into_inner) {
         Some(err) => Err(err).context("cannot set up the broker"),
         None => Ok(()),

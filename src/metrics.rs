@@ -41,6 +41,11 @@ struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EventLabels {
     event: String,
 }
@@ -61,6 +66,7 @@ pub struct Metrics {
     spool_messages: Gauge,
     spool_bytes: Gauge,
     replayed: Counter,
+    connection_errors: Family<KindLabels, Counter>,
     events: EventNames,
     /// One scrape at a time: state gauges are refreshed, then everything encoded.
     render: Mutex<()>,
@@ -174,6 +180,12 @@ impl Metrics {
             "Webhooks replayed from the spool and confirmed",
             replayed.clone(),
         );
+        let connection_errors = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "connection_errors",
+            "Connections ended early, by kind (header_timeout, headers_too_large, bad_request, tls_handshake, over_limit, io)",
+            connection_errors.clone(),
+        );
         registry.register(
             "build",
             "Version of the running relay",
@@ -194,6 +206,7 @@ impl Metrics {
             spool_messages,
             spool_bytes,
             replayed,
+            connection_errors,
             events: EventNames {
                 seen: Mutex::new(HashSet::new()),
                 max: max_event_labels,
@@ -236,6 +249,12 @@ impl Metrics {
     pub fn webhook(&self, event: &str) {
         let event = self.events.label(event);
         self.webhooks.get_or_create(&EventLabels { event }).inc();
+    }
+
+    pub fn connection_error(&self, kind: &'static str) {
+        self.connection_errors
+            .get_or_create(&KindLabels { kind })
+            .inc();
     }
 
     pub fn replayed(&self, n: u64) {

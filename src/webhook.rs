@@ -9,7 +9,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -20,6 +20,7 @@ use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::access::AccessPolicy;
 use crate::amqp::PublishError;
 use crate::auth::KeyStore;
 use crate::config::HttpConfig;
@@ -44,6 +45,12 @@ pub struct App {
     pub in_flight: Semaphore,
     /// Whether `/metrics` is served here (not when it has a listener of its own).
     pub metrics_here: bool,
+    /// Network rules of the webhook path.
+    pub access: AccessPolicy,
+    /// `amqp.redact_export_key`.
+    pub redact_export_key: bool,
+    /// `auth.max_age_secs`, when on.
+    pub max_age: Option<Duration>,
 }
 
 /// Every way a request can fail, and the status it gets. Messages are sent to the client:
@@ -52,6 +59,8 @@ pub struct App {
 pub enum Rejection {
     #[error("not found")]
     NotFound,
+    #[error("forbidden")]
+    Forbidden,
     #[error("method not allowed")]
     MethodNotAllowed { allow: &'static str },
     #[error("too many requests in flight, try again later")]
@@ -68,6 +77,8 @@ pub enum Rejection {
     MissingKey,
     #[error("export_key is not valid")]
     WrongKey,
+    #[error("time is missing or outside the accepted window")]
+    Stale,
     #[error("event is missing or not a string")]
     MissingEvent,
     #[error(transparent)]
@@ -97,6 +108,7 @@ impl Rejection {
     pub fn status(&self) -> StatusCode {
         match self {
             Rejection::NotFound => StatusCode::NOT_FOUND,
+            Rejection::Forbidden => StatusCode::FORBIDDEN,
             Rejection::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Rejection::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Rejection::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -104,7 +116,9 @@ impl Rejection {
             | Rejection::Envelope(_)
             | Rejection::MissingEvent
             | Rejection::BadEvent(_) => StatusCode::BAD_REQUEST,
-            Rejection::MissingKey | Rejection::WrongKey => StatusCode::UNAUTHORIZED,
+            Rejection::MissingKey | Rejection::WrongKey | Rejection::Stale => {
+                StatusCode::UNAUTHORIZED
+            }
             Rejection::Overloaded
             | Rejection::Unavailable(_)
             | Rejection::Unroutable(_)
@@ -117,6 +131,7 @@ impl Rejection {
     pub fn reason(&self) -> &'static str {
         match self {
             Rejection::NotFound => "not_found",
+            Rejection::Forbidden => "forbidden",
             Rejection::MethodNotAllowed { .. } => "method_not_allowed",
             Rejection::Overloaded => "overloaded",
             Rejection::TooLarge { .. } => "too_large",
@@ -124,6 +139,7 @@ impl Rejection {
             Rejection::BodyRead(_) => "body_read",
             Rejection::Envelope(_) => "bad_json",
             Rejection::MissingKey | Rejection::WrongKey => "bad_key",
+            Rejection::Stale => "stale",
             Rejection::MissingEvent | Rejection::BadEvent(_) => "bad_event",
             Rejection::Unavailable(_) => "broker_unavailable",
             Rejection::Unroutable(_) => "unroutable",
@@ -148,17 +164,19 @@ pub async fn handle(
     let request_id = uuid::Uuid::now_v7().to_string();
     let trace = TraceContext::from_headers(request.headers());
     let route = route_name(&app, request.uri().path());
+    let client = app.access.client_ip(peer.ip(), request.headers());
     let span = tracing::info_span!(
         "request",
         %request_id,
         trace_id = trace.trace_id(),
         %peer,
+        %client,
         method = %request.method(),
         path = request.uri().path(),
         event = tracing::field::Empty,
         company_id = tracing::field::Empty,
     );
-    let mut response = dispatch(&app, request, &request_id, trace)
+    let mut response = dispatch(&app, request, &request_id, trace, client)
         .instrument(span.clone())
         .await
         .unwrap_or_else(|rejection| {
@@ -191,10 +209,15 @@ async fn dispatch(
     request: Request<Incoming>,
     request_id: &str,
     trace: TraceContext,
+    client: std::net::IpAddr,
 ) -> Result<Response<Full<Bytes>>, Rejection> {
     let path = request.uri().path();
     let method = request.method();
     if path == app.http.path {
+        // Before anything is read from the body.
+        if !app.access.allows(client) {
+            return Err(Rejection::Forbidden);
+        }
         return match *method {
             Method::POST => {
                 // Beyond the cap, answer at once instead of queueing without bound.
@@ -258,6 +281,11 @@ async fn accept(
     if !app.keys.current().verify(key, envelope.company_id) {
         return Err(Rejection::WrongKey);
     }
+    if let Some(window) = app.max_age
+        && !fresh(envelope.time.as_deref(), received_at, window)
+    {
+        return Err(Rejection::Stale);
+    }
     let event = envelope.event.as_deref().ok_or(Rejection::MissingEvent)?;
     span.record("event", event);
     let routing_key =
@@ -271,7 +299,10 @@ async fn accept(
         company_id: envelope.company_id,
         user_id: envelope.user_id,
         received_at,
-        body: body.clone(),
+        body: match (&envelope.export_key_span, app.redact_export_key) {
+            (Some(span), true) => redact(&body, span.clone()),
+            _ => body.clone(),
+        },
         replayed: false,
         traceparent: trace.to_string(),
         tracestate: trace.tracestate,
@@ -300,6 +331,29 @@ async fn accept(
     Ok(json_response(StatusCode::ACCEPTED, json))
 }
 
+/// Whether HireHop's `time` (UTC, `YYYY-MM-DD HH:MM:SS`) is within `window` of `now`, either
+/// way (clocks drift).
+fn fresh(time: Option<&str>, now: SystemTime, window: Duration) -> bool {
+    let Some(sent) = time.and_then(|t| humantime::parse_rfc3339_weak(t).ok()) else {
+        return false;
+    };
+    let skew = now
+        .duration_since(sent)
+        .or_else(|_| sent.duration_since(now))
+        .unwrap_or(Duration::MAX);
+    skew <= window
+}
+
+/// The body with the JSON value at `span` (the export key, quotes included) replaced by
+/// `"<redacted>"`; every other byte as it was.
+fn redact(body: &Bytes, span: std::ops::Range<usize>) -> Bytes {
+    let mut out = Vec::with_capacity(body.len());
+    out.extend_from_slice(&body[..span.start]);
+    out.extend_from_slice(b"\"<redacted>\"");
+    out.extend_from_slice(&body[span.end..]);
+    Bytes::from(out)
+}
+
 async fn read_body(http: &HttpConfig, request: Request<Incoming>) -> Result<Bytes, Rejection> {
     let limit = http.max_body_bytes;
     let declared = request
@@ -310,15 +364,38 @@ async fn read_body(http: &HttpConfig, request: Request<Incoming>) -> Result<Byte
     if declared.is_some_and(|len| len > limit) {
         return Err(Rejection::TooLarge { limit });
     }
-    let limited = Limited::new(
+    let mut body = Limited::new(
         request.into_body(),
         usize::try_from(limit).unwrap_or(usize::MAX),
     );
-    match tokio::time::timeout(http.request_timeout(), limited.collect()).await {
-        Err(_) => Err(Rejection::BodyTimeout),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(err)) if err.is::<LengthLimitError>() => Err(Rejection::TooLarge { limit }),
-        Ok(Err(err)) => Err(Rejection::BodyRead(err.to_string())),
+    // Two clocks: the whole body within request_timeout, and no pause between two pieces
+    // longer than body_idle_timeout (a client dribbling a byte at a time is cut off early).
+    let deadline = tokio::time::Instant::now() + http.request_timeout();
+    let mut chunks: Vec<Bytes> = Vec::new();
+    loop {
+        let pause = (tokio::time::Instant::now() + http.body_idle_timeout()).min(deadline);
+        let frame = match tokio::time::timeout_at(pause, body.frame()).await {
+            Err(_) => return Err(Rejection::BodyTimeout),
+            Ok(None) => return Ok(join(chunks)),
+            Ok(Some(Ok(frame))) => frame,
+            Ok(Some(Err(err))) if err.is::<LengthLimitError>() => {
+                return Err(Rejection::TooLarge { limit });
+            }
+            Ok(Some(Err(err))) => return Err(Rejection::BodyRead(err.to_string())),
+        };
+        // Trailers, if any, are not part of the webhook.
+        if let Ok(data) = frame.into_data() {
+            chunks.push(data);
+        }
+    }
+}
+
+/// One `Bytes` for the whole body; without a copy when it came in one piece.
+fn join(mut chunks: Vec<Bytes>) -> Bytes {
+    match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().unwrap_or_default(),
+        _ => Bytes::from(chunks.concat()),
     }
 }
 

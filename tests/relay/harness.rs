@@ -213,7 +213,7 @@ pub struct TestRelay {
     pub exchange: String,
     pub config: Config,
     shutdown: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
+    task: Option<JoinHandle<Result<(), hirehop_relay::tls::TlsError>>>,
     broker: lapin::Connection,
     channel: lapin::Channel,
 }
@@ -366,7 +366,8 @@ impl TestRelay {
             tokio::time::timeout(PATIENCE, task)
                 .await
                 .expect("the relay stops in time")
-                .expect("the relay task does not panic");
+                .expect("the relay task does not panic")
+                .expect("the relay serves");
         }
         delete_topology(&self.channel, &self.exchange).await;
         let _ = std::fs::remove_dir_all(&self.config.spool.dir);
