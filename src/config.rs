@@ -20,7 +20,7 @@ use crate::routing::{self, RoutingTemplate};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file, the environment or a value could not be read into the typed config.
-    #[error("{0}")]
+    #[error(transparent)]
     Load(#[from] config::ConfigError),
     /// A value was read but is not acceptable.
     #[error("invalid {key}: {reason}")]
@@ -353,6 +353,23 @@ impl Config {
         file: Option<&Path>,
         env: Option<HashMap<String, String>>,
     ) -> Result<Config, ConfigError> {
+        let config = Self::load_unchecked_keys(file, env)?;
+        if config.keyring()?.is_empty() {
+            return Err(ConfigError::NoExportKey);
+        }
+        Ok(config)
+    }
+
+    /// Loads and validates everything but the presence of an export key: for the tools
+    /// (`tail`, `topology`) that never verify one.
+    pub fn load_for_tools(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_unchecked_keys(file, None)
+    }
+
+    fn load_unchecked_keys(
+        file: Option<&Path>,
+        env: Option<HashMap<String, String>>,
+    ) -> Result<Config, ConfigError> {
         let mut builder = config::Config::builder()
             .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
         if let Some(path) = file {
@@ -454,9 +471,8 @@ impl Config {
                 ));
             }
         }
-        if self.keyring()?.is_empty() {
-            return Err(ConfigError::NoExportKey);
-        }
+        // Reads the keys file, if any, so that a broken one is reported at load.
+        self.keyring()?;
         Ok(())
     }
 

@@ -74,12 +74,14 @@ impl Health {
         self.broker == BrokerState::Connected || self.spool.is_some_and(|s| s.accepting)
     }
 
-    /// `ok`, `degraded` (accepting into the spool only) or `unavailable`.
+    /// `ok`; `degraded` (accepting, but into the spool, or the spool is still draining);
+    /// or `unavailable`.
     pub fn status(&self) -> &'static str {
+        let spooling = self.spool.is_some_and(|s| s.depth.records > 0);
         match (self.broker, self.ready()) {
-            (BrokerState::Connected, _) => "ok",
-            (_, true) => "degraded",
             (_, false) => "unavailable",
+            (BrokerState::Connected, true) if !spooling => "ok",
+            (_, true) => "degraded",
         }
     }
 }
@@ -197,7 +199,10 @@ pub async fn replay(delivery: Delivery, stop: CancellationToken) {
             );
             draining = true;
         }
-        let delivered = match replay_batch(publisher, &spool, &delivery.metrics).await {
+        // After a failure, go one record at a time until the head goes through: a full
+        // batch would publish what follows the stuck head again on every retry.
+        let size = if failures == 0 { REPLAY_BATCH } else { 1 };
+        let delivered = match replay_batch(publisher, &spool, &delivery.metrics, size).await {
             Ok(delivered) => delivered,
             Err(err) => {
                 tracing::error!(error = %err, "spool replay stalled");
@@ -226,8 +231,9 @@ async fn replay_batch(
     publisher: &Publisher,
     spool: &Spool,
     metrics: &Metrics,
+    size: usize,
 ) -> Result<bool, std::io::Error> {
-    let batch = spool.read_batch(REPLAY_BATCH)?;
+    let batch = spool.read_batch(size)?;
     let mut messages = Vec::with_capacity(batch.len());
     let mut unreadable = Vec::new();
     for (i, (record, _)) in batch.iter().enumerate() {

@@ -86,10 +86,10 @@ pub async fn run(
     let keys = Arc::new(KeyStore::new(
         config.keyring().expect("the config was validated at load"),
     ));
+    let mut hangups = signal::hangups();
     if let Some(path) = config.auth.export_keys_file.clone() {
         let config = config.clone();
         let load = move || config.keyring().map_err(|err| err.to_string());
-        let hangups = signal::hangups();
         tokio::spawn(auth::watch_keys_file(
             Arc::clone(&keys),
             path,
@@ -97,6 +97,17 @@ pub async fn run(
             hangups,
             stopping.clone(),
         ));
+    } else {
+        // Nothing to reload, but SIGHUP must not end the process.
+        let stop = stopping.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = hangups() => tracing::info!("nothing to reload: no auth.export_keys_file"),
+                    () = stop.cancelled() => return,
+                }
+            }
+        });
     }
     if let Some(tls) = &tls {
         let (tls, stop) = (Arc::clone(tls), stopping.clone());
@@ -177,13 +188,17 @@ pub async fn run(
     Ok(())
 }
 
-/// The metrics listener answers `/metrics` and nothing else.
+/// The metrics listener answers `/metrics` and the health endpoints (for probes that cannot
+/// speak the webhook port's TLS), nothing else.
 fn metrics_only(
     delivery: &Delivery,
     path: &str,
 ) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
-    if path == "/metrics" {
-        return webhook::metrics(delivery);
+    match path {
+        "/metrics" => return webhook::metrics(delivery),
+        "/healthz" => return webhook::alive(),
+        "/readyz" => return webhook::readiness(delivery),
+        _ => {}
     }
     let mut response = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
     *response.status_mut() = hyper::StatusCode::NOT_FOUND;

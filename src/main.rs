@@ -91,7 +91,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         // Needs no relay configuration: it only talks HTTP.
         return runtime()?.block_on(send(url, event, key, *company));
     }
-    let config = Config::load(cli.config.as_deref()).context("invalid configuration")?;
+    let config = match command {
+        Command::Tail { .. } | Command::Topology { .. } => {
+            Config::load_for_tools(cli.config.as_deref())
+        }
+        _ => Config::load(cli.config.as_deref()),
+    }
+    .context("invalid configuration")?;
     match command {
         Command::CheckConfig => {
             print!("{}", config.to_redacted_toml());
@@ -117,7 +123,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .block_on(async {
                     tokio::select! {
                         result = tail(&config.amqp, &pattern, json, &mut out) => result,
-                        () = hirehop_relay::signal::shutdown() => Ok(()),
+                        _ = hirehop_relay::signal::shutdown() => Ok(()),
                     }
                 })
                 .context("tail stopped")
@@ -161,8 +167,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tokio::spawn({
         let shutdown = shutdown.clone();
         async move {
-            hirehop_relay::signal::shutdown().await;
+            let signal = hirehop_relay::signal::shutdown().await;
+            // Cancel first: nothing, not even a failing log write, may stand in its way.
             shutdown.cancel();
+            tracing::info!(signal, "received shutdown signal");
         }
     });
 
@@ -239,10 +247,14 @@ fn open_spool(config: &Config) -> anyhow::Result<Spool> {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // lapin logs a returned message whole (body, so export key, included) at warn.
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,lapin=error"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // A closed stderr must not turn into a panic (and a relay deaf to SIGTERM).
+        .log_internal_errors(false);
     match format {
         LogFormat::Json => builder.json().with_current_span(true).init(),
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),

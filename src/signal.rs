@@ -1,21 +1,21 @@
 //! The signals that stop the relay.
 
-/// Resolves on the first SIGTERM or SIGINT.
+/// Resolves on the first SIGTERM or SIGINT, with the signal's name.
 ///
 /// SIGTERM: Kubernetes, systemd and `docker stop` send this to start a graceful shutdown.
 /// SIGINT: Ctrl-C in a terminal; treated the same so a developer sees the drain too.
-pub async fn shutdown() {
+pub async fn shutdown() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler works");
     let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler works");
-    let name = tokio::select! {
+    tokio::select! {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
-    };
-    tracing::info!(signal = name, "received shutdown signal");
+    }
 }
 
-/// A future per SIGHUP: "reload your keys", as for nginx or HAProxy.
+/// A future per SIGHUP: "reload your keys", as for nginx or HAProxy. Installed whether or
+/// not there is a keys file: SIGHUP's default action would end the process undrained.
 pub fn hangups() -> impl FnMut() -> futures_lite::future::Boxed<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let hangup = std::sync::Arc::new(tokio::sync::Mutex::new(
@@ -28,7 +28,7 @@ pub fn hangups() -> impl FnMut() -> futures_lite::future::Boxed<()> {
             if received.is_none() {
                 std::future::pending::<()>().await;
             }
-            tracing::info!("received SIGHUP: reloading export keys");
+            tracing::info!("received SIGHUP");
         })
     }
 }

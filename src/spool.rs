@@ -23,6 +23,7 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -135,7 +136,12 @@ impl Spool {
             path: dir.to_owned(),
             source,
         };
-        fs::create_dir_all(dir).map_err(io_err)?;
+        // Records hold webhook bodies, export keys included: owner only.
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_err)?;
         let lock = File::create(dir.join("lock")).map_err(io_err)?;
         if lock.try_lock().is_err() {
             return Err(OpenError::Locked(dir.to_owned()));
@@ -612,6 +618,7 @@ fn create_segment(dir: &Path, number: u64) -> io::Result<File> {
         .create(true)
         .truncate(true)
         .write(true)
+        .mode(0o600)
         .open(segment_path(dir, number))?;
     file.write_all(MAGIC)?;
     file.sync_all()?;
@@ -797,6 +804,19 @@ mod tests {
         assert!(!spool.is_accepting());
         assert_eq!(drain_all(&spool).await.len(), accepted);
         spool.append(Bytes::from(vec![b'y'; 40])).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn spool_files_are_private_to_their_owner() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = TempDir::new();
+        let (spool, _) = Spool::open(&dir.0, 1 << 20).unwrap();
+        spool.append(Bytes::from_static(b"secret")).await.unwrap();
+        let mode = |path: &Path| fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.0), 0o700);
+        for (_, segment) in list_segments(&dir.0).unwrap() {
+            assert_eq!(mode(&segment), 0o600);
+        }
     }
 
     #[tokio::test]

@@ -427,13 +427,13 @@ fn rejection_response(rejection: &Rejection, retry_after_secs: u64) -> Response<
 }
 
 /// The process answers, so it is alive.
-fn alive() -> Response<Full<Bytes>> {
+pub fn alive() -> Response<Full<Bytes>> {
     json_response(StatusCode::OK, r#"{"status":"ok"}"#.to_owned())
 }
 
 /// 200 while a webhook sent here would be kept (broker confirming, or spool accepting), with
 /// the parts in the body; 503 otherwise.
-fn readiness(delivery: &Delivery) -> Response<Full<Bytes>> {
+pub fn readiness(delivery: &Delivery) -> Response<Full<Bytes>> {
     let health = delivery.health();
     let broker = match health.broker {
         BrokerState::Connected => "connected",

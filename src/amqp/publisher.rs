@@ -295,7 +295,7 @@ impl Publisher {
         message: &Message,
     ) -> Result<lapin::PublisherConfirm, lapin::Error> {
         if self.inner.config.per_event_queues {
-            self.ensure_event_queue(channel, message.routing_key.as_str())
+            self.ensure_event_queue(message.routing_key.as_str())
                 .await?;
         }
         channel
@@ -314,11 +314,7 @@ impl Publisher {
 
     /// Declares the per-event queue for `routing_key` unless done on this connection already,
     /// so that no event is published with nobody to keep it.
-    async fn ensure_event_queue(
-        &self,
-        channel: &Channel,
-        routing_key: &str,
-    ) -> Result<(), lapin::Error> {
+    async fn ensure_event_queue(&self, routing_key: &str) -> Result<(), lapin::Error> {
         let known = |inner: &Inner| {
             inner
                 .event_queues
@@ -329,7 +325,18 @@ impl Publisher {
         if known(&self.inner) {
             return Ok(());
         }
-        match topology::declare_event_queue(&self.inner.config, channel, routing_key).await {
+        // On a channel of its own: a refused declaration closes its channel, and the
+        // publishing channel carries other webhooks' confirms.
+        let Some(session) = self.current() else {
+            return Err(lapin::Error::from(std::io::Error::other(
+                "no broker connection",
+            )));
+        };
+        let declaring = session.connection.create_channel().await?;
+        let declared =
+            topology::declare_event_queue(&self.inner.config, &declaring, routing_key).await;
+        let _ = declaring.close(200, "declared".into()).await;
+        match declared {
             Ok(()) => {
                 self.inner
                     .event_queues

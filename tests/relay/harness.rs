@@ -37,7 +37,7 @@ pub const KEY: &str = "k3y-for-tests-0001";
 pub const PATIENCE: Duration = Duration::from_secs(15);
 
 pub fn amqp_url() -> String {
-    std::env::var("RELAY_TEST_AMQP_URL")
+    std::env::var("HIREHOP_TEST_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }
 
@@ -45,7 +45,7 @@ pub fn amqp_url() -> String {
 pub fn broker_addr() -> SocketAddr {
     let uri: lapin::uri::AMQPUri = amqp_url()
         .parse()
-        .expect("RELAY_TEST_AMQP_URL is a valid AMQP URI");
+        .expect("HIREHOP_TEST_AMQP_URL is a valid AMQP URI");
     format!("{}:{}", uri.authority.host, uri.authority.port)
         .parse()
         .expect("the test broker's host is an IP address")
@@ -70,7 +70,7 @@ fn no_broker(url: &str, why: &str) -> ! {
     panic!(
         "cannot reach RabbitMQ at {url} ({why}). These tests need a real broker: start one \
          with `rabbitmq-server -detached` (Debian package rabbitmq-server) or \
-         `docker compose up -d rabbitmq`, or point RELAY_TEST_AMQP_URL at one"
+         `docker compose up -d rabbitmq`, or point HIREHOP_TEST_AMQP_URL at one"
     )
 }
 
@@ -380,7 +380,7 @@ pub fn via(proxy: &Proxy) -> String {
     assert_ne!(
         url,
         amqp_url(),
-        "RELAY_TEST_AMQP_URL must spell out host:port"
+        "HIREHOP_TEST_AMQP_URL must spell out host:port"
     );
     url
 }

@@ -3,10 +3,11 @@
 //! Every test starts its own relay on `127.0.0.1:0` with its own exchange (and so its own
 //! `<exchange>.unrouted` queue), reads what arrived with a real AMQP consumer, and deletes
 //! what it declared at the end. The broker is `amqp://guest:guest@127.0.0.1:5672/%2f`, or
-//! `RELAY_TEST_AMQP_URL`; when it cannot be reached the tests fail and say how to start it.
+//! `HIREHOP_TEST_AMQP_URL`; when it cannot be reached the tests fail and say how to start it.
 //!
 //! Modules:
 //! - `harness`: starting relays (in-process or as the real binary), HTTP helpers, queues.
+//! - `hostile`: slow clients, header floods, garbage, network rules, redaction, replay window.
 //! - `operate`: metrics, trace context, overload, keys reloaded on SIGHUP.
 //! - `proxy`: a TCP proxy between relay and broker that can cut, refuse and stall.
 //! - `accept`: what a 202 means: the body byte for byte, the properties, the headers.
@@ -20,6 +21,7 @@
 mod accept;
 mod faults;
 mod harness;
+mod hostile;
 mod operate;
 mod proxy;
 mod queues;

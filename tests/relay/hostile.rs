@@ -1,0 +1,415 @@
+//! The webhook port faces the internet: slow clients, floods of headers, garbage, forged
+//! forwarding headers. After each abuse the relay still accepts a normal webhook.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use hyper::{Method, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::harness::{
+    KEY, PATIENCE, RelayProcess, TestRelay, message_id, raw, read_head, request, send, webhook,
+    webhook_with,
+};
+use crate::shutdown::{env, unique_exchange};
+
+async fn still_accepts(relay: &TestRelay) {
+    let reply = relay.post(webhook("job.updated")).await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{:?}", reply.body);
+}
+
+async fn metric(relay: &TestRelay, series: &str) -> f64 {
+    let reply = relay.send(request(Method::GET, "/metrics", "")).await;
+    let text = String::from_utf8(reply.body.to_vec()).unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Writes `bytes` one at a time, `pause` apart, until the relay closes the connection;
+/// returns what it answered, if anything.
+async fn dribble(stream: &mut tokio::net::TcpStream, bytes: &[u8], pause: Duration) -> String {
+    let deadline = Instant::now() + PATIENCE;
+    for byte in bytes {
+        if stream.write_all(&[*byte]).await.is_err() {
+            break;
+        }
+        let mut buf = [0u8; 512];
+        match tokio::time::timeout(pause, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return String::new(),
+            Ok(Ok(n)) => return String::from_utf8_lossy(&buf[..n]).into_owned(),
+            Err(_) => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the relay never cut the slow client off"
+        );
+    }
+    read_head(stream).await
+}
+
+#[tokio::test]
+async fn slow_headers_are_cut_off_and_counted() {
+    let relay = TestRelay::start_with(&[("RELAY_HTTP__HEADER_READ_TIMEOUT_MS", "300")]).await;
+    let mut stream = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    let head =
+        "POST /webhooks/hirehop HTTP/1.1\r\nHost: x\r\nX-Slow: ".to_owned() + &"a".repeat(500);
+    let answer = dribble(&mut stream, head.as_bytes(), Duration::from_millis(50)).await;
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
+    assert!(
+        metric(
+            &relay,
+            r#"hirehop_relay_connection_errors_total{kind="header_timeout"}"#
+        )
+        .await
+            >= 1.0
+    );
+    still_accepts(&relay).await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn slow_bodies_get_408() {
+    let relay = TestRelay::start_with(&[
+        ("RELAY_HTTP__BODY_IDLE_TIMEOUT_MS", "300"),
+        ("RELAY_HTTP__REQUEST_TIMEOUT_MS", "1500"),
+    ])
+    .await;
+    let body = webhook("job.updated");
+    let head = format!(
+        "POST /webhooks/hirehop HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    // A byte every 100 ms never pauses long, but never finishes in time either.
+    let mut stream = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let answer = dribble(&mut stream, body.as_bytes(), Duration::from_millis(100)).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    // A pause longer than the idle timeout is cut off sooner.
+    let mut stream = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&body.as_bytes()[..10]).await.unwrap();
+    let started = Instant::now();
+    let answer = read_head(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_millis(1400),
+        "{:?}",
+        started.elapsed()
+    );
+    still_accepts(&relay).await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn header_floods_invalid_utf8_and_json_bombs_are_refused_or_survived() {
+    let relay = TestRelay::start().await;
+    let mut flood = String::from("POST /webhooks/hirehop HTTP/1.1\r\nHost: x\r\n");
+    for i in 0..10_000 {
+        flood.push_str(&format!("X-H{i}: v\r\n"));
+    }
+    flood.push_str("Content-Length: 2\r\n\r\n{}");
+    let head = raw(relay.addr, flood.as_bytes()).await;
+    assert!(head.starts_with("HTTP/1.1 431"), "{head}");
+
+    let mut bad = webhook("job.updated").into_bytes();
+    let at = bad.len() - 2;
+    bad.splice(at..at, b",\"x\":\"\xff\xfe\"".iter().copied());
+    let reply = relay.post(bad).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert!(reply.json()["error"].as_str().unwrap().contains("UTF-8"));
+
+    let depth = 200_000;
+    let bomb = format!(
+        r#"{{"event":"job.updated","export_key":"{KEY}","data":{}{}}}"#,
+        "[".repeat(depth),
+        "]".repeat(depth)
+    );
+    let reply = relay.post(bomb).await;
+    assert!(
+        [StatusCode::ACCEPTED, StatusCode::BAD_REQUEST].contains(&reply.status),
+        "{:?}",
+        reply.status
+    );
+    still_accepts(&relay).await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn many_idle_connections_do_not_stop_service() {
+    let relay = TestRelay::start_with(&[("RELAY_HTTP__HEADER_READ_TIMEOUT_MS", "2000")]).await;
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        idle.push(tokio::net::TcpStream::connect(relay.addr).await.unwrap());
+    }
+    still_accepts(&relay).await;
+    drop(idle);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn allow_from_is_checked_before_the_body_and_only_trusted_proxies_are_believed() {
+    let relay = TestRelay::start_with(&[
+        ("RELAY_HTTP__ALLOW_FROM", "203.0.113.0/24"),
+        ("RELAY_HTTP__TRUSTED_PROXIES", "127.0.0.1"),
+    ])
+    .await;
+    // From the proxy itself, or for a client outside the list: 403, without sending a body.
+    for xff in [
+        "",
+        "X-Forwarded-For: 198.51.100.1\r\n",
+        "X-Forwarded-For: 203.0.113.7, 198.51.100.1\r\n",
+    ] {
+        let head = raw(
+            relay.addr,
+            format!(
+                "POST /webhooks/hirehop HTTP/1.1\r\nHost: x\r\n{xff}Content-Length: 500\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await;
+        assert!(head.starts_with("HTTP/1.1 403"), "{xff:?}: {head}");
+    }
+    let mut req = request(Method::POST, "/webhooks/hirehop", webhook("job.updated"));
+    req.headers_mut()
+        .insert("x-forwarded-for", "203.0.113.7".parse().unwrap());
+    assert_eq!(relay.send(req).await.status, StatusCode::ACCEPTED);
+    let mut req = request(Method::POST, "/webhooks/hirehop", webhook("job.updated"));
+    req.headers_mut()
+        .insert("forwarded", "for=203.0.113.8;proto=https".parse().unwrap());
+    assert_eq!(relay.send(req).await.status, StatusCode::ACCEPTED);
+    // Health stays reachable for probes from anywhere.
+    assert_eq!(
+        relay
+            .send(request(Method::GET, "/healthz", ""))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    relay.stop().await;
+
+    // Without trusted proxies, a forged header opens nothing.
+    let relay = TestRelay::start_with(&[("RELAY_HTTP__ALLOW_FROM", "203.0.113.0/24")]).await;
+    let mut req = request(Method::POST, "/webhooks/hirehop", webhook("job.updated"));
+    req.headers_mut()
+        .insert("x-forwarded-for", "203.0.113.7".parse().unwrap());
+    assert_eq!(relay.send(req).await.status, StatusCode::FORBIDDEN);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn redaction_changes_only_the_key_value() {
+    let relay = TestRelay::start_with(&[("RELAY_AMQP__REDACT_EXPORT_KEY", "true")]).await;
+    let mut queue = relay.queue("#").await;
+    let body = format!(
+        "{{ \"event\":\"job.updated\" , \"export_key\" :  \"{KEY}\",\"data\":{{\"n\":1.50}} }}"
+    );
+    let reply = relay.post(body.clone()).await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED);
+    let delivery = queue.next().await;
+    let expected = body.replace(&format!("\"{KEY}\""), "\"<redacted>\"");
+    assert_eq!(String::from_utf8(delivery.data.clone()).unwrap(), expected);
+    let headers = delivery.properties.headers().as_ref().unwrap().inner();
+    let Some(lapin::types::AMQPValue::LongString(sha)) = headers.get("body_sha256") else {
+        panic!("no body_sha256");
+    };
+    use sha2::Digest;
+    assert_eq!(
+        sha.to_string(),
+        hex::encode(sha2::Sha256::digest(expected.as_bytes()))
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn the_replay_window_refuses_old_webhooks_when_on() {
+    let relay = TestRelay::start_with(&[("RELAY_AUTH__MAX_AGE_SECS", "300")]).await;
+    let mut queue = relay.queue("#").await;
+    let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let now = now.trim_end_matches('Z').replace('T', " ");
+    let with_time = |time: &str| {
+        let mut body: serde_json::Value = serde_json::from_str(&webhook("job.updated")).unwrap();
+        body["time"] = time.into();
+        body.to_string()
+    };
+    let reply = relay.post(with_time(&now)).await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED);
+    assert_eq!(message_id(&queue.next().await), reply.message_id());
+    for time in ["2022-03-29 07:50:42", "not a time", "2099-01-01 00:00:00"] {
+        let reply = relay.post(with_time(time)).await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{time}");
+    }
+    let reply = relay.post(webhook_with("job.updated", "wrong", 1)).await;
+    assert_eq!(
+        reply.json()["error"],
+        "export_key is not valid",
+        "the key is checked first"
+    );
+    // None of the refused ones was published: the next message is a fresh one.
+    let reply = relay.post(with_time(&now)).await;
+    assert_eq!(message_id(&queue.next().await), reply.message_id());
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn memory_stays_bounded_under_abuse() {
+    let exchange = unique_exchange();
+    let url = crate::harness::amqp_url();
+    let mut relay_env = env(&exchange, &url);
+    relay_env.push(("RELAY_HTTP__HEADER_READ_TIMEOUT_MS", "1000"));
+    let mut relay = RelayProcess::spawn(&relay_env).await;
+    relay.wait_for("connected to the broker").await;
+    let addr = relay.addr();
+    let pid = relay.child.id().unwrap();
+    // Idle connections, oversized declarations, endless chunks and big bodies, at once.
+    let mut idle = Vec::new();
+    for _ in 0..500 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    let big = format!(
+        r#"{{"event":"job.updated","export_key":"{KEY}","data":"{}"}}"#,
+        "x".repeat(1_000_000)
+    );
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let big = big.clone();
+        tasks.push(tokio::spawn(async move {
+            let req = request(Method::POST, "/webhooks/hirehop", big);
+            send(addr, req).await.map(|r| r.status)
+        }));
+    }
+    for task in tasks {
+        let status = task.await.unwrap().unwrap();
+        assert_eq!(status, StatusCode::ACCEPTED);
+    }
+    let head = raw(
+        addr,
+        b"POST /webhooks/hirehop HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    drop(idle);
+    let req = request(Method::POST, "/webhooks/hirehop", webhook("job.updated"));
+    assert_eq!(send(addr, req).await.unwrap().status, StatusCode::ACCEPTED);
+
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    // 32 bodies of 1 MB in flight at most, plus the runtime: far below this ceiling.
+    assert!(peak_kib < 256 * 1024, "peak RSS {peak_kib} KiB");
+    relay.signal("TERM");
+    let (status, log) = relay.exit().await;
+    assert!(status.success(), "{log}");
+    let broker = crate::harness::broker().await;
+    crate::harness::delete_topology(&broker.create_channel().await.unwrap(), &exchange).await;
+}
+
+/// A self-signed certificate for localhost, made with the `openssl` command.
+fn self_signed(dir: &std::path::Path, name: &str) -> Vec<u8> {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "2", "-subj", &format!("/CN={name}")])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        // An end-entity certificate: webpki refuses a CA certificate as a server's own.
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("the openssl command is installed (Debian package openssl)");
+    assert!(status.success());
+    std::fs::read(cert).unwrap()
+}
+
+/// Posts a webhook over TLS trusting only `root_pem`; returns the status and the protocol
+/// ALPN chose, or `None` if the server's certificate is not that one.
+async fn tls_post(
+    addr: std::net::SocketAddr,
+    root_pem: &[u8],
+) -> Option<(StatusCode, Option<Vec<u8>>)> {
+    use rustls_pki_types::pem::PemObject;
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(root_pem) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(
+        rustls::crypto::ring::default_provider().into(),
+    )
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let stream = connector.connect(name, tcp).await.ok()?;
+    let (_, session) = stream.get_ref();
+    let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let mut req = request(Method::POST, "/webhooks/hirehop", webhook("job.updated"));
+    *req.uri_mut() = format!("https://localhost:{}/webhooks/hirehop", addr.port())
+        .parse()
+        .unwrap();
+    req.headers_mut().remove("host");
+    let status = sender.send_request(req).await.unwrap().status();
+    Some((status, alpn))
+}
+
+#[tokio::test]
+async fn tls_serves_h2_and_picks_up_a_renewed_certificate() {
+    let dir = std::env::temp_dir().join(format!("relay-tls-{}", uuid::Uuid::now_v7().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let first = self_signed(&dir, "first");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let relay = TestRelay::start_with(&[
+        ("RELAY_TLS__CERT_FILE", &cert.to_string_lossy()),
+        ("RELAY_TLS__KEY_FILE", &key.to_string_lossy()),
+    ])
+    .await;
+    let (status, alpn) = tls_post(relay.addr, &first)
+        .await
+        .expect("the first certificate");
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
+
+    // Renewal: new files in place; the relay notices within its check interval.
+    let second = self_signed(&dir, "second");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let status = loop {
+        if let Some((status, _)) = tls_post(relay.addr, &second).await {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the renewed certificate was never served"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(status, StatusCode::ACCEPTED);
+    relay.stop().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
