@@ -106,3 +106,78 @@ proptest! {
         }
     }
 }
+
+/// The fuzz seed corpus: real-shaped HireHop payloads.
+fn seeds() -> Vec<Vec<u8>> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/envelope");
+    let mut seeds: Vec<Vec<u8>> = std::fs::read_dir(dir)
+        .expect("the seed corpus is in the repository")
+        .map(|entry| std::fs::read(entry.unwrap().path()).unwrap())
+        .collect();
+    seeds.sort();
+    seeds
+}
+
+/// One edit of a byte string: flip, insert, delete or truncate.
+#[derive(Debug, Clone)]
+enum Mutation {
+    Flip(usize, u8),
+    Insert(usize, u8),
+    Delete(usize),
+    Truncate(usize),
+}
+
+fn mutate(mut bytes: Vec<u8>, mutations: &[Mutation]) -> Vec<u8> {
+    for mutation in mutations {
+        let len = bytes.len().max(1);
+        match *mutation {
+            Mutation::Flip(at, mask) => {
+                if let Some(byte) = bytes.get_mut(at % len) {
+                    *byte ^= mask;
+                }
+            }
+            Mutation::Insert(at, byte) => bytes.insert((at % len).min(bytes.len()), byte),
+            Mutation::Delete(at) => {
+                if !bytes.is_empty() {
+                    bytes.remove(at % len);
+                }
+            }
+            Mutation::Truncate(at) => bytes.truncate(at % len),
+        }
+    }
+    bytes
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        (any::<usize>(), any::<u8>()).prop_map(|(at, mask)| Mutation::Flip(at, mask)),
+        (
+            any::<usize>(),
+            prop::sample::select(b"{}[]\",:\\0123456789 aeu".to_vec())
+        )
+            .prop_map(|(at, byte)| Mutation::Insert(at, byte)),
+        any::<usize>().prop_map(Mutation::Delete),
+        any::<usize>().prop_map(Mutation::Truncate),
+    ]
+}
+
+proptest! {
+    // The CI-sized version of the `envelope` fuzz target: mutated real payloads, a fixed
+    // number of cases.
+    #![proptest_config(ProptestConfig::with_cases(2048))]
+
+    #[test]
+    fn mutated_hirehop_payloads_never_fool_the_reader(
+        seed in any::<prop::sample::Index>(),
+        mutations in prop::collection::vec(mutation(), 1..6),
+    ) {
+        let seeds = seeds();
+        let body = mutate(seeds[seed.index(seeds.len())].clone(), &mutations);
+        if let Ok(envelope) = Envelope::parse(&body) {
+            let document: Value = serde_json::from_slice(&body).expect("accepted means valid JSON");
+            prop_assert!(document.is_object());
+            prop_assert_eq!(envelope.event.as_deref(), document["event"].as_str());
+            prop_assert_eq!(envelope.export_key.as_deref(), document["export_key"].as_str());
+        }
+    }
+}

@@ -15,6 +15,7 @@
 //! - `reject`: every 4xx, and that none of them publishes anything.
 //! - `topology`: alternate exchange, returned messages, topology mismatches.
 //! - `faults`: broker connection closed or cut; 503s, never hangs nor false 202s.
+//! - `scale`: two relays behind HAProxy, one killed under load.
 //! - `shutdown`: SIGTERM under load loses no accepted webhook and exits 0.
 //! - `spool`: broker out of reach, SIGKILL, torn spool tail, full spool, several broker URLs.
 
@@ -26,6 +27,7 @@ mod operate;
 mod proxy;
 mod queues;
 mod reject;
+mod scale;
 mod shutdown;
 mod spool;
 mod topology;

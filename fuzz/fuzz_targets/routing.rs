@@ -1,0 +1,25 @@
+//! Event names and routing templates on arbitrary text: no panics, and every accepted key is
+//! a valid, wildcard-free AMQP routing key.
+#![no_main]
+
+use hirehop_relay::routing::{RoutingKey, RoutingTemplate};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|input: (&str, &str, Option<u64>)| {
+    let (event, template, company) = input;
+    if let Ok(key) = RoutingKey::new("", event) {
+        check(key.as_str());
+    }
+    if let Ok(template) = RoutingTemplate::parse(template)
+        && let Ok(key) = template.routing_key("", event, company)
+    {
+        check(key.as_str());
+    }
+});
+
+fn check(key: &str) {
+    assert!(!key.is_empty() && key.len() <= 255);
+    assert!(!key.contains(['*', '#']));
+    assert!(!key.chars().any(char::is_control));
+    assert!(key.split('.').all(|segment| !segment.is_empty()));
+}

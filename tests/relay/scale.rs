@@ -1,0 +1,187 @@
+//! Horizontal scale: two relays behind HAProxy on loopback, one of them SIGKILLed under load.
+//! Every 202 reaches the broker and the survivor takes all the traffic.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use hyper::{Method, StatusCode};
+use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+
+use crate::harness::{self, PATIENCE, RelayProcess, request, send, webhook};
+use crate::shutdown::{env, unique_exchange};
+
+/// HAProxy in the foreground, balancing over `backends` and checking their `/readyz`.
+struct Haproxy {
+    _child: tokio::process::Child,
+    addr: SocketAddr,
+    config: std::path::PathBuf,
+}
+
+impl Haproxy {
+    async fn start(backends: &[SocketAddr]) -> Haproxy {
+        // A free port for HAProxy to bind: taken from the kernel, then released.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let servers: String = backends
+            .iter()
+            .enumerate()
+            .map(|(i, backend)| format!("  server relay{i} {backend} check\n"))
+            .collect();
+        let config = format!(
+            "global\n  maxconn 1024\n\
+             defaults\n  mode http\n  timeout connect 1s\n  timeout client 10s\n  \
+             timeout server 10s\n  retries 2\n  option redispatch\n\
+             frontend webhooks\n  bind {addr}\n  default_backend relays\n\
+             backend relays\n  balance roundrobin\n  option httpchk GET /readyz\n  \
+             http-check expect status 200\n  default-server inter 100ms fall 1 rise 1\n{servers}"
+        );
+        let path =
+            std::env::temp_dir().join(format!("haproxy-{}.cfg", uuid::Uuid::now_v7().simple()));
+        std::fs::write(&path, config).unwrap();
+        let child = tokio::process::Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("haproxy is installed (Debian package haproxy)");
+        // Ready once it forwards a request.
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let reply = send(addr, request(Method::GET, "/healthz", "")).await;
+            if reply.is_ok_and(|r| r.status == StatusCode::OK) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "haproxy never forwarded a request"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Haproxy {
+            _child: child,
+            addr,
+            config: path,
+        }
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+#[tokio::test]
+async fn two_relays_behind_a_load_balancer_survive_losing_one() {
+    let exchange = unique_exchange();
+    let url = harness::amqp_url();
+    let mut first = RelayProcess::spawn(&env(&exchange, &url)).await;
+    let mut second = RelayProcess::spawn(&env(&exchange, &url)).await;
+    first.wait_for("connected to the broker").await;
+    second.wait_for("connected to the broker").await;
+
+    let broker = harness::broker().await;
+    let channel = broker.create_channel().await.unwrap();
+    let queue = format!("{exchange}.all");
+    let exclusive = QueueDeclareOptions {
+        exclusive: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(queue.as_str().into(), exclusive, FieldTable::default())
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    let lb = Haproxy::start(&[first.addr(), second.addr()]).await;
+    let answered = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let answered = Arc::clone(&answered);
+            let addr = lb.addr;
+            tokio::spawn(async move {
+                let mut outcomes = Vec::new();
+                for _ in 0..80 {
+                    let req = request(Method::POST, "/webhooks/hirehop", webhook("job.updated"));
+                    let outcome = match send(addr, req).await {
+                        Ok(reply) if reply.status == StatusCode::ACCEPTED => {
+                            Some(reply.message_id())
+                        }
+                        // In flight on the killed relay: 502 from the balancer, or a reset.
+                        _ => None,
+                    };
+                    outcomes.push(outcome);
+                    answered.fetch_add(1, Ordering::SeqCst);
+                }
+                outcomes
+            })
+        })
+        .collect();
+    while answered.load(Ordering::SeqCst) < 160 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    first.signal("KILL");
+
+    let mut accepted = HashSet::new();
+    let mut failed = 0;
+    let mut tails_accepted = true;
+    for client in clients {
+        let outcomes = client.await.unwrap();
+        failed += outcomes.iter().filter(|o| o.is_none()).count();
+        // The survivor has taken over by the end: each client's last 20 were accepted.
+        tails_accepted &= outcomes[outcomes.len() - 20..].iter().all(Option::is_some);
+        accepted.extend(outcomes.into_iter().flatten());
+    }
+    assert!(
+        tails_accepted,
+        "the surviving relay did not take all the traffic"
+    );
+    assert!(failed < 8 * 80 / 10, "{failed} requests failed");
+
+    let mut consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            "scale-test".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut missing = accepted;
+    while !missing.is_empty() {
+        use futures_lite::StreamExt;
+        let delivery = tokio::time::timeout(PATIENCE, consumer.next())
+            .await
+            .unwrap_or_else(|_| panic!("{} accepted webhooks never arrived", missing.len()))
+            .unwrap()
+            .unwrap();
+        missing.remove(&harness::message_id(&delivery));
+    }
+    drop(lb);
+    first.exit().await;
+    second.signal("TERM");
+    let (status, log) = second.exit().await;
+    assert!(status.success(), "{log}");
+    harness::delete_topology(&channel, &exchange).await;
+}
