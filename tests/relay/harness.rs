@@ -397,6 +397,76 @@ pub async fn delete_topology(channel: &lapin::Channel, exchange: &str) {
     }
 }
 
+/// An exclusive queue bound to `exchange` with `#`, for tests that drive a relay process:
+/// declared before the load starts, so it catches everything.
+pub async fn catch_all(broker: &lapin::Connection, exchange: &str) -> TestQueue {
+    let channel = broker.create_channel().await.unwrap();
+    let name = format!("{exchange}.all");
+    let exclusive = QueueDeclareOptions {
+        exclusive: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(name.as_str().into(), exclusive, FieldTable::default())
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            name.as_str().into(),
+            exchange.into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    TestQueue::consume(broker, &name).await
+}
+
+/// `clients` concurrent clients, each posting webhooks to `addr` until it stops answering
+/// (or `max_each` are sent); each returns the message ids that got a 202. `accepted` counts
+/// 202s as they come, so a test can act in the middle of the load.
+pub fn post_until_gone(
+    addr: SocketAddr,
+    clients: usize,
+    max_each: usize,
+    accepted: &Arc<std::sync::atomic::AtomicUsize>,
+) -> Vec<JoinHandle<Vec<String>>> {
+    (0..clients)
+        .map(|_| {
+            let accepted = Arc::clone(accepted);
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for _ in 0..max_each {
+                    let req = request(Method::POST, "/webhooks/hirehop", webhook("job.updated"));
+                    match send(addr, req).await {
+                        Ok(reply) if reply.status == StatusCode::ACCEPTED => {
+                            ids.push(reply.message_id());
+                            accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        Ok(reply) => panic!("unexpected {}: {:?}", reply.status, reply.body),
+                        // The listener is closed or the process is gone.
+                        Err(_) => break,
+                    }
+                }
+                ids
+            })
+        })
+        .collect()
+}
+
+/// Waits until `counter` reaches `n` (a ceiling of [`PATIENCE`]).
+pub async fn wait_count(counter: &std::sync::atomic::AtomicUsize, n: usize) {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while counter.load(std::sync::atomic::Ordering::SeqCst) < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the count never reached {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// A queue being consumed (auto-ack).
 pub struct TestQueue {
     consumer: lapin::Consumer,
@@ -404,7 +474,8 @@ pub struct TestQueue {
 }
 
 impl TestQueue {
-    async fn consume(broker: &lapin::Connection, queue: &str) -> TestQueue {
+    /// Consumes the existing queue `queue`.
+    pub async fn consume(broker: &lapin::Connection, queue: &str) -> TestQueue {
         let channel = broker.create_channel().await.unwrap();
         let consumer = channel
             .basic_consume(
@@ -421,6 +492,19 @@ impl TestQueue {
         TestQueue {
             consumer,
             _channel: channel,
+        }
+    }
+
+    /// Takes messages until every id in `ids` has arrived (others may come too: delivery is
+    /// at-least-once); fails the test if one does not arrive within [`PATIENCE`].
+    pub async fn expect_all(&mut self, ids: impl IntoIterator<Item = String>) {
+        let mut missing: std::collections::HashSet<String> = ids.into_iter().collect();
+        while !missing.is_empty() {
+            let next = tokio::time::timeout(PATIENCE, self.consumer.next()).await;
+            let Ok(Some(Ok(delivery))) = next else {
+                panic!("{} accepted webhooks never arrived", missing.len());
+            };
+            missing.remove(&message_id(&delivery));
         }
     }
 

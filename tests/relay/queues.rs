@@ -3,11 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use futures_lite::StreamExt;
 use hyper::StatusCode;
-use lapin::options::{
-    BasicConsumeOptions, BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
+use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -215,25 +212,9 @@ async fn a_full_reject_publish_queue_gives_503_or_spools_and_loses_nothing() {
         // A consumer makes room; everything accepted arrives, in order.
         let broker = harness::broker().await;
         let channel = broker.create_channel().await.unwrap();
-        let mut consumer = channel
-            .basic_consume(
-                name.as_str().into(),
-                "full-test".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        let mut queue = harness::TestQueue::consume(&broker, &name).await;
         for id in &accepted {
-            let delivery = tokio::time::timeout(PATIENCE, consumer.next())
-                .await
-                .expect("accepted webhooks arrive")
-                .unwrap()
-                .unwrap();
-            assert_eq!(&message_id(&delivery), id);
+            assert_eq!(&message_id(&queue.next().await), id);
         }
         relay.stop().await;
         delete_queues(&channel, &[&name]).await;

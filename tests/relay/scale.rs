@@ -8,8 +8,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use hyper::{Method, StatusCode};
-use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 
 use crate::harness::{self, PATIENCE, RelayProcess, request, send, webhook};
 use crate::shutdown::{env, unique_exchange};
@@ -90,26 +88,7 @@ async fn two_relays_behind_a_load_balancer_survive_losing_one() {
     second.wait_for("connected to the broker").await;
 
     let broker = harness::broker().await;
-    let channel = broker.create_channel().await.unwrap();
-    let queue = format!("{exchange}.all");
-    let exclusive = QueueDeclareOptions {
-        exclusive: true,
-        ..Default::default()
-    };
-    channel
-        .queue_declare(queue.as_str().into(), exclusive, FieldTable::default())
-        .await
-        .unwrap();
-    channel
-        .queue_bind(
-            queue.as_str().into(),
-            exchange.as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut queue = harness::catch_all(&broker, &exchange).await;
 
     let lb = Haproxy::start(&[first.addr(), second.addr()]).await;
     let answered = Arc::new(AtomicUsize::new(0));
@@ -156,32 +135,11 @@ async fn two_relays_behind_a_load_balancer_survive_losing_one() {
     );
     assert!(failed < 8 * 80 / 10, "{failed} requests failed");
 
-    let mut consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            "scale-test".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut missing = accepted;
-    while !missing.is_empty() {
-        use futures_lite::StreamExt;
-        let delivery = tokio::time::timeout(PATIENCE, consumer.next())
-            .await
-            .unwrap_or_else(|_| panic!("{} accepted webhooks never arrived", missing.len()))
-            .unwrap()
-            .unwrap();
-        missing.remove(&harness::message_id(&delivery));
-    }
+    queue.expect_all(accepted).await;
     drop(lb);
     first.exit().await;
     second.signal("TERM");
     let (status, log) = second.exit().await;
     assert!(status.success(), "{log}");
-    harness::delete_topology(&channel, &exchange).await;
+    harness::delete_topology(&broker.create_channel().await.unwrap(), &exchange).await;
 }

@@ -3,16 +3,11 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::AtomicUsize;
 
 use hyper::{Method, StatusCode};
-use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 
-use crate::harness::{
-    self, KEY, PATIENCE, RelayProcess, broker_addr, request, send, webhook, webhook_with,
-};
+use crate::harness::{self, KEY, RelayProcess, broker_addr, request, send, webhook, webhook_with};
 use crate::proxy::Proxy;
 
 pub fn env<'a>(exchange: &'a str, url: &'a str) -> Vec<(&'a str, &'a str)> {
@@ -34,57 +29,12 @@ async fn sigterm_under_load_loses_no_accepted_webhook_and_exits_0() {
     let url = harness::amqp_url();
     let mut relay = RelayProcess::spawn(&env(&exchange, &url)).await;
     relay.wait_for("connected to the broker").await;
-    let addr = relay.addr();
-
-    // Our own durable-enough queue, bound before the load starts.
     let broker = harness::broker().await;
-    let channel = broker.create_channel().await.unwrap();
-    let queue = format!("{exchange}.all");
-    let exclusive = QueueDeclareOptions {
-        exclusive: true,
-        ..Default::default()
-    };
-    channel
-        .queue_declare(queue.as_str().into(), exclusive, FieldTable::default())
-        .await
-        .unwrap();
-    channel
-        .queue_bind(
-            queue.as_str().into(),
-            exchange.as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut queue = harness::catch_all(&broker, &exchange).await;
 
     let accepted_count = Arc::new(AtomicUsize::new(0));
-    let clients: Vec<_> = (0..16)
-        .map(|_| {
-            let accepted_count = Arc::clone(&accepted_count);
-            tokio::spawn(async move {
-                let mut accepted = Vec::new();
-                // Until the relay stops answering (the listener is closed).
-                for _ in 0..500 {
-                    let req = request(Method::POST, "/webhooks/hirehop", webhook("job.updated"));
-                    match send(addr, req).await {
-                        Ok(reply) if reply.status == StatusCode::ACCEPTED => {
-                            accepted.push(reply.message_id());
-                            accepted_count.fetch_add(1, Ordering::SeqCst);
-                        }
-                        Ok(reply) => panic!("unexpected {}: {:?}", reply.status, reply.body),
-                        Err(_) => break,
-                    }
-                }
-                accepted
-            })
-        })
-        .collect();
-
-    while accepted_count.load(Ordering::SeqCst) < 100 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let clients = harness::post_until_gone(relay.addr(), 16, 500, &accepted_count);
+    harness::wait_count(&accepted_count, 100).await;
     relay.signal("TERM");
     let mut accepted = HashSet::new();
     for client in clients {
@@ -94,30 +44,8 @@ async fn sigterm_under_load_loses_no_accepted_webhook_and_exits_0() {
     assert!(status.success(), "exit status {status:?}; log:\n{log}");
     assert!(log.contains("received shutdown signal"), "{log}");
     assert!(accepted.len() >= 100);
-
-    let mut consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            "sigterm-test".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut missing = accepted;
-    while !missing.is_empty() {
-        use futures_lite::StreamExt;
-        let delivery = tokio::time::timeout(PATIENCE, consumer.next())
-            .await
-            .unwrap_or_else(|_| panic!("{} accepted webhooks never arrived", missing.len()))
-            .unwrap()
-            .unwrap();
-        missing.remove(&harness::message_id(&delivery));
-    }
-    harness::delete_topology(&channel, &exchange).await;
+    queue.expect_all(accepted).await;
+    harness::delete_topology(&broker.create_channel().await.unwrap(), &exchange).await;
 }
 
 #[tokio::test]

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
 
 use hyper::{Method, StatusCode};
@@ -87,30 +87,8 @@ async fn sigkill_while_the_broker_is_out_of_reach_loses_no_accepted_webhook() {
     let addr = relay.addr();
 
     let accepted_count = Arc::new(AtomicUsize::new(0));
-    let clients: Vec<_> = (0..8)
-        .map(|_| {
-            let accepted_count = Arc::clone(&accepted_count);
-            tokio::spawn(async move {
-                let mut accepted = Vec::new();
-                for _ in 0..1000 {
-                    let req = request(Method::POST, "/webhooks/hirehop", webhook("job.updated"));
-                    match send(addr, req).await {
-                        Ok(reply) if reply.status == StatusCode::ACCEPTED => {
-                            accepted.push(reply.message_id());
-                            accepted_count.fetch_add(1, Ordering::SeqCst);
-                        }
-                        Ok(reply) => panic!("unexpected {}: {:?}", reply.status, reply.body),
-                        // The relay is gone.
-                        Err(_) => break,
-                    }
-                }
-                accepted
-            })
-        })
-        .collect();
-    while accepted_count.load(Ordering::SeqCst) < 200 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let clients = harness::post_until_gone(addr, 8, 1000, &accepted_count);
+    harness::wait_count(&accepted_count, 200).await;
     relay.signal("KILL");
     let mut accepted = HashSet::new();
     for client in clients {
@@ -126,12 +104,11 @@ async fn sigkill_while_the_broker_is_out_of_reach_loses_no_accepted_webhook() {
     wait_broker_connected(relay.addr()).await;
     let broker = harness::broker().await;
     let channel = broker.create_channel().await.unwrap();
-    let mut consumer = consume(&channel, &format!("{exchange}.unrouted")).await;
-    let mut missing = accepted;
-    while !missing.is_empty() {
-        let delivery = next(&mut consumer, missing.len()).await;
-        missing.remove(&message_id(&delivery));
-    }
+    let unrouted = format!("{exchange}.unrouted");
+    harness::TestQueue::consume(&broker, &unrouted)
+        .await
+        .expect_all(accepted)
+        .await;
     relay.signal("TERM");
     let (status, log) = relay.exit().await;
     assert!(status.success(), "{log}");
@@ -180,9 +157,9 @@ async fn a_corrupt_spool_tail_is_reported_and_the_rest_delivered() {
     let channel = broker.create_channel().await.unwrap();
     let unrouted = format!("{exchange}.unrouted");
     relay.wait_for("connected to the broker").await;
-    let mut consumer = consume(&channel, &unrouted).await;
+    let mut queue = harness::TestQueue::consume(&broker, &unrouted).await;
     for id in &ids {
-        assert_eq!(&message_id(&next(&mut consumer, ids.len()).await), id);
+        assert_eq!(&message_id(&queue.next().await), id);
     }
     relay.signal("TERM");
     let (status, log) = relay.exit().await;
@@ -281,28 +258,4 @@ async fn topology_mismatch_found_after_serving_from_the_spool_stops_the_relay() 
     assert!(log.contains("PRECONDITION"), "{log}");
     assert!(log.contains(&format!("exchange {exchange}")), "{log}");
     harness::delete_topology(&channel, &exchange).await;
-}
-
-async fn consume(channel: &lapin::Channel, queue: &str) -> lapin::Consumer {
-    channel
-        .basic_consume(
-            queue.into(),
-            format!("spool-test-{}", uuid::Uuid::now_v7().simple()).into(),
-            lapin::options::BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .unwrap()
-}
-
-async fn next(consumer: &mut lapin::Consumer, missing: usize) -> lapin::message::Delivery {
-    use futures_lite::StreamExt;
-    tokio::time::timeout(PATIENCE, consumer.next())
-        .await
-        .unwrap_or_else(|_| panic!("{missing} accepted webhooks never arrived"))
-        .unwrap()
-        .unwrap()
 }
