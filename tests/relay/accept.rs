@@ -208,20 +208,9 @@ async fn http2_prior_knowledge_is_served() {
     let relay = TestRelay::start().await;
     let mut queue = relay.queue("#").await;
     let stream = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(connection);
-    let mut req = request(Method::POST, "/webhooks/hirehop", webhook("job.updated"));
-    *req.uri_mut() = format!("http://{}/webhooks/hirehop", relay.addr)
-        .parse()
-        .unwrap();
-    req.headers_mut().remove("host");
-    let response = sender.send_request(req).await.unwrap();
-    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let authority = format!("http://{}", relay.addr);
+    let status = crate::harness::post_h2(stream, &authority, "job.updated").await;
+    assert_eq!(status, StatusCode::ACCEPTED);
     assert_eq!(queue.next().await.routing_key.as_str(), "job.updated");
     relay.stop().await;
 }

@@ -135,6 +135,26 @@ pub async fn send(addr: SocketAddr, request: Request<Full<Bytes>>) -> Result<Rep
     })
 }
 
+/// Posts a webhook for `event` over HTTP/2 on `io` (prior knowledge, or after ALPN chose h2);
+/// `authority` is `scheme://host:port`.
+pub async fn post_h2<IO>(io: IO, authority: &str, event: &str) -> StatusCode
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(io),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let mut req = request(Method::POST, "/webhooks/hirehop", webhook(event));
+    *req.uri_mut() = format!("{authority}/webhooks/hirehop").parse().unwrap();
+    // HTTP/2 carries the authority in the URI, not in a Host header.
+    req.headers_mut().remove("host");
+    sender.send_request(req).await.unwrap().status()
+}
+
 pub fn request(method: Method, path: &str, body: impl Into<Bytes>) -> Request<Full<Bytes>> {
     Request::builder()
         .method(method)

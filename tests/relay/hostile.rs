@@ -363,19 +363,8 @@ async fn tls_post(
     let stream = connector.connect(name, tcp).await.ok()?;
     let (_, session) = stream.get_ref();
     let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(connection);
-    let mut req = request(Method::POST, "/webhooks/hirehop", webhook("job.updated"));
-    *req.uri_mut() = format!("https://localhost:{}/webhooks/hirehop", addr.port())
-        .parse()
-        .unwrap();
-    req.headers_mut().remove("host");
-    let status = sender.send_request(req).await.unwrap().status();
+    let authority = format!("https://localhost:{}", addr.port());
+    let status = crate::harness::post_h2(stream, &authority, "job.updated").await;
     Some((status, alpn))
 }
 
