@@ -1,16 +1,18 @@
 //! hirehop-relay takes HireHop webhooks off the internet and puts them onto RabbitMQ.
 //!
 //! HireHop never retries a webhook and ignores the answer, so the one promise this crate
-//! makes is: **a 2xx is sent only after the broker confirmed the persistent message.**
+//! makes is: **a 2xx is sent only after the broker confirmed the persistent message, or
+//! after the webhook was fsynced to the local spool.**
 //!
 //! # A webhook's life
-//! 1. [`server`] accepts the TCP connection and speaks HTTP/1.1 (or HTTP/2) with hyper.
-//! 2. [`webhook`] routes the request (`POST http.path`; `/healthz`, `/readyz`), refuses a
-//!    declared body over `http.max_body_bytes` before reading it, then reads the body under a
-//!    size and a time limit into one [`bytes::Bytes`].
-//! 3. [`envelope`] reads `event`, `export_key`, `company_id` and `user_id` out of those bytes,
-//!    borrowing them, without building a document.
-//! 4. [`auth`] checks the key in constant time against the configured [`auth::Keyring`].
+//! 1. [`server`] accepts the TCP connection (TLS via [`tls`] if configured) and speaks
+//!    HTTP/1.1 or HTTP/2 with hyper, under connection-level limits.
+//! 2. [`webhook`] routes the request (`POST http.path`; `/healthz`, `/readyz`, `/metrics`),
+//!    applies [`access`] rules, refuses a declared body over `http.max_body_bytes` before
+//!    reading it, then reads the body under size and time limits into one [`bytes::Bytes`].
+//! 3. [`envelope`] reads `event`, `export_key`, `company_id`, `user_id` and `time` out of
+//!    those bytes, borrowing them, without building a document.
+//! 4. [`auth`] checks the key in constant time against the [`auth::Keyring`] in use.
 //! 5. [`routing`] turns the event name into a [`routing::RoutingKey`] (checked once).
 //! 6. [`delivery`] hands the [`message::Message`] to [`amqp`], which publishes the very
 //!    same `Bytes` to the topic exchange with `mandatory` and waits for that message's
@@ -18,8 +20,10 @@
 //!    (down, blocked, nack, timeout), the message goes to the [`spool`] instead and the 202
 //!    is sent once it is fsynced on disk; [`delivery::replay`] drains the spool later.
 //!
-//! [`config`] loads everything once at startup; [`signal`] turns SIGTERM/SIGINT into the
-//! shutdown future that [`run`] takes.
+//! Around it: [`config`] loads everything once at startup; [`signal`] turns SIGTERM/SIGINT
+//! into the shutdown future that [`run`] takes, and SIGHUP into key reloads; [`metrics`]
+//! counts what happens; [`tracecontext`] carries W3C trace context into the message;
+//! [`send`] and [`amqp::tail`] are the `send` and `tail` tools.
 
 #![forbid(unsafe_code)]
 

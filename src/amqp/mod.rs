@@ -1,6 +1,6 @@
 //! Everything that speaks AMQP, and the only place `lapin` is imported.
 //!
-//! - [`amqp`]: the connection, confirm-mode channels, reconnects, publishing.
+//! - [`publisher`]: the connection, confirm-mode channels, reconnects, publishing.
 //! - [`topology`]: the exchanges, queues and bindings the config describes, declared on
 //!   every (re)connect and printed by `hirehop-relay topology`.
 //! - [`tail`]: a temporary queue that prints what arrives (`hirehop-relay tail`).
