@@ -17,8 +17,7 @@ use sha2::{Digest, Sha256};
 use subtle::{Choice, ConstantTimeEq};
 
 /// A configured export key. Deliberately neither `Display` nor a `Debug` that shows anything.
-#[derive(Clone, serde::Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Clone)]
 pub struct ExportKey {
     digest: [u8; 32],
 }
@@ -43,10 +42,33 @@ impl ExportKey {
     }
 }
 
-impl TryFrom<String> for ExportKey {
-    type Error = EmptyKey;
-    fn try_from(secret: String) -> Result<Self, Self::Error> {
-        ExportKey::new(&secret)
+// Hand-written so that a key typed without quotes (a number in TOML) is refused with a
+// message that does not quote it, as serde's "invalid type: integer `…`" would.
+impl<'de> serde::Deserialize<'de> for ExportKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = ExportKey;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an export key as a quoted string")
+            }
+            fn visit_str<E: serde::de::Error>(self, secret: &str) -> Result<ExportKey, E> {
+                ExportKey::new(secret).map_err(E::custom)
+            }
+            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<ExportKey, E> {
+                Err(E::custom("an export key must be a quoted string"))
+            }
+            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<ExportKey, E> {
+                Err(E::custom("an export key must be a quoted string"))
+            }
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<ExportKey, E> {
+                Err(E::custom("an export key must be a quoted string"))
+            }
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<ExportKey, E> {
+                Err(E::custom("an export key must be a quoted string"))
+            }
+        }
+        d.deserialize_any(Visitor)
     }
 }
 
@@ -139,11 +161,10 @@ impl KeyStore {
 /// A keys file that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum KeysFileError {
-    #[error("failed to read keys file {path}: {source}")]
+    #[error("failed to read keys file {path}: {cause}")]
     Read {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("keys file {path}, line {line}: expected KEY or COMPANY_ID KEY")]
     Syntax { path: PathBuf, line: usize },
@@ -160,9 +181,9 @@ pub struct FileKeys {
 /// opens every company or `COMPANY_ID KEY` for one company; blank lines and `#` comments
 /// are skipped.
 pub fn read_keys_file(path: &std::path::Path) -> Result<FileKeys, KeysFileError> {
-    let text = std::fs::read_to_string(path).map_err(|source| KeysFileError::Read {
+    let text = std::fs::read_to_string(path).map_err(|cause| KeysFileError::Read {
         path: path.to_owned(),
-        source,
+        cause,
     })?;
     let syntax = |line| KeysFileError::Syntax {
         path: path.to_owned(),

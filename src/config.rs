@@ -110,6 +110,8 @@ pub struct AmqpConfig {
     /// Declare `<exchange>.unrouted` (fanout + queue) as the exchange's alternate exchange, so
     /// an event nobody is bound to yet is kept instead of dropped.
     pub alternate_exchange: bool,
+    /// Type of the `<exchange>.unrouted` queue (quorum: replicated on a cluster).
+    pub unrouted_queue_type: QueueType,
     /// Prepended to every routing key (e.g. `hirehop.`).
     pub routing_key_prefix: String,
     /// How the routing key is built: `{event}` (the default), or with `{company_id}`, e.g.
@@ -310,6 +312,7 @@ url = "amqp://guest:guest@127.0.0.1:5672/%2f"
 urls = []
 exchange = "hirehop"
 alternate_exchange = true
+unrouted_queue_type = "quorum"
 routing_key_prefix = ""
 routing_key_template = "{event}"
 queues = []
@@ -619,6 +622,7 @@ impl fmt::Debug for AmqpConfig {
             )
             .field("exchange", &self.exchange)
             .field("alternate_exchange", &self.alternate_exchange)
+            .field("unrouted_queue_type", &self.unrouted_queue_type)
             .field("routing_key_prefix", &self.routing_key_prefix)
             .field("routing_key_template", &self.routing_key_template)
             .field("queues", &self.queues)
@@ -629,6 +633,7 @@ impl fmt::Debug for AmqpConfig {
             .field("confirm_timeout_ms", &self.confirm_timeout_ms)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("reconnect_max_backoff_ms", &self.reconnect_max_backoff_ms)
+            .field("redact_export_key", &self.redact_export_key)
             .finish()
     }
 }
@@ -1017,6 +1022,16 @@ mod tests {
             err.contains("10.0.0.0/33") && err.contains("allow_from"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_key_typed_as_a_number_is_refused_without_quoting_it() {
+        let file = write_file("[[auth.companies]]\ncompany_id = 1\nexport_keys = [987654321]\n");
+        let err = Config::load_from(Some(file.path()), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("must be a quoted string"), "{err}");
+        assert!(!err.contains("987654321"), "{err}");
     }
 
     #[test]

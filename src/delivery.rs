@@ -69,9 +69,13 @@ pub struct SpoolHealth {
 }
 
 impl Health {
-    /// Safe to send webhooks here: the broker confirms, or the spool takes them.
+    /// Safe to send webhooks here: they go straight to a confirming broker, or the spool
+    /// takes them. While the spool is not empty, webhooks queue behind it, so then only the
+    /// spool's state counts.
     pub fn ready(&self) -> bool {
-        self.broker == BrokerState::Connected || self.spool.is_some_and(|s| s.accepting)
+        let behind_spool = self.spool.is_some_and(|s| s.depth.records > 0);
+        let direct = self.broker == BrokerState::Connected && !behind_spool;
+        direct || self.spool.is_some_and(|s| s.accepting)
     }
 
     /// `ok`; `degraded` (accepting, but into the spool, or the spool is still draining);
@@ -276,4 +280,41 @@ async fn replay_batch(
         tracing::error!(%event, error = %err, "replay of a spooled webhook failed; will retry");
     }
     Ok(prefix == batch.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn health(broker: BrokerState, records: u64, accepting: bool) -> Health {
+        Health {
+            broker,
+            spool: Some(SpoolHealth {
+                depth: Depth {
+                    records,
+                    bytes: records * 100,
+                },
+                accepting,
+            }),
+        }
+    }
+
+    #[test]
+    fn readiness_follows_where_the_next_webhook_would_go() {
+        use BrokerState::*;
+        // Straight to a confirming broker.
+        assert_eq!(health(Connected, 0, true).status(), "ok");
+        assert!(health(Connected, 0, false).ready());
+        // Into the spool: fine while it accepts.
+        assert_eq!(health(Disconnected, 3, true).status(), "degraded");
+        assert_eq!(health(Blocked, 0, true).status(), "degraded");
+        // Behind a full spool, even with the broker up, the next webhook gets 503.
+        assert_eq!(health(Connected, 3, false).status(), "unavailable");
+        assert!(!health(Disconnected, 0, false).ready());
+        let no_spool = Health {
+            broker: Disconnected,
+            spool: None,
+        };
+        assert_eq!(no_spool.status(), "unavailable");
+    }
 }

@@ -24,7 +24,7 @@ pub enum EnvelopeError {
     #[error("body is not valid UTF-8")]
     NotUtf8,
     #[error("body is not valid JSON: {0}")]
-    Json(#[source] serde_json::Error),
+    Json(serde_json::Error),
     #[error("{0} must be an integer or a string of digits")]
     NotAnId(&'static str),
 }

@@ -59,6 +59,18 @@ use crate::delivery::Delivery;
 use crate::routing::RoutingTemplate;
 use crate::webhook::App;
 
+/// Why [`run`] could not serve.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("failed to bind metrics.listen {addr}: {cause}")]
+    MetricsBind {
+        addr: std::net::SocketAddr,
+        cause: std::io::Error,
+    },
+}
+
 /// Serves webhooks on `listener`, delivering through `delivery` (the broker, and the spool
 /// if enabled), until `shutdown` resolves; then drains in-flight requests, waits for
 /// deliveries still under way, stops replay, and closes the spool and the broker connection.
@@ -70,10 +82,18 @@ pub async fn run(
     delivery: Delivery,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), tls::TlsError> {
+) -> Result<(), RunError> {
     let tls = match (&config.tls.cert_file, &config.tls.key_file) {
         (Some(cert), Some(key)) => Some(Arc::new(tls::Tls::load(cert, key)?)),
         _ => None,
+    };
+    let metrics_listener = match config.metrics.listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|cause| RunError::MetricsBind { addr, cause })?,
+        ),
+        None => None,
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
     match listener.local_addr() {
@@ -90,57 +110,13 @@ pub async fn run(
     let keys = Arc::new(KeyStore::new(
         config.keyring().expect("the config was validated at load"),
     ));
-    let mut hangups = signal::hangups();
-    if let Some(path) = config.auth.export_keys_file.clone() {
-        let config = config.clone();
-        let load = move || config.keyring().map_err(|err| err.to_string());
-        tokio::spawn(auth::watch_keys_file(
-            Arc::clone(&keys),
-            path,
-            load,
-            hangups,
-            stopping.clone(),
-        ));
-    } else {
-        // Nothing to reload, but SIGHUP must not end the process.
-        let stop = stopping.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    () = hangups() => tracing::info!("nothing to reload: no auth.export_keys_file"),
-                    () = stop.cancelled() => return,
-                }
-            }
-        });
-    }
+    spawn_key_reloads(&config, &keys, stopping.clone());
     if let Some(tls) = &tls {
         let (tls, stop) = (Arc::clone(tls), stopping.clone());
         tokio::spawn(async move { tls.watch(stop).await });
     }
-    let metrics_server = match config.metrics.listen {
-        Some(addr) => match TcpListener::bind(addr).await {
-            Ok(listener) => {
-                tracing::info!(%addr, "serving /metrics");
-                let metrics = Arc::clone(delivery.metrics());
-                let delivery = delivery.clone();
-                let handler = move |_peer, request: hyper::Request<hyper::body::Incoming>| {
-                    let delivery = delivery.clone();
-                    async move { Ok(metrics_only(&delivery, request.uri().path())) }
-                };
-                let http = config.http.clone();
-                let stop = stopping.clone();
-                Some(tokio::spawn(async move {
-                    let shutdown = stop.cancelled_owned();
-                    server::serve(listener, &http, None, metrics, handler, shutdown).await;
-                }))
-            }
-            Err(err) => {
-                tracing::error!(%addr, error = %err, "failed to bind metrics.listen; /metrics is not served");
-                None
-            }
-        },
-        None => None,
-    };
+    let metrics_server = metrics_listener
+        .map(|listener| spawn_metrics_server(listener, &config, &delivery, stopping.clone()));
     let app = Arc::new(App {
         keys,
         routing_key_prefix: config.amqp.routing_key_prefix.clone(),
@@ -190,6 +166,62 @@ pub async fn run(
     delivery.publisher().close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Reloads `auth.export_keys_file` on change and on SIGHUP; without one, SIGHUP is only
+/// logged (it must never end the process).
+fn spawn_key_reloads(config: &Config, keys: &Arc<KeyStore>, stop: CancellationToken) {
+    let mut hangups = signal::hangups();
+    let Some(path) = config.auth.export_keys_file.clone() else {
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = hangups() => tracing::info!("nothing to reload: no auth.export_keys_file"),
+                    () = stop.cancelled() => return,
+                }
+            }
+        });
+        return;
+    };
+    let config = config.clone();
+    let load = move || config.keyring().map_err(|err| err.to_string());
+    tokio::spawn(auth::watch_keys_file(
+        Arc::clone(keys),
+        path,
+        load,
+        hangups,
+        stop,
+    ));
+}
+
+/// Serves `/metrics` (and health) on `metrics.listen`.
+fn spawn_metrics_server(
+    listener: TcpListener,
+    config: &Config,
+    delivery: &Delivery,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "serving /metrics");
+    }
+    let metrics = Arc::clone(delivery.metrics());
+    let delivery = delivery.clone();
+    let handler = move |_peer, request: hyper::Request<hyper::body::Incoming>| {
+        let delivery = delivery.clone();
+        async move { Ok(metrics_only(&delivery, request.uri().path())) }
+    };
+    let http = config.http.clone();
+    tokio::spawn(async move {
+        server::serve(
+            listener,
+            &http,
+            None,
+            metrics,
+            handler,
+            stop.cancelled_owned(),
+        )
+        .await;
+    })
 }
 
 /// The metrics listener answers `/metrics` and the health endpoints (for probes that cannot

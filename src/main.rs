@@ -1,5 +1,7 @@
 //! The process edge: command line, logging, configuration, signals; then [`hirehop_relay::run`].
 
+#![forbid(unsafe_code)]
+
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -163,6 +165,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         version = env!("CARGO_PKG_VERSION"),
         "starting hirehop-relay"
     );
+    // From the very start: SIGHUP's default action would end the process undrained.
+    hirehop_relay::signal::install_hangup_handler();
     let shutdown = CancellationToken::new();
     tokio::spawn({
         let shutdown = shutdown.clone();

@@ -13,18 +13,10 @@ use serde_json::{Value, json};
 pub enum SendError {
     #[error("invalid URL {0}: expected http://host[:port]/path")]
     Url(String),
-    #[error("failed to connect to {addr}: {source}")]
-    Connect {
-        addr: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("HTTP exchange with {addr} failed: {source}")]
-    Http {
-        addr: String,
-        #[source]
-        source: hyper::Error,
-    },
+    #[error("failed to connect to {addr}: {cause}")]
+    Connect { addr: String, cause: std::io::Error },
+    #[error("HTTP exchange with {addr} failed: {cause}")]
+    Http { addr: String, cause: hyper::Error },
 }
 
 /// What to send.
@@ -82,13 +74,13 @@ pub async fn send(url: &str, sample: &Sample<'_>) -> Result<(StatusCode, String)
     let addr = format!("{host}:{}", uri.port_u16().unwrap_or(80));
     let stream = tokio::net::TcpStream::connect(&addr)
         .await
-        .map_err(|source| SendError::Connect {
+        .map_err(|cause| SendError::Connect {
             addr: addr.clone(),
-            source,
+            cause,
         })?;
-    let http = |source| SendError::Http {
+    let http = |cause| SendError::Http {
         addr: addr.clone(),
-        source,
+        cause,
     };
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await

@@ -14,6 +14,14 @@ pub async fn shutdown() -> &'static str {
     }
 }
 
+/// Replaces SIGHUP's default action (terminate) for the rest of the process's life, before
+/// anything listens for it.
+pub fn install_hangup_handler() {
+    use tokio::signal::unix::{SignalKind, signal};
+    // tokio keeps its handler installed once registered, even after this stream is dropped.
+    drop(signal(SignalKind::hangup()).expect("installing a SIGHUP handler works"));
+}
+
 /// A future per SIGHUP: "reload your keys", as for nginx or HAProxy. Installed whether or
 /// not there is a keys file: SIGHUP's default action would end the process undrained.
 pub fn hangups() -> impl FnMut() -> futures_lite::future::Boxed<()> {

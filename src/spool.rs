@@ -51,12 +51,8 @@ pub enum SpoolError {
 /// Why the spool could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("failed to open spool directory {path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error("failed to open spool directory {path}: {cause}")]
+    Io { path: PathBuf, cause: io::Error },
     #[error("spool directory {0} is in use by another relay")]
     Locked(PathBuf),
 }
@@ -132,9 +128,9 @@ impl Spool {
     /// Opens (or creates) the spool in `dir`, checks what an earlier run left, and starts the
     /// writer thread.
     pub fn open(dir: &Path, max_bytes: u64) -> Result<(Spool, Recovery), OpenError> {
-        let io_err = |source| OpenError::Io {
+        let io_err = |cause| OpenError::Io {
             path: dir.to_owned(),
-            source,
+            cause,
         };
         // Records hold webhook bodies, export keys included: owner only.
         fs::DirBuilder::new()

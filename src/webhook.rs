@@ -87,9 +87,9 @@ pub enum Rejection {
     Unavailable(#[source] PublishError),
     #[error("event is not routed to any queue, webhook not accepted")]
     Unroutable(#[source] PublishError),
-    #[error("broker unavailable and spool full, webhook not accepted")]
+    #[error("spool full, webhook not accepted")]
     SpoolFull(#[source] SpoolError),
-    #[error("broker unavailable and spool failed, webhook not accepted")]
+    #[error("spool write failed, webhook not accepted")]
     SpoolFailed(#[source] SpoolError),
 }
 

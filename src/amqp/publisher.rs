@@ -49,7 +49,7 @@ pub enum PublishError {
     #[error("broker returned the message as unroutable: {0}")]
     Returned(String),
     #[error("publish failed: {0}")]
-    Failed(#[source] lapin::Error),
+    Failed(lapin::Error),
     #[error("publish task ended abnormally: {0}")]
     Aborted(String),
 }
@@ -57,22 +57,14 @@ pub enum PublishError {
 /// Why the broker could not be set up.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ConnectError {
-    #[error("failed to connect to {url}: {source}")]
-    Connect {
-        url: String,
-        #[source]
-        source: lapin::Error,
-    },
+    #[error("failed to connect to {url}: {cause}")]
+    Connect { url: String, cause: lapin::Error },
     #[error("timed out after {timeout:?} connecting to {url}")]
     Timeout { url: String, timeout: Duration },
-    #[error("failed to declare {what}: {source}")]
-    Topology {
-        what: String,
-        #[source]
-        source: lapin::Error,
-    },
+    #[error("failed to declare {what}: {cause}")]
+    Topology { what: String, cause: lapin::Error },
     #[error("failed to open a publishing channel: {0}")]
-    Channel(#[source] lapin::Error),
+    Channel(lapin::Error),
     #[error("shutdown requested while connecting to the broker")]
     Cancelled,
 }
@@ -95,10 +87,10 @@ impl ConnectError {
     /// exchange or queue with other arguments (PRECONDITION_FAILED), or no permission.
     /// Retrying cannot fix it, so startup stops with the message instead.
     fn is_fatal(&self) -> bool {
-        let ConnectError::Topology { source, .. } = self else {
+        let ConnectError::Topology { cause, .. } = self else {
             return false;
         };
-        let lapin::ErrorKind::ProtocolError(err) = source.kind() else {
+        let lapin::ErrorKind::ProtocolError(err) = cause.kind() else {
             return false;
         };
         matches!(
@@ -345,9 +337,9 @@ impl Publisher {
                     .insert(routing_key.to_owned());
                 Ok(())
             }
-            Err(ConnectError::Topology { what, source }) => {
-                tracing::error!(%what, error = %source, "failed to declare a per-event queue");
-                Err(source)
+            Err(ConnectError::Topology { what, cause }) => {
+                tracing::error!(%what, error = %cause, "failed to declare a per-event queue");
+                Err(cause)
             }
             Err(err) => Err(lapin::Error::from(std::io::Error::other(err.to_string()))),
         }
@@ -566,9 +558,9 @@ async fn open_session(config: &AmqpConfig, node: &str) -> Result<Session, Connec
         let properties = ConnectionProperties::default().with_connection_name(name.into());
         let connection = Connection::connect(node, properties)
             .await
-            .map_err(|source| ConnectError::Connect {
+            .map_err(|cause| ConnectError::Connect {
                 url: url.clone(),
-                source,
+                cause,
             })?;
         topology::declare(config, &connection).await?;
         let mut channels = Vec::with_capacity(config.channels);

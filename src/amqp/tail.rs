@@ -14,21 +14,16 @@ use crate::config::{AmqpConfig, redact_url_password};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TailError {
-    #[error("failed to connect to {url}: {source}")]
-    Connect {
-        url: String,
-        #[source]
-        source: lapin::Error,
-    },
-    #[error("failed to bind a queue to {exchange} with {pattern:?}: {source}")]
+    #[error("failed to connect to {url}: {cause}")]
+    Connect { url: String, cause: lapin::Error },
+    #[error("failed to bind a queue to {exchange} with {pattern:?}: {cause}")]
     Bind {
         exchange: String,
         pattern: String,
-        #[source]
-        source: lapin::Error,
+        cause: lapin::Error,
     },
     #[error("lost the broker: {0}")]
-    Consume(#[source] lapin::Error),
+    Consume(lapin::Error),
     #[error("failed to write: {0}")]
     Write(#[from] std::io::Error),
 }
@@ -45,10 +40,10 @@ pub async fn tail(
         .create_channel()
         .await
         .map_err(TailError::Consume)?;
-    let bind_error = |source| TailError::Bind {
+    let bind_error = |cause| TailError::Bind {
         exchange: config.exchange.clone(),
         pattern: pattern.to_owned(),
-        source,
+        cause,
     };
     let queue = channel
         .queue_declare(
@@ -109,10 +104,10 @@ async fn connect(config: &AmqpConfig) -> Result<Connection, TailError> {
             ConnectionProperties::default().with_connection_name("hirehop-relay tail".into());
         match Connection::connect(node, properties).await {
             Ok(connection) => return Ok(connection),
-            Err(source) => {
+            Err(cause) => {
                 last = Some(TailError::Connect {
                     url: redact_url_password(node),
-                    source,
+                    cause,
                 })
             }
         }

@@ -42,7 +42,12 @@ pub async fn declare(config: &AmqpConfig, connection: &Connection) -> Result<(),
             )
             .await
             .map_err(failed(format!("exchange {unrouted}")))?;
-        declare_queue(&channel, &unrouted, &FieldTable::default()).await?;
+        let mut queue_arguments = FieldTable::default();
+        queue_arguments.insert(
+            "x-queue-type".into(),
+            string(config.unrouted_queue_type.as_str()),
+        );
+        declare_queue(&channel, &unrouted, &queue_arguments).await?;
         bind(&channel, &unrouted, &unrouted, "").await?;
         arguments.insert("alternate-exchange".into(), string(&unrouted));
     }
@@ -147,7 +152,7 @@ async fn bind(
 }
 
 fn failed(what: String) -> impl FnOnce(lapin::Error) -> ConnectError {
-    move |source| ConnectError::Topology { what, source }
+    move |cause| ConnectError::Topology { what, cause }
 }
 
 fn string(s: &str) -> AMQPValue {
@@ -170,7 +175,8 @@ pub fn describe(config: &AmqpConfig) -> String {
     if config.alternate_exchange {
         let unrouted = config.unrouted_name();
         let _ = writeln!(out, "exchange {unrouted} (fanout, durable)");
-        let _ = writeln!(out, "queue {unrouted} (classic, durable)");
+        let kind = config.unrouted_queue_type.as_str();
+        let _ = writeln!(out, "queue {unrouted} ({kind}, durable)");
         let _ = writeln!(out, "  bound to {unrouted}");
     }
     for queue in &config.queues {

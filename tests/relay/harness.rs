@@ -233,7 +233,7 @@ pub struct TestRelay {
     pub exchange: String,
     pub config: Config,
     shutdown: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), hirehop_relay::tls::TlsError>>>,
+    task: Option<JoinHandle<Result<(), hirehop_relay::RunError>>>,
     broker: lapin::Connection,
     channel: lapin::Channel,
 }
