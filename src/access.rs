@@ -1,7 +1,11 @@
 //! Who may post webhooks, by network address: `http.allow_from` (CIDRs), with the client's
-//! address taken from `X-Forwarded-For` or `Forwarded` only when the connection comes from
-//! one of `http.trusted_proxies` (the load balancer). From anyone else those headers are
-//! ignored: a client cannot talk its way in by writing them.
+//! address taken from a forwarding header only when the connection comes from one of
+//! `http.trusted_proxies` (the load balancer). From anyone else the header is ignored: a
+//! client cannot talk its way in by writing it.
+//!
+//! Only the one header named by `http.forwarded_header` is read (`X-Forwarded-For` by
+//! default). Proxies append to the header they maintain but pass others through as the client
+//! wrote them, so reading a second header would let a client forge its address.
 
 use std::net::IpAddr;
 
@@ -13,13 +17,30 @@ use ipnet::IpNet;
 pub struct AccessPolicy {
     allow_from: Vec<IpNet>,
     trusted_proxies: Vec<IpNet>,
+    header: ForwardedHeader,
+}
+
+/// Which header the trusted proxies maintain.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For: client, proxy1, ...` (nginx, Caddy, HAProxy, most ingresses).
+    #[default]
+    XForwardedFor,
+    /// RFC 7239 `Forwarded: for=client, for=proxy1`.
+    Forwarded,
 }
 
 impl AccessPolicy {
-    pub fn new(allow_from: Vec<IpNet>, trusted_proxies: Vec<IpNet>) -> AccessPolicy {
+    pub fn new(
+        allow_from: Vec<IpNet>,
+        trusted_proxies: Vec<IpNet>,
+        header: ForwardedHeader,
+    ) -> AccessPolicy {
         AccessPolicy {
             allow_from,
             trusted_proxies,
+            header,
         }
     }
 
@@ -31,7 +52,7 @@ impl AccessPolicy {
         }
         // Each proxy appends the address it saw; walk back from the nearest hop and stop at
         // the first one that is not ours.
-        let hops = forwarded_for(headers);
+        let hops = forwarded_for(headers, self.header);
         let mut client = peer;
         for hop in hops.iter().rev() {
             let Some(ip) = hop else {
@@ -54,17 +75,14 @@ impl AccessPolicy {
     }
 }
 
-/// The hops of `Forwarded` (RFC 7239) if present, else of `X-Forwarded-For`, nearest last;
-/// `None` for a hop that is not an address (`unknown`, an obfuscated id, garbage).
-fn forwarded_for(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
-    let forwarded: Vec<&str> = headers
-        .get_all("forwarded")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    if !forwarded.is_empty() {
-        return forwarded
+/// The hops listed in `header`, nearest last; `None` for a hop that is not an address
+/// (`unknown`, an obfuscated id, garbage).
+fn forwarded_for(headers: &HeaderMap, header: ForwardedHeader) -> Vec<Option<IpAddr>> {
+    if header == ForwardedHeader::Forwarded {
+        return headers
+            .get_all("forwarded")
             .iter()
+            .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(|element| {
                 element
@@ -118,7 +136,7 @@ mod tests {
 
     #[test]
     fn forwarding_headers_count_only_from_trusted_proxies() {
-        let policy = AccessPolicy::new(vec![], nets(&["10.0.0.0/8"]));
+        let policy = AccessPolicy::new(vec![], nets(&["10.0.0.0/8"]), ForwardedHeader::default());
         let xff = headers(&[("x-forwarded-for", "203.0.113.9")]);
         // Straight from the internet: the header is the client's own claim, ignored.
         assert_eq!(
@@ -131,10 +149,17 @@ mod tests {
 
     #[test]
     fn the_nearest_untrusted_hop_is_the_client() {
-        let policy = AccessPolicy::new(vec![], nets(&["10.0.0.0/8"]));
+        let policy = AccessPolicy::new(vec![], nets(&["10.0.0.0/8"]), ForwardedHeader::default());
         // The client forged the first entry; the proxies appended the rest.
         let xff = headers(&[("x-forwarded-for", "1.1.1.1, 203.0.113.9, 10.0.0.5")]);
         assert_eq!(policy.client_ip(ip("10.0.0.1"), &xff), ip("203.0.113.9"));
+        // A Forwarded header the proxy passed through from the client changes nothing.
+        let both = headers(&[
+            ("x-forwarded-for", "203.0.113.9"),
+            ("forwarded", "for=198.51.100.66"),
+        ]);
+        assert_eq!(policy.client_ip(ip("10.0.0.1"), &both), ip("203.0.113.9"));
+        let policy = AccessPolicy::new(vec![], nets(&["10.0.0.0/8"]), ForwardedHeader::Forwarded);
         let forwarded = headers(&[(
             "forwarded",
             "for=1.1.1.1, for=\"[2001:db8::1]:4711\";proto=https, for=10.0.0.5",
@@ -150,7 +175,11 @@ mod tests {
     #[test]
     fn allow_from_is_everyone_when_empty_and_a_list_otherwise() {
         assert!(AccessPolicy::default().allows(ip("8.8.8.8")));
-        let policy = AccessPolicy::new(nets(&["203.0.113.0/24", "2001:db8::/32"]), vec![]);
+        let policy = AccessPolicy::new(
+            nets(&["203.0.113.0/24", "2001:db8::/32"]),
+            vec![],
+            ForwardedHeader::default(),
+        );
         assert!(policy.allows(ip("203.0.113.200")));
         assert!(policy.allows(ip("2001:db8::7")));
         assert!(!policy.allows(ip("203.0.114.1")));

@@ -34,6 +34,41 @@ pub enum ConfigError {
     NoExportKey,
 }
 
+/// The sections a `RELAY_<SECTION>__<KEY>` variable can name.
+const SECTIONS: [&str; 7] = ["http", "amqp", "auth", "spool", "tls", "metrics", "log"];
+
+/// The `RELAY_*` variables that are ours. Kubernetes injects `RELAY_PORT`,
+/// `RELAY_SERVICE_HOST`, ... for a Service named `relay`: without a `__` they cannot be a
+/// setting and are left alone. `RELAY_HTTP_LISTEN` (one underscore) is a typo, and an error.
+fn relay_variables(env: HashMap<String, String>) -> Result<HashMap<String, String>, ConfigError> {
+    let mut ours = HashMap::new();
+    for (name, value) in env {
+        let Some(rest) = name.strip_prefix("RELAY_") else {
+            continue;
+        };
+        if rest.contains("__") {
+            ours.insert(name, value);
+            continue;
+        }
+        let lower = rest.to_ascii_lowercase();
+        if let Some(section) = SECTIONS
+            .iter()
+            .find(|s| lower.starts_with(&format!("{s}_")))
+        {
+            return Err(ConfigError::Invalid {
+                key: "environment",
+                reason: format!(
+                    "{name}: separate the section from the key with two underscores \
+                     (RELAY_{}__{})",
+                    section.to_ascii_uppercase(),
+                    &rest[section.len() + 1..]
+                ),
+            });
+        }
+    }
+    Ok(ours)
+}
+
 fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key,
@@ -78,9 +113,12 @@ pub struct HttpConfig {
     /// get 403 before their body is read. Health and metrics are not affected.
     #[serde(deserialize_with = "ip_nets")]
     pub allow_from: Vec<ipnet::IpNet>,
-    /// Load balancers whose `X-Forwarded-For`/`Forwarded` headers are believed.
+    /// Load balancers whose forwarding header is believed.
     #[serde(deserialize_with = "ip_nets")]
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The header those proxies maintain: `x-forwarded-for` or `forwarded` (RFC 7239). Only
+    /// that one is read.
+    pub forwarded_header: crate::access::ForwardedHeader,
     /// On shutdown, time in-flight requests get to finish before connections are cut.
     pub drain_timeout_ms: u64,
     /// Value of `Retry-After` on 503 answers.
@@ -306,6 +344,7 @@ max_headers = 100
 max_header_bytes = 16384
 allow_from = []
 trusted_proxies = []
+forwarded_header = "x-forwarded-for"
 
 [amqp]
 url = "amqp://guest:guest@127.0.0.1:5672/%2f"
@@ -380,10 +419,11 @@ impl Config {
         }
         // `prefix_separator("_")` matters: with only `separator("__")` the prefix would have to
         // be followed by `__` too (`RELAY__AMQP__URL`).
+        let env = env.unwrap_or_else(|| std::env::vars().collect());
         let environment = config::Environment::with_prefix("RELAY")
             .prefix_separator("_")
             .separator("__")
-            .source(env);
+            .source(Some(relay_variables(env)?));
         let config: Config = builder.add_source(environment).build()?.try_deserialize()?;
         config.validate()?;
         Ok(config)
@@ -1032,6 +1072,30 @@ mod tests {
             .to_string();
         assert!(err.contains("must be a quoted string"), "{err}");
         assert!(!err.contains("987654321"), "{err}");
+    }
+
+    #[test]
+    fn kubernetes_service_links_are_ignored_and_single_underscores_refused() {
+        let config = Config::load_from(
+            None,
+            env(&[
+                ("RELAY_AUTH__EXPORT_KEYS", "k"),
+                ("RELAY_PORT", "tcp://10.0.0.1:80"),
+                ("RELAY_SERVICE_HOST", "10.0.0.1"),
+                ("RELAY_PORT_80_TCP_ADDR", "10.0.0.1"),
+            ]),
+        );
+        assert!(config.is_ok(), "{:?}", config.err());
+        let err = Config::load_from(
+            None,
+            env(&[
+                ("RELAY_AUTH__EXPORT_KEYS", "k"),
+                ("RELAY_HTTP_LISTEN", "0.0.0.0:1"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("RELAY_HTTP__LISTEN"), "{err}");
     }
 
     #[test]

@@ -130,6 +130,7 @@ pub async fn run(
         access: AccessPolicy::new(
             config.http.allow_from.clone(),
             config.http.trusted_proxies.clone(),
+            config.http.forwarded_header,
         ),
         redact_export_key: config.amqp.redact_export_key,
         max_age: (config.auth.max_age_secs > 0)
@@ -155,7 +156,7 @@ pub async fn run(
     stop_replay.cancel();
     if let Some(replay) = replay {
         // Replay stops between batches; a batch is bounded by the confirm timeout.
-        let _ = tokio::time::timeout(ceiling * 2, replay).await;
+        let _ = tokio::time::timeout(ceiling, replay).await;
     }
     if let Some(metrics_server) = metrics_server {
         let _ = metrics_server.await;

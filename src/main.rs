@@ -251,9 +251,14 @@ fn open_spool(config: &Config) -> anyhow::Result<Spool> {
 }
 
 fn init_logging(format: LogFormat) {
-    // lapin logs a returned message whole (body, so export key, included) at warn.
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,lapin=error"));
+    // lapin logs a returned message whole (body, so export key, included) at warn: keep it
+    // at error unless RUST_LOG names lapin explicitly.
+    let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
+    let filter = if directives.contains("lapin") {
+        EnvFilter::new(directives)
+    } else {
+        EnvFilter::new(format!("{directives},lapin=error"))
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

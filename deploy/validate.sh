@@ -1,0 +1,304 @@
+#!/usr/bin/env bash
+# Validates the deployment files, offline and schema-aware, printing one line per check:
+#
+#   - every manifest in deploy/kubernetes/ against the Kubernetes OpenAPI schemas of each
+#     version in KUBERNETES_VERSIONS, strictly (an unknown or misspelt field is an error, and
+#     so is a kind or apiVersion the version does not know); kustomization.yaml lists files
+#     that exist; the ConfigMap and the containers set only RELAY_* variables that
+#     deploy/relay.toml documents; deployment.yaml and statefulset.yaml share one pod template;
+#   - docker-compose.yml against the Compose Specification schema, its build targets against
+#     the stages of deploy/Dockerfile;
+#   - deploy/rabbitmq/definitions.json against what the relay declares for
+#     deploy/rabbitmq/relay-queues.toml (the same arguments, or the broker refuses the relay's
+#     declaration with PRECONDITION_FAILED).
+#
+# Usage: deploy/validate.sh                  exit status 0 when every check passes, 1 otherwise
+#        KUBERNETES_VERSIONS="1.30" deploy/validate.sh
+#
+# Needs python3 with the venv module (Debian: apt-get install python3-venv). The first run
+# installs pinned packages from PyPI into target/validate-venv (about 30 s); after that it
+# needs no network and takes a few seconds. The schemas come inside the packages:
+# kubernetes-validate bundles the Kubernetes JSON schemas, check-jsonschema the Compose
+# Specification's (with its license).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# The oldest Kubernetes these manifests support (PodDisruptionBudget's
+# unhealthyPodEvictionPolicy is on by default from 1.27) and the newest the package knows.
+KUBERNETES_VERSIONS="${KUBERNETES_VERSIONS:-1.27 1.37}"
+
+VENV=target/validate-venv
+REQUIREMENTS=(
+  "kubernetes-validate==1.37.0"
+  "check-jsonschema==0.39.0"
+  "PyYAML>=6"
+  'tomli>=2; python_version < "3.11"'
+)
+
+python=$(command -v python3 || true)
+if [[ -z $python ]]; then
+  echo "error: python3 not found (Debian: apt-get install python3 python3-venv)" >&2
+  exit 1
+fi
+
+# Reinstall only when the requirements (or the interpreter) changed.
+stamp="$("$python" --version 2>&1) ${REQUIREMENTS[*]}"
+if [[ ! -x $VENV/bin/python || ! -f $VENV/.installed || "$(cat "$VENV/.installed")" != "$stamp" ]]; then
+  echo "installing the validators into $VENV"
+  mkdir -p target
+  if ! "$python" -m venv --clear "$VENV"; then
+    echo "error: cannot create a virtual environment (Debian: apt-get install python3-venv)" >&2
+    exit 1
+  fi
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${REQUIREMENTS[@]}"
+  printf '%s' "$stamp" >"$VENV/.installed"
+fi
+
+KUBERNETES_VERSIONS="$KUBERNETES_VERSIONS" exec "$VENV/bin/python" - <<'PY'
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from kubernetes_validate import utils as kv
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    import tomli as tomllib
+
+VERSIONS = os.environ["KUBERNETES_VERSIONS"].split()
+KUBERNETES_DIR = Path("deploy/kubernetes")
+failures = 0
+
+
+def report(ok, subject, detail):
+    global failures
+    if not ok:
+        failures += 1
+    print(f"{'ok  ' if ok else 'FAIL'}  {subject}: {detail}", flush=True)
+
+
+def load_yaml(path):
+    with open(path) as f:
+        return [doc for doc in yaml.safe_load_all(f) if doc is not None]
+
+
+# ---- Kubernetes ----------------------------------------------------------------------------
+
+def check_kubernetes_object(doc):
+    """Problems of one object against every version's strict schema; [] when it is valid."""
+    problems = []
+    for version in VERSIONS:
+        try:
+            kv.validate(doc, version, strict=True)
+        except kv.ValidationError as err:
+            where = ".".join(str(p) for p in err.path) or "(top level)"
+            problems.append(f"Kubernetes {version}: {where}: {err.message}")
+        except kv.SchemaNotFoundError as err:
+            problems.append(err.message)
+        except kv.VersionNotSupportedError as err:
+            problems.append(err.message)
+    return problems
+
+
+def check_kustomization(path, doc):
+    problems = []
+    for entry in doc.get("resources", []):
+        if not (path.parent / entry).exists():
+            problems.append(f"resources: {entry} does not exist")
+    return problems
+
+
+documented_env = set(re.findall(r"RELAY_[A-Z0-9]+__[A-Z0-9_]+", Path("deploy/relay.toml").read_text()))
+
+
+def relay_env_problems(doc):
+    """RELAY_* names the relay would refuse at startup (it rejects unknown ones)."""
+    names = []
+    if doc.get("kind") == "ConfigMap":
+        names = list((doc.get("data") or {}).keys())
+    pod = (doc.get("spec") or {}).get("template", {}).get("spec", {})
+    for container in pod.get("containers", []) + pod.get("initContainers", []):
+        names += [env["name"] for env in container.get("env", [])]
+    return [
+        f"{name} is not a setting documented in deploy/relay.toml"
+        for name in names
+        if name.startswith("RELAY_") and name not in documented_env
+    ]
+
+
+pod_templates = {}
+manifests = sorted(p for p in KUBERNETES_DIR.rglob("*") if p.suffix in (".yaml", ".yml"))
+if not manifests:
+    report(False, KUBERNETES_DIR, "no manifests found")
+for path in manifests:
+    try:
+        docs = load_yaml(path)
+    except yaml.YAMLError as err:
+        report(False, path, f"not valid YAML: {err}")
+        continue
+    names, problems, schema_checked = [], [], False
+    for doc in docs:
+        if not isinstance(doc, dict) or "kind" not in doc or "apiVersion" not in doc:
+            problems.append("a document without kind and apiVersion")
+            continue
+        if doc["apiVersion"].startswith("kustomize.config.k8s.io/"):
+            names.append(f"{doc['kind']} (its resources exist)")
+            problems += check_kustomization(path, doc)
+            continue
+        name = f"{doc['kind']}/{(doc.get('metadata') or {}).get('name', '?')}"
+        names.append(name)
+        schema_checked = True
+        problems += [f"{name}: {p}" for p in check_kubernetes_object(doc)]
+        problems += [f"{name}: {p}" for p in relay_env_problems(doc)]
+        if doc["kind"] in ("Deployment", "StatefulSet"):
+            pod_templates[(path.name, doc["kind"])] = doc["spec"]["template"]
+    if problems:
+        for problem in problems:
+            report(False, path, problem)
+    else:
+        checked = f" (Kubernetes {', '.join(VERSIONS)}, strict)" if schema_checked else ""
+        report(True, path, f"{', '.join(names)}{checked}")
+
+# The StatefulSet is the Deployment with a claim per pod instead of an emptyDir for the spool.
+deployment = pod_templates.get(("deployment.yaml", "Deployment"))
+statefulset = pod_templates.get(("statefulset.yaml", "StatefulSet"))
+if deployment and statefulset:
+    expected = json.loads(json.dumps(deployment))
+    expected["spec"]["volumes"] = [v for v in expected["spec"]["volumes"] if v["name"] != "spool"]
+    report(
+        expected == statefulset,
+        "deployment.yaml, statefulset.yaml",
+        "same pod template but for the spool volume"
+        if expected == statefulset
+        else "pod templates differ (beyond the spool volume): keep them in step",
+    )
+
+# ---- Compose --------------------------------------------------------------------------------
+
+compose = Path("docker-compose.yml")
+result = subprocess.run(
+    [
+        str(Path(sys.executable).parent / "check-jsonschema"),
+        "--builtin-schema", "vendor.compose-spec",
+        "--output-format", "text",
+        str(compose),
+    ],
+    capture_output=True,
+    text=True,
+)
+if result.returncode != 0:
+    for line in (result.stdout + result.stderr).strip().splitlines():
+        report(False, compose, line.strip())
+else:
+    problems = []
+    stages = set(
+        re.findall(r"(?im)^FROM\s+\S+\s+AS\s+(\S+)", Path("deploy/Dockerfile").read_text())
+    )
+    services = load_yaml(compose)[0]["services"]
+    for name, service in services.items():
+        build = service.get("build")
+        if isinstance(build, dict) and build.get("target") and build["target"] not in stages:
+            problems.append(f"service {name}: build target {build['target']} is not a stage of deploy/Dockerfile")
+        for dependency in service.get("depends_on") or {}:
+            if dependency not in services:
+                problems.append(f"service {name}: depends_on unknown service {dependency}")
+    for problem in problems:
+        report(False, compose, problem)
+    if not problems:
+        report(True, compose, "Compose Specification schema, build targets, depends_on")
+
+# ---- RabbitMQ definitions -------------------------------------------------------------------
+
+def queue_arguments(queue):
+    """The x-arguments the relay declares for one [[amqp.queues]] entry (src/amqp/topology.rs)."""
+    arguments = {"x-queue-type": queue.get("type", "quorum")}
+    if "dead_letter_exchange" in queue:
+        arguments["x-dead-letter-exchange"] = queue["dead_letter_exchange"]
+    if "delivery_limit" in queue:
+        arguments["x-delivery-limit"] = queue["delivery_limit"]
+    if "message_ttl_ms" in queue:
+        arguments["x-message-ttl"] = queue["message_ttl_ms"]
+    if "max_length" in queue:
+        arguments["x-max-length"] = queue["max_length"]
+        arguments["x-overflow"] = queue.get("overflow", "reject-publish")
+    return arguments
+
+
+def check_definitions(definitions_path, relay_config_path):
+    definitions = json.loads(definitions_path.read_text())
+    amqp = tomllib.loads(relay_config_path.read_text()).get("amqp", {})
+    problems = []
+    vhosts = {v["name"] for v in definitions.get("vhosts", [])}
+    exchanges = {e["name"]: e for e in definitions.get("exchanges", [])}
+    queues = {q["name"]: q for q in definitions.get("queues", [])}
+    bindings = {
+        (b["source"], b["destination"], b["routing_key"])
+        for b in definitions.get("bindings", [])
+        if b.get("destination_type") == "queue"
+    }
+    for kind, objects in (("exchange", exchanges), ("queue", queues)):
+        for name, obj in objects.items():
+            if obj.get("vhost") not in vhosts:
+                problems.append(f"{kind} {name}: vhost {obj.get('vhost')!r} is not declared")
+
+    def expect_exchange(name, kind, arguments):
+        exchange = exchanges.get(name)
+        if exchange is None:
+            problems.append(f"exchange {name} is missing")
+            return
+        actual = (exchange.get("type"), exchange.get("durable"), exchange.get("auto_delete"),
+                  exchange.get("internal"), exchange.get("arguments", {}))
+        wanted = (kind, True, False, False, arguments)
+        if actual != wanted:
+            problems.append(f"exchange {name}: type/durable/auto_delete/internal/arguments are {actual}, the relay declares {wanted}")
+
+    def expect_queue(name, arguments, patterns, source):
+        queue = queues.get(name)
+        if queue is None:
+            problems.append(f"queue {name} is missing")
+            return
+        actual = (queue.get("durable"), queue.get("auto_delete"), queue.get("arguments", {}))
+        wanted = (True, False, arguments)
+        if actual != wanted:
+            problems.append(f"queue {name}: durable/auto_delete/arguments are {actual}, the relay declares {wanted}")
+        for pattern in patterns:
+            if (source, name, pattern) not in bindings:
+                problems.append(f"queue {name}: no binding from {source} with {pattern!r}")
+
+    exchange = amqp.get("exchange", "hirehop")
+    if amqp.get("alternate_exchange", True):
+        unrouted = f"{exchange}.unrouted"
+        expect_exchange(unrouted, "fanout", {})
+        unrouted_type = amqp.get("unrouted_queue_type", "quorum")
+        expect_queue(unrouted, {"x-queue-type": unrouted_type}, [""], unrouted)
+        expect_exchange(exchange, "topic", {"alternate-exchange": unrouted})
+    else:
+        expect_exchange(exchange, "topic", {})
+    for queue in amqp.get("queues", []):
+        expect_queue(queue["name"], queue_arguments(queue), queue["bindings"], exchange)
+        dlx = queue.get("dead_letter_exchange")
+        if dlx and dlx not in exchanges:
+            problems.append(f"queue {queue['name']}: dead-letter exchange {dlx} is not declared")
+    return problems
+
+
+definitions_path = Path("deploy/rabbitmq/definitions.json")
+try:
+    problems = check_definitions(definitions_path, Path("deploy/rabbitmq/relay-queues.toml"))
+except (ValueError, KeyError, OSError) as err:
+    problems = [f"cannot read: {err}"]
+for problem in problems:
+    report(False, definitions_path, problem)
+if not problems:
+    report(True, definitions_path, "matches the relay's declarations for deploy/rabbitmq/relay-queues.toml")
+
+if failures:
+    print(f"{failures} problem(s) found", file=sys.stderr)
+    sys.exit(1)
+PY
