@@ -172,6 +172,9 @@ pub struct AmqpConfig {
     pub connect_timeout_ms: u64,
     /// Ceiling of the exponential reconnect backoff.
     pub reconnect_max_backoff_ms: u64,
+    /// Largest AMQP frame asked for (a `frame_max` in the URL wins). Bodies larger than a
+    /// frame are sent in several; small frames keep the relay's buffers small.
+    pub frame_max_bytes: u32,
     /// Replace the value of `export_key` in the published body with `"<redacted>"` (every
     /// other byte unchanged), so consumers never see a credential that also opens the
     /// company's data exports. Off by default: the body is published byte for byte.
@@ -362,6 +365,7 @@ channels = 4
 confirm_timeout_ms = 5000
 connect_timeout_ms = 10000
 reconnect_max_backoff_ms = 30000
+frame_max_bytes = 8192
 redact_export_key = false
 
 [auth]
@@ -474,6 +478,13 @@ impl Config {
             if ms == 0 {
                 return Err(invalid(key, "must be greater than 0"));
             }
+        }
+        if !(4096..=1 << 20).contains(&self.amqp.frame_max_bytes) {
+            // 4096 is AMQP's minimum frame size.
+            return Err(invalid(
+                "amqp.frame_max_bytes",
+                "must be between 4096 and 1048576",
+            ));
         }
         if self.amqp.channels == 0 || self.amqp.channels > 64 {
             return Err(invalid("amqp.channels", "must be between 1 and 64"));
@@ -673,6 +684,7 @@ impl fmt::Debug for AmqpConfig {
             .field("confirm_timeout_ms", &self.confirm_timeout_ms)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("reconnect_max_backoff_ms", &self.reconnect_max_backoff_ms)
+            .field("frame_max_bytes", &self.frame_max_bytes)
             .field("redact_export_key", &self.redact_export_key)
             .finish()
     }

@@ -556,12 +556,20 @@ async fn open_session(config: &AmqpConfig, node: &str) -> Result<Session, Connec
             std::process::id()
         );
         let properties = ConnectionProperties::default().with_connection_name(name.into());
-        let connection = Connection::connect(node, properties)
-            .await
-            .map_err(|cause| ConnectError::Connect {
-                url: url.clone(),
-                cause,
-            })?;
+        let connected = match node.parse::<lapin::uri::AMQPUri>() {
+            Ok(mut uri) => {
+                // lapin sizes its buffers by the frame size: RabbitMQ's 128 KiB default costs
+                // memory a webhook never uses. A `frame_max` in the URL wins.
+                uri.query.frame_max.get_or_insert(config.frame_max_bytes);
+                Connection::connect_uri(uri, properties).await
+            }
+            // Validated at load; let lapin report it if it still does not parse.
+            Err(_) => Connection::connect(node, properties).await,
+        };
+        let connection = connected.map_err(|cause| ConnectError::Connect {
+            url: url.clone(),
+            cause,
+        })?;
         topology::declare(config, &connection).await?;
         let mut channels = Vec::with_capacity(config.channels);
         for _ in 0..config.channels {
