@@ -1,0 +1,871 @@
+//! Throughput, latency, CPU and memory of the relay, as ratios of what the broker itself can
+//! do on the same machine in the same run. See BENCHMARKS.md for how to read the results.
+//!
+//! `cargo bench --bench throughput` (add `-- --quick` for a short smoke run, `-- --help`
+//! for the knobs). It needs the RabbitMQ broker the tests use (127.0.0.1:5672, guest/guest).
+//!
+//! # What runs
+//! - **relay**: the `hirehop-relay` binary as a child process (`RELAY_*` variables, its own
+//!   exchange and spool directory, no per-request log line), loaded over HTTP/1.1 by a hyper
+//!   client with one keep-alive connection per worker.
+//! - **raw**: the baseline, a lapin publisher in this process sending the same bodies straight
+//!   to the broker: persistent, `mandatory`, waiting for each confirm, over as many channels as
+//!   the relay, with as many messages in flight as the relay gets connections, to an exchange
+//!   and queues of the same layout.
+//! - **floor**: a plain hyper server answering 202 without a broker (this binary re-executed
+//!   with `--floor-server`): the cost of HTTP alone.
+//!
+//! # How
+//! For each queue layout (one queue bound with `#`; one queue per event name) and each
+//! repeat, raw and relay run back to back (order alternating) in a closed loop at each
+//! concurrency; then, at half the layout's raw ceiling, raw, relay and floor run in an open
+//! loop (latency from the intended send time). Every phase warms up, then measures a window:
+//! accepted per second, latency percentiles (HDR histogram), CPU seconds of the server,
+//! the broker and this process per 1,000 accepted (from `/proc/<pid>/stat`), and the server's
+//! RSS. After each phase the bench counts the messages in the queues (exact: nothing consumes
+//! them and every confirm is in) against the 202s (or Acks), then purges them. Last, the
+//! relay runs with its broker unreachable (every 202 is a spool append), and a second relay
+//! replays that spool to the broker, where every spooled webhook is counted.
+//!
+//! The report is printed as markdown and written to `target/bench-results.md`. A benchmark is
+//! not a test: nothing here asserts on timing; the targets are evaluated in the report.
+
+#![forbid(unsafe_code)]
+
+// The crate root is a file, not `throughput/main.rs`, so its modules need their path spelled
+// out; they live in `benches/throughput/` so that cargo does not take them for benches.
+#[path = "throughput/broker.rs"]
+mod broker;
+#[path = "throughput/floor.rs"]
+mod floor;
+#[path = "throughput/http_client.rs"]
+mod http_client;
+#[path = "throughput/load.rs"]
+mod load;
+#[path = "throughput/machine.rs"]
+mod machine;
+#[path = "throughput/payload.rs"]
+mod payload;
+#[path = "throughput/procs.rs"]
+mod procs;
+#[path = "throughput/raw_publisher.rs"]
+mod raw_publisher;
+#[path = "throughput/relay.rs"]
+mod relay;
+#[path = "throughput/report.rs"]
+mod report;
+#[path = "throughput/stats.rs"]
+mod stats;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::process::Command;
+
+use crate::broker::{Broker, Layout, Queues};
+use crate::http_client::{HttpClient, Target};
+use crate::load::Client;
+use crate::payload::Webhook;
+use crate::procs::{CpuClock, MachineCpu, ServerProcess};
+use crate::raw_publisher::{RawProperties, RawPublisher};
+use crate::relay::{Relay, RelaySettings, RelaySpec, SpoolDir, WEBHOOK_PATH};
+use crate::report::{MemoryRow, Mode, Replay, Report, Sample, Setup, System, Verification};
+use crate::stats::{Tally, Window, median};
+
+/// Distinct bodies sent in rotation.
+const DISTINCT_BODIES: usize = 64;
+/// The relay's lifecycle lines (`listening addr=...` is how the bench learns the port, and
+/// spool or broker trouble shows up in the progress lines), but not its one `info` line per
+/// webhook, which would cost more than some of what is measured.
+const DEFAULT_RELAY_LOG: &str = "warn,hirehop_relay=info,hirehop_relay::webhook=warn";
+/// Time for a fresh or just unloaded process to settle before its idle memory is read.
+const SETTLE: Duration = Duration::from_secs(1);
+/// Longest measured window of a spool-mode phase: it spools faster than the broker takes,
+/// and all of it is replayed (and counted) afterwards.
+const SPOOL_WINDOW: Duration = Duration::from_secs(2);
+/// Pause between phases, so the tail of one does not overlap the next.
+const PAUSE: Duration = Duration::from_millis(300);
+
+/// Load generator and baseline for hirehop-relay (see BENCHMARKS.md).
+#[derive(Parser, Debug)]
+#[command(name = "throughput")]
+struct Args {
+    /// Short smoke run (a minute or two): one repeat, 1.5 s phases.
+    #[arg(long)]
+    quick: bool,
+    /// Measured seconds per phase [default: 4; with --quick: 1.5]. Spool-mode phases measure
+    /// at most 2 s: everything they spool is replayed afterwards.
+    #[arg(long)]
+    duration_secs: Option<f64>,
+    /// Warm-up seconds before each measured window [default: 1; with --quick: 0.5].
+    #[arg(long)]
+    warmup_secs: Option<f64>,
+    /// Repeats of every comparison, interleaved; medians are reported [default: 3; with
+    /// --quick: 1].
+    #[arg(long)]
+    repeats: Option<usize>,
+    /// Closed-loop concurrencies: HTTP connections, and the raw publisher's in-flight window.
+    #[arg(long, value_delimiter = ',', default_values_t = [64, 256])]
+    concurrency: Vec<usize>,
+    /// Open-loop rate, as a fraction of the layout's raw ceiling (best raw msg/s).
+    #[arg(long, default_value_t = 0.5)]
+    open_fraction: f64,
+    /// Connections (raw: concurrent publishers) that share the open-loop rate.
+    #[arg(long, default_value_t = 64)]
+    open_connections: usize,
+    /// Properties of the raw publisher's messages: `minimal` (persistent, content type) or
+    /// `relay` (the relay's properties and headers, to see what they cost the broker).
+    #[arg(long, value_enum, default_value_t = RawProperties::Minimal)]
+    raw_properties: RawProperties,
+    /// AMQP channels of the relay and of the raw publisher.
+    #[arg(long, default_value_t = 4)]
+    channels: usize,
+    /// Size of each webhook body in bytes.
+    #[arg(long, default_value_t = 1500)]
+    body_bytes: usize,
+    /// The broker.
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    amqp_url: String,
+    /// RUST_LOG of the relay; must keep its `listening` line (target `hirehop_relay`) on.
+    #[arg(long, default_value = DEFAULT_RELAY_LOG)]
+    relay_log: String,
+    /// Where the markdown report is written (relative to the package root).
+    #[arg(long, default_value = "target/bench-results.md")]
+    out: PathBuf,
+    /// Run as the plain hyper floor server (used by the bench itself).
+    #[arg(long, hide = true)]
+    floor_server: bool,
+    /// Passed by `cargo bench`; without it (`cargo test --benches`) nothing is run.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+/// The run, with the `--quick` defaults applied.
+#[derive(Debug, Clone)]
+struct Plan {
+    warmup: Duration,
+    duration: Duration,
+    repeats: usize,
+    concurrencies: Vec<usize>,
+    open_fraction: f64,
+    open_connections: usize,
+    raw_properties: RawProperties,
+    channels: usize,
+    body_bytes: usize,
+    amqp_url: String,
+    relay_log: String,
+    out: PathBuf,
+}
+
+impl Plan {
+    fn new(args: Args) -> anyhow::Result<Plan> {
+        let (duration, warmup, repeats) = if args.quick {
+            (1.5, 0.5, 1)
+        } else {
+            (4.0, 1.0, 3)
+        };
+        let secs = |value: Option<f64>, default: f64, name: &str| {
+            let value = value.unwrap_or(default);
+            Duration::try_from_secs_f64(value).with_context(|| format!("invalid --{name}"))
+        };
+        let plan = Plan {
+            duration: secs(args.duration_secs, duration, "duration-secs")?,
+            warmup: secs(args.warmup_secs, warmup, "warmup-secs")?,
+            repeats: args.repeats.unwrap_or(repeats),
+            concurrencies: args.concurrency,
+            open_fraction: args.open_fraction,
+            open_connections: args.open_connections,
+            raw_properties: args.raw_properties,
+            channels: args.channels,
+            body_bytes: args.body_bytes,
+            amqp_url: args.amqp_url,
+            relay_log: args.relay_log,
+            out: args.out,
+        };
+        anyhow::ensure!(!plan.duration.is_zero(), "--duration-secs must be above 0");
+        anyhow::ensure!(plan.repeats > 0, "--repeats must be at least 1");
+        anyhow::ensure!(
+            !plan.concurrencies.is_empty() && !plan.concurrencies.contains(&0),
+            "--concurrency must list numbers above 0"
+        );
+        anyhow::ensure!(
+            plan.open_fraction > 0.0 && plan.open_connections > 0,
+            "--open-fraction and --open-connections must be above 0"
+        );
+        anyhow::ensure!(plan.channels > 0, "--channels must be at least 1");
+        Ok(plan)
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let result = if args.floor_server {
+        floor::serve()
+    } else if !args.bench {
+        println!("throughput is a benchmark, not a test: run `cargo bench --bench throughput`");
+        Ok(())
+    } else {
+        Plan::new(args).and_then(|plan| {
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("failed to start the async runtime")?
+                .block_on(run(plan))
+        })
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("throughput: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(plan: Plan) -> anyhow::Result<()> {
+    let out = plan.out.clone();
+    let report = Bench::new(plan).await?.run().await?;
+    let markdown = report.markdown();
+    println!("\n{markdown}");
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("failed to create {}", dir.display()))?;
+    }
+    std::fs::write(&out, markdown).with_context(|| format!("failed to write {}", out.display()))?;
+    eprintln!("report written to {}", out.display());
+    Ok(())
+}
+
+/// How a phase loads its system.
+#[derive(Debug, Clone, Copy)]
+enum Load {
+    Closed { concurrency: usize },
+    Open { rate: f64 },
+}
+
+/// Who takes the load.
+#[derive(Clone, Copy)]
+enum Via<'a> {
+    Raw(&'a RawPublisher),
+    Relay(&'a Relay),
+    Floor(&'a ServerProcess),
+}
+
+impl<'a> Via<'a> {
+    /// The process whose CPU and memory are read, if it is not the bench itself.
+    fn server(self) -> Option<&'a ServerProcess> {
+        match self {
+            Via::Raw(_) => None,
+            Via::Relay(relay) => Some(&relay.process),
+            Via::Floor(floor) => Some(floor),
+        }
+    }
+}
+
+/// What a phase loads, and where its messages must show up.
+#[derive(Clone, Copy)]
+struct Subject<'a> {
+    system: System,
+    layout: Option<Layout>,
+    via: Via<'a>,
+    /// Counted against the accepted webhooks after the phase, then purged.
+    queues: Option<&'a Queues>,
+}
+
+/// CPU seconds used so far by the processes of a phase.
+#[derive(Debug, Clone, Copy)]
+struct CpuSnapshot {
+    server: Option<f64>,
+    broker: Option<f64>,
+    client: f64,
+    machine: MachineCpu,
+}
+
+/// What was read from `/proc` over a measured window.
+struct Usage {
+    window: Window,
+    before: CpuSnapshot,
+    after: CpuSnapshot,
+    server_rss_kib: Option<u64>,
+}
+
+struct Bench {
+    plan: Plan,
+    relay_settings: RelaySettings,
+    broker: Broker,
+    clock: CpuClock,
+    broker_pid: Option<u32>,
+    webhooks: Arc<[Webhook]>,
+    run_id: String,
+    samples: Vec<Sample>,
+    memory: Vec<MemoryRow>,
+    replay: Option<Replay>,
+    phases: usize,
+}
+
+impl Bench {
+    async fn new(plan: Plan) -> anyhow::Result<Bench> {
+        let broker = Broker::connect(&plan.amqp_url).await?;
+        let webhooks = payload::webhooks(relay::KEY, DISTINCT_BODIES, plan.body_bytes).into();
+        // Short, unique, and sorts by time like the relay's own ids.
+        let run_id = uuid::Uuid::now_v7().simple().to_string()[..12].to_owned();
+        Ok(Bench {
+            relay_settings: RelaySettings {
+                channels: plan.channels,
+                rust_log: plan.relay_log.clone(),
+            },
+            plan,
+            broker,
+            clock: CpuClock::detect(),
+            broker_pid: procs::find_broker_pid(),
+            webhooks,
+            run_id,
+            samples: Vec::new(),
+            memory: Vec::new(),
+            replay: None,
+            phases: 0,
+        })
+    }
+
+    async fn run(mut self) -> anyhow::Result<Report> {
+        let setup = self.setup().await;
+        let floor_exe = std::env::current_exe().context("cannot find the bench binary")?;
+        let mut floor_command = Command::new(floor_exe);
+        floor_command.arg("--floor-server");
+        let floor = ServerProcess::spawn("floor server", floor_command).await?;
+        tokio::time::sleep(SETTLE).await;
+        let floor_fresh = floor.memory()?;
+        for (i, layout) in Layout::ALL.into_iter().enumerate() {
+            self.layout(layout, &floor, i == 0).await?;
+        }
+        tokio::time::sleep(SETTLE).await;
+        self.memory.push(MemoryRow {
+            process: "hyper floor".to_owned(),
+            idle_fresh: floor_fresh,
+            under_load: self.rss_under_load(None, System::Floor),
+            idle_after: floor.memory()?,
+        });
+        floor.stop().await;
+        self.spool_mode().await?;
+        Ok(Report {
+            setup,
+            samples: self.samples,
+            memory: self.memory,
+            replay: self.replay,
+            layouts: Layout::ALL.to_vec(),
+            concurrencies: self.plan.concurrencies.clone(),
+        })
+    }
+
+    async fn setup(&self) -> Setup {
+        let args: Vec<String> = std::env::args()
+            .skip(1)
+            .filter(|a| a != "--bench")
+            .collect();
+        let mut command = "cargo bench --bench throughput".to_owned();
+        if !args.is_empty() {
+            command = format!("{command} -- {}", args.join(" "));
+        }
+        Setup {
+            date: machine::date(),
+            machine: machine::describe(),
+            os: machine::os(),
+            rustc: machine::rustc(),
+            rabbitmq: machine::rabbitmq().await,
+            command,
+            warmup: self.plan.warmup,
+            duration: self.plan.duration,
+            repeats: self.plan.repeats,
+            body_bytes: self.webhooks.first().map_or(0, |w| w.body.len()),
+            channels: self.plan.channels,
+            open_connections: self.plan.open_connections,
+            open_fraction: self.plan.open_fraction,
+            raw_properties: format!("{:?}", self.plan.raw_properties).to_lowercase(),
+            relay_log: self.plan.relay_log.clone(),
+            clock: self.clock,
+            broker_visible: self.broker_pid.is_some(),
+        }
+    }
+
+    fn name(&self, what: &str) -> String {
+        format!("bench-{}-{what}", self.run_id)
+    }
+
+    /// All phases of one layout; its exchanges and queues are deleted whatever happens.
+    async fn layout(
+        &mut self,
+        layout: Layout,
+        floor: &ServerProcess,
+        with_floor_closed: bool,
+    ) -> anyhow::Result<()> {
+        let raw_queues = Queues::new(&self.name(&format!("raw-{}", layout.short())), layout);
+        let relay_queues = Queues::new(&self.name(&format!("relay-{}", layout.short())), layout);
+        let result = self
+            .layout_processes(layout, &raw_queues, &relay_queues, floor, with_floor_closed)
+            .await;
+        self.broker.delete(&raw_queues).await;
+        self.broker.delete(&relay_queues).await;
+        result
+    }
+
+    async fn layout_processes(
+        &mut self,
+        layout: Layout,
+        raw_queues: &Queues,
+        relay_queues: &Queues,
+        floor: &ServerProcess,
+        with_floor_closed: bool,
+    ) -> anyhow::Result<()> {
+        self.broker
+            .declare_exchange_like_relay(&raw_queues.exchange)
+            .await?;
+        self.broker.declare_queues(raw_queues).await?;
+        let raw = RawPublisher::connect(
+            &self.plan.amqp_url,
+            &raw_queues.exchange,
+            self.plan.channels,
+            self.plan.raw_properties,
+        )
+        .await?;
+        let spool = SpoolDir::new(&relay_queues.exchange);
+        let relay = Relay::start(
+            &self.relay_settings,
+            RelaySpec {
+                name: "relay",
+                amqp_url: &self.plan.amqp_url,
+                exchange: &relay_queues.exchange,
+                spool: &spool,
+            },
+        )
+        .await?;
+        // Connected means the relay declared its exchange: the queues can be bound to it.
+        relay.wait_connected().await?;
+        self.broker.declare_queues(relay_queues).await?;
+        let subjects = Subjects {
+            raw: Subject {
+                system: System::Raw,
+                layout: Some(layout),
+                via: Via::Raw(&raw),
+                queues: Some(raw_queues),
+            },
+            relay: Subject {
+                system: System::Relay,
+                layout: Some(layout),
+                via: Via::Relay(&relay),
+                queues: Some(relay_queues),
+            },
+            floor: Subject {
+                system: System::Floor,
+                layout: None,
+                via: Via::Floor(floor),
+                queues: None,
+            },
+        };
+        let result = self.compare(layout, &subjects, with_floor_closed).await;
+        raw.close().await;
+        relay.stop().await;
+        result
+    }
+
+    /// Closed loops (raw vs relay, and the floor), then open loops at half the ceiling.
+    async fn compare(
+        &mut self,
+        layout: Layout,
+        subjects: &Subjects<'_>,
+        with_floor_closed: bool,
+    ) -> anyhow::Result<()> {
+        let relay = subjects
+            .relay
+            .via
+            .server()
+            .context("the relay is a process")?;
+        tokio::time::sleep(SETTLE).await;
+        let relay_fresh = relay.memory()?;
+
+        for repeat in 0..self.plan.repeats {
+            for concurrency in self.plan.concurrencies.clone() {
+                let load = Load::Closed { concurrency };
+                if with_floor_closed {
+                    // The floor has no broker: once, in the first layout, is enough.
+                    self.phase(subjects.floor, load, repeat).await?;
+                }
+                let mut pair = [subjects.raw, subjects.relay];
+                pair.rotate_left(repeat % 2);
+                for subject in pair {
+                    self.phase(subject, load, repeat).await?;
+                }
+            }
+        }
+
+        let ceiling = self
+            .ceiling(layout)
+            .context("no raw publisher throughput was measured")?;
+        let load = Load::Open {
+            rate: (ceiling * self.plan.open_fraction).round().max(1.0),
+        };
+        for repeat in 0..self.plan.repeats {
+            let mut order = [subjects.raw, subjects.relay, subjects.floor];
+            order.rotate_left(repeat % 3);
+            for subject in order {
+                self.phase(subject, load, repeat).await?;
+            }
+        }
+
+        tokio::time::sleep(SETTLE).await;
+        self.memory.push(MemoryRow {
+            process: format!("relay, {layout}"),
+            idle_fresh: relay_fresh,
+            under_load: self.rss_under_load(Some(layout), System::Relay),
+            idle_after: relay.memory()?,
+        });
+        Ok(())
+    }
+
+    /// The relay with its broker unreachable (all into the spool), then a relay with the real
+    /// broker replaying that spool, to check every 202 arrives.
+    async fn spool_mode(&mut self) -> anyhow::Result<()> {
+        let queues = Queues::new(&self.name("spool"), Layout::OneQueue);
+        let spool = SpoolDir::new(&queues.exchange);
+        let result = self.spool_phases(&queues, &spool).await;
+        self.broker.delete(&queues).await;
+        result
+    }
+
+    async fn spool_phases(&mut self, queues: &Queues, spool: &SpoolDir) -> anyhow::Result<()> {
+        let unreachable = unreachable_broker_url()?;
+        let relay = Relay::start(
+            &self.relay_settings,
+            RelaySpec {
+                name: "relay (spool only)",
+                amqp_url: &unreachable,
+                exchange: &queues.exchange,
+                spool,
+            },
+        )
+        .await?;
+        tokio::time::sleep(SETTLE).await;
+        let fresh = relay.process.memory()?;
+        let subject = Subject {
+            system: System::Spooling,
+            layout: None,
+            via: Via::Relay(&relay),
+            queues: None,
+        };
+        let first = self.samples.len();
+        // Once per concurrency: there is no baseline to pair with, and the spool grows.
+        for concurrency in self.plan.concurrencies.clone() {
+            self.phase(subject, Load::Closed { concurrency }, 0).await?;
+        }
+        let spooled: u64 = self.samples[first..].iter().map(|s| s.accepted_total).sum();
+        tokio::time::sleep(SETTLE).await;
+        self.memory.push(MemoryRow {
+            process: "relay, spool only".to_owned(),
+            idle_fresh: fresh,
+            under_load: self.rss_under_load(None, System::Spooling),
+            idle_after: relay.process.memory()?,
+        });
+        relay.stop().await;
+
+        let started = Instant::now();
+        let replaying = Relay::start(
+            &self.relay_settings,
+            RelaySpec {
+                name: "relay (replaying the spool)",
+                amqp_url: &self.plan.amqp_url,
+                exchange: &queues.exchange,
+                spool,
+            },
+        )
+        .await?;
+        replaying.wait_connected().await?;
+        // Bound once the relay declared the exchange; anything replayed before lands in
+        // `<exchange>.unrouted`, which is counted too.
+        self.broker.declare_queues(queues).await?;
+        let drained = replaying.wait_spool_drained().await;
+        let secs = started.elapsed().as_secs_f64();
+        let on_broker = self.broker.count(queues).await?;
+        replaying.stop().await;
+        drained?;
+        self.replay = Some(Replay {
+            verification: Verification {
+                accepted: spooled,
+                on_broker,
+            },
+            secs,
+        });
+        eprintln!(
+            "     replay: {on_broker} of {spooled} spooled webhooks on the broker after {secs:.1} s"
+        );
+        Ok(())
+    }
+
+    /// The best median raw msg/s over the closed-loop concurrencies of `layout`.
+    fn ceiling(&self, layout: Layout) -> Option<f64> {
+        self.plan
+            .concurrencies
+            .iter()
+            .filter_map(|&concurrency| {
+                median(
+                    self.samples
+                        .iter()
+                        .filter(|s| {
+                            s.layout == Some(layout)
+                                && s.system == System::Raw
+                                && s.mode == Mode::Closed { concurrency }
+                        })
+                        .map(|s| s.accepted_per_sec),
+                )
+            })
+            .max_by(f64::total_cmp)
+    }
+
+    /// The server's RSS at the end of closed-loop windows, max over repeats, per concurrency.
+    fn rss_under_load(&self, layout: Option<Layout>, system: System) -> Vec<(usize, u64)> {
+        self.plan
+            .concurrencies
+            .iter()
+            .filter_map(|&concurrency| {
+                self.samples
+                    .iter()
+                    .filter(|s| {
+                        s.layout == layout
+                            && s.system == system
+                            && s.mode == Mode::Closed { concurrency }
+                    })
+                    .filter_map(|s| s.server_rss_kib)
+                    .max()
+                    .map(|kib| (concurrency, kib))
+            })
+            .collect()
+    }
+
+    /// Opens the clients `subject` needs for `load` (before the clock starts) and runs it.
+    async fn phase(
+        &mut self,
+        subject: Subject<'_>,
+        load: Load,
+        repeat: usize,
+    ) -> anyhow::Result<()> {
+        let workers = match load {
+            Load::Closed { concurrency } => concurrency,
+            Load::Open { .. } => self.plan.open_connections,
+        };
+        match subject.via {
+            Via::Raw(raw) => {
+                self.measure(subject, raw.clients(workers), load, repeat)
+                    .await
+            }
+            Via::Relay(Relay { process: server }) | Via::Floor(server) => {
+                let target = Target {
+                    addr: server.addr,
+                    path: WEBHOOK_PATH.to_owned(),
+                };
+                let clients = HttpClient::connect_many(&target, workers).await?;
+                self.measure(subject, clients, load, repeat).await
+            }
+        }
+    }
+
+    /// One warm-up and measured window; then verification against the broker and a purge.
+    async fn measure<C: Client>(
+        &mut self,
+        subject: Subject<'_>,
+        clients: Vec<C>,
+        load: Load,
+        repeat: usize,
+    ) -> anyhow::Result<()> {
+        let duration = match subject.system {
+            System::Spooling => self.plan.duration.min(SPOOL_WINDOW),
+            _ => self.plan.duration,
+        };
+        let log_mark = subject.via.server().map(ServerProcess::log_mark);
+        let window = Window::after_warmup(self.plan.warmup, duration);
+        let webhooks = Arc::clone(&self.webhooks);
+        let traffic = async move {
+            match load {
+                Load::Closed { .. } => load::closed_loop(clients, webhooks, window).await,
+                Load::Open { rate } => load::open_loop(clients, webhooks, rate, window).await,
+            }
+        };
+        let (tally, usage) = tokio::join!(traffic, self.usage(subject.via.server(), window));
+        let usage = usage?;
+        let verification = match subject.queues {
+            Some(queues) => Some(self.verify(subject, queues, &tally).await?),
+            None => None,
+        };
+        let sample = sample(subject, load, repeat, &tally, &usage, verification);
+        self.phases += 1;
+        self.progress(&sample, &tally, subject, log_mark);
+        self.samples.push(sample);
+        tokio::time::sleep(PAUSE).await;
+        Ok(())
+    }
+
+    /// Counts what reached `queues` against what was accepted, then empties them.
+    async fn verify(
+        &self,
+        subject: Subject<'_>,
+        queues: &Queues,
+        tally: &Tally,
+    ) -> anyhow::Result<Verification> {
+        if let Via::Relay(relay) = subject.via {
+            // A webhook the broker failed to confirm in time is spooled and replayed: it
+            // counts once the spool is empty again.
+            let spooled = relay.spooled().await?;
+            if spooled > 0 {
+                eprintln!("     {spooled} webhooks went to the spool; waiting for the replay");
+                relay.wait_spool_drained().await?;
+            }
+        }
+        let on_broker = self.broker.count(queues).await?;
+        self.broker.purge(queues).await?;
+        Ok(Verification {
+            accepted: tally.accepted_total,
+            on_broker,
+        })
+    }
+
+    /// CPU times at the window's start and end, and the server's RSS at its end.
+    async fn usage(&self, server: Option<&ServerProcess>, window: Window) -> anyhow::Result<Usage> {
+        let pid = server.map(|s| s.pid);
+        tokio::time::sleep_until(window.start.into()).await;
+        let before = self.cpu(pid)?;
+        tokio::time::sleep_until(window.end.into()).await;
+        let after = self.cpu(pid)?;
+        let server_rss_kib = server.map(|s| s.memory()).transpose()?.map(|m| m.rss_kib);
+        Ok(Usage {
+            window,
+            before,
+            after,
+            server_rss_kib,
+        })
+    }
+
+    fn cpu(&self, server: Option<u32>) -> anyhow::Result<CpuSnapshot> {
+        Ok(CpuSnapshot {
+            server: server.map(|pid| self.clock.cpu_secs(pid)).transpose()?,
+            // The broker is not ours: if it cannot be read, the column stays empty.
+            broker: self
+                .broker_pid
+                .and_then(|pid| self.clock.cpu_secs(pid).ok()),
+            client: self.clock.cpu_secs(std::process::id())?,
+            machine: MachineCpu::read()?,
+        })
+    }
+
+    /// One line per phase on stderr, and the evidence when something was not accepted.
+    fn progress(
+        &self,
+        sample: &Sample,
+        tally: &Tally,
+        subject: Subject<'_>,
+        log_mark: Option<u64>,
+    ) {
+        let layout = sample.layout.map_or("--", Layout::short);
+        let load = match sample.mode {
+            Mode::Closed { concurrency } => format!("closed {concurrency:>3} conns"),
+            Mode::Open { rate } => format!("open {rate:.0}/s"),
+        };
+        let system = match sample.system {
+            System::Raw => "raw  ",
+            System::Relay => "relay",
+            System::Floor => "floor",
+            System::Spooling => "spool",
+        };
+        let cpu = sample
+            .server_cpu_per_1k
+            .map_or_else(String::new, |c| format!(", server CPU {c:.3} s/1k"));
+        let verified = sample.verification.map_or_else(String::new, |v| {
+            format!(", on broker {}/{}", v.on_broker, v.accepted)
+        });
+        eprintln!(
+            "[{:>2}] {layout} {system} {load} #{}: {:>6.0}/s, p99 {:.2} ms{cpu}, \
+             {:.2} cores busy, idle {:.0}%, steal {:.0}%{verified}",
+            self.phases,
+            sample.repeat + 1,
+            sample.accepted_per_sec,
+            sample.latency.p99,
+            sample.cores_busy,
+            sample.machine_idle_pct,
+            sample.machine_steal_pct,
+        );
+        if tally.not_accepted() > 0 {
+            eprintln!(
+                "     not accepted: {:?}, {} without answer (last: {})",
+                tally.rejected,
+                tally.failed,
+                tally.last_failure.as_deref().unwrap_or("-")
+            );
+            if let Some(server) = subject.via.server() {
+                eprintln!("     {} log:\n{}", server.name, server.recent_log());
+            }
+        } else if let (Some(server), Some(mark)) = (subject.via.server(), log_mark) {
+            // The relay logs at warn and above: anything it said during the phase matters.
+            for line in server.logged_since(mark).iter().take(5) {
+                eprintln!("     {}: {line}", server.name);
+            }
+        }
+    }
+}
+
+/// One phase's numbers, per 1,000 accepted where it is a cost.
+fn sample(
+    subject: Subject<'_>,
+    load: Load,
+    repeat: usize,
+    tally: &Tally,
+    usage: &Usage,
+    verification: Option<Verification>,
+) -> Sample {
+    let accepted = tally.accepted_in_window;
+    let per_1k = |secs: f64| (accepted > 0).then(|| secs * 1000.0 / accepted as f64);
+    let (before, after) = (usage.before, usage.after);
+    let used = |b: Option<f64>, a: Option<f64>| Some(a? - b?);
+    let server = used(before.server, after.server);
+    let broker = used(before.broker, after.broker);
+    let client = after.client - before.client;
+    let (machine_idle_pct, machine_steal_pct) = before.machine.shares_until(&after.machine);
+    Sample {
+        layout: subject.layout,
+        system: subject.system,
+        mode: match load {
+            Load::Closed { concurrency } => Mode::Closed { concurrency },
+            Load::Open { rate } => Mode::Open { rate },
+        },
+        repeat,
+        accepted_per_sec: accepted as f64 / usage.window.secs(),
+        accepted_total: tally.accepted_total,
+        latency: tally.latency(),
+        service: tally.service_time(),
+        not_accepted: tally.not_accepted(),
+        server_cpu_per_1k: server.and_then(per_1k),
+        broker_cpu_per_1k: broker.and_then(per_1k),
+        client_cpu_per_1k: per_1k(client).unwrap_or(f64::NAN),
+        cores_busy: (server.unwrap_or(0.0) + broker.unwrap_or(0.0) + client) / usage.window.secs(),
+        machine_idle_pct,
+        machine_steal_pct,
+        server_rss_kib: usage.server_rss_kib,
+        verification,
+    }
+}
+
+/// The three systems one layout compares.
+struct Subjects<'a> {
+    raw: Subject<'a>,
+    relay: Subject<'a>,
+    floor: Subject<'a>,
+}
+
+/// The broker URL with a port nothing listens on (bound, then released), so connecting is
+/// refused at once.
+fn unreachable_broker_url() -> anyhow::Result<String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .context("failed to find a free port for the unreachable broker")?;
+    let port = listener.local_addr()?.port();
+    drop(listener);
+    Ok(format!("amqp://guest:guest@127.0.0.1:{port}/%2f"))
+}

@@ -1,0 +1,639 @@
+//! The results: one [`Sample`] per phase, aggregated over repeats (medians) into markdown
+//! tables, with the machine they were measured on and the targets of the issue.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use crate::broker::Layout;
+use crate::procs::{CpuClock, Memory};
+use crate::stats::{Latency, median};
+
+/// What was loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum System {
+    /// A lapin client publishing straight to the broker: the ceiling.
+    Raw,
+    /// The relay binary, over HTTP.
+    Relay,
+    /// A plain hyper server that answers 202: the HTTP floor.
+    Floor,
+    /// The relay with its broker unreachable: every webhook goes to the spool.
+    Spooling,
+}
+
+impl System {
+    fn label(self) -> &'static str {
+        match self {
+            System::Raw => "raw lapin publisher",
+            System::Relay => "**relay**",
+            System::Floor => "hyper floor (no broker)",
+            System::Spooling => "**relay, spool only**",
+        }
+    }
+}
+
+/// How it was loaded.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Mode {
+    Closed { concurrency: usize },
+    Open { rate: f64 },
+}
+
+/// What reached the broker after a phase.
+#[derive(Debug, Clone, Copy)]
+pub struct Verification {
+    pub accepted: u64,
+    pub on_broker: u64,
+}
+
+/// One phase: one system, one layout, one load, one repeat.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// `None` for the floor, which has no broker.
+    pub layout: Option<Layout>,
+    pub system: System,
+    pub mode: Mode,
+    pub repeat: usize,
+    pub accepted_per_sec: f64,
+    /// Accepted over the whole phase, warm-up and tail included.
+    pub accepted_total: u64,
+    pub latency: Latency,
+    pub service: Latency,
+    pub not_accepted: u64,
+    /// CPU seconds per 1,000 accepted of the server process (relay or floor).
+    pub server_cpu_per_1k: Option<f64>,
+    pub broker_cpu_per_1k: Option<f64>,
+    /// CPU seconds per 1,000 accepted of the bench process: the HTTP client, or the raw
+    /// publisher for the baseline.
+    pub client_cpu_per_1k: f64,
+    /// CPU seconds per second of server, broker and bench together: the cores they kept busy.
+    pub cores_busy: f64,
+    /// Share of the whole machine's CPU time that was idle (or waiting for I/O) in the window.
+    pub machine_idle_pct: f64,
+    /// Share stolen by the hypervisor for other guests: the machine's noise.
+    pub machine_steal_pct: f64,
+    /// The server's RSS at the end of the measured window, in KiB.
+    pub server_rss_kib: Option<u64>,
+    pub verification: Option<Verification>,
+}
+
+/// Memory of one server process over its life.
+#[derive(Debug, Clone)]
+pub struct MemoryRow {
+    pub process: String,
+    pub idle_fresh: Memory,
+    /// RSS at the end of closed-loop windows, per concurrency (max over repeats).
+    pub under_load: Vec<(usize, u64)>,
+    pub idle_after: Memory,
+}
+
+/// Where and how the numbers were taken.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    pub date: String,
+    pub machine: String,
+    pub os: String,
+    pub rustc: String,
+    pub rabbitmq: String,
+    pub command: String,
+    pub warmup: Duration,
+    pub duration: Duration,
+    pub repeats: usize,
+    pub body_bytes: usize,
+    pub channels: usize,
+    pub open_connections: usize,
+    pub open_fraction: f64,
+    /// `minimal` or `relay`: the properties the raw publisher sends.
+    pub raw_properties: String,
+    pub relay_log: String,
+    pub clock: CpuClock,
+    pub broker_visible: bool,
+}
+
+/// The spool-mode webhooks, replayed to the broker by a relay started after them.
+#[derive(Debug, Clone, Copy)]
+pub struct Replay {
+    pub verification: Verification,
+    /// From the replaying relay's start until its spool was empty.
+    pub secs: f64,
+}
+
+pub struct Report {
+    pub setup: Setup,
+    pub samples: Vec<Sample>,
+    pub memory: Vec<MemoryRow>,
+    pub replay: Option<Replay>,
+    pub layouts: Vec<Layout>,
+    pub concurrencies: Vec<usize>,
+}
+
+impl Report {
+    pub fn markdown(&self) -> String {
+        let mut out = String::new();
+        self.write_setup(&mut out);
+        self.write_closed(&mut out);
+        self.write_open(&mut out);
+        self.write_memory(&mut out);
+        self.write_targets(&mut out);
+        out
+    }
+
+    fn write_setup(&self, out: &mut String) {
+        let s = &self.setup;
+        let clock = if s.clock.measured {
+            format!("CLK_TCK={} (getconf)", s.clock.ticks_per_sec)
+        } else {
+            format!("CLK_TCK={} (assumed)", s.clock.ticks_per_sec)
+        };
+        let _ = writeln!(out, "### Run of {}\n", s.date);
+        let _ = writeln!(out, "- machine: {}", s.machine);
+        let _ = writeln!(out, "- OS: {}", s.os);
+        let _ = writeln!(out, "- {}; RabbitMQ {}", s.rustc, s.rabbitmq);
+        let _ = writeln!(out, "- command: `{}`", s.command);
+        let _ = writeln!(
+            out,
+            "- each phase: {:.1} s warm-up + {:.1} s measured; {} repeat(s), systems interleaved, \
+             medians shown (max: max over repeats; non-2xx: sum)",
+            s.warmup.as_secs_f64(),
+            s.duration.as_secs_f64(),
+            s.repeats
+        );
+        let _ = writeln!(
+            out,
+            "- bodies: {} B HireHop envelopes over 4 event names; {} AMQP channels (relay and raw); \
+             open loop over {} connections at {} x the layout's raw ceiling",
+            s.body_bytes, s.channels, s.open_connections, s.open_fraction
+        );
+        let _ = writeln!(
+            out,
+            "- raw publisher properties: {} ({})",
+            s.raw_properties,
+            if s.raw_properties == "relay" {
+                "the relay's message id, timestamp, type and headers"
+            } else {
+                "persistent, content type; the relay adds message id, timestamp, type, headers"
+            }
+        );
+        let _ = writeln!(
+            out,
+            "- relay `RUST_LOG={}`; CPU = utime+stime from /proc/<pid>/stat, {clock}; broker CPU {}",
+            s.relay_log,
+            if s.broker_visible {
+                "from its beam.smp process"
+            } else {
+                "not visible (no beam.smp process found)"
+            }
+        );
+        out.push('\n');
+    }
+
+    fn write_closed(&self, out: &mut String) {
+        out.push_str("#### Closed loop (fixed concurrency)\n\n");
+        out.push_str(
+            "| layout | conns | system | accepted/s | × raw | p50 ms | p90 ms | p99 ms | max ms \
+             | non-2xx | server CPU s/1k | broker CPU s/1k | client CPU s/1k | cores busy \
+             | idle/steal % | on broker |\n",
+        );
+        out.push_str("|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|\n");
+        for &layout in &self.layouts {
+            for &concurrency in &self.concurrencies {
+                let mode = Mode::Closed { concurrency };
+                for system in [System::Raw, System::Relay] {
+                    let ratio = self.throughput_ratio(layout, concurrency);
+                    self.closed_row(out, Some(layout), system, mode, ratio);
+                }
+            }
+        }
+        for system in [System::Floor, System::Spooling] {
+            for &concurrency in &self.concurrencies {
+                let mode = Mode::Closed { concurrency };
+                self.closed_row(out, None, system, mode, None);
+            }
+        }
+        out.push('\n');
+        if let Some(replay) = self.replay {
+            let v = replay.verification;
+            let _ = writeln!(
+                out,
+                "Spool only: the broker URL points at a closed port, so every 202 is a fsynced \
+                 spool append. Afterwards a relay with the real broker replayed the spool: \
+                 {} of {} spooled webhooks reached the broker in {:.1} s ({:.0} msg/s, \
+                 including its start and connect).\n",
+                v.on_broker,
+                v.accepted,
+                replay.secs,
+                v.on_broker as f64 / replay.secs.max(f64::EPSILON),
+            );
+        }
+    }
+
+    fn closed_row(
+        &self,
+        out: &mut String,
+        layout: Option<Layout>,
+        system: System,
+        mode: Mode,
+        ratio: Option<f64>,
+    ) {
+        let samples = self.select(layout, system, |m| m == mode);
+        let Some(row) = Row::of(&samples) else {
+            return;
+        };
+        let Mode::Closed { concurrency } = mode else {
+            return;
+        };
+        let ratio = if system == System::Relay {
+            fmt_opt(ratio, 2)
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {concurrency} | {} | {:.0} | {ratio} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {:.3} | {:.2} | {:.0}/{:.0} | {} |",
+            system_layout_label(system, layout),
+            system.label(),
+            row.accepted_per_sec,
+            row.latency.p50,
+            row.latency.p90,
+            row.latency.p99,
+            row.latency.max,
+            row.not_accepted,
+            fmt_opt(row.server_cpu_per_1k, 3),
+            fmt_opt(row.broker_cpu_per_1k, 3),
+            row.client_cpu_per_1k,
+            row.cores_busy,
+            row.machine_idle_pct,
+            row.machine_steal_pct,
+            row.verification,
+        );
+    }
+
+    fn write_open(&self, out: &mut String) {
+        out.push_str(
+            "#### Open loop (fixed rate; latency from the intended send time)\n\n\
+             | layout | rate/s | system | achieved/s | p50 ms | p90 ms | p99 ms | max ms \
+             | p99 service ms | p99 × raw | non-2xx | server CPU s/1k | broker CPU s/1k \
+             | client CPU s/1k | cores busy | idle/steal % | on broker |\n\
+             |---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|\n",
+        );
+        for &layout in &self.layouts {
+            for system in [System::Raw, System::Relay, System::Floor] {
+                let layout_key = (system != System::Floor).then_some(layout);
+                let rate = self.open_rate(layout);
+                let samples: Vec<&Sample> = self
+                    .select(
+                        layout_key,
+                        system,
+                        |m| matches!(m, Mode::Open { rate: r } if Some(r) == rate),
+                    )
+                    .into_iter()
+                    .collect();
+                let Some(row) = Row::of(&samples) else {
+                    continue;
+                };
+                let p99_ratio = if system == System::Relay {
+                    fmt_opt(self.p99_ratio(layout), 2)
+                } else {
+                    String::new()
+                };
+                let label = match system {
+                    System::Floor => format!("{} (same rate)", System::Floor.label()),
+                    _ => system.label().to_owned(),
+                };
+                let _ = writeln!(
+                    out,
+                    "| {layout} | {:.0} | {label} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {p99_ratio} | {} | {} | {} | {:.3} | {:.2} | {:.0}/{:.0} | {} |",
+                    rate.unwrap_or_default(),
+                    row.accepted_per_sec,
+                    row.latency.p50,
+                    row.latency.p90,
+                    row.latency.p99,
+                    row.latency.max,
+                    row.service.p99,
+                    row.not_accepted,
+                    fmt_opt(row.server_cpu_per_1k, 3),
+                    fmt_opt(row.broker_cpu_per_1k, 3),
+                    row.client_cpu_per_1k,
+                    row.cores_busy,
+                    row.machine_idle_pct,
+                    row.machine_steal_pct,
+                    row.verification,
+                );
+            }
+        }
+        out.push('\n');
+    }
+
+    fn write_memory(&self, out: &mut String) {
+        out.push_str("#### Memory (RSS, MiB)\n\n| process | idle, fresh |");
+        for c in &self.concurrencies {
+            let _ = write!(out, " under load, {c} conns |");
+        }
+        out.push_str(" peak (VmHWM) | idle after load |\n|---|--:|");
+        for _ in &self.concurrencies {
+            out.push_str("--:|");
+        }
+        out.push_str("--:|--:|\n");
+        for row in &self.memory {
+            let _ = write!(
+                out,
+                "| {} | {:.1} |",
+                row.process,
+                mib(row.idle_fresh.rss_kib)
+            );
+            for c in &self.concurrencies {
+                let at = row
+                    .under_load
+                    .iter()
+                    .find(|(n, _)| n == c)
+                    .map(|(_, kib)| *kib);
+                let _ = write!(out, " {} |", fmt_opt(at.map(mib), 1));
+            }
+            let _ = writeln!(
+                out,
+                " {:.1} | {:.1} |",
+                mib(row.idle_after.hwm_kib),
+                mib(row.idle_after.rss_kib)
+            );
+        }
+        out.push('\n');
+    }
+
+    fn write_targets(&self, out: &mut String) {
+        out.push_str(
+            "#### Targets (ratios within this run)\n\n| target | measured | met |\n|---|---|---|\n",
+        );
+        for &layout in &self.layouts {
+            let ratios: Vec<(usize, Option<f64>)> = self
+                .concurrencies
+                .iter()
+                .map(|&c| (c, self.throughput_ratio(layout, c)))
+                .collect();
+            let measured = ratios
+                .iter()
+                .map(|(c, r)| format!("{} at {c} conns", fmt_opt(*r, 2)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let met = verdict(ratios.iter().map(|(_, r)| r.map(|r| r >= 0.95)));
+            let _ = writeln!(
+                out,
+                "| accepted/s ≥ 0.95 × raw msg/s, {layout} | {measured} | {met} |"
+            );
+        }
+        let cpu: Vec<(Layout, Option<f64>)> = self
+            .layouts
+            .iter()
+            .map(|&l| (l, self.cpu_ratio(l)))
+            .collect();
+        let _ = writeln!(
+            out,
+            "| relay CPU/request ≤ 2 × hyper floor's (open loop, same rate) | {} | {} |",
+            per_layout(&cpu, "×"),
+            verdict(cpu.iter().map(|(_, r)| r.map(|r| r <= 2.0)))
+        );
+        let p99: Vec<(Layout, Option<f64>)> = self
+            .layouts
+            .iter()
+            .map(|&l| (l, self.p99_ratio(l)))
+            .collect();
+        let _ = writeln!(
+            out,
+            "| p99 at half the ceiling rate ≤ 1.25 × raw p99 | {} | {} |",
+            per_layout(&p99, "×"),
+            verdict(p99.iter().map(|(_, r)| r.map(|r| r <= 1.25)))
+        );
+        let relay_rows: Vec<&MemoryRow> = self
+            .memory
+            .iter()
+            .filter(|row| row.process.starts_with("relay"))
+            .collect();
+        // Each relay process: the two layouts, and spool only.
+        let at_256: Vec<(&str, Option<f64>)> = relay_rows
+            .iter()
+            .map(|row| {
+                let at = row.under_load.iter().find(|(c, _)| *c == 256);
+                (row.process.as_str(), at.map(|(_, kib)| mib(*kib)))
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "| relay RSS ≤ 30 MiB at 256 connections | {} | {} |",
+            labelled(&at_256, " MiB"),
+            verdict(at_256.iter().map(|(_, v)| v.map(|v| v <= 30.0)))
+        );
+        let idle: Vec<(&str, Option<f64>)> = relay_rows
+            .iter()
+            .map(|row| (row.process.as_str(), Some(mib(row.idle_fresh.rss_kib))))
+            .collect();
+        let _ = writeln!(
+            out,
+            "| relay RSS ≤ 10 MiB idle (fresh) | {} | {} |",
+            labelled(&idle, " MiB"),
+            verdict(idle.iter().map(|(_, v)| v.map(|v| v <= 10.0)))
+        );
+        let verified = self
+            .samples
+            .iter()
+            .filter_map(|s| s.verification)
+            .chain(self.replay.map(|r| r.verification))
+            .all(|v| v.accepted == v.on_broker);
+        let _ = writeln!(
+            out,
+            "| every 202 (and raw Ack) found on the broker, spooled ones after replay | {} | {} |",
+            if verified {
+                "exact match in every phase"
+            } else {
+                "MISMATCH (see tables)"
+            },
+            if verified { "yes" } else { "**no**" }
+        );
+    }
+
+    fn select(
+        &self,
+        layout: Option<Layout>,
+        system: System,
+        mode: impl Fn(Mode) -> bool,
+    ) -> Vec<&Sample> {
+        self.samples
+            .iter()
+            .filter(|s| s.layout == layout && s.system == system && mode(s.mode))
+            .collect()
+    }
+
+    /// Median over repeats of relay accepted/s ÷ raw msg/s, pairing runs of the same repeat.
+    fn throughput_ratio(&self, layout: Layout, concurrency: usize) -> Option<f64> {
+        let mode = Mode::Closed { concurrency };
+        self.paired(
+            layout,
+            System::Raw,
+            System::Relay,
+            |m| m == mode,
+            |s| Some(s.accepted_per_sec),
+        )
+    }
+
+    /// Median over repeats of relay p99 ÷ raw p99 in the open loop.
+    fn p99_ratio(&self, layout: Layout) -> Option<f64> {
+        self.paired(
+            layout,
+            System::Raw,
+            System::Relay,
+            |m| matches!(m, Mode::Open { .. }),
+            |s| Some(s.latency.p99),
+        )
+    }
+
+    /// Median over repeats of relay CPU/request ÷ floor CPU/request at the same open-loop rate.
+    fn cpu_ratio(&self, layout: Layout) -> Option<f64> {
+        let rate = self.open_rate(layout)?;
+        let open = |m: Mode| matches!(m, Mode::Open { rate: r } if r == rate);
+        let floor = self.select(None, System::Floor, open);
+        let relay = self.select(Some(layout), System::Relay, open);
+        median(relay.iter().filter_map(|r| {
+            let f = floor.iter().find(|f| f.repeat == r.repeat)?;
+            Some(r.server_cpu_per_1k? / f.server_cpu_per_1k?)
+        }))
+    }
+
+    fn paired(
+        &self,
+        layout: Layout,
+        base: System,
+        system: System,
+        mode: impl Fn(Mode) -> bool + Copy,
+        value: impl Fn(&Sample) -> Option<f64>,
+    ) -> Option<f64> {
+        let bases = self.select(Some(layout), base, mode);
+        let others = self.select(Some(layout), system, mode);
+        median(others.iter().filter_map(|o| {
+            let b = bases
+                .iter()
+                .find(|b| b.repeat == o.repeat && b.mode == o.mode)?;
+            Some(value(o)? / value(b)?)
+        }))
+    }
+
+    fn open_rate(&self, layout: Layout) -> Option<f64> {
+        self.samples.iter().find_map(|s| match s.mode {
+            Mode::Open { rate } if s.layout == Some(layout) => Some(rate),
+            _ => None,
+        })
+    }
+}
+
+/// Medians of one (layout, system, mode) over its repeats.
+struct Row {
+    accepted_per_sec: f64,
+    latency: Latency,
+    service: Latency,
+    not_accepted: u64,
+    server_cpu_per_1k: Option<f64>,
+    broker_cpu_per_1k: Option<f64>,
+    client_cpu_per_1k: f64,
+    cores_busy: f64,
+    machine_idle_pct: f64,
+    machine_steal_pct: f64,
+    verification: String,
+}
+
+impl Row {
+    fn of(samples: &[&Sample]) -> Option<Row> {
+        if samples.is_empty() {
+            return None;
+        }
+        let med = |f: fn(&Sample) -> f64| median(samples.iter().map(|s| f(s))).unwrap_or(0.0);
+        let med_opt = |f: fn(&Sample) -> Option<f64>| median(samples.iter().filter_map(|s| f(s)));
+        let max = samples
+            .iter()
+            .map(|s| s.latency.max)
+            .fold(0.0_f64, f64::max);
+        Some(Row {
+            accepted_per_sec: med(|s| s.accepted_per_sec),
+            latency: Latency {
+                p50: med(|s| s.latency.p50),
+                p90: med(|s| s.latency.p90),
+                p99: med(|s| s.latency.p99),
+                max,
+            },
+            service: Latency {
+                p50: med(|s| s.service.p50),
+                p90: med(|s| s.service.p90),
+                p99: med(|s| s.service.p99),
+                max: samples
+                    .iter()
+                    .map(|s| s.service.max)
+                    .fold(0.0_f64, f64::max),
+            },
+            not_accepted: samples.iter().map(|s| s.not_accepted).sum(),
+            server_cpu_per_1k: med_opt(|s| s.server_cpu_per_1k),
+            broker_cpu_per_1k: med_opt(|s| s.broker_cpu_per_1k),
+            client_cpu_per_1k: med(|s| s.client_cpu_per_1k),
+            cores_busy: med(|s| s.cores_busy),
+            machine_idle_pct: med(|s| s.machine_idle_pct),
+            machine_steal_pct: med(|s| s.machine_steal_pct),
+            verification: verification(samples),
+        })
+    }
+}
+
+fn verification(samples: &[&Sample]) -> String {
+    let checks: Vec<Verification> = samples.iter().filter_map(|s| s.verification).collect();
+    if checks.is_empty() {
+        return "–".to_owned();
+    }
+    let accepted: u64 = checks.iter().map(|v| v.accepted).sum();
+    let on_broker: u64 = checks.iter().map(|v| v.on_broker).sum();
+    if checks.iter().all(|v| v.accepted == v.on_broker) {
+        format!("all {accepted}")
+    } else {
+        format!("**MISMATCH** {on_broker} of {accepted}")
+    }
+}
+
+fn layout_label(layout: Option<Layout>) -> String {
+    layout.map_or_else(|| "– (no broker)".to_owned(), |l| l.to_string())
+}
+
+fn system_layout_label(system: System, layout: Option<Layout>) -> String {
+    match system {
+        System::Spooling => "spool, broker unreachable".to_owned(),
+        _ => layout_label(layout),
+    }
+}
+
+fn per_layout(values: &[(Layout, Option<f64>)], unit: &str) -> String {
+    values
+        .iter()
+        .map(|(layout, v)| format!("{}{unit} ({})", fmt_opt(*v, 2), layout.short()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn labelled(values: &[(&str, Option<f64>)], unit: &str) -> String {
+    values
+        .iter()
+        .map(|(label, v)| format!("{}{unit} ({label})", fmt_opt(*v, 1)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// "yes" if every check passed, "**no**" if one failed, "?" if nothing was measured.
+fn verdict(checks: impl Iterator<Item = Option<bool>>) -> &'static str {
+    let checks: Vec<Option<bool>> = checks.collect();
+    if checks.is_empty() || checks.iter().any(Option::is_none) {
+        "?"
+    } else if checks.iter().all(|c| *c == Some(true)) {
+        "yes"
+    } else {
+        "**no**"
+    }
+}
+
+fn fmt_opt(value: Option<f64>, decimals: usize) -> String {
+    value.map_or_else(|| "–".to_owned(), |v| format!("{v:.decimals$}"))
+}
+
+pub fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
