@@ -207,10 +207,7 @@ fn spawn_metrics_server(
     }
     let metrics = Arc::clone(delivery.metrics());
     let delivery = delivery.clone();
-    let handler = move |_peer, request: hyper::Request<hyper::body::Incoming>| {
-        let delivery = delivery.clone();
-        async move { Ok(metrics_only(&delivery, request.uri().path())) }
-    };
+    let handler = move |_peer, request| webhook::handle_metrics_listener(delivery.clone(), request);
     let http = config.http.clone();
     tokio::spawn(async move {
         server::serve(
@@ -223,21 +220,4 @@ fn spawn_metrics_server(
         )
         .await;
     })
-}
-
-/// The metrics listener answers `/metrics` and the health endpoints (for probes that cannot
-/// speak the webhook port's TLS), nothing else.
-fn metrics_only(
-    delivery: &Delivery,
-    path: &str,
-) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
-    match path {
-        "/metrics" => return webhook::metrics(delivery),
-        "/healthz" => return webhook::alive(),
-        "/readyz" => return webhook::readiness(delivery),
-        _ => {}
-    }
-    let mut response = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
-    *response.status_mut() = hyper::StatusCode::NOT_FOUND;
-    response
 }

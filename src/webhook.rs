@@ -248,6 +248,20 @@ async fn dispatch(
     }
 }
 
+/// The service of the `metrics.listen` listener: `/metrics` and the health endpoints (for
+/// probes that cannot speak the webhook port's TLS), nothing else.
+pub async fn handle_metrics_listener(
+    delivery: Delivery,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    Ok(match request.uri().path() {
+        "/metrics" => metrics(&delivery),
+        "/healthz" => alive(),
+        "/readyz" => readiness(&delivery),
+        _ => rejection_response(&Rejection::NotFound, 0),
+    })
+}
+
 /// `GET /metrics` (on whichever listener serves it).
 pub fn metrics(delivery: &Delivery) -> Response<Full<Bytes>> {
     let text = delivery

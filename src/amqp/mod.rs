@@ -9,4 +9,16 @@ pub mod publisher;
 pub mod tail;
 pub mod topology;
 
+use lapin::types::AMQPValue;
+
 pub use publisher::{ConnectError, PublishError, Publisher, backoff, declare_topology_once};
+
+/// An AMQP string (header or argument value).
+fn long_string(s: &str) -> AMQPValue {
+    AMQPValue::LongString(s.into())
+}
+
+/// An AMQP integer. RabbitMQ takes no unsigned 64-bit field; ids and sizes fit in an i64.
+fn integer(n: u64) -> AMQPValue {
+    AMQPValue::LongLongInt(i64::try_from(n).unwrap_or(i64::MAX))
+}

@@ -32,7 +32,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::topology;
+use crate::amqp::{integer, long_string, topology};
 use crate::config::{AmqpConfig, redact_url_password};
 use crate::message::Message;
 
@@ -140,15 +140,6 @@ fn properties(message: &Message) -> BasicProperties {
         // The event name fits: it passed the 255-byte routing key check.
         .with_type(message.event.as_str().into())
         .with_headers(headers)
-}
-
-fn long_string(s: &str) -> AMQPValue {
-    AMQPValue::LongString(s.into())
-}
-
-fn integer(n: u64) -> AMQPValue {
-    // AMQP has no unsigned 64-bit field type RabbitMQ accepts; ids fit in an i64.
-    AMQPValue::LongLongInt(i64::try_from(n).unwrap_or(i64::MAX))
 }
 
 /// Handle to the broker; cheap to clone.

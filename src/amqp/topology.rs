@@ -16,7 +16,7 @@ use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptio
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
 
-use crate::amqp::ConnectError;
+use crate::amqp::{ConnectError, integer, long_string};
 use crate::config::{AmqpConfig, QueueConfig, QueueType};
 
 /// Declares everything the config describes, on a channel of its own (a refused
@@ -45,11 +45,11 @@ pub async fn declare(config: &AmqpConfig, connection: &Connection) -> Result<(),
         let mut queue_arguments = FieldTable::default();
         queue_arguments.insert(
             "x-queue-type".into(),
-            string(config.unrouted_queue_type.as_str()),
+            long_string(config.unrouted_queue_type.as_str()),
         );
         declare_queue(&channel, &unrouted, &queue_arguments).await?;
         bind(&channel, &unrouted, &unrouted, "").await?;
-        arguments.insert("alternate-exchange".into(), string(&unrouted));
+        arguments.insert("alternate-exchange".into(), long_string(&unrouted));
     }
     channel
         .exchange_declare(
@@ -87,7 +87,7 @@ pub async fn declare_event_queue(
     let mut arguments = FieldTable::default();
     arguments.insert(
         "x-queue-type".into(),
-        string(config.per_event_queue_type.as_str()),
+        long_string(config.per_event_queue_type.as_str()),
     );
     declare_queue(channel, &name, &arguments).await?;
     bind(channel, &name, &config.exchange, routing_key).await
@@ -95,9 +95,9 @@ pub async fn declare_event_queue(
 
 fn queue_arguments(queue: &QueueConfig) -> FieldTable {
     let mut arguments = FieldTable::default();
-    arguments.insert("x-queue-type".into(), string(queue.kind.as_str()));
+    arguments.insert("x-queue-type".into(), long_string(queue.kind.as_str()));
     if let Some(dlx) = &queue.dead_letter_exchange {
-        arguments.insert("x-dead-letter-exchange".into(), string(dlx));
+        arguments.insert("x-dead-letter-exchange".into(), long_string(dlx));
     }
     if let Some(limit) = queue.delivery_limit {
         arguments.insert(
@@ -110,7 +110,7 @@ fn queue_arguments(queue: &QueueConfig) -> FieldTable {
     }
     if let Some(max) = queue.max_length {
         arguments.insert("x-max-length".into(), integer(max));
-        arguments.insert("x-overflow".into(), string(queue.overflow.as_str()));
+        arguments.insert("x-overflow".into(), long_string(queue.overflow.as_str()));
     }
     arguments
 }
@@ -153,14 +153,6 @@ async fn bind(
 
 fn failed(what: String) -> impl FnOnce(lapin::Error) -> ConnectError {
     move |cause| ConnectError::Topology { what, cause }
-}
-
-fn string(s: &str) -> AMQPValue {
-    AMQPValue::LongString(s.into())
-}
-
-fn integer(n: u64) -> AMQPValue {
-    AMQPValue::LongLongInt(i64::try_from(n).unwrap_or(i64::MAX))
 }
 
 /// The topology as text, for people.

@@ -158,9 +158,62 @@ async fn event_labels_stay_bounded_whatever_names_arrive() {
 
 #[tokio::test]
 async fn metrics_can_move_off_the_webhook_port() {
-    let relay = TestRelay::start_with(&[("RELAY_METRICS__LISTEN", "127.0.0.1:0")]).await;
-    let reply = relay.send(request(Method::GET, "/metrics", "")).await;
-    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    let exchange = unique_exchange();
+    let url = crate::harness::amqp_url();
+    let mut relay_env = env(&exchange, &url);
+    relay_env.push(("RELAY_METRICS__LISTEN", "127.0.0.1:0"));
+    let mut relay = RelayProcess::spawn(&relay_env).await;
+    let line = relay.wait_for("serving /metrics").await;
+    let metrics_addr: std::net::SocketAddr = line
+        .split("addr=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    relay.wait_for("connected to the broker").await;
+    let get = |addr, path: &'static str| send(addr, request(Method::GET, path, ""));
+    // The webhook port no longer shows metrics.
+    assert_eq!(
+        get(relay.addr(), "/metrics").await.unwrap().status,
+        StatusCode::NOT_FOUND
+    );
+    // The metrics port shows them, and health for probes, and nothing else.
+    let metrics = get(metrics_addr, "/metrics").await.unwrap();
+    assert_eq!(metrics.status, StatusCode::OK);
+    assert!(String::from_utf8_lossy(&metrics.body).contains("hirehop_relay_build_info"));
+    assert_eq!(
+        get(metrics_addr, "/healthz").await.unwrap().status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(metrics_addr, "/readyz").await.unwrap().status,
+        StatusCode::OK
+    );
+    let webhook_there = get(metrics_addr, "/webhooks/hirehop").await.unwrap();
+    assert_eq!(webhook_there.status, StatusCode::NOT_FOUND);
+    relay.signal("TERM");
+    let (status, log) = relay.exit().await;
+    assert!(status.success(), "{log}");
+    let broker = crate::harness::broker().await;
+    crate::harness::delete_topology(&broker.create_channel().await.unwrap(), &exchange).await;
+}
+
+#[tokio::test]
+async fn the_relay_asks_the_broker_for_small_frames() {
+    let relay = TestRelay::start_with(&[("RELAY_AMQP__FRAME_MAX_BYTES", "16384")]).await;
+    // As the broker sees the relay's connection, found by the name it gives itself.
+    let output = std::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "-q", "frame_max", "client_properties"])
+        .output()
+        .expect("rabbitmqctl runs (it ships with rabbitmq-server)");
+    let listing = String::from_utf8_lossy(&output.stdout);
+    let needle = format!("exchange={} ", relay.exchange);
+    let frame_max: Vec<&str> = listing
+        .lines()
+        .filter(|line| line.contains(&needle))
+        .filter_map(|line| line.split('\t').next())
+        .collect();
+    assert_eq!(frame_max, ["16384"], "{listing}");
     relay.stop().await;
 }
 

@@ -104,6 +104,8 @@ async fn startup_waits_for_the_broker_and_says_why() {
     relay_env.push(("RELAY_SPOOL__ENABLED", "false"));
     let mut relay = RelayProcess::start(&[], &relay_env);
     relay.wait_for("broker not available yet").await;
+    // SIGHUP before the server runs must not end the process (its default action would).
+    relay.signal("HUP");
     relay.wait_for("broker not available yet").await;
     proxy.refuse(false);
     relay.wait_for("listening").await;
