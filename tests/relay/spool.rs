@@ -16,6 +16,39 @@ use crate::harness::{
 use crate::proxy::Proxy;
 use crate::shutdown::{env, unique_exchange};
 
+/// A relay process's settings with its broker behind a proxy that refuses connections, and
+/// a spool directory the test names (so a restarted relay finds it again).
+struct Offline {
+    proxy: Proxy,
+    exchange: String,
+    dir: std::path::PathBuf,
+    dir_str: String,
+    url: String,
+}
+
+impl Offline {
+    async fn start() -> Offline {
+        let proxy = Proxy::start(broker_addr()).await;
+        proxy.refuse(true);
+        let exchange = unique_exchange();
+        let dir = spool_dir(&exchange);
+        let url = via(&proxy);
+        Offline {
+            dir_str: dir.to_string_lossy().into_owned(),
+            proxy,
+            exchange,
+            dir,
+            url,
+        }
+    }
+
+    fn env(&self) -> Vec<(&str, &str)> {
+        let mut relay_env = env(&self.exchange, &self.url);
+        relay_env.push(("RELAY_SPOOL__DIR", &self.dir_str));
+        relay_env
+    }
+}
+
 async fn readyz(addr: std::net::SocketAddr) -> harness::Reply {
     send(addr, request(Method::GET, "/readyz", ""))
         .await
@@ -75,14 +108,9 @@ async fn broker_out_of_reach_webhooks_are_spooled_then_replayed_in_order() {
 
 #[tokio::test]
 async fn sigkill_while_the_broker_is_out_of_reach_loses_no_accepted_webhook() {
-    let proxy = Proxy::start(broker_addr()).await;
-    proxy.refuse(true);
-    let exchange = unique_exchange();
-    let dir = spool_dir(&exchange);
-    let dir_str = dir.to_string_lossy().into_owned();
-    let url = via(&proxy);
-    let mut relay_env = env(&exchange, &url);
-    relay_env.push(("RELAY_SPOOL__DIR", &dir_str));
+    let offline = Offline::start().await;
+    let (proxy, exchange, dir) = (&offline.proxy, &offline.exchange, &offline.dir);
+    let relay_env = offline.env();
     let relay = RelayProcess::spawn(&relay_env).await;
     let addr = relay.addr();
 
@@ -112,20 +140,15 @@ async fn sigkill_while_the_broker_is_out_of_reach_loses_no_accepted_webhook() {
     relay.signal("TERM");
     let (status, log) = relay.exit().await;
     assert!(status.success(), "{log}");
-    harness::delete_topology(&channel, &exchange).await;
+    harness::delete_topology(&channel, exchange).await;
     let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test]
 async fn a_corrupt_spool_tail_is_reported_and_the_rest_delivered() {
-    let proxy = Proxy::start(broker_addr()).await;
-    proxy.refuse(true);
-    let exchange = unique_exchange();
-    let dir = spool_dir(&exchange);
-    let dir_str = dir.to_string_lossy().into_owned();
-    let url = via(&proxy);
-    let mut relay_env = env(&exchange, &url);
-    relay_env.push(("RELAY_SPOOL__DIR", &dir_str));
+    let offline = Offline::start().await;
+    let (proxy, exchange, dir) = (&offline.proxy, &offline.exchange, &offline.dir);
+    let relay_env = offline.env();
     let relay = RelayProcess::spawn(&relay_env).await;
     let mut ids = Vec::new();
     for _ in 0..5 {
@@ -138,7 +161,7 @@ async fn a_corrupt_spool_tail_is_reported_and_the_rest_delivered() {
     relay.exit().await;
 
     // Power lost mid-write: half a record at the end of the newest segment.
-    let mut segments: Vec<_> = std::fs::read_dir(&dir)
+    let mut segments: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .map(|entry| entry.unwrap().path())
         .filter(|path| path.extension().is_some_and(|ext| ext == "seg"))
@@ -164,7 +187,7 @@ async fn a_corrupt_spool_tail_is_reported_and_the_rest_delivered() {
     relay.signal("TERM");
     let (status, log) = relay.exit().await;
     assert!(status.success(), "{log}");
-    harness::delete_topology(&channel, &exchange).await;
+    harness::delete_topology(&channel, exchange).await;
     let _ = std::fs::remove_dir_all(dir);
 }
 
