@@ -212,14 +212,14 @@ pub fn read_keys_file(path: &std::path::Path) -> Result<FileKeys, KeysFileError>
 }
 
 /// Reloads the keys when `path` changes (checked every two seconds: a Kubernetes Secret is
-/// swapped through a symlink, so file events are unreliable) and on every `reload` signal
-/// (SIGHUP). A reload that fails, or that would leave no key at all, keeps the old keys and
+/// swapped through a symlink, so file events are unreliable) and on every SIGHUP in
+/// `hangups`. A reload that fails, or that would leave no key at all, keeps the old keys and
 /// logs why.
 pub async fn watch_keys_file(
     store: Arc<KeyStore>,
     path: PathBuf,
     load: impl Fn() -> Result<Keyring, String>,
-    mut reload: impl FnMut() -> futures_lite::future::Boxed<()>,
+    mut hangups: crate::signal::Hangups,
     stop: tokio_util::sync::CancellationToken,
 ) {
     let fingerprint = |path: &PathBuf| std::fs::read(path).ok().map(|b| Sha256::digest(&b));
@@ -228,7 +228,7 @@ pub async fn watch_keys_file(
     loop {
         let forced = tokio::select! {
             () = stop.cancelled() => return,
-            () = reload() => true,
+            () = hangups.next() => true,
             _ = tick.tick() => false,
         };
         let now = fingerprint(&path);

@@ -177,7 +177,7 @@ fn spawn_key_reloads(config: &Config, keys: &Arc<KeyStore>, stop: CancellationTo
         tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    () = hangups() => tracing::info!("nothing to reload: no auth.export_keys_file"),
+                    () = hangups.next() => tracing::info!("nothing to reload: no auth.export_keys_file"),
                     () = stop.cancelled() => return,
                 }
             }

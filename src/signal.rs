@@ -24,19 +24,21 @@ pub fn install_hangup_handler() {
 
 /// A future per SIGHUP: "reload your keys", as for nginx or HAProxy. Installed whether or
 /// not there is a keys file: SIGHUP's default action would end the process undrained.
-pub fn hangups() -> impl FnMut() -> futures_lite::future::Boxed<()> {
+pub fn hangups() -> Hangups {
     use tokio::signal::unix::{SignalKind, signal};
-    let hangup = std::sync::Arc::new(tokio::sync::Mutex::new(
-        signal(SignalKind::hangup()).expect("installing a SIGHUP handler works"),
-    ));
-    move || {
-        let hangup = std::sync::Arc::clone(&hangup);
-        Box::pin(async move {
-            let received = hangup.lock().await.recv().await;
-            if received.is_none() {
-                std::future::pending::<()>().await;
-            }
-            tracing::info!("received SIGHUP");
-        })
+    Hangups(signal(SignalKind::hangup()).expect("installing a SIGHUP handler works"))
+}
+
+/// The SIGHUPs the process receives.
+pub struct Hangups(tokio::signal::unix::Signal);
+
+impl Hangups {
+    /// Resolves on the next SIGHUP.
+    pub async fn next(&mut self) {
+        if self.0.recv().await.is_none() {
+            // The signal driver is gone: no more SIGHUPs will come.
+            std::future::pending::<()>().await;
+        }
+        tracing::info!("received SIGHUP");
     }
 }
