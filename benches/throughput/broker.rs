@@ -8,11 +8,11 @@ use std::fmt;
 
 use anyhow::Context;
 use lapin::options::{
-    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions, QueuePurgeOptions,
+    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Channel, Connection, ConnectionProperties};
 
 use crate::payload::EVENTS;
 
@@ -120,34 +120,22 @@ impl Broker {
         })
     }
 
-    /// Declares `exchange` the way the relay does: a durable topic exchange whose alternate
-    /// exchange is the fanout `<exchange>.unrouted` with its queue of the same name.
+    /// Declares `exchange` exactly as the relay does, with the relay's own code (default
+    /// settings): the topic exchange and its `<exchange>.unrouted` alternate exchange and queue.
     pub async fn declare_exchange_like_relay(&self, exchange: &str) -> anyhow::Result<()> {
-        let unrouted = unrouted(exchange);
-        let durable = ExchangeDeclareOptions {
-            durable: true,
-            ..ExchangeDeclareOptions::default()
-        };
-        self.channel
-            .exchange_declare(
-                unrouted.as_str().into(),
-                ExchangeKind::Fanout,
-                durable,
-                FieldTable::default(),
-            )
+        let env = [
+            ("RELAY_AMQP__EXCHANGE", exchange),
+            // Not used here, but the config refuses to load without a key.
+            ("RELAY_AUTH__EXPORT_KEYS", "bench"),
+        ];
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let config = hirehop_relay::config::Config::load_from(None, Some(env))?;
+        hirehop_relay::amqp::topology::declare(&config.amqp, &self.connection)
             .await
-            .with_context(|| format!("failed to declare exchange {unrouted}"))?;
-        self.declare_queue(&unrouted, FieldTable::default()).await?;
-        self.bind(&unrouted, &unrouted, "").await?;
-        let mut arguments = FieldTable::default();
-        arguments.insert(
-            "alternate-exchange".into(),
-            AMQPValue::LongString(unrouted.as_str().into()),
-        );
-        self.channel
-            .exchange_declare(exchange.into(), ExchangeKind::Topic, durable, arguments)
-            .await
-            .with_context(|| format!("failed to declare exchange {exchange}"))
+            .with_context(|| format!("failed to declare exchange {exchange} like the relay"))
     }
 
     /// Declares the layout's queues and binds them to the exchange (which must exist).
