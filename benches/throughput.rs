@@ -36,6 +36,8 @@
 // out; they live in `benches/throughput/` so that cargo does not take them for benches.
 #[path = "throughput/broker.rs"]
 mod broker;
+#[path = "throughput/cpus.rs"]
+mod cpus;
 #[path = "throughput/floor.rs"]
 mod floor;
 #[path = "throughput/http_client.rs"]
@@ -121,6 +123,14 @@ struct Args {
     /// `relay` (the relay's properties and headers, to see what they cost the broker).
     #[arg(long, value_enum, default_value_t = RawProperties::Minimal)]
     raw_properties: RawProperties,
+    /// Pin every thread of the broker (its `beam.smp` process, which must run on this machine)
+    /// to these CPUs for the run, e.g. `1`; its affinity is restored at the end. Needs --cpus.
+    #[arg(long, requires = "cpus", value_name = "LIST")]
+    broker_cpus: Option<String>,
+    /// Pin this bench (load generator, raw publisher) and the relay and floor servers it
+    /// starts to these CPUs, e.g. `0`. Needs --broker-cpus.
+    #[arg(long, requires = "broker_cpus", value_name = "LIST")]
+    cpus: Option<String>,
     /// AMQP channels of the relay and of the raw publisher.
     #[arg(long, default_value_t = 4)]
     channels: usize,
@@ -159,6 +169,8 @@ struct Plan {
     amqp_url: String,
     relay_log: String,
     out: PathBuf,
+    /// `(broker CPUs, everything else's CPUs)`, when the run splits them.
+    cpu_split: Option<(String, String)>,
 }
 
 impl Plan {
@@ -185,6 +197,7 @@ impl Plan {
             amqp_url: args.amqp_url,
             relay_log: args.relay_log,
             out: args.out,
+            cpu_split: args.broker_cpus.zip(args.cpus),
         };
         anyhow::ensure!(!plan.duration.is_zero(), "--duration-secs must be above 0");
         anyhow::ensure!(plan.repeats > 0, "--repeats must be at least 1");
@@ -210,6 +223,11 @@ fn main() -> ExitCode {
         Ok(())
     } else {
         Plan::new(args).and_then(|plan| {
+            // Before the runtime starts its threads, so that they (and every process started
+            // later) inherit it.
+            if let Some((_, cpus)) = &plan.cpu_split {
+                cpus::pin_self(cpus)?;
+            }
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -299,6 +317,8 @@ struct Bench {
     broker: Broker,
     clock: CpuClock,
     broker_pid: Option<u32>,
+    /// Held for the whole run: dropping it gives the broker its CPUs back.
+    _broker_pin: Option<cpus::BrokerPin>,
     webhooks: Arc<[Webhook]>,
     run_id: String,
     samples: Vec<Sample>,
@@ -313,6 +333,15 @@ impl Bench {
         let webhooks = payload::webhooks(relay::KEY, DISTINCT_BODIES, plan.body_bytes).into();
         // Short, unique, and sorts by time like the relay's own ids.
         let run_id = uuid::Uuid::now_v7().simple().to_string()[..12].to_owned();
+        let broker_pid = procs::find_broker_pid();
+        let broker_pin = match (&plan.cpu_split, broker_pid) {
+            (None, _) => None,
+            (Some((broker_cpus, _)), Some(pid)) => Some(cpus::BrokerPin::set(pid, broker_cpus)?),
+            (Some(_), None) => anyhow::bail!(
+                "--broker-cpus needs the broker on this machine, and no RabbitMQ beam.smp \
+                 process was found"
+            ),
+        };
         Ok(Bench {
             relay_settings: RelaySettings {
                 channels: plan.channels,
@@ -321,7 +350,8 @@ impl Bench {
             plan,
             broker,
             clock: CpuClock::detect(),
-            broker_pid: procs::find_broker_pid(),
+            broker_pid,
+            _broker_pin: broker_pin,
             webhooks,
             run_id,
             samples: Vec::new(),
@@ -388,6 +418,7 @@ impl Bench {
             relay_log: self.plan.relay_log.clone(),
             clock: self.clock,
             broker_visible: self.broker_pid.is_some(),
+            cpu_split: self.plan.cpu_split.clone(),
         }
     }
 

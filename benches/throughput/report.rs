@@ -108,6 +108,8 @@ pub struct Setup {
     pub relay_log: String,
     pub clock: CpuClock,
     pub broker_visible: bool,
+    /// `(broker CPUs, everything else's CPUs)`, when the run split them.
+    pub cpu_split: Option<(String, String)>,
 }
 
 /// The spool-mode webhooks, replayed to the broker by a relay started after them.
@@ -184,6 +186,17 @@ impl Report {
                 "not visible (no beam.smp process found)"
             }
         );
+        let _ = match &s.cpu_split {
+            Some((broker, rest)) => writeln!(
+                out,
+                "- CPUs split: the broker pinned to CPU {broker}; the relay, the floor, the raw \
+                 publisher and the load generator to CPU {rest}"
+            ),
+            None => writeln!(
+                out,
+                "- CPUs shared: the broker, the relay and the load generator all run on every CPU"
+            ),
+        };
         out.push('\n');
     }
 
