@@ -4,8 +4,12 @@ use std::time::{Duration, SystemTime};
 
 /// `2 CPUs (model name), 23.6 GiB RAM`.
 pub fn describe() -> String {
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    // The machine's CPUs, not the ones this process may use (`--cpus` narrows those).
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpus = cpuinfo
+        .lines()
+        .filter(|line| line.starts_with("processor"))
+        .count();
     let model = cpuinfo
         .lines()
         .find_map(|line| line.strip_prefix("model name"))
