@@ -11,7 +11,9 @@ pub mod topology;
 
 use lapin::types::AMQPValue;
 
-pub use publisher::{ConnectError, PublishError, Publisher, backoff, declare_topology_once};
+pub use publisher::{
+    ConnectError, PublishError, Publisher, backoff, declare_topology_once, properties,
+};
 
 /// An AMQP string (header or argument value).
 fn long_string(s: &str) -> AMQPValue {

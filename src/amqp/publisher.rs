@@ -101,7 +101,7 @@ impl ConnectError {
 }
 
 /// The AMQP properties and headers that make up the consumer contract (see README).
-fn properties(message: &Message) -> BasicProperties {
+pub fn properties(message: &Message) -> BasicProperties {
     let mut headers = FieldTable::default();
     headers.insert("event".into(), long_string(&message.event));
     if let Some(id) = message.company_id {
