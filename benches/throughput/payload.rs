@@ -12,10 +12,13 @@ pub const EVENTS: [&str; 4] = [
     "contact.person.updated",
 ];
 
-/// One request body and the event it carries (the raw publisher needs it as routing key).
+/// One request body and what the relay reads out of it (the raw publisher needs the event as
+/// routing key, and the ids for the relay's headers with `--raw-properties relay`).
 #[derive(Debug, Clone)]
 pub struct Webhook {
     pub event: &'static str,
+    pub company_id: u64,
+    pub user_id: u64,
     pub body: Bytes,
 }
 
@@ -25,12 +28,23 @@ pub fn webhooks(export_key: &str, count: usize, body_bytes: usize) -> Vec<Webhoo
     (0..count)
         .map(|i| {
             let event = EVENTS[i % EVENTS.len()];
+            let (company_id, user_id) = (COMPANY_ID, user_id(i));
             Webhook {
                 event,
+                company_id,
+                user_id,
                 body: Bytes::from(body(export_key, event, i, body_bytes)),
             }
         })
         .collect()
+}
+
+/// The `company_id` of every webhook.
+const COMPANY_ID: u64 = 1;
+
+/// The `user_id` of the `i`th webhook.
+fn user_id(i: usize) -> u64 {
+    1 + (i % 7) as u64
 }
 
 /// A HireHop envelope as its webhooks look (PHP `json_encode`, `changes` as an object), with
@@ -40,10 +54,10 @@ fn body(export_key: &str, event: &'static str, i: usize, body_bytes: usize) -> S
         let id = 10_000 + i;
         json!({
             "time": "2024-05-14 09:31:07",
-            "user_id": 1 + i % 7,
+            "user_id": user_id(i),
             "user_name": "Jane Doe",
             "user_email": "jane.doe@example-rentals.co.uk",
-            "company_id": 1,
+            "company_id": COMPANY_ID,
             "export_key": export_key,
             "event": event,
             "data": {

@@ -7,17 +7,21 @@
 //! workers. Unlike the relay, the properties are minimal by default (persistent, content
 //! type): the relay's headers are part of the overhead being measured. With
 //! `--raw-properties relay` the raw publisher sends the relay's properties and headers too,
-//! which separates what the headers cost the broker from what the relay process costs.
+//! built per message by the relay's own `amqp::properties`, which separates what the headers
+//! cost the broker from what the relay process costs.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use anyhow::Context;
+use hirehop_relay::message::Message;
+use hirehop_relay::routing::RoutingKey;
+use hirehop_relay::tracecontext::TraceContext;
+use hyper::HeaderMap;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
-use sha2::{Digest, Sha256};
 
 use crate::load::{Client, REQUEST_TIMEOUT};
 use crate::payload::Webhook;
@@ -28,7 +32,8 @@ use crate::stats::Outcome;
 pub enum RawProperties {
     /// Persistent and a content type: the least the broker must store.
     Minimal,
-    /// What the relay sends: message id, timestamp, app id, type, and its headers.
+    /// What the relay sends (message id, timestamp, app id, type, and its headers), built by
+    /// the relay's own `amqp::properties`.
     Relay,
 }
 
@@ -135,36 +140,24 @@ fn minimal_properties() -> BasicProperties {
         .with_delivery_mode(2)
 }
 
-/// The relay's properties and headers for `webhook` (see the relay's README), computed the
-/// same way: a fresh message id, the body's SHA-256, the receive time, a trace context.
+/// The relay's properties and headers for `webhook`, built by the relay's own
+/// [`hirehop_relay::amqp::properties`] from the message the relay would build for it: a fresh
+/// UUIDv7 id, received now, the webhook's event, company and user, and a new trace (the
+/// bench's requests carry no `traceparent`, so the relay starts one too).
 fn relay_properties(webhook: &Webhook) -> BasicProperties {
-    let now = SystemTime::now();
-    let text = |s: String| AMQPValue::LongString(s.into());
-    let mut headers = FieldTable::default();
-    headers.insert("event".into(), text(webhook.event.to_owned()));
-    headers.insert("company_id".into(), AMQPValue::LongLongInt(1));
-    headers.insert("user_id".into(), AMQPValue::LongLongInt(1));
-    headers.insert(
-        "received_at".into(),
-        text(humantime::format_rfc3339_millis(now).to_string()),
-    );
-    headers.insert(
-        "body_sha256".into(),
-        text(hex::encode(Sha256::digest(&webhook.body))),
-    );
-    headers.insert(
-        "traceparent".into(),
-        text(format!(
-            "00-{:032x}-{:016x}-01",
-            fastrand::u128(..),
-            fastrand::u64(..)
-        )),
-    );
-    let timestamp = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    minimal_properties()
-        .with_message_id(uuid::Uuid::now_v7().to_string().into())
-        .with_timestamp(timestamp)
-        .with_app_id("hirehop-relay".into())
-        .with_type(webhook.event.into())
-        .with_headers(headers)
+    let trace = TraceContext::from_headers(&HeaderMap::new());
+    let message = Message {
+        routing_key: RoutingKey::new("", webhook.event)
+            .expect("the bench's event names are valid routing keys"),
+        event: webhook.event.to_owned(),
+        body: webhook.body.clone(),
+        message_id: uuid::Uuid::now_v7().to_string(),
+        company_id: Some(webhook.company_id),
+        user_id: Some(webhook.user_id),
+        received_at: SystemTime::now(),
+        replayed: false,
+        traceparent: trace.to_string(),
+        tracestate: trace.tracestate,
+    };
+    hirehop_relay::amqp::properties(&message)
 }
