@@ -9,11 +9,11 @@
 //!   exchange and spool directory, no per-request log line), loaded over HTTP/1.1 by a hyper
 //!   client with one keep-alive connection per worker.
 //! - **raw**: the baseline, a lapin publisher in this process sending the same bodies straight
-//!   to the broker: persistent, `mandatory`, waiting for each confirm, over as many channels as
-//!   the relay, with as many messages in flight as the relay gets connections, to an exchange
-//!   and queues of the same layout.
+//!   to the broker, asking for the relay's default `frame_max`: persistent, `mandatory`,
+//!   waiting for each confirm, over as many channels as the relay, with as many messages in
+//!   flight as the relay gets connections, to an exchange and queues of the same layout.
 //! - **floor**: a plain hyper server answering 202 without a broker (this binary re-executed
-//!   with `--floor-server`): the cost of HTTP alone.
+//!   with `--floor-server`, with an empty environment like the relay): the cost of HTTP alone.
 //!
 //! # How
 //! For each queue layout (one queue bound with `#`; one queue per event name) and each
@@ -365,7 +365,8 @@ impl Bench {
         let setup = self.setup().await;
         let floor_exe = std::env::current_exe().context("cannot find the bench binary")?;
         let mut floor_command = Command::new(floor_exe);
-        floor_command.arg("--floor-server");
+        // The same (empty) environment as the relay's.
+        floor_command.arg("--floor-server").env_clear();
         let floor = ServerProcess::spawn("floor server", floor_command).await?;
         tokio::time::sleep(SETTLE).await;
         let floor_fresh = floor.memory()?;
@@ -457,6 +458,7 @@ impl Bench {
         self.broker.declare_queues(raw_queues).await?;
         let raw = RawPublisher::connect(
             &self.plan.amqp_url,
+            relay::config(&[])?.amqp.frame_max_bytes,
             &raw_queues.exchange,
             self.plan.channels,
             self.plan.raw_properties,

@@ -15,6 +15,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties};
 
 use crate::payload::EVENTS;
+use crate::relay;
 
 /// Unused bench queues disappear after this long (an interrupted run's leftovers).
 const QUEUE_EXPIRES_MS: i64 = 60 * 60 * 1000;
@@ -123,16 +124,7 @@ impl Broker {
     /// Declares `exchange` exactly as the relay does, with the relay's own code (default
     /// settings): the topic exchange and its `<exchange>.unrouted` alternate exchange and queue.
     pub async fn declare_exchange_like_relay(&self, exchange: &str) -> anyhow::Result<()> {
-        let env = [
-            ("RELAY_AMQP__EXCHANGE", exchange),
-            // Not used here, but the config refuses to load without a key.
-            ("RELAY_AUTH__EXPORT_KEYS", "bench"),
-        ];
-        let env = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let config = hirehop_relay::config::Config::load_from(None, Some(env))?;
+        let config = relay::config(&[("RELAY_AMQP__EXCHANGE", exchange)])?;
         hirehop_relay::amqp::topology::declare(&config.amqp, &self.connection)
             .await
             .with_context(|| format!("failed to declare exchange {exchange} like the relay"))

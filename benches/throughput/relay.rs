@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use hirehop_relay::config::Config;
 use tokio::process::Command;
 
 use crate::http_client;
@@ -19,6 +20,17 @@ pub const WEBHOOK_PATH: &str = "/webhooks/hirehop";
 /// How long a relay may take to connect to the broker, or to drain its spool.
 const PATIENCE: Duration = Duration::from_secs(120);
 const POLL: Duration = Duration::from_millis(100);
+
+/// The relay's configuration as the bench's relays load it (defaults, no file, no variables
+/// from the bench's own environment), plus the `RELAY_*` variables in `env`.
+pub fn config(env: &[(&str, &str)]) -> anyhow::Result<Config> {
+    let env = [("RELAY_AUTH__EXPORT_KEYS", KEY)]
+        .iter()
+        .chain(env)
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Config::load_from(None, Some(env)).context("the relay's default configuration does not load")
+}
 
 /// A spool directory of its own under the system's temp directory, removed when dropped.
 pub struct SpoolDir(PathBuf);
