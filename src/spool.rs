@@ -103,7 +103,8 @@ struct State {
     records: u64,
     /// Appends handed to the writer and not yet answered.
     in_flight: u64,
-    /// An append was refused for lack of space, and none has been freed since.
+    /// An append was refused for lack of space, and no segment has been deleted since (an
+    /// empty spool accepts anyway: see [`Spool::is_accepting`]).
     full: bool,
 }
 
@@ -238,8 +239,14 @@ impl Spool {
     }
 
     /// False from the first append refused for lack of space until replay frees some.
+    ///
+    /// An empty spool always accepts: its space comes back only when the next append rotates
+    /// (see `Writer::rotate_if_needed`), and a readiness-gated load balancer would never send
+    /// that append. Derived here rather than by clearing `full` in `consume_through`, which a
+    /// refusal racing with the last consume could set again.
     pub fn is_accepting(&self) -> bool {
-        !self.shared.lock().full
+        let state = self.shared.lock();
+        !state.full || state.records == 0
     }
 
     pub fn depth(&self) -> Depth {
@@ -799,6 +806,20 @@ mod tests {
         assert!(accepted >= 3, "{accepted}");
         assert!(!spool.is_accepting());
         assert_eq!(drain_all(&spool).await.len(), accepted);
+        // Nothing is deleted until the next append rotates, but an empty spool must already
+        // say it accepts: a readiness-gated load balancer would never send that append.
+        assert!(spool.is_accepting());
+        spool.append(Bytes::from(vec![b'y'; 40])).await.unwrap();
+        assert!(spool.is_accepting());
+    }
+
+    #[tokio::test]
+    async fn one_webhook_larger_than_the_spool_leaves_an_empty_spool_accepting() {
+        let dir = TempDir::new();
+        let (spool, _) = Spool::open(&dir.0, 200).unwrap();
+        let refused = spool.append(Bytes::from(vec![b'x'; 300])).await;
+        assert!(matches!(refused, Err(SpoolError::Full { .. })));
+        assert!(spool.is_accepting());
         spool.append(Bytes::from(vec![b'y'; 40])).await.unwrap();
     }
 
