@@ -246,7 +246,11 @@ fn main() -> ExitCode {
 
 async fn run(plan: Plan) -> anyhow::Result<()> {
     let out = plan.out.clone();
-    let report = Bench::new(plan).await?.run().await?;
+    // On Ctrl-C the bench is dropped: its servers are killed and the broker's CPUs restored.
+    let report = tokio::select! {
+        report = async { Bench::new(plan).await?.run().await } => report?,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+    };
     let markdown = report.markdown();
     println!("\n{markdown}");
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {

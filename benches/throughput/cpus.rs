@@ -8,8 +8,9 @@
 //! and the relay face a broker with the same, fixed capacity.
 //!
 //! Affinities are set with `taskset` (util-linux). The broker's original affinity is put back
-//! when the [`BrokerPin`] is dropped; if the bench is killed before that, the command to do
-//! it by hand is printed when the pin is set.
+//! when the [`BrokerPin`] is dropped: at the end, on an error, or on Ctrl-C (`run` drops the
+//! bench then); if the bench is killed, the command to do it by hand is printed before the pin
+//! is set.
 
 use anyhow::{Context, bail};
 
@@ -24,12 +25,15 @@ impl BrokerPin {
     /// `2-3`).
     pub fn set(pid: u32, cpus: &str) -> anyhow::Result<BrokerPin> {
         let original = affinity(pid)?;
-        pin(pid, cpus).with_context(|| format!("failed to pin the broker (pid {pid})"))?;
         eprintln!(
-            "broker (pid {pid}) pinned to CPUs {cpus}; if this run is killed, restore it with \
-             `taskset -a -p -c {original} {pid}`"
+            "pinning the broker (pid {pid}) to CPUs {cpus}; if this run is killed, restore it \
+             with `taskset -a -p -c {original} {pid}`"
         );
-        Ok(BrokerPin { pid, original })
+        // The guard before the pin: `taskset -a` goes thread by thread and may fail partway,
+        // and dropping the guard on that error puts back the threads it did pin.
+        let pinned = BrokerPin { pid, original };
+        pin(pid, cpus).with_context(|| format!("failed to pin the broker (pid {pid})"))?;
+        Ok(pinned)
     }
 }
 
