@@ -127,7 +127,9 @@ pub fn memory(pid: u32) -> anyhow::Result<Memory> {
 }
 
 /// The broker's Erlang VM (`beam.smp` running RabbitMQ) on this machine, if there is one and
-/// it can be seen: its CPU time shows how much of each phase the broker itself costs.
+/// it can be seen: its CPU time shows how much of each phase the broker itself costs. Only
+/// the server matches (its command line has `-s rabbit boot`), not a CLI tool such as
+/// `rabbitmqctl`, which runs a `beam.smp` of its own.
 pub fn find_broker_pid() -> Option<u32> {
     let entries = std::fs::read_dir("/proc").ok()?;
     entries
@@ -135,7 +137,11 @@ pub fn find_broker_pid() -> Option<u32> {
         .find(|pid| {
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            comm.trim() == "beam.smp" && String::from_utf8_lossy(&cmdline).contains("rabbit")
+            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+            comm.trim() == "beam.smp"
+                && args
+                    .windows(3)
+                    .any(|w| w == [&b"-s"[..], &b"rabbit"[..], &b"boot"[..]])
         })
 }
 
