@@ -124,7 +124,7 @@ impl Delivery {
             match self.publish(message).await {
                 Ok(()) => return Ok(Outcome::Confirmed),
                 // Unroutable would be unroutable again on replay: refuse it now instead.
-                Err(err @ PublishError::Returned(_)) => return Err(err.into()),
+                Err(err) if err.is_permanent() => return Err(err.into()),
                 Err(err) => tracing::warn!(error = %err, "broker did not confirm; spooling"),
             }
         }

@@ -119,9 +119,15 @@ pub async fn run(
         .map(|listener| spawn_metrics_server(listener, &config, &delivery, stopping.clone()));
     let app = Arc::new(App {
         keys,
-        routing_key_prefix: config.amqp.routing_key_prefix.clone(),
         routing: RoutingTemplate::parse(&config.amqp.routing_key_template)
-            .expect("the config was validated at load"),
+            .expect("the config was validated at load")
+            .with_prefix(&config.amqp.routing_key_prefix)
+            // A per-event queue's name is its prefix and the routing key.
+            .leaving_room(if config.amqp.per_event_queues {
+                config.amqp.per_event_queue_prefix.len()
+            } else {
+                0
+            }),
         http: config.http.clone(),
         delivery: delivery.clone(),
         publishes: TaskTracker::new(),

@@ -7,6 +7,8 @@
 //! must not be matched by a literal `*`), no empty dot-segments, no control characters, and
 //! it fits in an AMQP short string together with the configured prefix.
 
+use std::fmt::Write as _;
+
 /// Longest routing key AMQP allows (a short string).
 const MAX_ROUTING_KEY_BYTES: usize = 255;
 
@@ -128,10 +130,15 @@ enum Part {
     CompanyId,
 }
 
-/// How a routing key is built from a webhook, e.g. `{company_id}.{event}`.
+/// How a routing key is built from a webhook: `amqp.routing_key_prefix`, then the template,
+/// e.g. `{company_id}.{event}`. Everything constant is settled here, once, so a request only
+/// checks its event and writes one string.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoutingTemplate {
+    /// The prefix is the first literal, when there is one.
     parts: Vec<Part>,
+    /// Longest key allowed: an AMQP short string, less what names built from the key add.
+    max_key: usize,
 }
 
 impl RoutingTemplate {
@@ -156,40 +163,61 @@ impl RoutingTemplate {
         if !parts.contains(&Part::Event) {
             return Err(TemplateError::NoEvent);
         }
-        let template = RoutingTemplate { parts };
+        let template = RoutingTemplate {
+            parts,
+            max_key: MAX_ROUTING_KEY_BYTES,
+        };
         // The literal parts must make a valid key around any valid event and company.
         let sample = template.render("event", Some(1));
         check_event(&sample, MAX_ROUTING_KEY_BYTES).map_err(TemplateError::Invalid)?;
         Ok(template)
     }
 
-    /// Checks `event` and builds the routing key: `prefix` then the template. A missing
-    /// `company_id` renders as `unknown`, so the webhook still has a route.
+    /// Puts `prefix` (checked by [`check_prefix`]) in front of every key.
+    pub fn with_prefix(mut self, prefix: &str) -> RoutingTemplate {
+        if !prefix.is_empty() {
+            self.parts.insert(0, Part::Literal(prefix.to_owned()));
+        }
+        self
+    }
+
+    /// Keeps every key `bytes` shorter than AMQP allows, so that a name made of the key and
+    /// `bytes` more (a per-event queue's) still fits in a short string.
+    pub fn leaving_room(mut self, bytes: usize) -> RoutingTemplate {
+        self.max_key = MAX_ROUTING_KEY_BYTES.saturating_sub(bytes);
+        self
+    }
+
+    /// Checks `event` and builds its routing key. A missing `company_id` renders as
+    /// `unknown`, so the webhook still has a route.
     pub fn routing_key(
         &self,
-        prefix: &str,
         event: &str,
         company_id: Option<u64>,
     ) -> Result<RoutingKey, EventNameError> {
-        let rendered = self.render(event, company_id);
-        let overhead = prefix.len() + rendered.len() - event.len();
-        check_event(event, MAX_ROUTING_KEY_BYTES.saturating_sub(overhead))?;
-        if self.parts == [Part::Event] {
-            return RoutingKey::new(prefix, event);
-        }
-        Ok(RoutingKey(format!("{prefix}{rendered}")))
+        let key = self.render(event, company_id);
+        // The event may appear more than once; the limit is on the whole key.
+        let events = self.parts.iter().filter(|p| **p == Part::Event).count();
+        let around = key.len() - events * event.len();
+        check_event(event, self.max_key.saturating_sub(around) / events)?;
+        Ok(RoutingKey(key))
     }
 
     fn render(&self, event: &str, company_id: Option<u64>) -> String {
-        let company = company_id.map_or_else(|| "unknown".to_owned(), |id| id.to_string());
-        self.parts
-            .iter()
-            .map(|part| match part {
-                Part::Literal(text) => text.as_str(),
-                Part::Event => event,
-                Part::CompanyId => company.as_str(),
-            })
-            .collect()
+        let mut key = String::with_capacity(MAX_ROUTING_KEY_BYTES.min(64 + event.len()));
+        for part in &self.parts {
+            match part {
+                Part::Literal(text) => key.push_str(text),
+                Part::Event => key.push_str(event),
+                Part::CompanyId => match company_id {
+                    Some(id) => {
+                        let _ = write!(key, "{id}");
+                    }
+                    None => key.push_str("unknown"),
+                },
+            }
+        }
+        key
     }
 }
 
@@ -197,6 +225,7 @@ impl Default for RoutingTemplate {
     fn default() -> Self {
         RoutingTemplate {
             parts: vec![Part::Event],
+            max_key: MAX_ROUTING_KEY_BYTES,
         }
     }
 }
@@ -265,23 +294,41 @@ mod tests {
     #[test]
     fn templates_route_companies_apart() {
         let template = RoutingTemplate::parse("{company_id}.{event}").unwrap();
-        let key = template.routing_key("", "job.updated", Some(42)).unwrap();
+        let key = template.routing_key("job.updated", Some(42)).unwrap();
         assert_eq!(key.as_str(), "42.job.updated");
-        let key = template.routing_key("hh.", "job.updated", None).unwrap();
+        let prefixed = template.clone().with_prefix("hh.");
+        let key = prefixed.routing_key("job.updated", None).unwrap();
         assert_eq!(key.as_str(), "hh.unknown.job.updated");
         assert_eq!(
-            template.routing_key("", "job.*", Some(1)),
+            template.routing_key("job.*", Some(1)),
             Err(EventNameError::Wildcard)
         );
         let default = RoutingTemplate::parse("{event}").unwrap();
         assert_eq!(default, RoutingTemplate::default());
-        assert_eq!(
-            default.routing_key("", "a.b", Some(1)).unwrap().as_str(),
-            "a.b"
-        );
+        assert_eq!(default.routing_key("a.b", Some(1)).unwrap().as_str(), "a.b");
         // The whole key must fit in 255 bytes.
         let long = "a".repeat(250);
-        assert!(template.routing_key("", &long, Some(123_456)).is_err());
+        assert!(template.routing_key(&long, Some(123_456)).is_err());
+    }
+
+    #[test]
+    fn keys_leave_room_for_names_built_from_them() {
+        let template = RoutingTemplate::default()
+            .with_prefix("p.")
+            .leaving_room("hirehop.".len());
+        // 255 - 8 for the queue name's prefix, less the 2 of the key's own prefix.
+        assert!(template.routing_key(&"a".repeat(245), None).is_ok());
+        assert_eq!(
+            template.routing_key(&"a".repeat(246), None),
+            Err(EventNameError::TooLong { max: 245 })
+        );
+        // An event used twice counts twice.
+        let twice = RoutingTemplate::parse("{event}.{event}").unwrap();
+        assert!(twice.routing_key(&"a".repeat(127), None).is_ok());
+        assert_eq!(
+            twice.routing_key(&"a".repeat(128), None),
+            Err(EventNameError::TooLong { max: 127 })
+        );
     }
 
     #[test]

@@ -34,7 +34,7 @@ use crate::tracecontext::TraceContext;
 /// What every request handler shares.
 pub struct App {
     pub http: HttpConfig,
-    pub routing_key_prefix: String,
+    /// `amqp.routing_key_prefix` and `amqp.routing_key_template`.
     pub routing: RoutingTemplate,
     pub keys: Arc<KeyStore>,
     pub delivery: Delivery,
@@ -96,7 +96,7 @@ pub enum Rejection {
 impl From<DeliveryError> for Rejection {
     fn from(err: DeliveryError) -> Rejection {
         match err {
-            DeliveryError::Broker(err @ PublishError::Returned(_)) => Rejection::Unroutable(err),
+            DeliveryError::Broker(err) if err.is_permanent() => Rejection::Unroutable(err),
             DeliveryError::Broker(err) => Rejection::Unavailable(err),
             DeliveryError::Spool(err @ SpoolError::Full { .. }) => Rejection::SpoolFull(err),
             DeliveryError::Spool(err) => Rejection::SpoolFailed(err),
@@ -302,9 +302,7 @@ async fn accept(
     }
     let event = envelope.event.as_deref().ok_or(Rejection::MissingEvent)?;
     span.record("event", event);
-    let routing_key =
-        app.routing
-            .routing_key(&app.routing_key_prefix, event, envelope.company_id)?;
+    let routing_key = app.routing.routing_key(event, envelope.company_id)?;
 
     let message = Message {
         routing_key,

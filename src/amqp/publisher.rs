@@ -48,6 +48,10 @@ pub enum PublishError {
     Nacked,
     #[error("broker returned the message as unroutable: {0}")]
     Returned(String),
+    /// The per-event queue cannot be declared (it exists with other arguments, or no
+    /// permission): declaring it again will not help.
+    #[error("broker refused the event's queue: {0}")]
+    Refused(String),
     #[error("publish failed: {0}")]
     Failed(lapin::Error),
     #[error("publish task ended abnormally: {0}")]
@@ -77,8 +81,17 @@ impl PublishError {
             PublishError::Timeout(_) => "timeout",
             PublishError::Nacked => "nack",
             PublishError::Returned(_) => "returned",
+            PublishError::Refused(_) => "refused",
             PublishError::Failed(_) | PublishError::Aborted(_) => "error",
         }
+    }
+}
+
+impl PublishError {
+    /// Whether publishing the same message again would fail the same way, so it must be
+    /// refused now rather than spooled for a replay that can never succeed.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, PublishError::Returned(_) | PublishError::Refused(_))
     }
 }
 
@@ -238,9 +251,11 @@ impl Publisher {
     pub async fn publish(&self, message: &Message) -> Result<(), PublishError> {
         let channel = self.channel().ok_or(PublishError::Unavailable)?;
         let timeout = self.inner.config.confirm_timeout();
-        let confirmed =
-            tokio::time::timeout(timeout, async { self.send(&channel, message).await?.await })
-                .await;
+        let confirmed = tokio::time::timeout(timeout, async {
+            let confirm = self.send(&channel, message).await?;
+            confirm.await.map_err(PublishError::Failed)
+        })
+        .await;
         self.outcome(confirmed)
     }
 
@@ -263,7 +278,9 @@ impl Publisher {
         let mut results = Vec::with_capacity(messages.len());
         for sent in confirms {
             let confirmed = match sent {
-                Ok(Ok(confirm)) => tokio::time::timeout_at(deadline, confirm).await,
+                Ok(Ok(confirm)) => tokio::time::timeout_at(deadline, confirm)
+                    .await
+                    .map(|confirmed| confirmed.map_err(PublishError::Failed)),
                 Ok(Err(err)) => Ok(Err(err)),
                 Err(elapsed) => Err(elapsed),
             };
@@ -276,7 +293,7 @@ impl Publisher {
         &self,
         channel: &Channel,
         message: &Message,
-    ) -> Result<lapin::PublisherConfirm, lapin::Error> {
+    ) -> Result<lapin::PublisherConfirm, PublishError> {
         if self.inner.config.per_event_queues {
             self.ensure_event_queue(message.routing_key.as_str())
                 .await?;
@@ -293,11 +310,12 @@ impl Publisher {
                 properties(message),
             )
             .await
+            .map_err(PublishError::Failed)
     }
 
     /// Declares the per-event queue for `routing_key` unless done on this connection already,
     /// so that no event is published with nobody to keep it.
-    async fn ensure_event_queue(&self, routing_key: &str) -> Result<(), lapin::Error> {
+    async fn ensure_event_queue(&self, routing_key: &str) -> Result<(), PublishError> {
         let known = |inner: &Inner| {
             inner
                 .event_queues
@@ -311,11 +329,13 @@ impl Publisher {
         // On a channel of its own: a refused declaration closes its channel, and the
         // publishing channel carries other webhooks' confirms.
         let Some(session) = self.current() else {
-            return Err(lapin::Error::from(std::io::Error::other(
-                "no broker connection",
-            )));
+            return Err(PublishError::Unavailable);
         };
-        let declaring = session.connection.create_channel().await?;
+        let declaring = session
+            .connection
+            .create_channel()
+            .await
+            .map_err(PublishError::Failed)?;
         let declared =
             topology::declare_event_queue(&self.inner.config, &declaring, routing_key).await;
         let _ = declaring.close(200, "declared".into()).await;
@@ -328,22 +348,27 @@ impl Publisher {
                     .insert(routing_key.to_owned());
                 Ok(())
             }
-            Err(ConnectError::Topology { what, cause }) => {
-                tracing::error!(%what, error = %cause, "failed to declare a per-event queue");
-                Err(cause)
+            Err(err) => {
+                tracing::error!(error = %err, "failed to declare a per-event queue");
+                match err {
+                    _ if err.is_fatal() => Err(PublishError::Refused(err.to_string())),
+                    ConnectError::Topology { cause, .. } | ConnectError::Channel(cause) => {
+                        Err(PublishError::Failed(cause))
+                    }
+                    _ => Err(PublishError::Unavailable),
+                }
             }
-            Err(err) => Err(lapin::Error::from(std::io::Error::other(err.to_string()))),
         }
     }
 
     fn outcome(
         &self,
-        confirmed: Result<Result<Confirmation, lapin::Error>, tokio::time::error::Elapsed>,
+        confirmed: Result<Result<Confirmation, PublishError>, tokio::time::error::Elapsed>,
     ) -> Result<(), PublishError> {
         let timeout = self.inner.config.confirm_timeout();
         let result = match confirmed {
             Err(_) => Err(PublishError::Timeout(timeout)),
-            Ok(Err(err)) => Err(PublishError::Failed(err)),
+            Ok(Err(err)) => Err(err),
             Ok(Ok(Confirmation::Ack(None))) => Ok(()),
             Ok(Ok(Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)))) => {
                 Err(PublishError::Returned(returned.reply_text.to_string()))

@@ -150,6 +150,65 @@ async fn per_event_queues_catch_the_first_message_of_a_new_event() {
 }
 
 #[tokio::test]
+async fn an_event_queue_the_broker_refuses_gets_503_and_is_not_spooled() {
+    let prefix = format!("ev-{}.", uuid::Uuid::now_v7().simple());
+    let broker = harness::broker().await;
+    let channel = broker.create_channel().await.unwrap();
+    // A classic queue where the relay declares a quorum one: PRECONDITION_FAILED, for good.
+    let taken = format!("{prefix}job.updated");
+    let options = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(taken.as_str().into(), options, FieldTable::default())
+        .await
+        .unwrap();
+    let relay = TestRelay::start_with(&[
+        ("RELAY_AMQP__PER_EVENT_QUEUES", "true"),
+        ("RELAY_AMQP__PER_EVENT_QUEUE_PREFIX", &prefix),
+        ("RELAY_SPOOL__ENABLED", "true"),
+    ])
+    .await;
+    let refused = relay.post(webhook("job.updated")).await;
+    assert_eq!(
+        refused.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{refused:?}"
+    );
+    assert!(refused.headers.contains_key("retry-after"));
+    // Spooled, it would block replay for good and every later webhook would queue behind it.
+    let other = relay.post(webhook("job.created")).await;
+    assert_eq!(other.status, StatusCode::ACCEPTED);
+    assert_eq!(other.json()["status"], "accepted", "{other:?}");
+    relay.stop().await;
+    delete_queues(&channel, &[&taken, &format!("{prefix}job.created")]).await;
+}
+
+#[tokio::test]
+async fn an_event_too_long_for_its_queue_name_gets_400() {
+    let prefix = format!("ev-{}.", uuid::Uuid::now_v7().simple());
+    let relay = TestRelay::start_with(&[
+        ("RELAY_AMQP__PER_EVENT_QUEUES", "true"),
+        ("RELAY_AMQP__PER_EVENT_QUEUE_PREFIX", &prefix),
+    ])
+    .await;
+    let room = 255 - prefix.len();
+    let too_long = relay.post(webhook(&"a".repeat(room + 1))).await;
+    assert_eq!(too_long.status, StatusCode::BAD_REQUEST, "{too_long:?}");
+    // The longest event that fits makes a queue name of exactly 255 bytes.
+    let longest = "a".repeat(room);
+    let fits = relay.post(webhook(&longest)).await;
+    assert_eq!(fits.status, StatusCode::ACCEPTED, "{fits:?}");
+    assert_eq!(fits.json()["status"], "accepted", "{fits:?}");
+    let queue = format!("{prefix}{longest}");
+    let broker = harness::broker().await;
+    assert!(exists(&broker, &queue).await);
+    relay.stop().await;
+    delete_queues(&broker.create_channel().await.unwrap(), &[&queue]).await;
+}
+
+#[tokio::test]
 async fn a_routing_template_routes_two_companies_apart() {
     let relay = TestRelay::start_with(&[
         ("RELAY_AMQP__ROUTING_KEY_TEMPLATE", "{company_id}.{event}"),
