@@ -57,10 +57,11 @@ pub enum Outcome {
 #[derive(Debug, Default)]
 pub struct Tally {
     /// From the intended send time (the actual send time in a closed loop), accepted only.
+    /// Open loop: requests intended within the window; closed loop: answered within it.
     latency_us: Vec<u32>,
     /// From the actual send time, accepted only.
     service_us: Vec<u32>,
-    /// Accepted requests counted in the window.
+    /// Accepted requests whose answer came within the window (in both loops).
     pub accepted_in_window: u64,
     /// Accepted requests over the whole phase: what must be found on the broker.
     pub accepted_total: u64,
@@ -72,11 +73,13 @@ pub struct Tally {
 }
 
 impl Tally {
-    /// Records one outcome. `in_window` says whether it counts toward throughput and latency
-    /// (the caller decides: completion time for a closed loop, intended time for an open one).
+    /// Records one outcome. `answered_in_window` says whether it counts toward throughput (the
+    /// answer came within the window), `timed` whether its latency is recorded (the caller
+    /// decides: answered in the window for a closed loop, intended in it for an open one).
     pub fn record(
         &mut self,
-        in_window: bool,
+        answered_in_window: bool,
+        timed: bool,
         intended: Instant,
         sent: Instant,
         done: Instant,
@@ -85,8 +88,10 @@ impl Tally {
         match outcome {
             Outcome::Accepted => {
                 self.accepted_total += 1;
-                if in_window {
+                if answered_in_window {
                     self.accepted_in_window += 1;
+                }
+                if timed {
                     self.latency_us.push(micros(done - intended));
                     self.service_us.push(micros(done - sent));
                 }
