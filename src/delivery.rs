@@ -238,6 +238,11 @@ async fn replay_batch(
     size: usize,
 ) -> Result<bool, std::io::Error> {
     let batch = spool.read_batch(size)?;
+    if batch.is_empty() {
+        // Records are counted but none could be read yet (a commit not yet published): that
+        // is not a delivery, and calling it one would spin without a pause.
+        return Ok(false);
+    }
     let mut messages = Vec::with_capacity(batch.len());
     let mut unreadable = Vec::new();
     for (i, (record, _)) in batch.iter().enumerate() {

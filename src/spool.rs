@@ -18,7 +18,8 @@
 //! delivery guarantee is at-least-once anyway), never skips one.
 //!
 //! On open, segments are checked record by record. A torn or corrupt record (power lost
-//! mid-write) ends its segment: it is reported and cut off, and startup goes on.
+//! mid-write) ends its segment: it is reported and cut off, and startup goes on. A record
+//! damaged later, while the relay runs, stalls replay at that record with an error instead.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -289,6 +290,12 @@ impl Spool {
     }
 
     /// Reads up to `max` records from the cursor on, each with the position after it.
+    ///
+    /// A record that cannot be read before the committed end was damaged on disk after it
+    /// was written (or is over `read_record`'s size limit). Skipping it would let
+    /// [`Spool::consume_through`] move past webhooks that were answered 202, so it is an
+    /// [`io::ErrorKind::InvalidData`] error instead, once the records before it are returned:
+    /// replay stalls there and says so.
     pub fn read_batch(&self, max: usize) -> io::Result<Vec<(Bytes, Position)>> {
         let (cursor, segments) = {
             let state = self.shared.lock();
@@ -316,8 +323,23 @@ impl Spool {
             file.seek(SeekFrom::Start(position.offset))?;
             let mut reader = io::BufReader::new(file);
             while position.offset < end && batch.len() < max {
-                let Some(payload) = read_record(&mut reader)? else {
-                    break;
+                let record = read_record(&mut reader)?.filter(|payload| {
+                    position.offset + RECORD_HEADER + payload.len() as u64 <= end
+                });
+                let Some(payload) = record else {
+                    if !batch.is_empty() {
+                        return Ok(batch);
+                    }
+                    let path = segment_path(&self.shared.dir, number);
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "unreadable spool record in {} at byte {} (committed data runs to \
+                             {end}): damaged on disk, or over the record size limit",
+                            path.display(),
+                            position.offset,
+                        ),
+                    ));
                 };
                 position.offset += RECORD_HEADER + payload.len() as u64;
                 batch.push((Bytes::from(payload), position));
@@ -786,6 +808,65 @@ mod tests {
         assert_eq!(recovery.records, 2);
         assert_eq!(recovery.corrupt.len(), 1);
         assert_eq!(drain_all(&spool).await, payloads(3)[..2].to_vec());
+    }
+
+    #[tokio::test]
+    async fn a_record_damaged_after_it_was_committed_stalls_replay_instead_of_skipping() {
+        let dir = TempDir::new();
+        {
+            let (spool, _) = Spool::open(&dir.0, 1 << 20).unwrap();
+            for p in payloads(5) {
+                spool.append(p).await.unwrap();
+            }
+            spool.close().await;
+        }
+        // Reopening starts a second segment: the damaged record will have records behind it
+        // both in its own segment and in the next one.
+        let (spool, recovery) = Spool::open(&dir.0, 1 << 20).unwrap();
+        assert_eq!(recovery.records, 5);
+        for p in payloads(10).split_off(5) {
+            spool.append(p).await.unwrap();
+        }
+        let (_, first) = list_segments(&dir.0).unwrap().remove(0);
+        // Every payload here is 16 bytes: flip one inside the fourth record's payload.
+        let damaged = MAGIC.len() as u64 + 3 * (RECORD_HEADER + 16);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&first)
+            .unwrap();
+        let mut byte = [0u8];
+        file.seek(SeekFrom::Start(damaged + RECORD_HEADER + 4))
+            .unwrap();
+        file.read_exact(&mut byte).unwrap();
+        file.seek(SeekFrom::Start(damaged + RECORD_HEADER + 4))
+            .unwrap();
+        file.write_all(&[byte[0] ^ 0xff]).unwrap();
+        drop(file);
+
+        let mut replayed = Vec::new();
+        let err = loop {
+            match spool.read_batch(2) {
+                Ok(batch) => {
+                    let Some((_, last)) = batch.last() else {
+                        panic!("an empty batch with {:?} waiting", spool.depth());
+                    };
+                    spool.consume_through(*last, batch.len() as u64);
+                    replayed.extend(batch.into_iter().map(|(payload, _)| payload));
+                }
+                Err(err) => break err,
+            }
+        };
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        // What comes before the damage is replayed; nothing after it is skipped to.
+        assert_eq!(replayed, payloads(3));
+        let cursor = spool.shared.lock().cursor;
+        assert_eq!((cursor.segment, cursor.offset), (1, damaged));
+        assert!(first.exists());
+        assert_eq!(spool.depth().records, 7);
+        assert!(!spool.is_drained());
+        // And it stays stalled there rather than moving on.
+        assert!(spool.read_batch(2).is_err());
     }
 
     #[tokio::test]
