@@ -415,6 +415,23 @@ impl Report {
             per_layout(&p99, "×"),
             verdict(p99.iter().map(|(_, r)| r.map(|r| r <= 1.25)))
         );
+        // The relay's own closed-loop rate with the broker up, one queue: the "normal".
+        let spool: Vec<(usize, Option<f64>)> = self
+            .concurrencies
+            .iter()
+            .map(|&c| (c, self.spool_ratio(Layout::OneQueue, c)))
+            .collect();
+        let _ = writeln!(
+            out,
+            "| relay, spool only: accepted/s ≥ 0.5 × relay accepted/s with the broker up ({}, same conns) | {} | {} |",
+            Layout::OneQueue,
+            spool
+                .iter()
+                .map(|(c, r)| format!("{}× at {c} conns", fmt_opt(*r, 2)))
+                .collect::<Vec<_>>()
+                .join(", "),
+            verdict(spool.iter().map(|(_, r)| r.map(|r| r >= 0.5)))
+        );
         let relay_rows: Vec<&MemoryRow> = self
             .memory
             .iter()
@@ -484,6 +501,15 @@ impl Report {
             |m| m == mode,
             |s| Some(s.accepted_per_sec),
         )
+    }
+
+    /// Spool-only accepted/s ÷ the median relay accepted/s on `layout` at `concurrency`.
+    fn spool_ratio(&self, layout: Layout, concurrency: usize) -> Option<f64> {
+        let mode = |m| m == Mode::Closed { concurrency };
+        let rate = |samples: Vec<&Sample>| median(samples.iter().map(|s| s.accepted_per_sec));
+        let spool = rate(self.select(None, System::Spooling, mode))?;
+        let relay = rate(self.select(Some(layout), System::Relay, mode))?;
+        (relay > 0.0).then(|| spool / relay)
     }
 
     /// Median over repeats of relay p99 ÷ raw p99 in the open loop.
