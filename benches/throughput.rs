@@ -72,7 +72,7 @@ use crate::broker::{Broker, Layout, Queues};
 use crate::http_client::{HttpClient, Target};
 use crate::load::Client;
 use crate::payload::Webhook;
-use crate::procs::{CpuClock, MachineCpu, ServerProcess};
+use crate::procs::{CpuClock, MachineCpu, Memory, ServerProcess};
 use crate::raw_publisher::{RawProperties, RawPublisher};
 use crate::relay::{Relay, RelaySettings, RelaySpec, SpoolDir, WEBHOOK_PATH};
 use crate::report::{MemoryRow, Mode, Replay, Report, Sample, Setup, System, Verification};
@@ -378,12 +378,8 @@ impl Bench {
             self.layout(layout, &floor, i == 0).await?;
         }
         tokio::time::sleep(SETTLE).await;
-        self.memory.push(MemoryRow {
-            process: "hyper floor".to_owned(),
-            idle_fresh: floor_fresh,
-            under_load: self.rss_under_load(None, System::Floor),
-            idle_after: floor.memory()?,
-        });
+        let row = self.memory_row("hyper floor", None, System::Floor, floor_fresh, &floor)?;
+        self.memory.push(row);
         floor.stop().await;
         self.spool_mode().await?;
         Ok(Report {
@@ -553,12 +549,9 @@ impl Bench {
         }
 
         tokio::time::sleep(SETTLE).await;
-        self.memory.push(MemoryRow {
-            process: format!("relay, {layout}"),
-            idle_fresh: relay_fresh,
-            under_load: self.rss_under_load(Some(layout), System::Relay),
-            idle_after: relay.memory()?,
-        });
+        let process = format!("relay, {layout}");
+        let row = self.memory_row(&process, Some(layout), System::Relay, relay_fresh, relay)?;
+        self.memory.push(row);
         Ok(())
     }
 
@@ -599,12 +592,14 @@ impl Bench {
         }
         let spooled: u64 = self.samples[first..].iter().map(|s| s.accepted_total).sum();
         tokio::time::sleep(SETTLE).await;
-        self.memory.push(MemoryRow {
-            process: "relay, spool only".to_owned(),
-            idle_fresh: fresh,
-            under_load: self.rss_under_load(None, System::Spooling),
-            idle_after: relay.process.memory()?,
-        });
+        let row = self.memory_row(
+            "relay, spool only",
+            None,
+            System::Spooling,
+            fresh,
+            &relay.process,
+        )?;
+        self.memory.push(row);
         relay.stop().await;
 
         let started = Instant::now();
@@ -660,24 +655,47 @@ impl Bench {
             .max_by(f64::total_cmp)
     }
 
-    /// The server's RSS at the end of closed-loop windows, max over repeats, per concurrency.
-    fn rss_under_load(&self, layout: Option<Layout>, system: System) -> Vec<(usize, u64)> {
-        self.plan
+    /// The memory row of `server`, idle now, from its samples (`layout`, `system`): RSS at the
+    /// end of closed-loop windows, max over repeats, per concurrency; and the peak, the larger
+    /// of `VmHWM` and every RSS read (the kernel updates `VmHWM` lazily, so it can lag).
+    fn memory_row(
+        &self,
+        process: &str,
+        layout: Option<Layout>,
+        system: System,
+        idle_fresh: Memory,
+        server: &ServerProcess,
+    ) -> anyhow::Result<MemoryRow> {
+        let idle_after = server.memory()?;
+        let samples = || {
+            self.samples
+                .iter()
+                .filter(move |s| s.layout == layout && s.system == system)
+        };
+        let under_load = self
+            .plan
             .concurrencies
             .iter()
             .filter_map(|&concurrency| {
-                self.samples
-                    .iter()
-                    .filter(|s| {
-                        s.layout == layout
-                            && s.system == system
-                            && s.mode == Mode::Closed { concurrency }
-                    })
+                samples()
+                    .filter(|s| s.mode == Mode::Closed { concurrency })
                     .filter_map(|s| s.server_rss_kib)
                     .max()
                     .map(|kib| (concurrency, kib))
             })
-            .collect()
+            .collect();
+        let peak_kib = samples()
+            .filter_map(|s| s.server_rss_kib)
+            .chain([idle_after.hwm_kib, idle_after.rss_kib, idle_fresh.rss_kib])
+            .max()
+            .unwrap_or_default();
+        Ok(MemoryRow {
+            process: process.to_owned(),
+            idle_fresh,
+            under_load,
+            peak_kib,
+            idle_after,
+        })
     }
 
     /// Opens the clients `subject` needs for `load` (before the clock starts) and runs it.

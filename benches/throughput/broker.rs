@@ -1,8 +1,9 @@
 //! The bench's own broker work: queue layouts, counting what arrived, purging between phases
 //! and deleting everything at the end.
 //!
-//! Every exchange and queue is named `bench-<run id>-...`. Queues also carry `x-expires`, so
-//! a run that is interrupted leaves no queue behind for longer than an hour.
+//! Every exchange and queue is named `bench-<run id>-...`. The queues declared here also carry
+//! `x-expires`, so an interrupted run leaves none of them behind for longer than an hour; the
+//! exchanges and `<exchange>.unrouted`, declared by the relay's own code, stay until deleted.
 
 use std::fmt;
 

@@ -84,6 +84,8 @@ pub struct MemoryRow {
     pub idle_fresh: Memory,
     /// RSS at the end of closed-loop windows, per concurrency (max over repeats).
     pub under_load: Vec<(usize, u64)>,
+    /// The larger of `VmHWM` and every RSS read of the process, in KiB.
+    pub peak_kib: u64,
     pub idle_after: Memory,
 }
 
@@ -155,7 +157,7 @@ impl Report {
         let _ = writeln!(
             out,
             "- each phase: {:.1} s warm-up + {:.1} s measured; {} repeat(s), systems interleaved, \
-             medians shown (max: max over repeats; non-2xx: sum)",
+             medians shown (max latency, memory under load: max over repeats; non-2xx: sum)",
             s.warmup.as_secs_f64(),
             s.duration.as_secs_f64(),
             s.repeats
@@ -342,7 +344,7 @@ impl Report {
         for c in &self.concurrencies {
             let _ = write!(out, " under load, {c} conns |");
         }
-        out.push_str(" peak (VmHWM) | idle after load |\n|---|--:|");
+        out.push_str(" peak (VmHWM or an RSS read) | idle after load |\n|---|--:|");
         for _ in &self.concurrencies {
             out.push_str("--:|");
         }
@@ -365,7 +367,7 @@ impl Report {
             let _ = writeln!(
                 out,
                 " {:.1} | {:.1} |",
-                mib(row.idle_after.hwm_kib),
+                mib(row.peak_kib),
                 mib(row.idle_after.rss_kib)
             );
         }
