@@ -262,13 +262,6 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How a phase loads its system.
-#[derive(Debug, Clone, Copy)]
-enum Load {
-    Closed { concurrency: usize },
-    Open { rate: f64 },
-}
-
 /// Who takes the load.
 #[derive(Clone, Copy)]
 enum Via<'a> {
@@ -521,7 +514,7 @@ impl Bench {
 
         for repeat in 0..self.plan.repeats {
             for concurrency in self.plan.concurrencies.clone() {
-                let load = Load::Closed { concurrency };
+                let load = Mode::Closed { concurrency };
                 if with_floor_closed {
                     // The floor has no broker: once, in the first layout, is enough.
                     self.phase(subjects.floor, load, repeat).await?;
@@ -537,7 +530,7 @@ impl Bench {
         let ceiling = self
             .ceiling(layout)
             .context("no raw publisher throughput was measured")?;
-        let load = Load::Open {
+        let load = Mode::Open {
             rate: (ceiling * self.plan.open_fraction).round().max(1.0),
         };
         for repeat in 0..self.plan.repeats {
@@ -588,7 +581,7 @@ impl Bench {
         let first = self.samples.len();
         // Once per concurrency: there is no baseline to pair with, and the spool grows.
         for concurrency in self.plan.concurrencies.clone() {
-            self.phase(subject, Load::Closed { concurrency }, 0).await?;
+            self.phase(subject, Mode::Closed { concurrency }, 0).await?;
         }
         let spooled: u64 = self.samples[first..].iter().map(|s| s.accepted_total).sum();
         tokio::time::sleep(SETTLE).await;
@@ -702,12 +695,12 @@ impl Bench {
     async fn phase(
         &mut self,
         subject: Subject<'_>,
-        load: Load,
+        load: Mode,
         repeat: usize,
     ) -> anyhow::Result<()> {
         let workers = match load {
-            Load::Closed { concurrency } => concurrency,
-            Load::Open { .. } => self.plan.open_connections,
+            Mode::Closed { concurrency } => concurrency,
+            Mode::Open { .. } => self.plan.open_connections,
         };
         match subject.via {
             Via::Raw(raw) => {
@@ -730,7 +723,7 @@ impl Bench {
         &mut self,
         subject: Subject<'_>,
         clients: Vec<C>,
-        load: Load,
+        load: Mode,
         repeat: usize,
     ) -> anyhow::Result<()> {
         let duration = match subject.system {
@@ -742,8 +735,8 @@ impl Bench {
         let webhooks = Arc::clone(&self.webhooks);
         let traffic = async move {
             match load {
-                Load::Closed { .. } => load::closed_loop(clients, webhooks, window).await,
-                Load::Open { rate } => load::open_loop(clients, webhooks, rate, window).await,
+                Mode::Closed { .. } => load::closed_loop(clients, webhooks, window).await,
+                Mode::Open { rate } => load::open_loop(clients, webhooks, rate, window).await,
             }
         };
         let (tally, usage) = tokio::join!(traffic, self.usage(subject.via.server(), window));
@@ -870,7 +863,7 @@ impl Bench {
 /// One phase's numbers, per 1,000 accepted where it is a cost.
 fn sample(
     subject: Subject<'_>,
-    load: Load,
+    load: Mode,
     repeat: usize,
     tally: &Tally,
     usage: &Usage,
@@ -887,10 +880,7 @@ fn sample(
     Sample {
         layout: subject.layout,
         system: subject.system,
-        mode: match load {
-            Load::Closed { concurrency } => Mode::Closed { concurrency },
-            Load::Open { rate } => Mode::Open { rate },
-        },
+        mode: load,
         repeat,
         accepted_per_sec: accepted as f64 / usage.window.secs(),
         accepted_total: tally.accepted_total,

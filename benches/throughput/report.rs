@@ -32,7 +32,7 @@ impl System {
     }
 }
 
-/// How it was loaded.
+/// How it was loaded (and how a phase loads its system).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Mode {
     Closed { concurrency: usize },
