@@ -560,19 +560,18 @@ fn store(inner: &Inner, session: Option<Session>) {
     }
 }
 
-/// Connection, topology and channels, all within `amqp.connect_timeout_ms`.
-async fn open_session(config: &AmqpConfig, node: &str) -> Result<Session, ConnectError> {
+/// A connection to `node` named `name` (shown in the management UI and `rabbitmqctl
+/// list_connections`), within `amqp.connect_timeout_ms`, with the relay's frame size.
+pub(crate) async fn connect(
+    config: &AmqpConfig,
+    node: &str,
+    name: String,
+) -> Result<Connection, ConnectError> {
     let url = redact_url_password(node);
     let timeout = config.connect_timeout();
-    tokio::time::timeout(timeout, async {
-        // The name shows in the management UI and `rabbitmqctl list_connections`.
-        let name = format!(
-            "hirehop-relay exchange={} pid={}",
-            config.exchange,
-            std::process::id()
-        );
-        let properties = ConnectionProperties::default().with_connection_name(name.into());
-        let connected = match node.parse::<lapin::uri::AMQPUri>() {
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    let connecting = async {
+        match node.parse::<lapin::uri::AMQPUri>() {
             Ok(mut uri) => {
                 // lapin sizes its buffers by the frame size: RabbitMQ's 128 KiB default costs
                 // memory a webhook never uses. A `frame_max` in the URL wins.
@@ -581,11 +580,25 @@ async fn open_session(config: &AmqpConfig, node: &str) -> Result<Session, Connec
             }
             // Validated at load; let lapin report it if it still does not parse.
             Err(_) => Connection::connect(node, properties).await,
-        };
-        let connection = connected.map_err(|cause| ConnectError::Connect {
-            url: url.clone(),
-            cause,
-        })?;
+        }
+    };
+    match tokio::time::timeout(timeout, connecting).await {
+        Ok(connected) => connected.map_err(|cause| ConnectError::Connect { url, cause }),
+        Err(_) => Err(ConnectError::Timeout { url, timeout }),
+    }
+}
+
+/// Connection, topology and channels, all within `amqp.connect_timeout_ms`.
+async fn open_session(config: &AmqpConfig, node: &str) -> Result<Session, ConnectError> {
+    let url = redact_url_password(node);
+    let timeout = config.connect_timeout();
+    tokio::time::timeout(timeout, async {
+        let name = format!(
+            "hirehop-relay exchange={} pid={}",
+            config.exchange,
+            std::process::id()
+        );
+        let connection = connect(config, node, name).await?;
         topology::declare(config, &connection).await?;
         let mut channels = Vec::with_capacity(config.channels);
         for _ in 0..config.channels {

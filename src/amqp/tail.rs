@@ -5,17 +5,18 @@
 use std::io::Write;
 
 use futures_lite::StreamExt;
+use lapin::Connection;
 use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Connection, ConnectionProperties};
 use serde_json::{Map, Value, json};
 
-use crate::config::{AmqpConfig, redact_url_password};
+use super::ConnectError;
+use crate::config::AmqpConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TailError {
-    #[error("failed to connect to {url}: {cause}")]
-    Connect { url: String, cause: lapin::Error },
+    #[error(transparent)]
+    Connect(ConnectError),
     #[error("failed to bind a queue to {exchange} with {pattern:?}: {cause}")]
     Bind {
         exchange: String,
@@ -100,19 +101,14 @@ pub async fn tail(
 async fn connect(config: &AmqpConfig) -> Result<Connection, TailError> {
     let mut last = None;
     for node in config.nodes() {
-        let properties =
-            ConnectionProperties::default().with_connection_name("hirehop-relay tail".into());
-        match Connection::connect(node, properties).await {
+        match super::publisher::connect(config, node, "hirehop-relay tail".to_owned()).await {
             Ok(connection) => return Ok(connection),
-            Err(cause) => {
-                last = Some(TailError::Connect {
-                    url: redact_url_password(node),
-                    cause,
-                })
-            }
+            Err(err) => last = Some(err),
         }
     }
-    Err(last.expect("config has at least one broker URL"))
+    Err(TailError::Connect(
+        last.expect("config has at least one broker URL"),
+    ))
 }
 
 /// One message, in the shape both output formats share.

@@ -42,12 +42,7 @@ pub async fn declare(config: &AmqpConfig, connection: &Connection) -> Result<(),
             )
             .await
             .map_err(failed(format!("exchange {unrouted}")))?;
-        let mut queue_arguments = FieldTable::default();
-        queue_arguments.insert(
-            "x-queue-type".into(),
-            long_string(config.unrouted_queue_type.as_str()),
-        );
-        declare_queue(&channel, &unrouted, &queue_arguments).await?;
+        declare_queue(&channel, &unrouted, &typed(config.unrouted_queue_type)).await?;
         bind(&channel, &unrouted, &unrouted, "").await?;
         arguments.insert("alternate-exchange".into(), long_string(&unrouted));
     }
@@ -84,18 +79,19 @@ pub async fn declare_event_queue(
     routing_key: &str,
 ) -> Result<(), ConnectError> {
     let name = event_queue_name(config, routing_key);
-    let mut arguments = FieldTable::default();
-    arguments.insert(
-        "x-queue-type".into(),
-        long_string(config.per_event_queue_type.as_str()),
-    );
-    declare_queue(channel, &name, &arguments).await?;
+    declare_queue(channel, &name, &typed(config.per_event_queue_type)).await?;
     bind(channel, &name, &config.exchange, routing_key).await
 }
 
-fn queue_arguments(queue: &QueueConfig) -> FieldTable {
+/// The arguments of a queue the relay declares with only its type set.
+fn typed(kind: QueueType) -> FieldTable {
     let mut arguments = FieldTable::default();
-    arguments.insert("x-queue-type".into(), long_string(queue.kind.as_str()));
+    arguments.insert("x-queue-type".into(), long_string(kind.as_str()));
+    arguments
+}
+
+fn queue_arguments(queue: &QueueConfig) -> FieldTable {
+    let mut arguments = typed(queue.kind);
     if let Some(dlx) = &queue.dead_letter_exchange {
         arguments.insert("x-dead-letter-exchange".into(), long_string(dlx));
     }
@@ -155,7 +151,7 @@ fn failed(what: String) -> impl FnOnce(lapin::Error) -> ConnectError {
     move |cause| ConnectError::Topology { what, cause }
 }
 
-/// The topology as text, for people.
+/// The topology as text, for people: the same names and arguments that [`declare`] sends.
 pub fn describe(config: &AmqpConfig) -> String {
     let mut out = String::new();
     let ae = if config.alternate_exchange {
@@ -167,41 +163,39 @@ pub fn describe(config: &AmqpConfig) -> String {
     if config.alternate_exchange {
         let unrouted = config.unrouted_name();
         let _ = writeln!(out, "exchange {unrouted} (fanout, durable)");
-        let kind = config.unrouted_queue_type.as_str();
-        let _ = writeln!(out, "queue {unrouted} ({kind}, durable)");
+        let arguments = show(&typed(config.unrouted_queue_type));
+        let _ = writeln!(out, "queue {unrouted} (durable, {arguments})");
         let _ = writeln!(out, "  bound to {unrouted}");
     }
     for queue in &config.queues {
-        let mut args = vec![queue.kind.as_str().to_owned(), "durable".to_owned()];
-        if let Some(dlx) = &queue.dead_letter_exchange {
-            args.push(format!("dead-letter-exchange={dlx}"));
-        }
-        if let Some(limit) = queue.delivery_limit {
-            args.push(format!("delivery-limit={limit}"));
-        }
-        if let Some(ttl) = queue.message_ttl_ms {
-            args.push(format!("message-ttl={ttl}ms"));
-        }
-        if let Some(max) = queue.max_length {
-            args.push(format!("max-length={max}"));
-            args.push(format!("overflow={}", queue.overflow.as_str()));
-        }
-        let _ = writeln!(out, "queue {} ({})", queue.name, args.join(", "));
+        let arguments = show(&queue_arguments(queue));
+        let _ = writeln!(out, "queue {} (durable, {arguments})", queue.name);
         for pattern in &queue.bindings {
             let _ = writeln!(out, "  bound to {} with {pattern}", config.exchange);
         }
     }
     if config.per_event_queues {
-        let kind = match config.per_event_queue_type {
-            QueueType::Classic => "classic",
-            QueueType::Quorum => "quorum",
-        };
+        let arguments = show(&typed(config.per_event_queue_type));
         let _ = writeln!(
             out,
-            "queue {}<routing key> ({kind}, durable), one per event, declared when first seen",
+            "queue {}<routing key> (durable, {arguments}), one per event, declared when first seen",
             config.per_event_queue_prefix
         );
         let _ = writeln!(out, "  bound to {} with <routing key>", config.exchange);
     }
     out
+}
+
+/// `x-max-length=1000, x-queue-type=quorum`, as RabbitMQ lists them.
+fn show(arguments: &FieldTable) -> String {
+    let shown: Vec<String> = arguments
+        .inner()
+        .iter()
+        .map(|(name, value)| match value {
+            AMQPValue::LongString(text) => format!("{name}={text}"),
+            AMQPValue::LongLongInt(n) => format!("{name}={n}"),
+            other => format!("{name}={other:?}"),
+        })
+        .collect();
+    shown.join(", ")
 }

@@ -416,7 +416,7 @@ async fn topology_prints_and_applies_what_the_config_describes() {
         "{printed}"
     );
     assert!(
-        printed.contains(&format!("queue {name} (quorum, durable)")),
+        printed.contains(&format!("queue {name} (durable, x-queue-type=quorum)")),
         "{printed}"
     );
     assert!(
@@ -429,4 +429,20 @@ async fn topology_prints_and_applies_what_the_config_describes() {
     harness::delete_topology(&channel, &exchange).await;
     delete_queues(&channel, &[&name]).await;
     let _ = std::fs::remove_file(config);
+}
+
+#[tokio::test]
+async fn tail_gives_up_on_a_broker_that_never_answers() {
+    // Accepts TCP connections (the kernel does) but never speaks AMQP.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("amqp://guest:guest@{}/%2f", silent.local_addr().unwrap());
+    let exchange = unique_exchange();
+    let mut tail_env = env(&exchange, &url);
+    tail_env.push(("RELAY_AMQP__CONNECT_TIMEOUT_MS", "500"));
+    let started = Instant::now();
+    let tail = RelayProcess::start(&["tail", "--pattern", "#"], &tail_env);
+    let (status, log) = tail.exit().await;
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("timed out"), "{log}");
+    assert!(started.elapsed() < Duration::from_secs(10), "{log}");
 }
