@@ -264,22 +264,12 @@ impl Report {
         };
         let _ = writeln!(
             out,
-            "| {} | {concurrency} | {} | {:.0} | {ratio} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {:.3} | {:.2} | {:.0}/{:.0} | {} |",
+            "| {} | {concurrency} | {} | {:.0} | {ratio} | {} | {} |",
             system_layout_label(system, layout),
             system.label(),
             row.accepted_per_sec,
-            row.latency.p50,
-            row.latency.p90,
-            row.latency.p99,
-            row.latency.max,
-            row.not_accepted,
-            fmt_opt(row.server_cpu_per_1k, 3),
-            fmt_opt(row.broker_cpu_per_1k, 3),
-            row.client_cpu_per_1k,
-            row.cores_busy,
-            row.machine_idle_pct,
-            row.machine_steal_pct,
-            row.verification,
+            row.latency_cells(),
+            row.cost_cells(),
         );
     }
 
@@ -295,14 +285,11 @@ impl Report {
             for system in [System::Raw, System::Relay, System::Floor] {
                 let layout_key = (system != System::Floor).then_some(layout);
                 let rate = self.open_rate(layout);
-                let samples: Vec<&Sample> = self
-                    .select(
-                        layout_key,
-                        system,
-                        |m| matches!(m, Mode::Open { rate: r } if Some(r) == rate),
-                    )
-                    .into_iter()
-                    .collect();
+                let samples = self.select(
+                    layout_key,
+                    system,
+                    |m| matches!(m, Mode::Open { rate: r } if Some(r) == rate),
+                );
                 let Some(row) = Row::of(&samples) else {
                     continue;
                 };
@@ -317,22 +304,12 @@ impl Report {
                 };
                 let _ = writeln!(
                     out,
-                    "| {layout} | {:.0} | {label} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {p99_ratio} | {} | {} | {} | {:.3} | {:.2} | {:.0}/{:.0} | {} |",
+                    "| {layout} | {:.0} | {label} | {:.0} | {} | {:.2} | {p99_ratio} | {} |",
                     rate.unwrap_or_default(),
                     row.accepted_per_sec,
-                    row.latency.p50,
-                    row.latency.p90,
-                    row.latency.p99,
-                    row.latency.max,
+                    row.latency_cells(),
                     row.service.p99,
-                    row.not_accepted,
-                    fmt_opt(row.server_cpu_per_1k, 3),
-                    fmt_opt(row.broker_cpu_per_1k, 3),
-                    row.client_cpu_per_1k,
-                    row.cores_busy,
-                    row.machine_idle_pct,
-                    row.machine_steal_pct,
-                    row.verification,
+                    row.cost_cells(),
                 );
             }
         }
@@ -615,6 +592,27 @@ impl Row {
             machine_steal_pct: med(|s| s.machine_steal_pct),
             verification: verification(samples),
         })
+    }
+
+    /// The `p50 | p90 | p99 | max` cells (ms) both loop tables share.
+    fn latency_cells(&self) -> String {
+        let l = self.latency;
+        format!("{:.2} | {:.2} | {:.2} | {:.2}", l.p50, l.p90, l.p99, l.max)
+    }
+
+    /// The cells from `non-2xx` to `on broker` that both loop tables end with.
+    fn cost_cells(&self) -> String {
+        format!(
+            "{} | {} | {} | {:.3} | {:.2} | {:.0}/{:.0} | {}",
+            self.not_accepted,
+            fmt_opt(self.server_cpu_per_1k, 3),
+            fmt_opt(self.broker_cpu_per_1k, 3),
+            self.client_cpu_per_1k,
+            self.cores_busy,
+            self.machine_idle_pct,
+            self.machine_steal_pct,
+            self.verification,
+        )
     }
 }
 
