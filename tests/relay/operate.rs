@@ -348,8 +348,16 @@ async fn connections_beyond_the_cap_get_503_and_are_closed() {
     relay.stop().await;
 }
 
+/// Replaces `path`'s contents in one step (a rename), as a Secret update does: a reload never
+/// sees the file half written.
+fn replace_file(path: &std::path::Path, contents: &str) {
+    let staged = path.with_extension("staged");
+    std::fs::write(&staged, contents).unwrap();
+    std::fs::rename(&staged, path).unwrap();
+}
+
 #[tokio::test]
-async fn keys_file_reloads_on_sighup_without_dropping_requests() {
+async fn keys_file_reloads_on_change_and_on_sighup_without_dropping_requests() {
     let exchange = unique_exchange();
     let keys = std::env::temp_dir().join(format!("{exchange}.keys"));
     std::fs::write(&keys, "# before\nkey-always\nkey-old\n").unwrap();
@@ -374,22 +382,42 @@ async fn keys_file_reloads_on_sighup_without_dropping_requests() {
     assert_eq!(post("key-old").await, StatusCode::ACCEPTED);
     assert_eq!(post("key-new").await, StatusCode::UNAUTHORIZED);
 
-    // Requests with a key present before and after keep flowing during the reload.
-    let steady = tokio::spawn(async move {
-        for _ in 0..100 {
-            assert_eq!(post("key-always").await, StatusCode::ACCEPTED);
-        }
-    });
-    std::fs::write(&keys, "# after\nkey-always\nkey-new\n").unwrap();
-    relay.signal("HUP");
+    // Requests with a key present before and after keep flowing through both reloads.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let steady_count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let steady = {
+        let (stop, count) = (Arc::clone(&stop), Arc::clone(&steady_count));
+        tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                assert_eq!(post("key-always").await, StatusCode::ACCEPTED);
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        })
+    };
+    let steady_so_far = || steady_count.load(std::sync::atomic::Ordering::SeqCst);
+    crate::harness::wait_count(&steady_count, 1).await;
+
+    // A changed file is picked up without any signal: the relay watches it (a mounted
+    // Secret changes under a running pod, and nobody sends it a SIGHUP).
+    replace_file(&keys, "# after\nkey-always\nkey-new\n");
     relay.wait_for("export keys reloaded").await;
     assert_eq!(post("key-new").await, StatusCode::ACCEPTED);
     assert_eq!(post("key-old").await, StatusCode::UNAUTHORIZED);
+
+    // SIGHUP reloads even a file that did not change (watching alone would skip it): the
+    // operator's way to say "read it again now".
+    let before_hup = steady_so_far();
+    relay.signal("HUP");
+    relay.wait_for("received SIGHUP").await;
+    relay.wait_for("export keys reloaded").await;
+    crate::harness::wait_count(&steady_count, before_hup + 1).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
     steady.await.unwrap();
+    assert_eq!(post("key-new").await, StatusCode::ACCEPTED);
+    assert_eq!(post("key-old").await, StatusCode::UNAUTHORIZED);
 
     // A broken file keeps the keys in use.
-    std::fs::write(&keys, "1 2 3\n").unwrap();
-    relay.signal("HUP");
+    replace_file(&keys, "1 2 3\n");
     relay.wait_for("reload failed").await;
     assert_eq!(post("key-new").await, StatusCode::ACCEPTED);
 
