@@ -733,12 +733,11 @@ impl Bench {
         let log_mark = subject.via.server().map(ServerProcess::log_mark);
         let window = Window::after_warmup(self.plan.warmup, duration);
         let webhooks = Arc::clone(&self.webhooks);
-        let traffic = async move {
-            match load {
-                Mode::Closed { .. } => load::closed_loop(clients, webhooks, window).await,
-                Mode::Open { rate } => load::open_loop(clients, webhooks, rate, window).await,
-            }
+        let rate = match load {
+            Mode::Closed { .. } => None,
+            Mode::Open { rate } => Some(rate),
         };
+        let traffic = load::run(clients, webhooks, rate, window);
         let (tally, usage) = tokio::join!(traffic, self.usage(subject.via.server(), window));
         let usage = usage?;
         let verification = match subject.queues {

@@ -1,5 +1,5 @@
-//! The two load shapes, independent of what is loaded (the relay or the floor over HTTP, or
-//! the broker through the raw publisher).
+//! The two load shapes, one worker loop, independent of what is loaded (the relay or the floor
+//! over HTTP, or the broker through the raw publisher).
 //!
 //! - **Closed loop**: N workers, each sending its next request as soon as the previous one
 //!   was answered. Measures the ceiling at a fixed number of requests in flight.
@@ -25,39 +25,13 @@ pub trait Client: Send + 'static {
     fn send(&mut self, webhook: &Webhook) -> impl Future<Output = Outcome> + Send;
 }
 
-/// Runs one worker per client until the window ends; returns the merged tally.
-pub async fn closed_loop<C: Client>(
+/// Runs one worker per client, from `window.begin` until `window.end`, then waits for the
+/// last answers; returns the merged tally. Without a `rate` it is a closed loop; with one, the
+/// workers together send `rate` requests per second (intended times), an open loop.
+pub async fn run<C: Client>(
     clients: Vec<C>,
     webhooks: Arc<[Webhook]>,
-    window: Window,
-) -> Tally {
-    let workers = clients.len();
-    let tasks = clients.into_iter().enumerate().map(|(k, mut client)| {
-        let webhooks = Arc::clone(&webhooks);
-        tokio::spawn(async move {
-            let mut tally = Tally::default();
-            let mut i = k;
-            while Instant::now() < window.end {
-                let webhook = &webhooks[i % webhooks.len()];
-                i += workers;
-                let sent = Instant::now();
-                let outcome = client.send(webhook).await;
-                let done = Instant::now();
-                let in_window = window.contains(done);
-                tally.record(in_window, in_window, sent, sent, done, outcome);
-            }
-            tally
-        })
-    });
-    join(tasks.collect()).await
-}
-
-/// Runs `clients.len()` workers that together send `rate` requests per second from
-/// `window.begin` until `window.end` (intended times), then waits for the last answers.
-pub async fn open_loop<C: Client>(
-    clients: Vec<C>,
-    webhooks: Arc<[Webhook]>,
-    rate: f64,
+    rate: Option<f64>,
     window: Window,
 ) -> Tally {
     let workers = clients.len();
@@ -66,18 +40,29 @@ pub async fn open_loop<C: Client>(
         tokio::spawn(async move {
             let mut tally = Tally::default();
             for i in (k..).step_by(workers) {
-                let intended = window.begin + Duration::from_secs_f64(i as f64 / rate);
+                // Closed: now, the previous answer being in. Open: the schedule's time.
+                let intended = match rate {
+                    None => Instant::now(),
+                    Some(rate) => window.begin + Duration::from_secs_f64(i as f64 / rate),
+                };
                 if intended >= window.end {
                     break;
                 }
-                tokio::time::sleep_until(intended.into()).await;
+                if rate.is_some() {
+                    tokio::time::sleep_until(intended.into()).await;
+                }
                 let sent = Instant::now();
                 let outcome = client.send(&webhooks[i % webhooks.len()]).await;
                 let done = Instant::now();
-                // Throughput counts answers within the window, as in the closed loop (counting
-                // by intended time would show any system that answers at all at full rate);
-                // latency is for the requests intended within it.
-                let (answered, timed) = (window.contains(done), window.contains(intended));
+                // Throughput counts the answers within the window in both loops (counting by
+                // intended time would show any system that answers at all at full rate).
+                // Latency: of those answers in a closed loop; of the requests intended within
+                // the window in an open one.
+                let answered = window.contains(done);
+                let timed = match rate {
+                    None => answered,
+                    Some(_) => window.contains(intended),
+                };
                 tally.record(answered, timed, intended, sent, done, outcome);
             }
             tally
