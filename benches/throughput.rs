@@ -458,19 +458,7 @@ impl Bench {
         )
         .await?;
         let spool = SpoolDir::new(&relay_queues.exchange);
-        let relay = Relay::start(
-            &self.relay_settings,
-            RelaySpec {
-                name: "relay",
-                amqp_url: &self.plan.amqp_url,
-                exchange: &relay_queues.exchange,
-                spool: &spool,
-            },
-        )
-        .await?;
-        // Connected means the relay declared its exchange: the queues can be bound to it.
-        relay.wait_connected().await?;
-        self.broker.declare_queues(relay_queues).await?;
+        let relay = self.relay_on_broker("relay", relay_queues, &spool).await?;
         let subjects = Subjects {
             raw: Subject {
                 system: System::Raw,
@@ -596,20 +584,9 @@ impl Bench {
         relay.stop().await;
 
         let started = Instant::now();
-        let replaying = Relay::start(
-            &self.relay_settings,
-            RelaySpec {
-                name: "relay (replaying the spool)",
-                amqp_url: &self.plan.amqp_url,
-                exchange: &queues.exchange,
-                spool,
-            },
-        )
-        .await?;
-        replaying.wait_connected().await?;
-        // Bound once the relay declared the exchange; anything replayed before lands in
-        // `<exchange>.unrouted`, which is counted too.
-        self.broker.declare_queues(queues).await?;
+        let replaying = self
+            .relay_on_broker("relay (replaying the spool)", queues, spool)
+            .await?;
         let drained = replaying.wait_spool_drained().await;
         let secs = started.elapsed().as_secs_f64();
         let on_broker = self.broker.count(queues).await?;
@@ -626,6 +603,27 @@ impl Bench {
             "     replay: {on_broker} of {spooled} spooled webhooks on the broker after {secs:.1} s"
         );
         Ok(())
+    }
+
+    /// Starts a relay on the real broker, publishing to `queues.exchange`, and binds `queues`
+    /// once it is connected (connected means it declared its exchange). Anything it publishes
+    /// before (a replay) lands in `<exchange>.unrouted`, which is counted too.
+    async fn relay_on_broker(
+        &self,
+        name: &'static str,
+        queues: &Queues,
+        spool: &SpoolDir,
+    ) -> anyhow::Result<Relay> {
+        let spec = RelaySpec {
+            name,
+            amqp_url: &self.plan.amqp_url,
+            exchange: &queues.exchange,
+            spool,
+        };
+        let relay = Relay::start(&self.relay_settings, spec).await?;
+        relay.wait_connected().await?;
+        self.broker.declare_queues(queues).await?;
+        Ok(relay)
     }
 
     /// The best median raw msg/s over the closed-loop concurrencies of `layout`.
