@@ -243,33 +243,31 @@ async fn replay_batch(
         // is not a delivery, and calling it one would spin without a pause.
         return Ok(false);
     }
+    // Unreadable records count as done; `positions[k]` is where `messages[k]` sits.
+    let mut ok = vec![false; batch.len()];
+    let mut positions = Vec::with_capacity(batch.len());
     let mut messages = Vec::with_capacity(batch.len());
-    let mut unreadable = Vec::new();
     for (i, (record, _)) in batch.iter().enumerate() {
         match Message::decode(record.clone()) {
             Ok(mut message) => {
                 message.replayed = true;
-                messages.push((i, message));
+                positions.push(i);
+                messages.push(message);
             }
             Err(err) => {
                 // It passed its checksum, so this is a format problem, not a torn write; it
                 // can never be published, and must not block everything behind it.
                 tracing::error!(error = %err, "dropping an unreadable spool record");
-                unreadable.push(i);
+                ok[i] = true;
             }
         }
     }
-    let to_publish: Vec<Message> = messages.iter().map(|(_, m)| m.clone()).collect();
-    let results = publisher.publish_batch(&to_publish).await;
-    let mut ok = vec![false; batch.len()];
-    for i in unreadable {
-        ok[i] = true;
-    }
+    let results = publisher.publish_batch(&messages).await;
     let mut first_error = None;
-    for ((i, message), result) in messages.iter().zip(results) {
+    for ((i, message), result) in positions.into_iter().zip(&messages).zip(results) {
         match result {
             Ok(()) => {
-                ok[*i] = true;
+                ok[i] = true;
                 metrics.replayed(1);
             }
             Err(err) => {

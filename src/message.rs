@@ -1,5 +1,6 @@
 //! One accepted webhook on its way to the broker, and its encoding in the spool.
 
+use std::borrow::Cow;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -32,18 +33,19 @@ pub struct Message {
 pub struct DecodeError(String);
 
 /// The metadata part of a spool record. Field names are the on-disk format: add, never rename.
+/// Written from borrowed strings, read back into owned ones.
 #[derive(Serialize, Deserialize)]
-struct SpooledHeader {
-    message_id: String,
-    event: String,
-    routing_key: String,
+struct SpooledHeader<'a> {
+    message_id: Cow<'a, str>,
+    event: Cow<'a, str>,
+    routing_key: Cow<'a, str>,
     company_id: Option<u64>,
     user_id: Option<u64>,
     received_at_ms: u64,
     #[serde(default)]
-    traceparent: String,
+    traceparent: Cow<'a, str>,
     #[serde(default)]
-    tracestate: Option<String>,
+    tracestate: Option<Cow<'a, str>>,
 }
 
 impl Message {
@@ -54,14 +56,14 @@ impl Message {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         let header = SpooledHeader {
-            message_id: self.message_id.clone(),
-            event: self.event.clone(),
-            routing_key: self.routing_key.as_str().to_owned(),
+            message_id: Cow::Borrowed(&self.message_id),
+            event: Cow::Borrowed(&self.event),
+            routing_key: Cow::Borrowed(self.routing_key.as_str()),
             company_id: self.company_id,
             user_id: self.user_id,
             received_at_ms,
-            traceparent: self.traceparent.clone(),
-            tracestate: self.tracestate.clone(),
+            traceparent: Cow::Borrowed(&self.traceparent),
+            tracestate: self.tracestate.as_deref().map(Cow::Borrowed),
         };
         let header =
             serde_json::to_vec(&header).expect("a struct of strings and numbers serializes");
@@ -89,15 +91,15 @@ impl Message {
             RoutingKey::new("", &header.routing_key).map_err(|err| DecodeError(err.to_string()))?;
         Ok(Message {
             routing_key,
-            event: header.event,
+            event: header.event.into_owned(),
             body: record,
-            message_id: header.message_id,
+            message_id: header.message_id.into_owned(),
             company_id: header.company_id,
             user_id: header.user_id,
             received_at: UNIX_EPOCH + Duration::from_millis(header.received_at_ms),
             replayed: false,
-            traceparent: header.traceparent,
-            tracestate: header.tracestate,
+            traceparent: header.traceparent.into_owned(),
+            tracestate: header.tracestate.map(Cow::into_owned),
         })
     }
 }

@@ -1,4 +1,4 @@
-//! The broker side: the only module that imports `lapin`.
+//! Publishing: the broker connection, its confirm-mode channels, and what keeps them alive.
 //!
 //! A [`Publisher`] owns one AMQP connection with a small pool of confirm-mode channels and a
 //! supervisor task that keeps them alive. Publishing picks a channel round-robin, sends the
@@ -123,13 +123,16 @@ pub fn properties(message: &Message) -> BasicProperties {
     if let Some(id) = message.user_id {
         headers.insert("user_id".into(), integer(id));
     }
+    // Strings made here are moved in, not copied again.
+    let received_at = humantime::format_rfc3339_millis(message.received_at).to_string();
     headers.insert(
         "received_at".into(),
-        long_string(&humantime::format_rfc3339_millis(message.received_at).to_string()),
+        AMQPValue::LongString(received_at.into()),
     );
+    let body_sha256 = hex::encode(Sha256::digest(&message.body));
     headers.insert(
         "body_sha256".into(),
-        long_string(&hex::encode(Sha256::digest(&message.body))),
+        AMQPValue::LongString(body_sha256.into()),
     );
     if message.replayed {
         headers.insert("replayed".into(), AMQPValue::Boolean(true));
