@@ -22,6 +22,8 @@ struct State {
     stalled: watch::Sender<bool>,
     /// Bytes read from the relay (counted even while stalled).
     from_client: AtomicU64,
+    /// Connections accepted from the relay (counted even while refusing).
+    attempts: AtomicU64,
     connections: Mutex<Vec<AbortHandle>>,
 }
 
@@ -34,6 +36,7 @@ impl Proxy {
             refusing: AtomicBool::new(false),
             stalled: watch::channel(false).0,
             from_client: AtomicU64::new(0),
+            attempts: AtomicU64::new(0),
             connections: Mutex::new(Vec::new()),
         });
         let accept_task = tokio::spawn(accept_loop(listener, Arc::clone(&state))).abort_handle();
@@ -64,6 +67,11 @@ impl Proxy {
     pub fn bytes_from_client(&self) -> u64 {
         self.state.from_client.load(Ordering::SeqCst)
     }
+
+    /// Connections the relay opened to the proxy so far, refused ones included.
+    pub fn connection_attempts(&self) -> u64 {
+        self.state.attempts.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for Proxy {
@@ -78,6 +86,7 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
         let Ok((client, _)) = listener.accept().await else {
             continue;
         };
+        state.attempts.fetch_add(1, Ordering::SeqCst);
         if state.refusing.load(Ordering::SeqCst) {
             drop(client);
             continue;

@@ -248,11 +248,29 @@ async fn a_full_spool_answers_503_loses_nothing_and_recovers() {
 }
 
 #[tokio::test]
-async fn with_two_broker_urls_the_relay_uses_the_one_that_answers() {
-    let proxy = Proxy::start(broker_addr()).await;
-    proxy.refuse(true);
-    let urls = format!("{},{}", via(&proxy), harness::amqp_url());
-    let relay = TestRelay::start_with(&[("RELAY_AMQP__URLS", &urls)]).await;
+async fn with_two_broker_urls_the_relay_tries_the_first_then_uses_the_one_that_answers() {
+    // `amqp.url` leads nowhere useful: if `amqp.urls` were ignored, nothing would connect.
+    let single = Proxy::start(broker_addr()).await;
+    single.refuse(true);
+    let first = Proxy::start(broker_addr()).await;
+    first.refuse(true);
+    let urls = format!("{},{}", via(&first), harness::amqp_url());
+    let single_url = via(&single);
+    let relay = TestRelay::start_with(&[
+        ("RELAY_AMQP__URL", &single_url),
+        ("RELAY_AMQP__URLS", &urls),
+    ])
+    .await;
+    // Connected (start_with waits): the first node was tried in its turn, `url` never.
+    assert!(
+        first.connection_attempts() >= 1,
+        "the first of amqp.urls was never tried"
+    );
+    assert_eq!(
+        single.connection_attempts(),
+        0,
+        "amqp.url is used with urls set"
+    );
     let mut queue = relay.queue("#").await;
     let reply = relay.post(webhook("job.updated")).await;
     assert_eq!(reply.json()["status"], "accepted");
