@@ -28,8 +28,11 @@ pub struct ExportKey {
 pub struct EmptyKey;
 
 impl ExportKey {
+    /// `secret` without surrounding whitespace (a stray space or newline in a config file or
+    /// a mounted Secret), wherever the key was configured.
     pub fn new(secret: &str) -> Result<ExportKey, EmptyKey> {
-        if secret.trim().is_empty() {
+        let secret = secret.trim();
+        if secret.is_empty() {
             return Err(EmptyKey);
         }
         Ok(ExportKey {

@@ -525,8 +525,8 @@ impl Config {
                 ));
             }
         }
-        // Reads the keys file, if any, so that a broken one is reported at load.
-        self.keyring()?;
+        // The keys file is read by `load_from` (the relay), not here: the tools never
+        // verify a key and must not need one.
         Ok(())
     }
 
@@ -732,13 +732,34 @@ fn ip_nets<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ipnet::IpNet>, D::Erro
         .collect()
 }
 
-/// Export keys as a list or a comma-separated string.
+/// Export keys as a list (each read like a per-company key, so a number gets the same
+/// message) or a comma-separated string (environment variables).
 fn list_or_comma_separated<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ExportKey>, D::Error> {
-    string_list(d)?
-        .iter()
-        .map(|key| ExportKey::new(key))
-        .collect::<Result<_, _>>()
-        .map_err(serde::de::Error::custom)
+    struct Keys;
+    impl<'de> serde::de::Visitor<'de> for Keys {
+        type Value = Vec<ExportKey>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a list of export keys, or keys separated by commas")
+        }
+        fn visit_str<E: serde::de::Error>(self, joined: &str) -> Result<Vec<ExportKey>, E> {
+            joined
+                .split(',')
+                .filter(|key| !key.trim().is_empty())
+                .map(|key| ExportKey::new(key).map_err(E::custom))
+                .collect()
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Vec<ExportKey>, A::Error> {
+            let mut keys = Vec::new();
+            while let Some(key) = seq.next_element()? {
+                keys.push(key);
+            }
+            Ok(keys)
+        }
+    }
+    d.deserialize_any(Keys)
 }
 
 #[cfg(test)]
@@ -752,6 +773,15 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         )
+    }
+
+    #[test]
+    fn only_the_relay_reads_the_keys_file() {
+        let settings = env(&[("RELAY_AUTH__EXPORT_KEYS_FILE", "/nonexistent/keys.toml")]);
+        // What `load_for_tools` does: `tail` and `topology` never verify a key.
+        assert!(Config::load_unchecked_keys(None, settings.clone()).is_ok());
+        let err = Config::load_from(None, settings).unwrap_err().to_string();
+        assert!(err.contains("auth.export_keys_file"), "{err}");
     }
 
     fn write_file(contents: &str) -> tempfile_path::TempPath {
@@ -1078,12 +1108,30 @@ mod tests {
 
     #[test]
     fn a_key_typed_as_a_number_is_refused_without_quoting_it() {
-        let file = write_file("[[auth.companies]]\ncompany_id = 1\nexport_keys = [987654321]\n");
-        let err = Config::load_from(Some(file.path()), env(&[]))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("must be a quoted string"), "{err}");
-        assert!(!err.contains("987654321"), "{err}");
+        for file in [
+            "[[auth.companies]]\ncompany_id = 1\nexport_keys = [987654321]\n",
+            "[auth]\nexport_keys = [\"k\", 987654321]\n",
+        ] {
+            let file = write_file(file);
+            let err = Config::load_from(Some(file.path()), env(&[]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("must be a quoted string"), "{err}");
+            assert!(!err.contains("987654321"), "{err}");
+        }
+    }
+
+    #[test]
+    fn keys_are_trimmed_wherever_they_are_configured() {
+        let file = write_file(
+            "[auth]\nexport_keys = [\" a \"]\n[[auth.companies]]\ncompany_id = 1\nexport_keys = [\" b \"]\n",
+        );
+        let keys = Config::load_from(Some(file.path()), env(&[]))
+            .unwrap()
+            .keyring()
+            .unwrap();
+        assert!(keys.verify("a", Some(2)));
+        assert!(keys.verify("b", Some(1)));
     }
 
     #[test]
