@@ -148,32 +148,40 @@ impl Spool {
             return Err(OpenError::Locked(dir.to_owned()));
         }
 
+        // One pass over every segment: check it, and count what is left behind the cursor.
         let mut recovery = Recovery::default();
         let mut segments = BTreeMap::new();
+        let mut scans = BTreeMap::new();
+        let saved = read_cursor(dir);
         for (number, path) in list_segments(dir).map_err(io_err)? {
-            let (valid, corrupt) = scan_segment(&path).map_err(io_err)?;
-            if corrupt > 0 {
-                recovery.corrupt.push((path.clone(), corrupt));
-                truncate(&path, valid).map_err(io_err)?;
+            let from = saved
+                .filter(|c| c.segment == number)
+                .map_or(MAGIC.len() as u64, |c| c.offset);
+            let scan = scan_segment(&path, from).map_err(io_err)?;
+            if scan.corrupt > 0 {
+                recovery.corrupt.push((path.clone(), scan.corrupt));
+                truncate(&path, scan.valid).map_err(io_err)?;
             }
-            segments.insert(number, valid);
+            segments.insert(number, scan.valid);
+            scans.insert(number, scan);
         }
         let first = segments.keys().next().copied().unwrap_or(1);
-        let cursor = read_cursor(dir)
+        let cursor = saved
             .filter(|c| segments.get(&c.segment).is_some_and(|len| c.offset <= *len))
             .unwrap_or(Position {
                 segment: first,
                 offset: MAGIC.len() as u64,
             });
-        for (&number, &len) in segments.range(cursor.segment..) {
-            let from = if number == cursor.segment {
-                cursor.offset
-            } else {
-                MAGIC.len() as u64
-            };
-            recovery.records +=
-                count_records(&segment_path(dir, number), from, len).map_err(io_err)?;
-        }
+        recovery.records = scans
+            .range(cursor.segment..)
+            .map(|(&number, scan)| {
+                if number == cursor.segment && saved == Some(cursor) {
+                    scan.records_from
+                } else {
+                    scan.records
+                }
+            })
+            .sum();
 
         // Writes always go to a fresh segment: the old ones stay exactly as checked.
         let active = segments.keys().next_back().map_or(1, |last| last + 1);
@@ -263,22 +271,8 @@ impl Spool {
     pub fn depth(&self) -> Depth {
         let state = self.shared.lock();
         let committed = *self.shared.committed.borrow();
-        let bytes = state
-            .segments
-            .range(state.cursor.segment..)
-            .map(|(&number, &len)| {
-                let end = if number == committed.segment {
-                    committed.offset
-                } else {
-                    len
-                };
-                let start = if number == state.cursor.segment {
-                    state.cursor.offset
-                } else {
-                    MAGIC.len() as u64
-                };
-                end.saturating_sub(start)
-            })
+        let bytes = pending(&state.segments, state.cursor, committed)
+            .map(|(_, start, end)| end.saturating_sub(start))
             .sum();
         Depth {
             records: state.records,
@@ -313,19 +307,11 @@ impl Spool {
         };
         let committed = *self.shared.committed.borrow();
         let mut batch = Vec::new();
-        let mut position = cursor;
-        for (&number, &len) in segments.range(cursor.segment..) {
-            let end = if number == committed.segment {
-                committed.offset
-            } else {
-                len
+        for (number, start, end) in pending(&segments, cursor, committed) {
+            let mut position = Position {
+                segment: number,
+                offset: start,
             };
-            if number != position.segment {
-                position = Position {
-                    segment: number,
-                    offset: MAGIC.len() as u64,
-                };
-            }
             if position.offset >= end {
                 continue;
             }
@@ -584,35 +570,65 @@ fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
     }
 }
 
-/// Valid length of a segment and the number of bytes after it that are torn or corrupt.
-fn scan_segment(path: &Path) -> io::Result<(u64, u64)> {
+/// Each segment from the cursor's on, with where its unreplayed data starts and ends: the
+/// cursor's segment from the cursor, the writer's up to what is committed.
+fn pending(
+    segments: &BTreeMap<u64, u64>,
+    cursor: Position,
+    committed: Position,
+) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
+    segments
+        .range(cursor.segment..)
+        .map(move |(&number, &len)| {
+            let start = if number == cursor.segment {
+                cursor.offset
+            } else {
+                MAGIC.len() as u64
+            };
+            let end = if number == committed.segment {
+                committed.offset
+            } else {
+                len
+            };
+            (number, start, end)
+        })
+}
+
+/// What a segment holds, read once at startup.
+struct Scan {
+    /// Length of the valid data (the header and whole, intact records).
+    valid: u64,
+    /// Bytes after it that are torn or corrupt.
+    corrupt: u64,
+    records: u64,
+    /// Records that start at or after the offset the scan was asked about (the cursor's).
+    records_from: u64,
+}
+
+fn scan_segment(path: &Path, from: u64) -> io::Result<Scan> {
     let mut file = File::open(path)?;
     let size = file.metadata()?.len();
     let mut magic = [0u8; 8];
+    let mut scan = Scan {
+        valid: 0,
+        corrupt: size,
+        records: 0,
+        records_from: 0,
+    };
     if !read_full(&mut file, &mut magic)? || &magic != MAGIC {
-        return Ok((0, size));
+        return Ok(scan);
     }
     let mut reader = io::BufReader::new(file);
-    let mut valid = MAGIC.len() as u64;
+    scan.valid = MAGIC.len() as u64;
     while let Some(payload) = read_record(&mut reader)? {
-        valid += RECORD_HEADER + payload.len() as u64;
+        scan.records += 1;
+        if scan.valid >= from {
+            scan.records_from += 1;
+        }
+        scan.valid += RECORD_HEADER + payload.len() as u64;
     }
-    Ok((valid, size - valid))
-}
-
-fn count_records(path: &Path, from: u64, to: u64) -> io::Result<u64> {
-    let mut file = File::open(path)?;
-    file.seek(SeekFrom::Start(from))?;
-    let mut reader = io::BufReader::new(file);
-    let (mut offset, mut records) = (from, 0);
-    while offset < to {
-        let Some(payload) = read_record(&mut reader)? else {
-            break;
-        };
-        offset += RECORD_HEADER + payload.len() as u64;
-        records += 1;
-    }
-    Ok(records)
+    scan.corrupt = size - scan.valid;
+    Ok(scan)
 }
 
 fn truncate(path: &Path, len: u64) -> io::Result<()> {
