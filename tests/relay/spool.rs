@@ -4,10 +4,11 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hyper::{Method, StatusCode};
-use lapin::types::AMQPValue;
+use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::{AMQPValue, FieldTable};
 
 use crate::harness::{
     self, KEY, PATIENCE, RelayProcess, TestRelay, broker_addr, message_id, request, send,
@@ -67,11 +68,30 @@ async fn wait_broker_connected(addr: std::net::SocketAddr) {
     }
 }
 
+/// The `received_at` header of `delivery`.
+fn received_at(delivery: &lapin::message::Delivery) -> SystemTime {
+    let headers = delivery.properties.headers().as_ref().unwrap().inner();
+    let Some(AMQPValue::LongString(stamp)) = headers.get("received_at") else {
+        panic!("no received_at header: {headers:?}");
+    };
+    humantime::parse_rfc3339(&stamp.to_string()).expect("received_at is RFC 3339")
+}
+
+/// `now`, rounded down to the millisecond as `received_at` is.
+fn now_ms() -> SystemTime {
+    let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(since.as_millis()).unwrap())
+}
+
 #[tokio::test]
 async fn broker_out_of_reach_webhooks_are_spooled_then_replayed_in_order() {
     let proxy = Proxy::start(broker_addr()).await;
     proxy.refuse(true);
-    let relay = TestRelay::start_via_without_waiting(&proxy, &[]).await;
+    let relay = TestRelay::start_via_without_waiting(
+        &proxy,
+        &[("RELAY_AMQP__RECONNECT_MAX_BACKOFF_MS", "1000")],
+    )
+    .await;
 
     let ready = readyz(relay.addr).await;
     assert_eq!(
@@ -82,6 +102,45 @@ async fn broker_out_of_reach_webhooks_are_spooled_then_replayed_in_order() {
     assert_eq!(ready.json()["status"], "degraded");
     assert_eq!(ready.json()["broker"], "disconnected");
 
+    // The relay's own topology, declared ahead of it, and a queue that takes every `job.*`
+    // and refuses it (nack): once the broker is back, replay of the spooled `job.*` webhooks
+    // keeps failing, so the spool stays non-empty with the broker connected, for as long as
+    // this queue exists.
+    let broker = harness::broker().await;
+    hirehop_relay::amqp::topology::declare(&relay.config.amqp, &broker)
+        .await
+        .unwrap();
+    let channel = broker.create_channel().await.unwrap();
+    let blocker = format!("{}.blocker", relay.exchange);
+    let mut refuse_all = FieldTable::default();
+    refuse_all.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+    refuse_all.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    channel
+        .queue_declare(
+            blocker.as_str().into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            refuse_all,
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            blocker.as_str().into(),
+            relay.exchange.as_str().into(),
+            "job.#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    let posted_from = now_ms();
     let mut ids = Vec::new();
     for n in 0..20 {
         let reply = relay.post(webhook(&format!("job.n{n}"))).await;
@@ -89,19 +148,46 @@ async fn broker_out_of_reach_webhooks_are_spooled_then_replayed_in_order() {
         assert_eq!(reply.json()["status"], "spooled");
         ids.push(reply.message_id());
     }
+    let posted_until = SystemTime::now();
     assert_eq!(readyz(relay.addr).await.json()["spool"]["messages"], 20);
 
     proxy.refuse(false);
     wait_broker_connected(relay.addr).await;
-    // Nothing was bound while they were spooled: they land in the unrouted queue, in order.
+    // The broker is back and would confirm this one (nothing refuses `late.*`), but the
+    // spool is not empty: it must go behind what is there, not overtake it.
+    assert_eq!(readyz(relay.addr).await.json()["spool"]["messages"], 20);
+    let late = relay.post(webhook("late.arrival")).await;
+    assert_eq!(late.status, StatusCode::ACCEPTED, "{:?}", late.body);
+    assert_eq!(late.json()["status"], "spooled");
+    assert_eq!(readyz(relay.addr).await.json()["spool"]["messages"], 21);
+    ids.push(late.message_id());
+
+    channel
+        .queue_delete(blocker.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    // Nothing else was bound: they land in the unrouted queue, in arrival order.
     let mut unrouted = relay.unrouted().await;
     for (n, id) in ids.iter().enumerate() {
         let delivery = unrouted.next().await;
-        assert_eq!(&message_id(&delivery), id);
-        assert_eq!(delivery.routing_key.as_str(), format!("job.n{n}"));
+        assert_eq!(&message_id(&delivery), id, "message {n} out of order");
+        let expected_key = if n < 20 {
+            format!("job.n{n}")
+        } else {
+            "late.arrival".to_owned()
+        };
+        assert_eq!(delivery.routing_key.as_str(), expected_key);
         let headers = delivery.properties.headers().as_ref().unwrap().inner();
         assert_eq!(headers.get("replayed"), Some(&AMQPValue::Boolean(true)));
-        assert!(headers.contains_key("received_at"));
+        // Stamped when it arrived over HTTP, not when it was replayed (which happened
+        // after `posted_until`: the broker was out of reach until then).
+        if n < 20 {
+            let stamped = received_at(&delivery);
+            assert!(
+                posted_from <= stamped && stamped <= posted_until,
+                "received_at {stamped:?} is outside {posted_from:?}..={posted_until:?}"
+            );
+        }
     }
     relay.stop().await;
 }
