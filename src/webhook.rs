@@ -91,6 +91,9 @@ pub enum Rejection {
     SpoolFull(#[source] SpoolError),
     #[error("spool write failed, webhook not accepted")]
     SpoolFailed(#[source] SpoolError),
+    /// The delivery task panicked or was cancelled (a bug, or the runtime shutting down).
+    #[error("delivery ended abnormally, webhook not accepted")]
+    DeliveryAborted(String),
 }
 
 impl From<DeliveryError> for Rejection {
@@ -123,7 +126,8 @@ impl Rejection {
             | Rejection::Unavailable(_)
             | Rejection::Unroutable(_)
             | Rejection::SpoolFull(_)
-            | Rejection::SpoolFailed(_) => StatusCode::SERVICE_UNAVAILABLE,
+            | Rejection::SpoolFailed(_)
+            | Rejection::DeliveryAborted(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -145,6 +149,7 @@ impl Rejection {
             Rejection::Unroutable(_) => "unroutable",
             Rejection::SpoolFull(_) => "spool_full",
             Rejection::SpoolFailed(_) => "spool_failed",
+            Rejection::DeliveryAborted(_) => "delivery_aborted",
         }
     }
 
@@ -328,9 +333,7 @@ async fn accept(
     let outcome = match deliver.await {
         Ok(result) => result?,
         Err(join) => {
-            return Err(Rejection::Unavailable(PublishError::Aborted(
-                join.to_string(),
-            )));
+            return Err(Rejection::DeliveryAborted(join.to_string()));
         }
     };
     let status = match outcome {

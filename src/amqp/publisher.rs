@@ -54,8 +54,6 @@ pub enum PublishError {
     Refused(String),
     #[error("publish failed: {0}")]
     Failed(lapin::Error),
-    #[error("publish task ended abnormally: {0}")]
-    Aborted(String),
 }
 
 /// Why the broker could not be set up.
@@ -82,7 +80,7 @@ impl PublishError {
             PublishError::Nacked => "nack",
             PublishError::Returned(_) => "returned",
             PublishError::Refused(_) => "refused",
-            PublishError::Failed(_) | PublishError::Aborted(_) => "error",
+            PublishError::Failed(_) => "error",
         }
     }
 }
