@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use hyper::{Method, StatusCode};
 use tokio::io::AsyncWriteExt;
 
-use crate::harness::{PATIENCE, TestRelay, broker_addr, request, webhook};
+use crate::harness::{PATIENCE, TestRelay, broker_addr, request, wait_sample, webhook};
 use crate::proxy::Proxy;
 
 /// Polls `/readyz` until it answers `status` ([`PATIENCE`] at most).
@@ -191,9 +191,9 @@ async fn network_cuts_under_load_with_spool_accept_99_percent_and_lose_nothing()
 }
 
 #[tokio::test]
-async fn client_hanging_up_does_not_cancel_a_publish_already_begun() {
+async fn client_hanging_up_does_not_cancel_a_delivery_already_begun() {
     let proxy = Proxy::start(broker_addr()).await;
-    let relay = TestRelay::start_via(&proxy, &[("RELAY_AMQP__CONFIRM_TIMEOUT_MS", "10000")]).await;
+    let relay = TestRelay::start_via(&proxy, &[("RELAY_AMQP__CONFIRM_TIMEOUT_MS", "3000")]).await;
     let mut queue = relay.queue("#").await;
     let body = webhook("job.updated");
 
@@ -215,8 +215,27 @@ async fn client_hanging_up_does_not_cancel_a_publish_already_begun() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     drop(client);
+    // The server saw the hang-up and dropped the request's handler (and its in-flight count).
+    wait_sample(
+        relay.addr,
+        "hirehop_relay_http_requests_in_flight",
+        "0",
+        |n| n == 0.0,
+    )
+    .await;
+    // The frames held by the stalled proxy die with the connection: that publish can never be
+    // confirmed. Only a delivery still running after the hang-up can keep the webhook now, by
+    // spooling it once the publish fails; replay brings it after the reconnect.
+    proxy.cut();
     proxy.stall(false);
 
-    assert_eq!(queue.next().await.data, body.as_bytes());
+    let delivery = queue.next().await;
+    assert_eq!(delivery.data, body.as_bytes());
+    let headers = delivery.properties.headers().as_ref().unwrap().inner();
+    assert_eq!(
+        headers.get("replayed"),
+        Some(&lapin::types::AMQPValue::Boolean(true)),
+        "the first publish went through the cut?"
+    );
     relay.stop().await;
 }

@@ -135,6 +135,46 @@ pub async fn send(addr: SocketAddr, request: Request<Full<Bytes>>) -> Result<Rep
     })
 }
 
+/// The relay's `/metrics` at `addr` (the webhook port unless `metrics.listen` moved them).
+pub async fn scrape(addr: SocketAddr) -> String {
+    let reply = send(addr, request(Method::GET, "/metrics", ""))
+        .await
+        .expect("the relay answers /metrics");
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(
+        reply.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    String::from_utf8(reply.body.to_vec()).unwrap()
+}
+
+/// The value of the sample whose line starts with `series` (name and labels).
+pub fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
+}
+
+/// Polls `/metrics` at `addr` until `series` passes `check` (described by `what`), for
+/// [`PATIENCE`] at most.
+pub async fn wait_sample(addr: SocketAddr, series: &str, what: &str, check: impl Fn(f64) -> bool) {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let value = sample(&scrape(addr).await, series);
+        if check(value) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{series} never became {what} (last {value})"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Posts a webhook for `event` over HTTP/2 on `io` (prior knowledge, or after ALPN chose h2);
 /// `authority` is `scheme://host:port`.
 pub async fn post_h2<IO>(io: IO, authority: &str, event: &str) -> StatusCode

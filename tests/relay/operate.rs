@@ -9,31 +9,11 @@ use hyper::{Method, StatusCode};
 use lapin::types::AMQPValue;
 
 use crate::harness::{
-    KEY, PATIENCE, RelayProcess, TestRelay, broker_addr, message_id, request, send, webhook,
-    webhook_with,
+    KEY, PATIENCE, RelayProcess, TestRelay, broker_addr, message_id, request, sample, scrape, send,
+    wait_sample, webhook, webhook_with,
 };
 use crate::proxy::Proxy;
 use crate::shutdown::{env, unique_exchange};
-
-async fn scrape(relay: &TestRelay) -> String {
-    let reply = relay.send(request(Method::GET, "/metrics", "")).await;
-    assert_eq!(reply.status, StatusCode::OK);
-    assert!(
-        reply.headers["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("application/openmetrics-text")
-    );
-    String::from_utf8(reply.body.to_vec()).unwrap()
-}
-
-/// The value of the sample whose line starts with `series` (name and labels).
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|value| value.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
-}
 
 #[tokio::test]
 async fn metrics_move_with_accepted_rejected_and_failed_requests() {
@@ -52,7 +32,7 @@ async fn metrics_move_with_accepted_rejected_and_failed_requests() {
     assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
     assert_eq!(relay.post("nope").await.status, StatusCode::BAD_REQUEST);
 
-    let text = scrape(&relay).await;
+    let text = scrape(relay.addr).await;
     let counter = |series: &str| sample(&text, series);
     assert_eq!(
         counter(r#"hirehop_relay_http_requests_total{route="webhook",status="202"}"#),
@@ -97,7 +77,7 @@ async fn metrics_move_with_accepted_rejected_and_failed_requests() {
     let relay = TestRelay::start_with(&[("RELAY_AMQP__ALTERNATE_EXCHANGE", "false")]).await;
     let reply = relay.post(webhook("job.updated")).await;
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
-    let text = scrape(&relay).await;
+    let text = scrape(relay.addr).await;
     assert_eq!(
         sample(
             &text,
@@ -142,7 +122,7 @@ async fn event_labels_stay_bounded_whatever_names_arrive() {
     // Unauthenticated names never become labels at all.
     let stranger = relay.post(webhook_with("stranger.event", "bad", 1)).await;
     assert_eq!(stranger.status, StatusCode::UNAUTHORIZED);
-    let text = scrape(&relay).await;
+    let text = scrape(relay.addr).await;
     let series: Vec<&str> = text
         .lines()
         .filter(|l| l.starts_with("hirehop_relay_webhooks_total{"))
@@ -277,18 +257,13 @@ async fn overload_is_answered_fast_while_accepted_requests_complete() {
             tokio::spawn(async move { relay.post(webhook("job.updated")).await })
         })
         .collect();
-    let deadline = Instant::now() + PATIENCE;
-    while sample(
-        &scrape(&relay).await,
+    wait_sample(
+        relay.addr,
         "hirehop_relay_http_requests_in_flight",
-    ) < 2.0
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the two requests never got in flight"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        "2",
+        |n| n >= 2.0,
+    )
+    .await;
     let started = Instant::now();
     let refused = relay.post(webhook("job.updated")).await;
     assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
@@ -309,7 +284,7 @@ async fn overload_is_answered_fast_while_accepted_requests_complete() {
     while !ids.is_empty() {
         ids.remove(&message_id(&queue.next().await));
     }
-    let text = scrape(&relay).await;
+    let text = scrape(relay.addr).await;
     assert_eq!(
         sample(
             &text,
