@@ -450,8 +450,8 @@ impl Bench {
             .await?;
         self.broker.declare_queues(raw_queues).await?;
         let raw = RawPublisher::connect(
+            &relay::config(&[])?.amqp,
             &self.plan.amqp_url,
-            relay::config(&[])?.amqp.frame_max_bytes,
             &raw_queues.exchange,
             self.plan.channels,
             self.plan.raw_properties,

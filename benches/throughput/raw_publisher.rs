@@ -1,11 +1,12 @@
 //! The baseline: what the broker can confirm when a plain lapin client publishes the same
 //! bodies straight to it, the way the relay does it minus HTTP and the relay's own work.
 //!
-//! Like the relay: one connection asking for the relay's default `frame_max`, `channels`
-//! confirm-mode channels picked round-robin per message, persistent messages published with
-//! `mandatory`, and each publisher waiting for its own message's confirm, so the number of
-//! messages in flight equals the number of workers. Unlike the relay, the properties are minimal by default (persistent, content
-//! type): the relay's headers are part of the overhead being measured. With
+//! Like the relay: one connection made by the relay's own `amqp::connect` (its default frame
+//! size), `channels` confirm-mode channels picked round-robin per message, persistent
+//! messages published with `mandatory`, and each publisher waiting for its own message's
+//! confirm, so the number of messages in flight equals the number of workers. Unlike the
+//! relay, the properties are minimal by default (persistent, content type): the relay's
+//! headers are part of the overhead being measured. With
 //! `--raw-properties relay` the raw publisher sends the relay's properties and headers too,
 //! built per message by the relay's own `amqp::properties`, which separates what the headers
 //! cost the broker from what the relay process costs.
@@ -15,14 +16,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::SystemTime;
 
 use anyhow::Context;
+use hirehop_relay::config::AmqpConfig;
 use hirehop_relay::message::Message;
 use hirehop_relay::routing::RoutingKey;
 use hirehop_relay::tracecontext::TraceContext;
 use hyper::HeaderMap;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
-use lapin::uri::AMQPUri;
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
 
 use crate::load::{Client, REQUEST_TIMEOUT};
 use crate::payload::Webhook;
@@ -53,24 +54,18 @@ pub struct RawPublisher {
 }
 
 impl RawPublisher {
-    /// Connects asking for `frame_max` bytes per frame, as the relay does (lapin sizes its I/O
-    /// buffers by it); a `frame_max` in `url` wins, as it does for the relay.
+    /// Connects to `url` exactly as the relay does with `amqp` (its frame size and connect
+    /// timeout; a `frame_max` in `url` wins).
     pub async fn connect(
+        amqp: &AmqpConfig,
         url: &str,
-        frame_max: u32,
         exchange: &str,
         channels: usize,
         properties: RawProperties,
     ) -> anyhow::Result<Self> {
-        let mut uri: AMQPUri = url
-            .parse()
-            .map_err(|err| anyhow::anyhow!("raw publisher: invalid AMQP URL {url}: {err}"))?;
-        uri.query.frame_max.get_or_insert(frame_max);
-        let connection_properties =
-            ConnectionProperties::default().with_connection_name("hirehop-relay bench raw".into());
-        let connection = Connection::connect_uri(uri, connection_properties)
+        let connection = hirehop_relay::amqp::connect(amqp, url, "hirehop-relay bench raw".into())
             .await
-            .with_context(|| format!("raw publisher: cannot connect to {url}"))?;
+            .context("raw publisher")?;
         let mut opened = Vec::with_capacity(channels);
         for _ in 0..channels {
             let channel = connection

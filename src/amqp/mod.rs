@@ -12,7 +12,7 @@ pub mod topology;
 use lapin::types::AMQPValue;
 
 pub use publisher::{
-    ConnectError, PublishError, Publisher, backoff, declare_topology_once, properties,
+    ConnectError, PublishError, Publisher, backoff, connect, declare_topology_once, properties,
 };
 
 /// An AMQP string (header or argument value).

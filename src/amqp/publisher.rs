@@ -563,7 +563,7 @@ fn store(inner: &Inner, session: Option<Session>) {
 
 /// A connection to `node` named `name` (shown in the management UI and `rabbitmqctl
 /// list_connections`), within `amqp.connect_timeout_ms`, with the relay's frame size.
-pub(crate) async fn connect(
+pub async fn connect(
     config: &AmqpConfig,
     node: &str,
     name: String,
