@@ -10,6 +10,7 @@
 //! - `hostile`: slow clients, header floods, garbage, network rules, redaction, replay window.
 //! - `operate`: metrics, trace context, overload, keys reloaded on SIGHUP.
 //! - `proxy`: a TCP proxy between relay and broker that can cut, refuse and stall.
+//! - `confirms`: a confirm that does not come in time; many confirms in flight on one channel.
 //! - `accept`: what a 202 means: the body byte for byte, the properties, the headers.
 //! - `queues`: declared and per-event queues, routing templates, `send`, `tail`, `topology`.
 //! - `reject`: every 4xx, and that none of them publishes anything.
@@ -20,6 +21,7 @@
 //! - `spool`: broker out of reach, SIGKILL, torn spool tail, full spool, several broker URLs.
 
 mod accept;
+mod confirms;
 mod faults;
 mod harness;
 mod hostile;

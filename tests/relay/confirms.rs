@@ -1,0 +1,107 @@
+//! What the relay does while the broker is slow to confirm: a confirm that does not come in
+//! time, and many confirms waiting at once on one channel.
+
+use std::time::{Duration, Instant};
+
+use hyper::StatusCode;
+
+use crate::harness::{self, TestRelay, broker_addr, scrape, webhook};
+use crate::proxy::Proxy;
+
+#[tokio::test]
+async fn a_confirm_that_does_not_come_in_time_gives_503_or_goes_to_the_spool() {
+    for spool in ["false", "true"] {
+        let proxy = Proxy::start(broker_addr()).await;
+        let relay = TestRelay::start_via(
+            &proxy,
+            &[
+                ("RELAY_AMQP__CONFIRM_TIMEOUT_MS", "500"),
+                ("RELAY_SPOOL__ENABLED", spool),
+            ],
+        )
+        .await;
+        let mut queue = relay.queue("#").await;
+        // The publish leaves the relay, but neither it nor its confirm gets through.
+        proxy.stall(true);
+        let started = Instant::now();
+        let reply = relay.post(webhook("job.updated")).await;
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(500) && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
+        let metrics = scrape(relay.addr).await;
+        assert_eq!(
+            harness::sample(
+                &metrics,
+                r#"hirehop_relay_publishes_total{outcome="timeout"}"#
+            ),
+            1.0,
+            "{metrics}"
+        );
+        if spool == "false" {
+            assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{reply:?}");
+            assert_eq!(reply.headers["retry-after"], "5");
+        } else {
+            assert_eq!(reply.status, StatusCode::ACCEPTED, "{reply:?}");
+            assert_eq!(reply.json()["status"], "spooled");
+            // Kept: once the broker answers again, replay brings it.
+            proxy.stall(false);
+            queue.expect_all([reply.message_id()]).await;
+        }
+        proxy.stall(false);
+        relay.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn one_channel_carries_many_confirms_at_once() {
+    const WEBHOOKS: usize = 8;
+    let proxy = Proxy::start(broker_addr()).await;
+    let relay = TestRelay::start_via(
+        &proxy,
+        &[
+            ("RELAY_AMQP__CHANNELS", "1"),
+            ("RELAY_AMQP__CONFIRM_TIMEOUT_MS", "15000"),
+            ("RELAY_SPOOL__ENABLED", "false"),
+        ],
+    )
+    .await;
+    let mut queue = relay.queue("#").await;
+    let body = webhook("job.updated");
+    proxy.stall(true);
+    let before = proxy.bytes_from_client();
+    let addr = relay.addr;
+    let posts: Vec<_> = (0..WEBHOOKS)
+        .map(|_| {
+            let body = body.clone();
+            tokio::spawn(async move {
+                harness::send(
+                    addr,
+                    harness::request(hyper::Method::POST, "/webhooks/hirehop", body),
+                )
+                .await
+            })
+        })
+        .collect();
+    // Every body reaches the (stalled) broker side before any confirm can come back: the
+    // channel is not held while a confirm is awaited.
+    let deadline = Instant::now() + harness::PATIENCE;
+    while proxy.bytes_from_client() - before < (WEBHOOKS * body.len()) as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} bytes of {WEBHOOKS} publishes left the relay on one channel",
+            proxy.bytes_from_client() - before
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.stall(false);
+    let mut ids = Vec::new();
+    for post in posts {
+        let reply = post.await.unwrap().unwrap();
+        assert_eq!(reply.status, StatusCode::ACCEPTED, "{reply:?}");
+        ids.push(reply.message_id());
+    }
+    queue.expect_all(ids).await;
+    relay.stop().await;
+}
