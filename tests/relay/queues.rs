@@ -29,6 +29,28 @@ async fn exists(broker: &lapin::Connection, queue: &str) -> bool {
 }
 
 /// Takes one message from `queue`, waiting for it (at most [`PATIENCE`]).
+/// The arguments RabbitMQ holds for `queue`, as `rabbitmqctl list_queues` prints them.
+fn queue_arguments(queue: &str) -> String {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args([
+            "list_queues",
+            "-q",
+            "--no-table-headers",
+            "name",
+            "arguments",
+        ])
+        .output()
+        .expect("rabbitmqctl runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(queue)?
+                .strip_prefix('\t')
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| panic!("rabbitmqctl does not list {queue}"))
+}
+
 async fn get(channel: &lapin::Channel, queue: &str) -> lapin::message::Delivery {
     let deadline = Instant::now() + PATIENCE;
     loop {
@@ -114,7 +136,17 @@ async fn declared_queues_exist_with_their_arguments_after_start_and_after_a_reco
     );
     assert_eq!(message_id(&get(&channel, &crm).await), contact.message_id());
 
-    // Someone deletes a queue; after a reconnect the relay declares it again.
+    // Someone deletes a queue; after a reconnect the relay declares it again, with its
+    // arguments.
+    let crm_arguments = queue_arguments(&crm);
+    assert!(
+        crm_arguments.contains(r#"{"x-message-ttl",600000}"#),
+        "{crm_arguments}"
+    );
+    assert!(
+        crm_arguments.contains(r#"{"x-queue-type","classic"}"#),
+        "{crm_arguments}"
+    );
     delete_queues(&channel, &[&crm]).await;
     assert!(!exists(&broker, &crm).await);
     proxy.cut();
@@ -123,6 +155,7 @@ async fn declared_queues_exist_with_their_arguments_after_start_and_after_a_reco
         assert!(Instant::now() < deadline, "{crm} was not declared again");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert_eq!(queue_arguments(&crm), crm_arguments);
     relay.stop().await;
     delete_queues(&channel, &[&accounting, &crm]).await;
 }
