@@ -49,6 +49,66 @@ async fn sigterm_under_load_loses_no_accepted_webhook_and_exits_0() {
 }
 
 #[tokio::test]
+async fn sigterm_lets_requests_in_flight_finish_with_202_and_exits_0() {
+    // The broker is behind a proxy that holds the publishes, so the requests are still in
+    // flight, waiting for their confirms, when SIGTERM comes.
+    let proxy = Proxy::start(broker_addr()).await;
+    let exchange = unique_exchange();
+    let url = harness::via(&proxy);
+    let mut relay_env = env(&exchange, &url);
+    // No spool: a 202 can only mean the broker confirmed it.
+    relay_env.push(("RELAY_SPOOL__ENABLED", "false"));
+    relay_env.push(("RELAY_AMQP__CONFIRM_TIMEOUT_MS", "10000"));
+    let mut relay = RelayProcess::spawn(&relay_env).await;
+    relay.wait_for("connected to the broker").await;
+    let broker = harness::broker().await;
+    let mut queue = harness::catch_all(&broker, &exchange).await;
+    let addr = relay.addr();
+
+    const N: usize = 8;
+    proxy.stall(true);
+    let posts: Vec<_> = (0..N)
+        .map(|_| {
+            let req = request(Method::POST, "/webhooks/hirehop", webhook("job.updated"));
+            tokio::spawn(send(addr, req))
+        })
+        .collect();
+    harness::wait_sample(
+        addr,
+        "hirehop_relay_http_requests_in_flight",
+        &N.to_string(),
+        |n| n == N as f64,
+    )
+    .await;
+    relay.signal("TERM");
+    relay
+        .wait_for("shutdown requested: no longer accepting")
+        .await;
+    // The listener is closed: nothing new gets in while the old ones drain.
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "the relay still accepts connections after SIGTERM"
+    );
+    proxy.stall(false);
+
+    let mut ids = Vec::new();
+    for post in posts {
+        let reply = post
+            .await
+            .unwrap()
+            .expect("a request in flight at SIGTERM is answered, not cut off");
+        assert_eq!(reply.status, StatusCode::ACCEPTED, "{:?}", reply.body);
+        assert_eq!(reply.json()["status"], "accepted");
+        ids.push(reply.message_id());
+    }
+    let (status, log) = relay.exit().await;
+    assert!(status.success(), "exit status {status:?}; log:\n{log}");
+    assert!(log.contains("all connections drained"), "{log}");
+    queue.expect_all(ids).await;
+    harness::delete_topology(&broker.create_channel().await.unwrap(), &exchange).await;
+}
+
+#[tokio::test]
 async fn logs_never_contain_keys_or_bodies() {
     let exchange = unique_exchange();
     let url = harness::amqp_url();
