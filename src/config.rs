@@ -130,19 +130,15 @@ pub struct HttpConfig {
 }
 
 /// The RabbitMQ side.
-#[derive(Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AmqpConfig {
     /// AMQP 0-9-1 URI of the broker (`amqp://user:pass@host:5672/vhost`).
-    #[serde(serialize_with = "serialize_redacted_url")]
-    pub url: String,
+    pub url: BrokerUrl,
     /// Several nodes of a RabbitMQ cluster; when set, used instead of `url`, tried in turn.
     /// In the environment: a comma-separated list.
-    #[serde(
-        deserialize_with = "string_list",
-        serialize_with = "serialize_redacted_urls"
-    )]
-    pub urls: Vec<String>,
+    #[serde(deserialize_with = "broker_urls")]
+    pub urls: Vec<BrokerUrl>,
     /// Durable topic exchange the relay publishes to.
     pub exchange: String,
     /// Declare `<exchange>.unrouted` (fanout + queue) as the exchange's alternate exchange, so
@@ -498,7 +494,7 @@ impl Config {
         } else {
             "amqp.urls"
         };
-        for url in self.amqp.nodes() {
+        for url in self.amqp.nodes().into_iter().map(BrokerUrl::expose) {
             if !url.starts_with("amqp://") && !url.starts_with("amqps://") {
                 return Err(invalid(key, "must start with amqp:// or amqps://"));
             }
@@ -633,69 +629,64 @@ impl AmqpConfig {
         format!("{}.unrouted", self.exchange)
     }
     /// The broker nodes to try, in order: `urls` if set, else `url`.
-    pub fn nodes(&self) -> Vec<&str> {
+    pub fn nodes(&self) -> Vec<&BrokerUrl> {
         if self.urls.is_empty() {
-            vec![self.url.as_str()]
+            vec![&self.url]
         } else {
-            self.urls.iter().map(String::as_str).collect()
+            self.urls.iter().collect()
         }
     }
 }
 
-/// Replaces the password of `scheme://user:password@host/...` with `***`.
-pub(crate) fn redact_url_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
-            format!("{scheme}://{user}:***@{host}{path}")
-        }
-        None => url.to_owned(),
+/// A broker URL whose password reaches no log, `check-config` output or `{:?}`: they all
+/// show it as `***`. Only [`BrokerUrl::expose`] gives the URL itself, to connect with.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct BrokerUrl(String);
+
+impl BrokerUrl {
+    pub fn new(url: impl Into<String>) -> BrokerUrl {
+        BrokerUrl(url.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
     }
 }
 
-// Hand-written so that the URL's password never reaches a log through `{:?}`.
-impl fmt::Debug for AmqpConfig {
+/// `scheme://user:***@host/...`.
+impl fmt::Display for BrokerUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AmqpConfig")
-            .field("url", &redact_url_password(&self.url))
-            .field(
-                "urls",
-                &self
-                    .urls
-                    .iter()
-                    .map(|u| redact_url_password(u))
-                    .collect::<Vec<_>>(),
-            )
-            .field("exchange", &self.exchange)
-            .field("alternate_exchange", &self.alternate_exchange)
-            .field("unrouted_queue_type", &self.unrouted_queue_type)
-            .field("routing_key_prefix", &self.routing_key_prefix)
-            .field("routing_key_template", &self.routing_key_template)
-            .field("queues", &self.queues)
-            .field("per_event_queues", &self.per_event_queues)
-            .field("per_event_queue_prefix", &self.per_event_queue_prefix)
-            .field("per_event_queue_type", &self.per_event_queue_type)
-            .field("channels", &self.channels)
-            .field("confirm_timeout_ms", &self.confirm_timeout_ms)
-            .field("connect_timeout_ms", &self.connect_timeout_ms)
-            .field("reconnect_max_backoff_ms", &self.reconnect_max_backoff_ms)
-            .field("frame_max_bytes", &self.frame_max_bytes)
-            .field("redact_export_key", &self.redact_export_key)
-            .finish()
+        let url = &self.0;
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return f.write_str(url);
+        };
+        let authority_end = rest.find('/').unwrap_or(rest.len());
+        let (authority, path) = rest.split_at(authority_end);
+        match authority.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+                write!(f, "{scheme}://{user}:***@{host}{path}")
+            }
+            None => f.write_str(url),
+        }
     }
 }
 
-fn serialize_redacted_url<S: serde::Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&redact_url_password(url))
+impl fmt::Debug for BrokerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.to_string())
+    }
 }
 
-fn serialize_redacted_urls<S: serde::Serializer>(urls: &[String], s: S) -> Result<S::Ok, S::Error> {
-    s.collect_seq(urls.iter().map(|url| redact_url_password(url)))
+impl Serialize for BrokerUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+fn broker_urls<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<BrokerUrl>, D::Error> {
+    Ok(string_list(d)?.into_iter().map(BrokerUrl).collect())
 }
 
 /// Accepts `["a", "b"]` (TOML) or `"a,b"` (environment variables are plain strings). Empty
@@ -822,7 +813,10 @@ mod tests {
         assert_eq!(config.http.path, "/webhooks/hirehop");
         assert_eq!(config.http.max_body_bytes, 1024 * 1024);
         assert_eq!(config.amqp.exchange, "hirehop");
-        assert_eq!(config.amqp.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(
+            config.amqp.url.expose(),
+            "amqp://guest:guest@127.0.0.1:5672/%2f"
+        );
         assert_eq!(config.amqp.confirm_timeout(), Duration::from_secs(5));
         assert_eq!(config.http.drain_timeout(), Duration::from_secs(10));
         assert_eq!(config.amqp.channels, 4);
@@ -982,14 +976,18 @@ mod tests {
             ]),
         )
         .unwrap();
-        assert_eq!(
-            config.amqp.nodes(),
-            vec!["amqp://a:5672/%2f", "amqp://u:pw@b:5672/%2f"]
-        );
+        let nodes: Vec<&str> = config
+            .amqp
+            .nodes()
+            .into_iter()
+            .map(BrokerUrl::expose)
+            .collect();
+        assert_eq!(nodes, vec!["amqp://a:5672/%2f", "amqp://u:pw@b:5672/%2f"]);
+        assert!(!format!("{:?}", config.amqp).contains(":pw@"));
         let rendered = config.to_redacted_toml();
         assert!(rendered.contains("amqp://u:***@b:5672/%2f") && !rendered.contains(":pw@"));
         let default = Config::load_from(None, env(&[("RELAY_AUTH__EXPORT_KEYS", "k")])).unwrap();
-        assert_eq!(default.amqp.nodes(), vec![default.amqp.url.as_str()]);
+        assert_eq!(default.amqp.nodes(), vec![&default.amqp.url]);
         let bad = Config::load_from(
             None,
             env(&[
@@ -1160,11 +1158,13 @@ mod tests {
 
     #[test]
     fn url_password_redaction_handles_odd_shapes() {
-        assert_eq!(redact_url_password("amqp://h:5672/v"), "amqp://h:5672/v");
-        assert_eq!(redact_url_password("amqp://u@h"), "amqp://u:***@h");
+        let shown = |url: &str| BrokerUrl::new(url).to_string();
+        assert_eq!(shown("amqp://h:5672/v"), "amqp://h:5672/v");
+        assert_eq!(shown("amqp://u@h"), "amqp://u:***@h");
+        assert_eq!(shown("amqp://u:p@ss@h/%2f"), "amqp://u:***@h/%2f");
         assert_eq!(
-            redact_url_password("amqp://u:p@ss@h/%2f"),
-            "amqp://u:***@h/%2f"
+            format!("{:?}", BrokerUrl::new("amqp://u:p@h")),
+            r#""amqp://u:***@h""#
         );
     }
 }

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::SystemTime;
 
 use anyhow::Context;
-use hirehop_relay::config::AmqpConfig;
+use hirehop_relay::config::{AmqpConfig, BrokerUrl};
 use hirehop_relay::message::Message;
 use hirehop_relay::routing::RoutingKey;
 use hirehop_relay::tracecontext::TraceContext;
@@ -63,9 +63,13 @@ impl RawPublisher {
         channels: usize,
         properties: RawProperties,
     ) -> anyhow::Result<Self> {
-        let connection = hirehop_relay::amqp::connect(amqp, url, "hirehop-relay bench raw".into())
-            .await
-            .context("raw publisher")?;
+        let connection = hirehop_relay::amqp::connect(
+            amqp,
+            &BrokerUrl::new(url),
+            "hirehop-relay bench raw".into(),
+        )
+        .await
+        .context("raw publisher")?;
         let mut opened = Vec::with_capacity(channels);
         for _ in 0..channels {
             let channel = connection

@@ -33,7 +33,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::{integer, long_string, topology};
-use crate::config::{AmqpConfig, redact_url_password};
+use crate::config::{AmqpConfig, BrokerUrl};
 use crate::message::Message;
 
 /// Why a message was not confirmed. Every variant means "not safely stored": the caller must
@@ -467,7 +467,7 @@ async fn supervise(inner: Arc<Inner>) {
             node += 1;
         };
         tracing::info!(
-            url = %redact_url_password(nodes[node % nodes.len()]),
+            url = %nodes[node % nodes.len()],
             exchange = %inner.config.exchange,
             channels = session.channels.len(),
             "{}",
@@ -565,14 +565,14 @@ fn store(inner: &Inner, session: Option<Session>) {
 /// list_connections`), within `amqp.connect_timeout_ms`, with the relay's frame size.
 pub async fn connect(
     config: &AmqpConfig,
-    node: &str,
+    node: &BrokerUrl,
     name: String,
 ) -> Result<Connection, ConnectError> {
-    let url = redact_url_password(node);
+    let url = node.to_string();
     let timeout = config.connect_timeout();
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     let connecting = async {
-        match node.parse::<lapin::uri::AMQPUri>() {
+        match node.expose().parse::<lapin::uri::AMQPUri>() {
             Ok(mut uri) => {
                 // lapin sizes its buffers by the frame size: RabbitMQ's 128 KiB default costs
                 // memory a webhook never uses. A `frame_max` in the URL wins.
@@ -580,7 +580,7 @@ pub async fn connect(
                 Connection::connect_uri(uri, properties).await
             }
             // Validated at load; let lapin report it if it still does not parse.
-            Err(_) => Connection::connect(node, properties).await,
+            Err(_) => Connection::connect(node.expose(), properties).await,
         }
     };
     match tokio::time::timeout(timeout, connecting).await {
@@ -590,8 +590,8 @@ pub async fn connect(
 }
 
 /// Connection, topology and channels, all within `amqp.connect_timeout_ms`.
-async fn open_session(config: &AmqpConfig, node: &str) -> Result<Session, ConnectError> {
-    let url = redact_url_password(node);
+async fn open_session(config: &AmqpConfig, node: &BrokerUrl) -> Result<Session, ConnectError> {
+    let url = node.to_string();
     let timeout = config.connect_timeout();
     tokio::time::timeout(timeout, async {
         let name = format!(
