@@ -2,9 +2,9 @@
 //! served with hyper, graceful drain on shutdown. Knows nothing about webhooks: every
 //! request goes to the handler it is given.
 //!
-//! Connection-level limits live here: the header read timeout (which also bounds idle
-//! keep-alive connections), the header count and size, the TLS handshake time, and the cap
-//! on open connections.
+//! Connection-level limits live here: the header read timeout (which also bounds the TLS
+//! handshake, the wait for a client's first byte, and idle connections of either HTTP
+//! version), the header count and size, and the cap on open connections.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -18,12 +18,14 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode, header};
+use hyper::{Request, Response, StatusCode, Version, header};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::HttpConfig;
 use crate::metrics::Metrics;
@@ -47,18 +49,25 @@ pub async fn serve<H, F>(
         .http1()
         .timer(TokioTimer::new())
         // Since hyper 1.4 this also bounds how long an idle keep-alive connection may wait
-        // for its next request, so slow or silent clients cannot pin connections.
+        // for its next request. It starts only once hyper knows the connection is HTTP/1:
+        // the wait for the first byte is bounded in `Connection::run`.
         .header_read_timeout(http.header_read_timeout())
         .max_headers(http.max_headers)
         .max_buf_size(http.max_header_bytes);
+    // hyper has no idle timeout for HTTP/2. Keep-alive pings are no substitute: they only
+    // catch peers that stopped answering, and a client that sends nothing still answers
+    // them. Idle connections of both versions are closed in `Connection::serve` instead.
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(http.max_header_bytes).unwrap_or(u32::MAX));
     let builder = Arc::new(builder);
 
+    let timeout = http.header_read_timeout();
+    let retry_after_secs = http.retry_after_secs;
     let open = Arc::new(AtomicUsize::new(0));
-    let graceful = GracefulShutdown::new();
+    let stop = CancellationToken::new();
+    let connections = TaskTracker::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -79,19 +88,25 @@ pub async fn serve<H, F>(
             guard: ConnectionCount::enter(&open),
             peer,
             builder: Arc::clone(&builder),
-            watcher: graceful.watcher(),
+            stop: stop.clone(),
             metrics: Arc::clone(&metrics),
+            timeout,
         };
         if connection.guard.count > http.max_connections {
             // Over the cap: one quick 503 and the connection is closed, instead of holding
-            // memory for it.
+            // memory for it. The whole connection gets one header read timeout, since on
+            // HTTP/2 a client could otherwise keep asking on it.
             tracing::warn!(%peer, max = http.max_connections, "too many connections; refusing one");
             metrics.connection_error("over_limit");
-            let busy = |_, _| async { Ok::<_, Infallible>(busy()) };
-            tokio::spawn(connection.run(stream, tls.clone(), http.header_read_timeout(), busy));
+            let refuse = move |_, request: Request<Incoming>| async move {
+                Ok::<_, Infallible>(busy(request.version(), retry_after_secs))
+            };
+            let run = connection.run(stream, tls.clone(), refuse);
+            connections.spawn(async move {
+                let _ = tokio::time::timeout(timeout, run).await;
+            });
         } else {
-            let handler = handler.clone();
-            tokio::spawn(connection.run(stream, tls.clone(), http.header_read_timeout(), handler));
+            connections.spawn(connection.run(stream, tls.clone(), handler.clone()));
         }
     }
 
@@ -101,8 +116,10 @@ pub async fn serve<H, F>(
         ?drain,
         "shutdown requested: no longer accepting, draining connections"
     );
+    stop.cancel();
+    connections.close();
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections drained"),
+        () = connections.wait() => tracing::info!("all connections drained"),
         () = tokio::time::sleep(drain) => {
             tracing::warn!(?drain, "drain timeout reached, closing remaining connections");
         }
@@ -114,26 +131,46 @@ struct Connection {
     guard: ConnectionCount,
     peer: SocketAddr,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    watcher: Watcher,
+    /// Cancelled when the server drains.
+    stop: CancellationToken,
     metrics: Arc<Metrics>,
+    /// `http.header_read_timeout_ms`.
+    timeout: Duration,
 }
 
 impl Connection {
-    async fn run<H, F>(
-        self,
-        stream: TcpStream,
-        tls: Option<Arc<Tls>>,
-        handshake_timeout: Duration,
-        handler: H,
-    ) where
+    async fn run<H, F>(self, stream: TcpStream, tls: Option<Arc<Tls>>, handler: H)
+    where
         H: Fn(SocketAddr, Request<Incoming>) -> F + Send + Sync + 'static,
         F: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
     {
+        // A client must send its first byte within a header read timeout before hyper gets
+        // the connection (hyper-util's protocol detection has no timer of its own); until
+        // then it costs no more than its socket. Under TLS the handshake is that first byte.
         let Some(tls) = tls else {
-            return self.serve(stream, handler).await;
+            // `peek`, not `readable()`: tokio reports a fresh socket readable at once.
+            let mut byte = [0];
+            let first_byte = tokio::select! {
+                peeked = tokio::time::timeout(self.timeout, stream.peek(&mut byte)) => peeked,
+                // Draining: a client that has not asked anything has nothing to finish.
+                () = self.stop.cancelled() => return,
+            };
+            match first_byte {
+                Ok(Ok(0)) => {} // Closed without a word.
+                Ok(Ok(_)) => self.serve(stream, handler).await,
+                Ok(Err(err)) => {
+                    self.metrics.connection_error("io");
+                    tracing::debug!(peer = %self.peer, error = %err, "connection failed");
+                }
+                Err(_) => {
+                    self.metrics.connection_error("header_timeout");
+                    tracing::debug!(peer = %self.peer, "client sent nothing in time");
+                }
+            }
+            return;
         };
         // The handshake runs here, not in the accept loop, and is bounded like a header read.
-        match tokio::time::timeout(handshake_timeout, tls.acceptor.accept(stream)).await {
+        match tokio::time::timeout(self.timeout, tls.acceptor.accept(stream)).await {
             Ok(Ok(stream)) => self.serve(stream, handler).await,
             Ok(Err(err)) => {
                 self.metrics.connection_error("tls_handshake");
@@ -153,12 +190,39 @@ impl Connection {
         F: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
     {
         let peer = self.peer;
-        let service = service_fn(move |request| handler(peer, request));
-        let connection = self
-            .builder
-            .serve_connection(TokioIo::new(io), service)
-            .into_owned();
-        if let Err(err) = self.watcher.watch(connection).await {
+        let in_flight = Arc::new(watch::Sender::new(0));
+        let service = {
+            let in_flight = Arc::clone(&in_flight);
+            service_fn(move |request| {
+                let answering = InFlight::enter(&in_flight);
+                let response = handler(peer, request);
+                async move {
+                    let response = response.await;
+                    drop(answering);
+                    response
+                }
+            })
+        };
+        let connection = self.builder.serve_connection(TokioIo::new(io), service);
+        let mut connection = std::pin::pin!(connection);
+        let result = tokio::select! {
+            result = connection.as_mut() => result,
+            () = self.stop.cancelled() => {
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+            () = idle(&in_flight, self.timeout) => {
+                // hyper closes an idle HTTP/1 connection itself at about this time, but not
+                // an HTTP/2 one, nor one whose protocol it is still detecting.
+                self.metrics.connection_error("header_timeout");
+                tracing::debug!(%peer, "connection idle for the header read timeout; closing it");
+                connection.as_mut().graceful_shutdown();
+                // A client that ignores the GOAWAY is cut off one timeout later.
+                let _ = tokio::time::timeout(self.timeout, connection).await;
+                return;
+            }
+        };
+        if let Err(err) = result {
             let kind = match err.downcast_ref::<hyper::Error>() {
                 // Slow-loris: headers not sent in time (or an idle keep-alive connection).
                 Some(err) if err.is_timeout() => "header_timeout",
@@ -169,7 +233,37 @@ impl Connection {
             self.metrics.connection_error(kind);
             tracing::debug!(%peer, error = %err, kind, "connection ended with an error");
         }
-        drop(self.guard);
+    }
+}
+
+/// Resolves once the connection has had no request in flight for `timeout`.
+async fn idle(in_flight: &watch::Sender<usize>, timeout: Duration) {
+    let mut in_flight = in_flight.subscribe();
+    loop {
+        // Cannot fail: the sender outlives this future.
+        let _ = in_flight.wait_for(|&count| count == 0).await;
+        if tokio::time::timeout(timeout, in_flight.changed())
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Counts a request in flight on its connection until it is answered.
+struct InFlight(Arc<watch::Sender<usize>>);
+
+impl InFlight {
+    fn enter(count: &Arc<watch::Sender<usize>>) -> InFlight {
+        count.send_modify(|count| *count += 1);
+        InFlight(Arc::clone(count))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.send_modify(|count| *count -= 1);
     }
 }
 
@@ -195,7 +289,10 @@ impl Drop for ConnectionCount {
     }
 }
 
-fn busy() -> Response<Full<Bytes>> {
+/// The answer beyond `http.max_connections`. `Connection: close` ends an HTTP/1 connection;
+/// HTTP/2 has no such header (hyper would drop it with a warning): there the connection's
+/// own deadline ends it.
+fn busy(version: Version, retry_after_secs: u64) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from_static(
         br#"{"error":"too many connections, try again later"}"#,
     )));
@@ -205,8 +302,10 @@ fn busy() -> Response<Full<Bytes>> {
         header::CONTENT_TYPE,
         "application/json".parse().expect("valid"),
     );
-    headers.insert(header::RETRY_AFTER, 1.into());
-    headers.insert(header::CONNECTION, "close".parse().expect("valid"));
+    headers.insert(header::RETRY_AFTER, retry_after_secs.into());
+    if version <= Version::HTTP_11 {
+        headers.insert(header::CONNECTION, "close".parse().expect("valid"));
+    }
     response
 }
 

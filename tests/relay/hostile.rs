@@ -404,3 +404,152 @@ async fn tls_serves_h2_and_picks_up_a_renewed_certificate() {
     relay.stop().await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Waits (at most five seconds) for the relay to close `stream` without having sent
+/// anything; returns how long that took.
+async fn closed_by_relay(stream: &mut tokio::net::TcpStream) -> Duration {
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => started.elapsed(),
+        Ok(Ok(n)) => panic!(
+            "unexpected answer: {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        ),
+        Err(_) => panic!("the relay kept a silent connection open for 5 s"),
+    }
+}
+
+#[tokio::test]
+async fn a_connection_that_never_sends_a_byte_is_closed_and_counted() {
+    let relay = TestRelay::start_with(&[("RELAY_HTTP__HEADER_READ_TIMEOUT_MS", "300")]).await;
+    let mut stream = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    let waited = closed_by_relay(&mut stream).await;
+    assert!(waited >= Duration::from_millis(250), "{waited:?}");
+    assert!(
+        metric(
+            &relay,
+            r#"hirehop_relay_connection_errors_total{kind="header_timeout"}"#
+        )
+        .await
+            >= 1.0
+    );
+    still_accepts(&relay).await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn silent_connections_at_the_cap_lock_others_out_for_one_header_timeout_at_most() {
+    let relay = TestRelay::start_with(&[
+        ("RELAY_HTTP__MAX_CONNECTIONS", "2"),
+        ("RELAY_HTTP__HEADER_READ_TIMEOUT_MS", "1000"),
+        ("RELAY_HTTP__RETRY_AFTER_SECS", "7"),
+    ])
+    .await;
+    // Held open, silent, for the whole test.
+    let _silent = [
+        tokio::net::TcpStream::connect(relay.addr).await.unwrap(),
+        tokio::net::TcpStream::connect(relay.addr).await.unwrap(),
+    ];
+    let started = Instant::now();
+    let refused = relay.send(request(Method::GET, "/healthz", "")).await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.headers["retry-after"], "7");
+    assert_eq!(refused.headers["connection"], "close");
+    loop {
+        let reply = relay.send(request(Method::GET, "/healthz", "")).await;
+        if reply.status == StatusCode::OK {
+            break;
+        }
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "two silent connections still lock everyone out"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed() {
+    let relay = TestRelay::start_with(&[("RELAY_HTTP__HEADER_READ_TIMEOUT_MS", "300")]).await;
+    let stream = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let connection = tokio::spawn(connection);
+    let mut req = request(Method::GET, "/healthz", "");
+    *req.uri_mut() = format!("http://{}/healthz", relay.addr).parse().unwrap();
+    req.headers_mut().remove("host");
+    let reply = sender.send_request(req).await.unwrap();
+    assert_eq!(reply.status(), StatusCode::OK);
+    // Nothing more is asked: the relay ends the connection (hyper's client would keep it
+    // open, answering pings, for as long as the server lets it).
+    tokio::time::timeout(Duration::from_secs(5), connection)
+        .await
+        .expect("the relay kept an idle HTTP/2 connection open for 5 s")
+        .unwrap()
+        .expect("the relay closes it cleanly, with a GOAWAY");
+    still_accepts(&relay).await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn an_http2_client_over_the_cap_is_cut_off_even_if_it_keeps_asking() {
+    let relay = TestRelay::start_with(&[
+        ("RELAY_HTTP__MAX_CONNECTIONS", "1"),
+        ("RELAY_HTTP__HEADER_READ_TIMEOUT_MS", "500"),
+        ("RELAY_HTTP__RETRY_AFTER_SECS", "7"),
+    ])
+    .await;
+    let _silent = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    let stream = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let connection = tokio::spawn(connection);
+    let started = Instant::now();
+    let mut refused = 0;
+    // Asking every 50 ms never leaves the connection idle.
+    while !connection.is_finished() {
+        let mut req = request(Method::GET, "/healthz", "");
+        *req.uri_mut() = format!("http://{}/healthz", relay.addr).parse().unwrap();
+        req.headers_mut().remove("host");
+        let Ok(reply) = sender.send_request(req).await else {
+            break;
+        };
+        assert_eq!(reply.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(reply.headers()["retry-after"], "7");
+        assert!(!reply.headers().contains_key("connection"));
+        refused += 1;
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "a connection over the cap was kept for 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(refused >= 1);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn draining_does_not_wait_for_connections_that_never_asked() {
+    // Defaults: ten seconds for the first byte, ten to drain.
+    let relay = TestRelay::start().await;
+    let _silent = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    still_accepts(&relay).await;
+    let started = Instant::now();
+    relay.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
