@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use hyper::{Method, StatusCode};
 use tokio::io::AsyncWriteExt;
 
-use crate::harness::{PATIENCE, TestRelay, broker_addr, request, wait_sample, webhook};
+use crate::harness::{
+    PATIENCE, TestRelay, broker_addr, request, sample, scrape, wait_count, wait_sample, webhook,
+};
 use crate::proxy::Proxy;
 
 /// Polls `/readyz` until it answers `status` ([`PATIENCE`] at most).
@@ -117,9 +119,8 @@ async fn cuts_under_load(overrides: &[(&str, &str)]) -> (usize, usize) {
             tokio::spawn(async move {
                 let mut accepted = Vec::new();
                 for _ in 0..40 {
-                    let reply = tokio::time::timeout(PATIENCE, relay.post(webhook("job.updated")))
-                        .await
-                        .expect("no request hangs");
+                    // No request hangs: the harness fails one that takes longer than PATIENCE.
+                    let reply = relay.post(webhook("job.updated")).await;
                     match reply.status {
                         StatusCode::ACCEPTED => accepted.push(reply.message_id()),
                         StatusCode::SERVICE_UNAVAILABLE => {}
@@ -133,9 +134,7 @@ async fn cuts_under_load(overrides: &[(&str, &str)]) -> (usize, usize) {
         .collect();
 
     for threshold in [60, 150, 240] {
-        while answered.load(Ordering::SeqCst) < threshold {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_count(&answered, threshold).await;
         proxy.cut();
     }
     let mut accepted = HashSet::new();
@@ -162,6 +161,13 @@ async fn cuts_under_load(overrides: &[(&str, &str)]) -> (usize, usize) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
+    // The cuts were real: the relay lost its connection and came back.
+    let metrics = scrape(relay.addr).await;
+    assert!(
+        sample(&metrics, "hirehop_relay_broker_reconnects_total") >= 1.0,
+        "no reconnect after three cuts:\n{metrics}"
+    );
+
     // Every 202 is on the broker (messages that got a 503 may be there too: at-least-once).
     let mut missing = accepted;
     while !missing.is_empty() {
@@ -178,7 +184,7 @@ async fn cuts_under_load(overrides: &[(&str, &str)]) -> (usize, usize) {
 #[tokio::test]
 async fn network_cuts_under_load_without_spool_give_503s_and_every_202_reaches_the_broker() {
     let (accepted, total) = cuts_under_load(&[("RELAY_SPOOL__ENABLED", "false")]).await;
-    assert!(accepted > 0 && accepted <= total);
+    assert!(accepted > 0, "none of {total} accepted");
 }
 
 #[tokio::test]

@@ -115,8 +115,18 @@ impl Reply {
     }
 }
 
-/// Sends one request on a fresh connection.
+/// How [`send`]'s error starts when the relay took longer than [`PATIENCE`] to answer.
+pub const NO_ANSWER: &str = "no answer in time";
+
+/// Sends one request on a fresh connection; an answer that takes longer than [`PATIENCE`]
+/// is an error (a hung relay fails the test instead of hanging it).
 pub async fn send(addr: SocketAddr, request: Request<Full<Bytes>>) -> Result<Reply, String> {
+    tokio::time::timeout(PATIENCE, send_unbounded(addr, request))
+        .await
+        .unwrap_or_else(|_| Err(format!("{NO_ANSWER} ({PATIENCE:?})")))
+}
+
+async fn send_unbounded(addr: SocketAddr, request: Request<Full<Bytes>>) -> Result<Reply, String> {
     let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -505,6 +515,7 @@ pub fn post_until_gone(
                             accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         }
                         Ok(reply) => panic!("unexpected {}: {:?}", reply.status, reply.body),
+                        Err(err) if err.starts_with(NO_ANSWER) => panic!("{err}"),
                         // The listener is closed or the process is gone.
                         Err(_) => break,
                     }

@@ -114,9 +114,7 @@ async fn two_relays_behind_a_load_balancer_survive_losing_one() {
             })
         })
         .collect();
-    while answered.load(Ordering::SeqCst) < 160 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    harness::wait_count(&answered, 160).await;
     first.signal("KILL");
 
     let mut accepted = HashSet::new();
