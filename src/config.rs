@@ -99,7 +99,8 @@ pub struct HttpConfig {
     pub path: String,
     /// Largest accepted body; larger ones get 413.
     pub max_body_bytes: u64,
-    /// Time a client has to send its request headers (also bounds idle keep-alive).
+    /// Time a client has to send its request headers; also the longest a connection may
+    /// stay silent before its first byte, or idle with no request in flight (HTTP/1 and 2).
     pub header_read_timeout_ms: u64,
     /// Time a client has to send its whole body once the headers arrived.
     pub request_timeout_ms: u64,
