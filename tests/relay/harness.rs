@@ -242,8 +242,20 @@ pub fn spool_dir(name: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("{name}-spool"))
 }
 
-fn unique_exchange() -> String {
+/// An exchange name no other test uses.
+pub fn unique_exchange() -> String {
     format!("relay-test-{}", uuid::Uuid::now_v7().simple())
+}
+
+/// The environment of a relay process on `exchange` at broker `url`, listening on a free
+/// port and accepting [`KEY`].
+pub fn env<'a>(exchange: &'a str, url: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("RELAY_HTTP__LISTEN", "127.0.0.1:0"),
+        ("RELAY_AMQP__URL", url),
+        ("RELAY_AMQP__EXCHANGE", exchange),
+        ("RELAY_AUTH__EXPORT_KEYS", KEY),
+    ]
 }
 
 fn test_config(

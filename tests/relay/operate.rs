@@ -9,11 +9,10 @@ use hyper::{Method, StatusCode};
 use lapin::types::AMQPValue;
 
 use crate::harness::{
-    KEY, PATIENCE, RelayProcess, TestRelay, broker_addr, message_id, request, sample, scrape, send,
-    wait_sample, webhook, webhook_with,
+    KEY, PATIENCE, RelayProcess, TestRelay, broker_addr, env, message_id, request, sample, scrape,
+    send, unique_exchange, wait_sample, webhook, webhook_with,
 };
 use crate::proxy::Proxy;
-use crate::shutdown::{env, unique_exchange};
 
 #[tokio::test]
 async fn metrics_move_with_accepted_rejected_and_failed_requests() {

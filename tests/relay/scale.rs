@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 
 use hyper::{Method, StatusCode};
 
-use crate::harness::{self, PATIENCE, RelayProcess, request, send, webhook};
-use crate::shutdown::{env, unique_exchange};
+use crate::harness::{self, PATIENCE, RelayProcess, env, request, send, unique_exchange, webhook};
 
 /// HAProxy in the foreground, balancing over `backends` and checking their `/readyz`.
 struct Haproxy {

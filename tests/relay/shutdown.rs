@@ -10,18 +10,8 @@ use hyper::{Method, StatusCode};
 use crate::harness::{self, KEY, RelayProcess, broker_addr, request, send, webhook, webhook_with};
 use crate::proxy::Proxy;
 
-pub fn env<'a>(exchange: &'a str, url: &'a str) -> Vec<(&'a str, &'a str)> {
-    vec![
-        ("RELAY_HTTP__LISTEN", "127.0.0.1:0"),
-        ("RELAY_AMQP__URL", url),
-        ("RELAY_AMQP__EXCHANGE", exchange),
-        ("RELAY_AUTH__EXPORT_KEYS", KEY),
-    ]
-}
-
-pub fn unique_exchange() -> String {
-    format!("relay-test-{}", uuid::Uuid::now_v7().simple())
-}
+// Here before they moved to the harness; other modules still import them from here.
+pub use crate::harness::{env, unique_exchange};
 
 #[tokio::test]
 async fn sigterm_under_load_loses_no_accepted_webhook_and_exits_0() {

@@ -11,11 +11,10 @@ use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
 
 use crate::harness::{
-    self, KEY, PATIENCE, RelayProcess, TestRelay, broker_addr, message_id, request, send,
-    spool_dir, via, webhook, webhook_with,
+    self, KEY, PATIENCE, RelayProcess, TestRelay, broker_addr, env, message_id, request, send,
+    spool_dir, unique_exchange, via, webhook, webhook_with,
 };
 use crate::proxy::Proxy;
-use crate::shutdown::{env, unique_exchange};
 
 /// A relay process's settings with its broker behind a proxy that refuses connections, and
 /// a spool directory the test names (so a restarted relay finds it again).
