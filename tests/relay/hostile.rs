@@ -10,7 +10,7 @@ use crate::harness::{
     KEY, PATIENCE, RelayProcess, TestRelay, message_id, raw, read_head, request, send, webhook,
     webhook_with,
 };
-use crate::shutdown::{env, unique_exchange};
+use crate::harness::{env, unique_exchange};
 
 async fn still_accepts(relay: &TestRelay) {
     let reply = relay.post(webhook("job.updated")).await;

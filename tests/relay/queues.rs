@@ -11,8 +11,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use crate::harness::{
     self, KEY, PATIENCE, RelayProcess, TestRelay, broker_addr, message_id, webhook, webhook_with,
 };
+use crate::harness::{env, unique_exchange};
 use crate::proxy::Proxy;
-use crate::shutdown::{env, unique_exchange};
 
 /// Declares `queue` passively: does it exist? (On a channel of its own: a missing queue
 /// closes the channel it was asked on.)

@@ -7,11 +7,11 @@ use std::sync::atomic::AtomicUsize;
 
 use hyper::{Method, StatusCode};
 
-use crate::harness::{self, KEY, RelayProcess, broker_addr, request, send, webhook, webhook_with};
+use crate::harness::{
+    self, KEY, RelayProcess, broker_addr, env, request, send, unique_exchange, webhook,
+    webhook_with,
+};
 use crate::proxy::Proxy;
-
-// Here before they moved to the harness; other modules still import them from here.
-pub use crate::harness::{env, unique_exchange};
 
 #[tokio::test]
 async fn sigterm_under_load_loses_no_accepted_webhook_and_exits_0() {
