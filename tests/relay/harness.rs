@@ -658,11 +658,15 @@ impl RelayProcess {
         let line = process.wait_for("listening").await;
         // Lines logged before "listening" stay available to later waits.
         process.matched = 0;
-        let addr = line
-            .split("addr=")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .and_then(|s| s.parse().ok());
+        // `addr=127.0.0.1:1234` in text logs, `"addr":"127.0.0.1:1234"` in JSON ones.
+        let addr = match serde_json::from_str::<serde_json::Value>(&line) {
+            Ok(json) => json["fields"]["addr"].as_str().and_then(|s| s.parse().ok()),
+            Err(_) => line
+                .split("addr=")
+                .nth(1)
+                .and_then(|s| s.split_whitespace().next())
+                .and_then(|s| s.parse().ok()),
+        };
         process.addr = Some(addr.unwrap_or_else(|| panic!("no address in {line:?}")));
         process
     }

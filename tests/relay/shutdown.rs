@@ -99,49 +99,69 @@ async fn sigterm_lets_requests_in_flight_finish_with_202_and_exits_0() {
 }
 
 #[tokio::test]
-async fn logs_never_contain_keys_or_bodies() {
-    let exchange = unique_exchange();
-    let url = harness::amqp_url();
-    let mut relay_env = env(&exchange, &url);
-    relay_env.push(("RUST_LOG", "trace"));
-    let mut relay = RelayProcess::spawn(&relay_env).await;
-    relay.wait_for("connected to the broker").await;
-    let post = |body: String| {
-        send(
-            relay.addr(),
-            request(Method::POST, "/webhooks/hirehop", body),
-        )
-    };
-    let unrouted_ok = post(webhook("job.updated")).await.unwrap();
-    assert_eq!(unrouted_ok.status, StatusCode::ACCEPTED);
-    let wrong = post(webhook_with("job.updated", "wrong-key-zz9", 1))
-        .await
-        .unwrap();
-    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
-    let garbage = post("body-marker-q7 not json".into()).await.unwrap();
-    assert_eq!(garbage.status, StatusCode::BAD_REQUEST);
+async fn logs_never_contain_keys_or_bodies_in_either_format() {
+    for format in ["text", "json"] {
+        let exchange = unique_exchange();
+        let url = harness::amqp_url();
+        let mut relay_env = env(&exchange, &url);
+        relay_env.push(("RUST_LOG", "trace"));
+        relay_env.push(("RELAY_LOG__FORMAT", format));
+        let mut relay = RelayProcess::spawn(&relay_env).await;
+        relay.wait_for("connected to the broker").await;
+        let post = |body: String| {
+            send(
+                relay.addr(),
+                request(Method::POST, "/webhooks/hirehop", body),
+            )
+        };
+        let unrouted_ok = post(webhook("job.updated")).await.unwrap();
+        assert_eq!(unrouted_ok.status, StatusCode::ACCEPTED);
+        let wrong = post(webhook_with("job.updated", "wrong-key-zz9", 1))
+            .await
+            .unwrap();
+        assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+        let garbage = post("body-marker-q7 not json".into()).await.unwrap();
+        assert_eq!(garbage.status, StatusCode::BAD_REQUEST);
 
-    relay.signal("TERM");
-    let (status, log) = relay.exit().await;
-    assert!(status.success(), "{log}");
-    assert!(
-        log.contains("webhook accepted") && log.contains("bad_key"),
-        "{log}"
-    );
-    for secret in [
-        KEY,
-        "wrong-key-zz9",
-        "body-marker-q7",
-        "Summer festival",
-        "guest:guest",
-    ] {
+        relay.signal("TERM");
+        let (status, log) = relay.exit().await;
+        assert!(status.success(), "{log}");
         assert!(
-            !log.contains(secret),
-            "{secret:?} leaked into the log:\n{log}"
+            log.contains("webhook accepted") && log.contains("bad_key"),
+            "{log}"
         );
+        for secret in [
+            KEY,
+            "wrong-key-zz9",
+            "body-marker-q7",
+            "Summer festival",
+            "guest:guest",
+        ] {
+            assert!(
+                !log.contains(secret),
+                "{secret:?} leaked into the {format} log:\n{log}"
+            );
+        }
+        if format == "json" {
+            // One JSON object a line, and the accepted webhook's line carries its request.
+            let lines: Vec<serde_json::Value> = log
+                .lines()
+                .map(|line| serde_json::from_str(line).unwrap_or_else(|_| panic!("{line}")))
+                .collect();
+            let accepted = lines
+                .iter()
+                .find(|line| line["fields"]["message"] == "webhook accepted")
+                .expect("an accepted line");
+            assert_eq!(accepted["span"]["event"], "job.updated", "{accepted}");
+            assert_eq!(
+                accepted["span"]["request_id"],
+                unrouted_ok.message_id().as_str(),
+                "{accepted}"
+            );
+        }
+        let broker = harness::broker().await;
+        harness::delete_topology(&broker.create_channel().await.unwrap(), &exchange).await;
     }
-    let broker = harness::broker().await;
-    harness::delete_topology(&broker.create_channel().await.unwrap(), &exchange).await;
 }
 
 #[tokio::test]
