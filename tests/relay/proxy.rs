@@ -116,19 +116,32 @@ async fn pump(
 ) {
     let mut stalled = state.stalled.subscribe();
     let mut buf = vec![0u8; 64 * 1024];
+    // Read while stalled too (held here, not forwarded), so `bytes_from_client` says what the
+    // relay sent, not only the first piece of it.
+    let mut held = Vec::new();
     loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        if count {
-            state.from_client.fetch_add(n as u64, Ordering::SeqCst);
-        }
-        if stalled.wait_for(|stalled| !*stalled).await.is_err() {
-            return;
-        }
-        if to.write_all(&buf[..n]).await.is_err() {
-            return;
+        tokio::select! {
+            read = from.read(&mut buf) => {
+                let n = match read {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if count {
+                    state.from_client.fetch_add(n as u64, Ordering::SeqCst);
+                }
+                held.extend_from_slice(&buf[..n]);
+            }
+            // The watch's value is not kept borrowed while writing.
+            unstalled = async { stalled.wait_for(|stalled| !*stalled).await.is_ok() },
+                if !held.is_empty() => {
+                if !unstalled {
+                    return;
+                }
+                if to.write_all(&held).await.is_err() {
+                    return;
+                }
+                held.clear();
+            }
         }
     }
 }
