@@ -9,8 +9,6 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use serde::{Serialize, Serializer};
 use sha2::{Digest, Sha256};
@@ -140,26 +138,7 @@ impl Keyring {
 }
 
 /// The keyring in use, replaced whole when the keys file changes.
-#[derive(Debug)]
-pub struct KeyStore {
-    current: RwLock<Arc<Keyring>>,
-}
-
-impl KeyStore {
-    pub fn new(keyring: Keyring) -> KeyStore {
-        KeyStore {
-            current: RwLock::new(Arc::new(keyring)),
-        }
-    }
-
-    pub fn current(&self) -> Arc<Keyring> {
-        Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()))
-    }
-
-    fn replace(&self, keyring: Keyring) {
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keyring);
-    }
-}
+pub type KeyStore = crate::reload::Swap<Keyring>;
 
 /// A keys file that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -212,46 +191,6 @@ pub fn read_keys_file(path: &std::path::Path) -> Result<FileKeys, KeysFileError>
         }
     }
     Ok(keys)
-}
-
-/// Reloads the keys when `path` changes (checked every two seconds: a Kubernetes Secret is
-/// swapped through a symlink, so file events are unreliable) and on every SIGHUP in
-/// `hangups`. A reload that fails, or that would leave no key at all, keeps the old keys and
-/// logs why.
-pub async fn watch_keys_file(
-    store: Arc<KeyStore>,
-    path: PathBuf,
-    load: impl Fn() -> Result<Keyring, String>,
-    mut hangups: crate::signal::Hangups,
-    stop: tokio_util::sync::CancellationToken,
-) {
-    let fingerprint = |path: &PathBuf| std::fs::read(path).ok().map(|b| Sha256::digest(&b));
-    let mut last = fingerprint(&path);
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
-    loop {
-        let forced = tokio::select! {
-            () = stop.cancelled() => return,
-            () = hangups.next() => true,
-            _ = tick.tick() => false,
-        };
-        let now = fingerprint(&path);
-        if !forced && now == last {
-            continue;
-        }
-        last = now;
-        match load() {
-            Ok(keyring) if keyring.is_empty() => {
-                tracing::error!(path = %path.display(), "keys file reload would leave no export key; keeping the old keys");
-            }
-            Ok(keyring) => {
-                store.replace(keyring);
-                tracing::info!(path = %path.display(), "export keys reloaded");
-            }
-            Err(err) => {
-                tracing::error!(error = %err, "keys file reload failed; keeping the old keys")
-            }
-        }
-    }
 }
 
 #[cfg(test)]

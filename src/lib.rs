@@ -35,6 +35,7 @@ pub mod delivery;
 pub mod envelope;
 pub mod message;
 pub mod metrics;
+pub mod reload;
 pub mod routing;
 pub mod send;
 pub mod server;
@@ -46,6 +47,7 @@ pub mod webhook;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -56,6 +58,7 @@ use crate::access::AccessPolicy;
 use crate::auth::KeyStore;
 use crate::config::Config;
 use crate::delivery::Delivery;
+use crate::reload::Reload;
 use crate::routing::RoutingTemplate;
 use crate::webhook::App;
 
@@ -175,8 +178,9 @@ pub async fn run(
     Ok(())
 }
 
-/// Reloads `auth.export_keys_file` on change and on SIGHUP; without one, SIGHUP is only
-/// logged (it must never end the process).
+/// Reloads `auth.export_keys_file` when it changes (checked every 2 s) and on SIGHUP; a
+/// reload that fails, or would leave no key at all, keeps the old keys. Without a keys file,
+/// SIGHUP is only logged (it must never end the process).
 fn spawn_key_reloads(config: &Config, keys: &Arc<KeyStore>, stop: CancellationToken) {
     let mut hangups = signal::hangups();
     let Some(path) = config.auth.export_keys_file.clone() else {
@@ -191,14 +195,18 @@ fn spawn_key_reloads(config: &Config, keys: &Arc<KeyStore>, stop: CancellationTo
         return;
     };
     let config = config.clone();
-    let load = move || config.keyring().map_err(|err| err.to_string());
-    tokio::spawn(auth::watch_keys_file(
-        Arc::clone(keys),
-        path,
-        load,
-        hangups,
-        stop,
-    ));
+    let reload = Reload {
+        value: Arc::clone(keys),
+        what: "export keys",
+        files: vec![path],
+        every: Duration::from_secs(2),
+        load: Box::new(move || match config.keyring() {
+            Ok(keyring) if keyring.is_empty() => Err("it would leave no export key".to_owned()),
+            Ok(keyring) => Ok(keyring),
+            Err(err) => Err(err.to_string()),
+        }),
+    };
+    tokio::spawn(reload.run(Some(hangups), stop));
 }
 
 /// Serves `/metrics` (and health) on `metrics.listen`.

@@ -6,7 +6,7 @@
 //! in use and is logged. New handshakes pick up the new pair; open connections keep theirs.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::crypto::CryptoProvider;
@@ -14,10 +14,11 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use sha2::{Digest, Sha256};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
 use tokio_util::sync::CancellationToken;
+
+use crate::reload::{Reload, Swap};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -32,86 +33,58 @@ pub enum TlsError {
 /// The acceptor and what keeps its certificate fresh.
 pub struct Tls {
     pub acceptor: TlsAcceptor,
-    certificate: Arc<ReloadingCertificate>,
+    certificate: Arc<Swap<CertifiedKey>>,
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    provider: Arc<CryptoProvider>,
 }
 
 impl Tls {
     pub fn load(cert_file: &Path, key_file: &Path) -> Result<Tls, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let certificate = Arc::new(ReloadingCertificate {
-            cert_file: cert_file.to_owned(),
-            key_file: key_file.to_owned(),
-            current: RwLock::new(Arc::new(load_pair(&provider, cert_file, key_file)?)),
-            provider: Arc::clone(&provider),
-        });
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        let certificate = Arc::new(Swap::new(load_pair(&provider, cert_file, key_file)?));
+        let resolver = Arc::new(Resolver(Arc::clone(&certificate)));
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
-            .with_cert_resolver(Arc::clone(&certificate) as Arc<dyn ResolvesServerCert>);
+            .with_cert_resolver(resolver);
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Tls {
             acceptor: TlsAcceptor::from(Arc::new(config)),
             certificate,
+            cert_file: cert_file.to_owned(),
+            key_file: key_file.to_owned(),
+            provider,
         })
     }
 
-    /// Reloads the pair when its files change, until `stop`.
+    /// Reloads the pair when its files change (checked every ten seconds), until `stop`.
     pub async fn watch(&self, stop: CancellationToken) {
-        let certificate = &self.certificate;
-        let mut seen = certificate.fingerprint();
-        let mut tick = tokio::time::interval(Duration::from_secs(10));
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            let now = certificate.fingerprint();
-            if now == seen {
-                continue;
-            }
-            seen = now;
-            match load_pair(
-                &certificate.provider,
-                &certificate.cert_file,
-                &certificate.key_file,
-            ) {
-                Ok(pair) => {
-                    *certificate
-                        .current
-                        .write()
-                        .unwrap_or_else(|p| p.into_inner()) = Arc::new(pair);
-                    tracing::info!(cert = %certificate.cert_file.display(), "TLS certificate reloaded");
-                }
-                Err(err) => {
-                    tracing::error!(error = %err, "TLS certificate reload failed; keeping the old one")
-                }
-            }
-        }
+        let (provider, cert_file, key_file) = (
+            Arc::clone(&self.provider),
+            self.cert_file.clone(),
+            self.key_file.clone(),
+        );
+        let reload = Reload {
+            value: Arc::clone(&self.certificate),
+            what: "TLS certificate",
+            files: vec![self.cert_file.clone(), self.key_file.clone()],
+            every: Duration::from_secs(10),
+            load: Box::new(move || {
+                load_pair(&provider, &cert_file, &key_file).map_err(|err| err.to_string())
+            }),
+        };
+        reload.run(None, stop).await;
     }
 }
 
+/// Hands every new handshake the certificate current at that moment.
 #[derive(Debug)]
-struct ReloadingCertificate {
-    cert_file: PathBuf,
-    key_file: PathBuf,
-    current: RwLock<Arc<CertifiedKey>>,
-    provider: Arc<CryptoProvider>,
-}
+struct Resolver(Arc<Swap<CertifiedKey>>);
 
-impl ReloadingCertificate {
-    fn fingerprint(&self) -> Option<[u8; 32]> {
-        let mut hasher = Sha256::new();
-        hasher.update(std::fs::read(&self.cert_file).ok()?);
-        hasher.update(std::fs::read(&self.key_file).ok()?);
-        Some(hasher.finalize().into())
-    }
-}
-
-impl ResolvesServerCert for ReloadingCertificate {
+impl ResolvesServerCert for Resolver {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(Arc::clone(
-            &self.current.read().unwrap_or_else(|p| p.into_inner()),
-        ))
+        Some(self.0.current())
     }
 }
 
