@@ -1,4 +1,5 @@
-//! Everything that speaks AMQP, and the only place `lapin` is imported.
+//! Everything that speaks AMQP. (Outside it, `config` only borrows lapin's URL parser to
+//! check broker URLs at load.)
 //!
 //! - [`publisher`]: the connection, confirm-mode channels, reconnects, publishing.
 //! - [`topology`]: the exchanges, queues and bindings the config describes, declared on
