@@ -107,6 +107,12 @@ impl Reply {
         serde_json::from_slice(&self.body).expect("the relay answers JSON")
     }
 
+    /// A 503 that tells the client when to come back (`Retry-After`, 5 s by default).
+    pub fn assert_unavailable(&self) {
+        assert_eq!(self.status, StatusCode::SERVICE_UNAVAILABLE, "{self:?}");
+        assert_eq!(self.headers["retry-after"], "5", "{self:?}");
+    }
+
     pub fn message_id(&self) -> String {
         self.json()["message_id"]
             .as_str()

@@ -7,23 +7,21 @@ use hyper::{Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::harness::{
-    KEY, PATIENCE, RelayProcess, TestRelay, message_id, raw, read_head, request, send, webhook,
-    webhook_with,
+    self, KEY, PATIENCE, RelayProcess, TestRelay, env, message_id, raw, read_head, request, send,
+    unique_exchange, webhook, webhook_with,
 };
-use crate::harness::{env, unique_exchange};
 
 async fn still_accepts(relay: &TestRelay) {
     let reply = relay.post(webhook("job.updated")).await;
     assert_eq!(reply.status, StatusCode::ACCEPTED, "{:?}", reply.body);
 }
 
-async fn metric(relay: &TestRelay, series: &str) -> f64 {
-    let reply = relay.send(request(Method::GET, "/metrics", "")).await;
-    let text = String::from_utf8(reply.body.to_vec()).unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+/// Connections the relay closed for taking too long to send (or start) a request.
+async fn header_timeouts(relay: &TestRelay) -> f64 {
+    harness::sample(
+        &harness::scrape(relay.addr).await,
+        r#"hirehop_relay_connection_errors_total{kind="header_timeout"}"#,
+    )
 }
 
 /// Writes `bytes` one at a time, `pause` apart, until the relay closes the connection;
@@ -59,14 +57,7 @@ async fn slow_headers_are_cut_off_and_counted() {
         answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
         "{answer}"
     );
-    assert!(
-        metric(
-            &relay,
-            r#"hirehop_relay_connection_errors_total{kind="header_timeout"}"#
-        )
-        .await
-            >= 1.0
-    );
+    assert!(header_timeouts(&relay).await >= 1.0);
     still_accepts(&relay).await;
     relay.stop().await;
 }
@@ -426,14 +417,7 @@ async fn a_connection_that_never_sends_a_byte_is_closed_and_counted() {
     let mut stream = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
     let waited = closed_by_relay(&mut stream).await;
     assert!(waited >= Duration::from_millis(250), "{waited:?}");
-    assert!(
-        metric(
-            &relay,
-            r#"hirehop_relay_connection_errors_total{kind="header_timeout"}"#
-        )
-        .await
-            >= 1.0
-    );
+    assert!(header_timeouts(&relay).await >= 1.0);
     still_accepts(&relay).await;
     relay.stop().await;
 }

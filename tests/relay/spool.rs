@@ -47,6 +47,15 @@ impl Offline {
         relay_env.push(("RELAY_SPOOL__DIR", &self.dir_str));
         relay_env
     }
+
+    /// Stops `relay` with SIGTERM (it must exit 0) and removes what the test left behind.
+    async fn finish(&self, relay: RelayProcess, channel: &lapin::Channel) {
+        relay.signal("TERM");
+        let (status, log) = relay.exit().await;
+        assert!(status.success(), "{log}");
+        harness::delete_topology(channel, &self.exchange).await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 async fn readyz(addr: std::net::SocketAddr) -> harness::Reply {
@@ -194,7 +203,7 @@ async fn broker_out_of_reach_webhooks_are_spooled_then_replayed_in_order() {
 #[tokio::test]
 async fn sigkill_while_the_broker_is_out_of_reach_loses_no_accepted_webhook() {
     let offline = Offline::start().await;
-    let (proxy, exchange, dir) = (&offline.proxy, &offline.exchange, &offline.dir);
+    let (proxy, exchange) = (&offline.proxy, &offline.exchange);
     let relay_env = offline.env();
     let relay = RelayProcess::spawn(&relay_env).await;
     let addr = relay.addr();
@@ -222,11 +231,7 @@ async fn sigkill_while_the_broker_is_out_of_reach_loses_no_accepted_webhook() {
         .await
         .expect_all(accepted)
         .await;
-    relay.signal("TERM");
-    let (status, log) = relay.exit().await;
-    assert!(status.success(), "{log}");
-    harness::delete_topology(&channel, exchange).await;
-    let _ = std::fs::remove_dir_all(dir);
+    offline.finish(relay, &channel).await;
 }
 
 #[tokio::test]
@@ -269,11 +274,7 @@ async fn a_corrupt_spool_tail_is_reported_and_the_rest_delivered() {
     for id in &ids {
         assert_eq!(&message_id(&queue.next().await), id);
     }
-    relay.signal("TERM");
-    let (status, log) = relay.exit().await;
-    assert!(status.success(), "{log}");
-    harness::delete_topology(&channel, exchange).await;
-    let _ = std::fs::remove_dir_all(dir);
+    offline.finish(relay, &channel).await;
 }
 
 #[tokio::test]
