@@ -720,6 +720,17 @@ impl RelayProcess {
         assert!(status.success());
     }
 
+    /// Stops the relay with SIGTERM, which must end it with status 0; returns its whole log.
+    pub async fn terminate(self) -> String {
+        self.signal("TERM");
+        let (status, log) = self.exit().await;
+        assert!(
+            status.success(),
+            "exit status {status:?} after SIGTERM; log:\n{log}"
+        );
+        log
+    }
+
     /// Waits for the process to exit; returns its status and its whole log.
     pub async fn exit(mut self) -> (std::process::ExitStatus, String) {
         let status = tokio::time::timeout(PATIENCE, self.child.wait())

@@ -296,9 +296,7 @@ async fn memory_stays_bounded_under_abuse() {
         .unwrap();
     // 32 bodies of 1 MB in flight at most, plus the runtime: far below this ceiling.
     assert!(peak_kib < 256 * 1024, "peak RSS {peak_kib} KiB");
-    relay.signal("TERM");
-    let (status, log) = relay.exit().await;
-    assert!(status.success(), "{log}");
+    relay.terminate().await;
     let broker = crate::harness::broker().await;
     crate::harness::delete_topology(&broker.create_channel().await.unwrap(), &exchange).await;
 }

@@ -170,9 +170,7 @@ async fn metrics_can_move_off_the_webhook_port() {
     );
     let webhook_there = get(metrics_addr, "/webhooks/hirehop").await.unwrap();
     assert_eq!(webhook_there.status, StatusCode::NOT_FOUND);
-    relay.signal("TERM");
-    let (status, log) = relay.exit().await;
-    assert!(status.success(), "{log}");
+    relay.terminate().await;
     let broker = crate::harness::broker().await;
     crate::harness::delete_topology(&broker.create_channel().await.unwrap(), &exchange).await;
 }
@@ -394,9 +392,7 @@ async fn keys_file_reloads_on_change_and_on_sighup_without_dropping_requests() {
     relay.wait_for("reload failed").await;
     assert_eq!(post("key-new").await, StatusCode::ACCEPTED);
 
-    relay.signal("TERM");
-    let (status, log) = relay.exit().await;
-    assert!(status.success(), "{log}");
+    let log = relay.terminate().await;
     for secret in ["key-always", "key-new", "key-old"] {
         assert!(!log.contains(secret), "{secret} leaked into the log");
     }

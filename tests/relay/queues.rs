@@ -409,8 +409,7 @@ async fn send_posts_a_sample_that_tail_prints() {
     assert!(String::from_utf8_lossy(&refused.stdout).starts_with("401"));
 
     tail.kill().await.unwrap();
-    relay.signal("TERM");
-    relay.exit().await;
+    relay.terminate().await;
     let broker = harness::broker().await;
     harness::delete_topology(&broker.create_channel().await.unwrap(), &exchange).await;
 }

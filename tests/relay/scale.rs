@@ -135,8 +135,6 @@ async fn two_relays_behind_a_load_balancer_survive_losing_one() {
     queue.expect_all(accepted).await;
     drop(lb);
     first.exit().await;
-    second.signal("TERM");
-    let (status, log) = second.exit().await;
-    assert!(status.success(), "{log}");
+    second.terminate().await;
     harness::delete_topology(&broker.create_channel().await.unwrap(), &exchange).await;
 }

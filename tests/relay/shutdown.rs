@@ -123,9 +123,7 @@ async fn logs_never_contain_keys_or_bodies_in_either_format() {
         let garbage = post("body-marker-q7 not json".into()).await.unwrap();
         assert_eq!(garbage.status, StatusCode::BAD_REQUEST);
 
-        relay.signal("TERM");
-        let (status, log) = relay.exit().await;
-        assert!(status.success(), "{log}");
+        let log = relay.terminate().await;
         assert!(
             log.contains("webhook accepted") && log.contains("bad_key"),
             "{log}"
@@ -179,9 +177,7 @@ async fn startup_waits_for_the_broker_and_says_why() {
     relay.wait_for("broker not available yet").await;
     proxy.refuse(false);
     relay.wait_for("listening").await;
-    relay.signal("TERM");
-    let (status, log) = relay.exit().await;
-    assert!(status.success(), "{log}");
+    let log = relay.terminate().await;
     assert!(
         !log.contains("guest:guest"),
         "the URL password is redacted:\n{log}"
@@ -200,9 +196,7 @@ async fn sigterm_while_waiting_for_the_broker_exits_0() {
     relay_env.push(("RELAY_SPOOL__ENABLED", "false"));
     let mut relay = RelayProcess::start(&[], &relay_env);
     relay.wait_for("broker not available yet").await;
-    relay.signal("TERM");
-    let (status, log) = relay.exit().await;
-    assert!(status.success(), "{log}");
+    relay.terminate().await;
 }
 
 #[tokio::test]

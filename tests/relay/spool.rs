@@ -50,9 +50,7 @@ impl Offline {
 
     /// Stops `relay` with SIGTERM (it must exit 0) and removes what the test left behind.
     async fn finish(&self, relay: RelayProcess, channel: &lapin::Channel) {
-        relay.signal("TERM");
-        let (status, log) = relay.exit().await;
-        assert!(status.success(), "{log}");
+        relay.terminate().await;
         harness::delete_topology(channel, &self.exchange).await;
         let _ = std::fs::remove_dir_all(&self.dir);
     }
