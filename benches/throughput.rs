@@ -56,6 +56,8 @@ mod raw_publisher;
 mod relay;
 #[path = "throughput/report.rs"]
 mod report;
+#[path = "throughput/server_process.rs"]
+mod server_process;
 #[path = "throughput/stats.rs"]
 mod stats;
 
@@ -72,10 +74,11 @@ use crate::broker::{Broker, Layout, Queues};
 use crate::http_client::{HttpClient, Target};
 use crate::load::Client;
 use crate::payload::Webhook;
-use crate::procs::{CpuClock, MachineCpu, Memory, ServerProcess};
+use crate::procs::{CpuClock, MachineCpu, Memory};
 use crate::raw_publisher::{RawProperties, RawPublisher};
 use crate::relay::{Relay, RelaySettings, RelaySpec, SpoolDir, WEBHOOK_PATH};
 use crate::report::{MemoryRow, Mode, Replay, Report, Sample, Setup, System, Verification};
+use crate::server_process::ServerProcess;
 use crate::stats::{Tally, Window, median};
 
 /// Distinct bodies sent in rotation.

@@ -11,7 +11,7 @@ use hirehop_relay::config::Config;
 use tokio::process::Command;
 
 use crate::http_client;
-use crate::procs::ServerProcess;
+use crate::server_process::ServerProcess;
 
 /// The export key the bench's relays accept and its webhooks carry.
 pub const KEY: &str = "bench-export-key-0001";
