@@ -11,8 +11,8 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -23,7 +23,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -190,11 +189,11 @@ impl Connection {
         F: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
     {
         let peer = self.peer;
-        let in_flight = Arc::new(watch::Sender::new(0));
+        let activity = Arc::new(Activity::new());
         let service = {
-            let in_flight = Arc::clone(&in_flight);
+            let activity = Arc::clone(&activity);
             service_fn(move |request| {
-                let answering = InFlight::enter(&in_flight);
+                let answering = InFlight::enter(&activity);
                 let response = handler(peer, request);
                 async move {
                     let response = response.await;
@@ -211,7 +210,7 @@ impl Connection {
                 connection.as_mut().graceful_shutdown();
                 connection.await
             }
-            () = idle(&in_flight, self.timeout) => {
+            () = idle(&activity, self.timeout) => {
                 // hyper closes an idle HTTP/1 connection itself at about this time, but not
                 // an HTTP/2 one, nor one whose protocol it is still detecting.
                 self.metrics.connection_error("header_timeout");
@@ -236,34 +235,64 @@ impl Connection {
     }
 }
 
-/// Resolves once the connection has had no request in flight for `timeout`.
-async fn idle(in_flight: &watch::Sender<usize>, timeout: Duration) {
-    let mut in_flight = in_flight.subscribe();
-    loop {
-        // Cannot fail: the sender outlives this future.
-        let _ = in_flight.wait_for(|&count| count == 0).await;
-        if tokio::time::timeout(timeout, in_flight.changed())
-            .await
-            .is_err()
-        {
-            return;
+/// What one connection is doing, for [`idle`]. Each request costs two atomic updates; the
+/// state is read only when an idle deadline passes, so a busy connection pays no wake-ups
+/// and no timers per request.
+struct Activity {
+    born: Instant,
+    in_flight: AtomicUsize,
+    /// When the last request was answered, in milliseconds after `born`.
+    last_answer_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            born: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            last_answer_ms: AtomicU64::new(0),
         }
+    }
+
+    /// When the connection became quiet, if it is now.
+    fn quiet_since(&self) -> Option<Instant> {
+        (self.in_flight.load(Ordering::Acquire) == 0)
+            .then(|| self.born + Duration::from_millis(self.last_answer_ms.load(Ordering::Acquire)))
+    }
+}
+
+/// Resolves once the connection has had no request in flight for `timeout`.
+async fn idle(activity: &Activity, timeout: Duration) {
+    let mut deadline = Instant::now() + timeout;
+    loop {
+        tokio::time::sleep_until(deadline.into()).await;
+        let now = Instant::now();
+        deadline = match activity.quiet_since() {
+            Some(since) if since + timeout <= now => return,
+            Some(since) => since + timeout,
+            None => now + timeout,
+        };
     }
 }
 
 /// Counts a request in flight on its connection until it is answered.
-struct InFlight(Arc<watch::Sender<usize>>);
+struct InFlight(Arc<Activity>);
 
 impl InFlight {
-    fn enter(count: &Arc<watch::Sender<usize>>) -> InFlight {
-        count.send_modify(|count| *count += 1);
-        InFlight(Arc::clone(count))
+    fn enter(activity: &Arc<Activity>) -> InFlight {
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(Arc::clone(activity))
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.send_modify(|count| *count -= 1);
+        let activity = &self.0;
+        let answered = u64::try_from(activity.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        activity
+            .last_answer_ms
+            .fetch_max(answered, Ordering::AcqRel);
+        activity.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
