@@ -197,18 +197,43 @@ pub async fn post_h2<IO>(io: IO, authority: &str, event: &str) -> StatusCode
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+    let (mut sender, _connection) = h2_connect(io).await;
+    let req = h2_request(Method::POST, authority, "/webhooks/hirehop", webhook(event));
+    sender.send_request(req).await.unwrap().status()
+}
+
+/// An HTTP/2 connection over `io` (prior knowledge, or after ALPN): its request sender, and
+/// its task, which ends when the connection does.
+pub async fn h2_connect<IO>(
+    io: IO,
+) -> (
+    hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
         TokioIo::new(io),
     )
     .await
     .unwrap();
-    tokio::spawn(connection);
-    let mut req = request(Method::POST, "/webhooks/hirehop", webhook(event));
-    *req.uri_mut() = format!("{authority}/webhooks/hirehop").parse().unwrap();
-    // HTTP/2 carries the authority in the URI, not in a Host header.
+    (sender, tokio::spawn(connection))
+}
+
+/// [`request`] for HTTP/2, which carries the authority (`http://host:port`) in the URI, not
+/// in a Host header.
+pub fn h2_request(
+    method: Method,
+    authority: &str,
+    path: &str,
+    body: impl Into<Bytes>,
+) -> Request<Full<Bytes>> {
+    let mut req = request(method, path, body);
+    *req.uri_mut() = format!("{authority}{path}").parse().unwrap();
     req.headers_mut().remove("host");
-    sender.send_request(req).await.unwrap().status()
+    req
 }
 
 pub fn request(method: Method, path: &str, body: impl Into<Bytes>) -> Request<Full<Bytes>> {

@@ -457,16 +457,9 @@ async fn silent_connections_at_the_cap_lock_others_out_for_one_header_timeout_at
 async fn an_idle_http2_connection_is_closed() {
     let relay = TestRelay::start_with(&[("RELAY_HTTP__HEADER_READ_TIMEOUT_MS", "300")]).await;
     let stream = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    let connection = tokio::spawn(connection);
-    let mut req = request(Method::GET, "/healthz", "");
-    *req.uri_mut() = format!("http://{}/healthz", relay.addr).parse().unwrap();
-    req.headers_mut().remove("host");
+    let (mut sender, connection) = harness::h2_connect(stream).await;
+    let authority = format!("http://{}", relay.addr);
+    let req = harness::h2_request(Method::GET, &authority, "/healthz", "");
     let reply = sender.send_request(req).await.unwrap();
     assert_eq!(reply.status(), StatusCode::OK);
     // Nothing more is asked: the relay ends the connection (hyper's client would keep it
@@ -490,20 +483,13 @@ async fn an_http2_client_over_the_cap_is_cut_off_even_if_it_keeps_asking() {
     .await;
     let _silent = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
     let stream = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    let connection = tokio::spawn(connection);
+    let (mut sender, connection) = harness::h2_connect(stream).await;
+    let authority = format!("http://{}", relay.addr);
     let started = Instant::now();
     let mut refused = 0;
     // Asking every 50 ms never leaves the connection idle.
     while !connection.is_finished() {
-        let mut req = request(Method::GET, "/healthz", "");
-        *req.uri_mut() = format!("http://{}/healthz", relay.addr).parse().unwrap();
-        req.headers_mut().remove("host");
+        let req = harness::h2_request(Method::GET, &authority, "/healthz", "");
         let Ok(reply) = sender.send_request(req).await else {
             break;
         };
