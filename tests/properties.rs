@@ -174,7 +174,12 @@ proptest! {
         let seeds = seeds();
         let body = mutate(seeds[seed.index(seeds.len())].clone(), &mutations);
         if let Ok(envelope) = Envelope::parse(&body) {
-            let document: Value = serde_json::from_slice(&body).expect("accepted means valid JSON");
+            // Valid by JSON's grammar; `Value` holds only numbers within f64's range (a seed
+            // has `3.2e581642`), so beyond it there is nothing to compare with.
+            serde_json::from_slice::<serde::de::IgnoredAny>(&body).expect("accepted means valid JSON");
+            let Ok(document) = serde_json::from_slice::<Value>(&body) else {
+                return Ok(());
+            };
             prop_assert!(document.is_object());
             prop_assert_eq!(envelope.event.as_deref(), document["event"].as_str());
             prop_assert_eq!(envelope.export_key.as_deref(), document["export_key"].as_str());

@@ -1,4 +1,4 @@
-//! The envelope reader on arbitrary bytes: it never panics, and whenever it accepts a body,
+//! The envelope reader on arbitrary bytes: it never panics, it accepts only valid JSON, and
 //! it reads the same `event` and `export_key` that serde_json reads from the full document.
 #![no_main]
 
@@ -14,8 +14,13 @@ fuzz_target!(|body: &[u8]| {
     let Ok(envelope) = Envelope::parse(body) else {
         return;
     };
-    let document: serde_json::Value =
-        serde_json::from_slice(body).expect("an accepted body is valid JSON");
+    // Valid by JSON's grammar, which sets no limit on numbers.
+    serde_json::from_slice::<serde::de::IgnoredAny>(body).expect("an accepted body is valid JSON");
+    // serde_json's `Value` holds numbers within f64's range only: a body with `1e999` in it
+    // is valid JSON the relay passes on as it came, and leaves nothing to compare with here.
+    let Ok(document) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return;
+    };
     assert!(document.is_object());
     assert_eq!(envelope.event.as_deref(), document["event"].as_str());
     assert_eq!(envelope.export_key.as_deref(), document["export_key"].as_str());
