@@ -384,6 +384,11 @@ max_event_labels = 200
 format = "text"
 "#;
 
+/// Largest `http.max_body_bytes`: a spooled webhook (the body and a small header) must stay
+/// below what the spool reads back as a record.
+const MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
+const _: () = assert!(2 * MAX_BODY_BYTES < crate::spool::MAX_RECORD_BYTES as u64);
+
 impl Config {
     /// Loads defaults, then `file` if given, then the process environment.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
@@ -455,8 +460,11 @@ impl Config {
         if self.http.max_connections == 0 {
             return Err(invalid("http.max_connections", "must be greater than 0"));
         }
-        if self.http.max_body_bytes == 0 {
-            return Err(invalid("http.max_body_bytes", "must be greater than 0"));
+        if self.http.max_body_bytes == 0 || self.http.max_body_bytes > MAX_BODY_BYTES {
+            return Err(invalid(
+                "http.max_body_bytes",
+                format!("must be between 1 and {MAX_BODY_BYTES} (64 MiB)"),
+            ));
         }
         for (key, ms) in [
             (
@@ -891,6 +899,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(message.contains("listen_port"), "{message}");
+    }
+
+    #[test]
+    fn bodies_stay_far_below_what_the_spool_reads_back() {
+        let load = |bytes: &str| {
+            Config::load_from(
+                None,
+                env(&[
+                    ("RELAY_AUTH__EXPORT_KEYS", "k"),
+                    ("RELAY_HTTP__MAX_BODY_BYTES", bytes),
+                ]),
+            )
+        };
+        assert!(load("67108864").is_ok());
+        let err = load("67108865").unwrap_err().to_string();
+        assert!(err.contains("http.max_body_bytes"), "{err}");
     }
 
     #[test]

@@ -535,6 +535,10 @@ impl Writer {
     }
 }
 
+/// The longest record read back; a longer length is taken for corruption. The config keeps
+/// `http.max_body_bytes` (a record is a body and a small header) well below it.
+pub const MAX_RECORD_BYTES: usize = 256 * 1024 * 1024;
+
 fn encode_record(payload: &[u8], buffer: &mut Vec<u8>) {
     let len = u32::try_from(payload.len()).expect("webhook bodies are far below 4 GiB");
     buffer.extend_from_slice(&len.to_le_bytes());
@@ -550,8 +554,8 @@ fn read_record(reader: &mut impl Read) -> io::Result<Option<Vec<u8>>> {
     }
     let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
     let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-    // Bodies are bounded by http.max_body_bytes; a huge length is corruption.
-    if len > 256 * 1024 * 1024 {
+    // Bodies are bounded by http.max_body_bytes, far below this: a huge length is corruption.
+    if len > MAX_RECORD_BYTES {
         return Ok(None);
     }
     let mut payload = vec![0u8; len];
