@@ -4,9 +4,10 @@
 //! Ordering: while the spool holds anything, new webhooks are appended behind it instead of
 //! overtaking it, and replay publishes in spool order on one channel. So webhooks reach the
 //! broker in arrival order, except around a failure: a webhook whose direct publish fails
-//! (e.g. a confirm timeout) is spooled behind ones that arrived after it. With several relay
-//! instances behind a load balancer there is no order across instances at all; consumers
-//! that care use the `received_at` header or HireHop's own `time` field.
+//! (e.g. a confirm timeout) is spooled behind ones that arrived after it, and when the broker
+//! refuses one webhook of a replay batch, those behind it that it confirmed arrive first.
+//! With several relay instances behind a load balancer there is no order across instances at
+//! all; consumers that care use the `received_at` header or HireHop's own `time` field.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,7 +19,7 @@ use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::spool::{Depth, Spool, SpoolError};
 
-/// Webhooks replayed per batch (and confirms in flight during replay).
+/// The most webhooks replayed per batch (and confirms in flight during replay).
 const REPLAY_BATCH: usize = 256;
 
 /// How a webhook was kept.
@@ -181,6 +182,12 @@ pub async fn replay(delivery: Delivery, stop: CancellationToken) {
     };
     let publisher = &delivery.publisher;
     let mut failures = 0;
+    // Slow start: the first batch after a reconnect or a failure is one webhook, and each
+    // batch the broker confirms doubles the next. Webhooks are pipelined within a batch, so
+    // when one is refused, those after it that were confirmed reach the broker ahead of it
+    // (and again when it is retried); probing with one keeps a broker that still refuses the
+    // head from seeing anything behind it.
+    let mut window = 1;
     let mut draining = false;
     loop {
         tokio::select! {
@@ -188,6 +195,7 @@ pub async fn replay(delivery: Delivery, stop: CancellationToken) {
             () = spool.wait_for_records() => {}
         }
         if !publisher.is_ready() || publisher.is_blocked() {
+            window = 1;
             // Woken by the supervisor's state only indirectly: look again shortly.
             tokio::select! {
                 () = stop.cancelled() => return,
@@ -203,10 +211,7 @@ pub async fn replay(delivery: Delivery, stop: CancellationToken) {
             );
             draining = true;
         }
-        // After a failure, go one record at a time until the head goes through: a full
-        // batch would publish what follows the stuck head again on every retry.
-        let size = if failures == 0 { REPLAY_BATCH } else { 1 };
-        let delivered = match replay_batch(publisher, &spool, &delivery.metrics, size).await {
+        let delivered = match replay_batch(publisher, &spool, &delivery.metrics, window).await {
             Ok(delivered) => delivered,
             Err(err) => {
                 tracing::error!(error = %err, "spool replay stalled");
@@ -215,11 +220,15 @@ pub async fn replay(delivery: Delivery, stop: CancellationToken) {
         };
         if delivered {
             failures = 0;
+            window = (window * 2).min(REPLAY_BATCH);
             if spool.depth().records == 0 {
                 tracing::info!("spool drained");
                 draining = false;
+                window = 1;
             }
         } else {
+            delivery.metrics.replay_failed();
+            window = 1;
             let delay = backoff(failures, Duration::from_secs(5));
             failures += 1;
             tokio::select! {

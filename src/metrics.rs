@@ -66,6 +66,7 @@ pub struct Metrics {
     spool_messages: Gauge,
     spool_bytes: Gauge,
     replayed: Counter,
+    replay_failures: Counter,
     connection_errors: Family<KindLabels, Counter>,
     events: EventNames,
     /// One scrape at a time: state gauges are refreshed, then everything encoded.
@@ -180,6 +181,12 @@ impl Metrics {
             "Webhooks replayed from the spool and confirmed",
             replayed.clone(),
         );
+        let replay_failures = Counter::default();
+        registry.register(
+            "spool_replay_failures",
+            "Replay batches the broker did not wholly confirm (each is retried with backoff)",
+            replay_failures.clone(),
+        );
         let connection_errors = Family::<KindLabels, Counter>::default();
         registry.register(
             "connection_errors",
@@ -206,6 +213,7 @@ impl Metrics {
             spool_messages,
             spool_bytes,
             replayed,
+            replay_failures,
             connection_errors,
             events: EventNames {
                 seen: Mutex::new(HashSet::new()),
@@ -259,6 +267,10 @@ impl Metrics {
 
     pub fn replayed(&self, n: u64) {
         self.replayed.inc_by(n);
+    }
+
+    pub fn replay_failed(&self) {
+        self.replay_failures.inc();
     }
 
     /// The exposition text, with state gauges read from `health` and the publisher's

@@ -11,8 +11,8 @@ use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
 
 use crate::harness::{
-    self, KEY, PATIENCE, RelayProcess, TestRelay, broker_addr, env, message_id, request, send,
-    spool_dir, unique_exchange, via, webhook, webhook_with,
+    self, KEY, PATIENCE, RelayProcess, TestRelay, broker_addr, env, message_id, request, sample,
+    scrape, send, spool_dir, unique_exchange, via, wait_sample, webhook, webhook_with,
 };
 use crate::proxy::Proxy;
 
@@ -154,18 +154,30 @@ async fn broker_out_of_reach_webhooks_are_spooled_then_replayed_in_order() {
         assert_eq!(reply.json()["status"], "spooled");
         ids.push(reply.message_id());
     }
+    // One the broker would confirm, spooled behind them: replay must not let it overtake the
+    // refused `job.*` head, although it is in the first batch replay reads.
+    let other = relay.post(webhook("stock.moved")).await;
+    assert_eq!(other.json()["status"], "spooled");
+    ids.push(other.message_id());
     let posted_until = SystemTime::now();
-    assert_eq!(readyz(relay.addr).await.json()["spool"]["messages"], 20);
+    assert_eq!(readyz(relay.addr).await.json()["spool"]["messages"], 21);
 
     proxy.refuse(false);
     wait_broker_connected(relay.addr).await;
+    wait_sample(
+        relay.addr,
+        "hirehop_relay_spool_replay_failures_total",
+        "at least 1 (replay tried, the blocker refused)",
+        |failures| failures >= 1.0,
+    )
+    .await;
     // The broker is back and would confirm this one (nothing refuses `late.*`), but the
     // spool is not empty: it must go behind what is there, not overtake it.
-    assert_eq!(readyz(relay.addr).await.json()["spool"]["messages"], 20);
+    assert_eq!(readyz(relay.addr).await.json()["spool"]["messages"], 21);
     let late = relay.post(webhook("late.arrival")).await;
     assert_eq!(late.status, StatusCode::ACCEPTED, "{:?}", late.body);
     assert_eq!(late.json()["status"], "spooled");
-    assert_eq!(readyz(relay.addr).await.json()["spool"]["messages"], 21);
+    assert_eq!(readyz(relay.addr).await.json()["spool"]["messages"], 22);
     ids.push(late.message_id());
 
     channel
@@ -177,17 +189,17 @@ async fn broker_out_of_reach_webhooks_are_spooled_then_replayed_in_order() {
     for (n, id) in ids.iter().enumerate() {
         let delivery = unrouted.next().await;
         assert_eq!(&message_id(&delivery), id, "message {n} out of order");
-        let expected_key = if n < 20 {
-            format!("job.n{n}")
-        } else {
-            "late.arrival".to_owned()
+        let expected_key = match n {
+            0..20 => format!("job.n{n}"),
+            20 => "stock.moved".to_owned(),
+            _ => "late.arrival".to_owned(),
         };
         assert_eq!(delivery.routing_key.as_str(), expected_key);
         let headers = delivery.properties.headers().as_ref().unwrap().inner();
         assert_eq!(headers.get("replayed"), Some(&AMQPValue::Boolean(true)));
         // Stamped when it arrived over HTTP, not when it was replayed (which happened
         // after `posted_until`: the broker was out of reach until then).
-        if n < 20 {
+        if n <= 20 {
             let stamped = received_at(&delivery);
             assert!(
                 posted_from <= stamped && stamped <= posted_until,
@@ -195,6 +207,18 @@ async fn broker_out_of_reach_webhooks_are_spooled_then_replayed_in_order() {
             );
         }
     }
+    // Each published once: none went out ahead of the refused head to be sent again after it.
+    wait_sample(relay.addr, "hirehop_relay_spool_messages", "0", |n| {
+        n == 0.0
+    })
+    .await;
+    assert_eq!(
+        sample(
+            &scrape(relay.addr).await,
+            "hirehop_relay_spool_replayed_total"
+        ),
+        22.0
+    );
     relay.stop().await;
 }
 
