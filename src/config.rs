@@ -38,8 +38,9 @@ pub enum ConfigError {
 const SECTIONS: [&str; 7] = ["http", "amqp", "auth", "spool", "tls", "metrics", "log"];
 
 /// The `RELAY_*` variables that are ours. Kubernetes injects `RELAY_PORT`,
-/// `RELAY_SERVICE_HOST`, ... for a Service named `relay`: without a `__` they cannot be a
-/// setting and are left alone. `RELAY_HTTP_LISTEN` (one underscore) is a typo, and an error.
+/// `RELAY_SERVICE_HOST`, ... for a Service named `relay` (and `RELAY_METRICS_PORT`, ... for
+/// one named `relay-metrics`): without a `__` they cannot be a setting and are left alone.
+/// `RELAY_HTTP_LISTEN` (one underscore) is a typo, and an error.
 fn relay_variables(env: HashMap<String, String>) -> Result<HashMap<String, String>, ConfigError> {
     let mut ours = HashMap::new();
     for (name, value) in env {
@@ -48,6 +49,9 @@ fn relay_variables(env: HashMap<String, String>) -> Result<HashMap<String, Strin
         };
         if rest.contains("__") {
             ours.insert(name, value);
+            continue;
+        }
+        if is_service_link(rest) {
             continue;
         }
         let lower = rest.to_ascii_lowercase();
@@ -65,6 +69,31 @@ fn relay_variables(env: HashMap<String, String>) -> Result<HashMap<String, Strin
                 ),
             });
         }
+    }
+    Ok(ours)
+}
+
+/// The shapes of Kubernetes' service link variables, after the Service's name:
+/// `_SERVICE_HOST`, `_SERVICE_PORT[_<name>]`, `_PORT`, `_PORT_<port>_<proto>[_ADDR|...]`.
+fn is_service_link(rest: &str) -> bool {
+    rest.contains("_SERVICE_HOST")
+        || rest.contains("_SERVICE_PORT")
+        || rest.ends_with("_PORT")
+        || rest.contains("_PORT_")
+}
+
+/// The process's `RELAY_*` variables. Others may hold anything, even bytes that are not
+/// UTF-8; one of ours that is not UTF-8 is an error, not a setting silently changed.
+fn process_environment() -> Result<HashMap<String, String>, ConfigError> {
+    let mut ours = HashMap::new();
+    for (name, value) in std::env::vars_os() {
+        let Some(name) = name.to_str().filter(|name| name.starts_with("RELAY_")) else {
+            continue;
+        };
+        let value = value
+            .into_string()
+            .map_err(|_| invalid("environment", format!("{name} is not valid UTF-8")))?;
+        ours.insert(name.to_owned(), value);
     }
     Ok(ours)
 }
@@ -425,7 +454,10 @@ impl Config {
         }
         // `prefix_separator("_")` matters: with only `separator("__")` the prefix would have to
         // be followed by `__` too (`RELAY__AMQP__URL`).
-        let env = env.unwrap_or_else(|| std::env::vars().collect());
+        let env = match env {
+            Some(env) => env,
+            None => process_environment()?,
+        };
         let environment = config::Environment::with_prefix("RELAY")
             .prefix_separator("_")
             .separator("__")
@@ -1166,6 +1198,11 @@ mod tests {
                 ("RELAY_PORT", "tcp://10.0.0.1:80"),
                 ("RELAY_SERVICE_HOST", "10.0.0.1"),
                 ("RELAY_PORT_80_TCP_ADDR", "10.0.0.1"),
+                // A Service named `relay-metrics`.
+                ("RELAY_METRICS_SERVICE_HOST", "10.0.0.2"),
+                ("RELAY_METRICS_SERVICE_PORT_HTTP", "9090"),
+                ("RELAY_METRICS_PORT", "tcp://10.0.0.2:9090"),
+                ("RELAY_METRICS_PORT_9090_TCP_ADDR", "10.0.0.2"),
             ]),
         );
         assert!(config.is_ok(), "{:?}", config.err());

@@ -243,3 +243,31 @@ async fn check_config_prints_the_effective_config_without_secrets() {
     let error = String::from_utf8(output.stderr).unwrap();
     assert!(error.contains("listen"), "{error}");
 }
+
+#[tokio::test]
+async fn variables_that_are_not_ours_may_hold_any_bytes_ours_must_be_utf8() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let not_utf8 = OsStr::from_bytes(b"caf\xe9");
+    let check = |name: &'static str| {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_hirehop-relay"))
+            .arg("check-config")
+            .env_clear()
+            .env("RELAY_AUTH__EXPORT_KEYS", KEY)
+            .env(name, not_utf8)
+            .output()
+    };
+    let output = check("LANG_FROM_AN_OLD_SHELL").await.unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let output = check("RELAY_AMQP__EXCHANGE").await.unwrap();
+    assert!(!output.status.success());
+    let error = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        error.contains("RELAY_AMQP__EXCHANGE is not valid UTF-8"),
+        "{error}"
+    );
+}
