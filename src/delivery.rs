@@ -248,8 +248,8 @@ async fn replay_batch(
 ) -> Result<bool, std::io::Error> {
     let batch = spool.read_batch(size)?;
     if batch.is_empty() {
-        // Records are counted but none could be read yet (a commit not yet published): that
-        // is not a delivery, and calling it one would spin without a pause.
+        // Not expected: the spool publishes its committed end under the lock that counts its
+        // records. Should it happen, it is not a delivery, and calling it one would spin.
         return Ok(false);
     }
     // Unreadable records count as done; `positions[k]` is where `messages[k]` sits.

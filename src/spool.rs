@@ -478,13 +478,15 @@ impl Writer {
                 self.shared.syncs.fetch_add(1, Ordering::Relaxed);
                 self.position.offset += buffer.len() as u64;
                 {
+                    // Published under the lock that counts the records, so whoever sees them
+                    // counted can read them.
                     let mut state = self.shared.lock();
                     state.records += accepted.len() as u64;
                     state
                         .segments
                         .insert(self.position.segment, self.position.offset);
+                    self.shared.committed.send_replace(self.position);
                 }
-                self.shared.committed.send_replace(self.position);
                 for append in accepted {
                     let _ = append.done.send(Ok(()));
                 }
