@@ -725,6 +725,15 @@ mod tests {
             .collect()
     }
 
+    /// Leaves a closed spool in `dir` holding `payloads(n)`.
+    async fn write_closed_spool(dir: &Path, n: usize) {
+        let (spool, _) = Spool::open(dir, 1 << 20).unwrap();
+        for p in payloads(n) {
+            spool.append(p).await.unwrap();
+        }
+        spool.close().await;
+    }
+
     async fn drain_all(spool: &Spool) -> Vec<Bytes> {
         let mut all = Vec::new();
         loop {
@@ -810,13 +819,7 @@ mod tests {
     #[tokio::test]
     async fn a_torn_or_corrupt_tail_is_reported_cut_off_and_the_rest_kept() {
         let dir = TempDir::new();
-        {
-            let (spool, _) = Spool::open(&dir.0, 1 << 20).unwrap();
-            for p in payloads(5) {
-                spool.append(p).await.unwrap();
-            }
-            spool.close().await;
-        }
+        write_closed_spool(&dir.0, 5).await;
         let (_, path) = list_segments(&dir.0).unwrap().pop().unwrap();
         let mut file = OpenOptions::new().append(true).open(&path).unwrap();
         // Half a record: a length and a checksum that promise more than is there.
@@ -831,13 +834,7 @@ mod tests {
         // A flipped byte inside the last record: that record is dropped, earlier ones kept.
         drop(spool);
         let dir2 = TempDir::new();
-        {
-            let (spool, _) = Spool::open(&dir2.0, 1 << 20).unwrap();
-            for p in payloads(3) {
-                spool.append(p).await.unwrap();
-            }
-            spool.close().await;
-        }
+        write_closed_spool(&dir2.0, 3).await;
         let (_, path) = list_segments(&dir2.0).unwrap().pop().unwrap();
         let mut bytes = fs::read(&path).unwrap();
         let last = bytes.len() - 1;
@@ -852,13 +849,7 @@ mod tests {
     #[tokio::test]
     async fn a_record_damaged_after_it_was_committed_stalls_replay_instead_of_skipping() {
         let dir = TempDir::new();
-        {
-            let (spool, _) = Spool::open(&dir.0, 1 << 20).unwrap();
-            for p in payloads(5) {
-                spool.append(p).await.unwrap();
-            }
-            spool.close().await;
-        }
+        write_closed_spool(&dir.0, 5).await;
         // Reopening starts a second segment: the damaged record will have records behind it
         // both in its own segment and in the next one.
         let (spool, recovery) = Spool::open(&dir.0, 1 << 20).unwrap();
