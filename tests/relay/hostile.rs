@@ -469,6 +469,7 @@ async fn an_idle_http2_connection_is_closed() {
         .expect("the relay kept an idle HTTP/2 connection open for 5 s")
         .unwrap()
         .expect("the relay closes it cleanly, with a GOAWAY");
+    assert!(header_timeouts(&relay).await >= 1.0);
     still_accepts(&relay).await;
     relay.stop().await;
 }

@@ -9,9 +9,9 @@ use lapin::types::{AMQPValue, FieldTable};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::harness::{
-    self, KEY, PATIENCE, RelayProcess, TestRelay, broker_addr, message_id, webhook, webhook_with,
+    self, KEY, PATIENCE, RelayProcess, TestRelay, broker_addr, env, message_id, sample, scrape,
+    unique_exchange, webhook, webhook_with,
 };
-use crate::harness::{env, unique_exchange};
 use crate::proxy::Proxy;
 
 /// Declares `queue` passively: does it exist? (On a channel of its own: a missing queue
@@ -28,7 +28,6 @@ async fn exists(broker: &lapin::Connection, queue: &str) -> bool {
         .is_ok()
 }
 
-/// Takes one message from `queue`, waiting for it (at most [`PATIENCE`]).
 /// The arguments RabbitMQ holds for `queue`, as `rabbitmqctl list_queues` prints them.
 fn queue_arguments(queue: &str) -> String {
     let out = std::process::Command::new("rabbitmqctl")
@@ -51,6 +50,7 @@ fn queue_arguments(queue: &str) -> String {
         .unwrap_or_else(|| panic!("rabbitmqctl does not list {queue}"))
 }
 
+/// Takes one message from `queue`, waiting for it (at most [`PATIENCE`]).
 async fn get(channel: &lapin::Channel, queue: &str) -> lapin::message::Delivery {
     let deadline = Instant::now() + PATIENCE;
     loop {
@@ -205,6 +205,14 @@ async fn an_event_queue_the_broker_refuses_gets_503_and_is_not_spooled() {
     .await;
     let refused = relay.post(webhook("job.updated")).await;
     refused.assert_unavailable();
+    let metrics = scrape(relay.addr).await;
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"hirehop_relay_publishes_total{outcome="refused"}"#
+        ),
+        1.0
+    );
     // Spooled, it would block replay for good and every later webhook would queue behind it.
     let other = relay.post(webhook("job.created")).await;
     assert_eq!(other.status, StatusCode::ACCEPTED);

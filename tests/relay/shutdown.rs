@@ -209,6 +209,24 @@ async fn no_export_key_refuses_to_start_and_says_how_to_set_one() {
 }
 
 #[tokio::test]
+async fn a_metrics_listener_that_cannot_bind_stops_startup() {
+    // Held for the whole test: the relay's metrics listener cannot have this port.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap().to_string();
+    let exchange = unique_exchange();
+    let url = harness::amqp_url();
+    let mut relay_env = env(&exchange, &url);
+    relay_env.push(("RELAY_METRICS__LISTEN", &taken_addr));
+    let relay = RelayProcess::start(&[], &relay_env);
+    let (status, log) = relay.exit().await;
+    assert!(!status.success());
+    assert!(
+        log.contains(&format!("failed to bind metrics.listen {taken_addr}")),
+        "{log}"
+    );
+}
+
+#[tokio::test]
 async fn check_config_prints_the_effective_config_without_secrets() {
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_hirehop-relay"))
         .arg("check-config")
