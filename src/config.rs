@@ -549,11 +549,8 @@ impl Config {
                 "must be at least 1 MiB (1048576)",
             ));
         }
-        routing::check_prefix(&self.amqp.routing_key_prefix)
-            .map_err(|err| invalid("amqp.routing_key_prefix", err.to_string()))?;
-        RoutingTemplate::parse(&self.amqp.routing_key_template)
-            .map_err(|err| invalid("amqp.routing_key_template", err.to_string()))?;
         self.validate_queues()?;
+        self.amqp.routing_template()?;
         for company in &self.auth.companies {
             if company.export_keys.is_empty() {
                 return Err(invalid(
@@ -665,6 +662,32 @@ impl AmqpConfig {
     pub fn reconnect_max_backoff(&self) -> Duration {
         Duration::from_millis(self.reconnect_max_backoff_ms)
     }
+    /// How routing keys are built: `routing_key_prefix`, then `routing_key_template`, keys
+    /// kept short enough for a per-event queue's name when those are on. An error if the
+    /// three leave no room for an event name.
+    pub fn routing_template(&self) -> Result<RoutingTemplate, ConfigError> {
+        routing::check_prefix(&self.routing_key_prefix)
+            .map_err(|err| invalid("amqp.routing_key_prefix", err.to_string()))?;
+        let room = if self.per_event_queues {
+            // A per-event queue's name is its prefix and the routing key.
+            self.per_event_queue_prefix.len()
+        } else {
+            0
+        };
+        let template = RoutingTemplate::parse(&self.routing_key_template)
+            .map_err(|err| invalid("amqp.routing_key_template", err.to_string()))?
+            .with_prefix(&self.routing_key_prefix)
+            .leaving_room(room);
+        template.routing_key("e", Some(u64::MAX)).map_err(|_| {
+            invalid(
+                "amqp.routing_key_prefix",
+                "with amqp.routing_key_template (and amqp.per_event_queue_prefix, with \
+                 per-event queues) it leaves no room for an event name",
+            )
+        })?;
+        Ok(template)
+    }
+
     /// Name of the alternate exchange and of the queue bound to it.
     pub fn unrouted_name(&self) -> String {
         format!("{}.unrouted", self.exchange)
@@ -1216,6 +1239,28 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("RELAY_HTTP__LISTEN"), "{err}");
+    }
+
+    #[test]
+    fn a_routing_key_prefix_that_leaves_no_room_for_an_event_is_refused_at_load() {
+        let prefix = format!("{}.", "p".repeat(190));
+        let per_event_prefix = format!("{}.", "q".repeat(60));
+        let settings = |per_event: &'static str| {
+            env(&[
+                ("RELAY_AUTH__EXPORT_KEYS", "k"),
+                ("RELAY_AMQP__ROUTING_KEY_PREFIX", &prefix),
+                ("RELAY_AMQP__ROUTING_KEY_TEMPLATE", "{company_id}.{event}"),
+                ("RELAY_AMQP__PER_EVENT_QUEUES", per_event),
+                ("RELAY_AMQP__PER_EVENT_QUEUE_PREFIX", &per_event_prefix),
+            ])
+        };
+        let config = Config::load_from(None, settings("false")).unwrap();
+        assert!(config.amqp.routing_template().is_ok());
+        let err = Config::load_from(None, settings("true"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("amqp.routing_key_prefix"), "{err}");
+        assert!(err.contains("no room for an event name"), "{err}");
     }
 
     #[test]

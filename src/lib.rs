@@ -59,7 +59,6 @@ use crate::auth::KeyStore;
 use crate::config::Config;
 use crate::delivery::Delivery;
 use crate::reload::Reload;
-use crate::routing::RoutingTemplate;
 use crate::webhook::App;
 
 /// Why [`run`] could not serve.
@@ -122,15 +121,10 @@ pub async fn run(
         .map(|listener| spawn_metrics_server(listener, &config, &delivery, stopping.clone()));
     let app = Arc::new(App {
         keys,
-        routing: RoutingTemplate::parse(&config.amqp.routing_key_template)
-            .expect("the config was validated at load")
-            .with_prefix(&config.amqp.routing_key_prefix)
-            // A per-event queue's name is its prefix and the routing key.
-            .leaving_room(if config.amqp.per_event_queues {
-                config.amqp.per_event_queue_prefix.len()
-            } else {
-                0
-            }),
+        routing: config
+            .amqp
+            .routing_template()
+            .expect("the config was validated at load"),
         http: config.http.clone(),
         delivery: delivery.clone(),
         publishes: TaskTracker::new(),
