@@ -87,6 +87,8 @@ pub enum Rejection {
     Unavailable(#[source] PublishError),
     #[error("event is not routed to any queue, webhook not accepted")]
     Unroutable(#[source] PublishError),
+    #[error("the broker refuses this event's queue, webhook not accepted")]
+    QueueRefused(#[source] PublishError),
     #[error("spool full, webhook not accepted")]
     SpoolFull(#[source] SpoolError),
     #[error("spool write failed, webhook not accepted")]
@@ -99,6 +101,7 @@ pub enum Rejection {
 impl From<DeliveryError> for Rejection {
     fn from(err: DeliveryError) -> Rejection {
         match err {
+            DeliveryError::Broker(err @ PublishError::Refused(_)) => Rejection::QueueRefused(err),
             DeliveryError::Broker(err) if err.is_permanent() => Rejection::Unroutable(err),
             DeliveryError::Broker(err) => Rejection::Unavailable(err),
             DeliveryError::Spool(err @ SpoolError::Full { .. }) => Rejection::SpoolFull(err),
@@ -125,6 +128,7 @@ impl Rejection {
             Rejection::Overloaded
             | Rejection::Unavailable(_)
             | Rejection::Unroutable(_)
+            | Rejection::QueueRefused(_)
             | Rejection::SpoolFull(_)
             | Rejection::SpoolFailed(_)
             | Rejection::DeliveryAborted(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -147,6 +151,7 @@ impl Rejection {
             Rejection::MissingEvent | Rejection::BadEvent(_) => "bad_event",
             Rejection::Unavailable(_) => "broker_unavailable",
             Rejection::Unroutable(_) => "unroutable",
+            Rejection::QueueRefused(_) => "queue_refused",
             Rejection::SpoolFull(_) => "spool_full",
             Rejection::SpoolFailed(_) => "spool_failed",
             Rejection::DeliveryAborted(_) => "delivery_aborted",

@@ -213,6 +213,13 @@ async fn an_event_queue_the_broker_refuses_gets_503_and_is_not_spooled() {
         ),
         1.0
     );
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"hirehop_relay_rejections_total{reason="queue_refused"}"#
+        ),
+        1.0
+    );
     // Spooled, it would block replay for good and every later webhook would queue behind it.
     let other = relay.post(webhook("job.created")).await;
     assert_eq!(other.status, StatusCode::ACCEPTED);
