@@ -137,6 +137,8 @@ enum Part {
 pub struct RoutingTemplate {
     /// The prefix is the first literal, when there is one.
     parts: Vec<Part>,
+    /// How many times the event appears in a key.
+    events: usize,
     /// Longest key allowed: an AMQP short string, less what names built from the key add.
     max_key: usize,
 }
@@ -160,11 +162,13 @@ impl RoutingTemplate {
         if !rest.is_empty() {
             parts.push(Part::Literal(rest.to_owned()));
         }
-        if !parts.contains(&Part::Event) {
+        let events = parts.iter().filter(|p| **p == Part::Event).count();
+        if events == 0 {
             return Err(TemplateError::NoEvent);
         }
         let template = RoutingTemplate {
             parts,
+            events,
             max_key: MAX_ROUTING_KEY_BYTES,
         };
         // The literal parts must make a valid key around any valid event and company.
@@ -197,9 +201,8 @@ impl RoutingTemplate {
     ) -> Result<RoutingKey, EventNameError> {
         let key = self.render(event, company_id);
         // The event may appear more than once; the limit is on the whole key.
-        let events = self.parts.iter().filter(|p| **p == Part::Event).count();
-        let around = key.len() - events * event.len();
-        check_event(event, self.max_key.saturating_sub(around) / events)?;
+        let around = key.len() - self.events * event.len();
+        check_event(event, self.max_key.saturating_sub(around) / self.events)?;
         Ok(RoutingKey(key))
     }
 
@@ -225,6 +228,7 @@ impl Default for RoutingTemplate {
     fn default() -> Self {
         RoutingTemplate {
             parts: vec![Part::Event],
+            events: 1,
             max_key: MAX_ROUTING_KEY_BYTES,
         }
     }
