@@ -31,24 +31,10 @@ async fn wait_ready(relay: &TestRelay, status: StatusCode) {
 /// Closes the relay's connection from the broker side, as an operator or a broker restart
 /// would, found by the connection name the relay gives itself.
 fn close_from_broker(exchange: &str) {
-    let output = std::process::Command::new("rabbitmqctl")
-        .args(["list_connections", "-q", "pid", "client_properties"])
-        .output()
-        .expect("rabbitmqctl runs (it ships with rabbitmq-server)");
-    let listing = String::from_utf8_lossy(&output.stdout);
-    let needle = format!("exchange={exchange} ");
-    let pids: Vec<&str> = listing
-        .lines()
-        .filter(|line| line.contains(&needle))
-        .filter_map(|line| line.split('\t').next())
-        .collect();
-    assert_eq!(
-        pids.len(),
-        1,
-        "one relay connection expected in:\n{listing}"
-    );
+    let pids = crate::harness::relay_connections(exchange, "pid");
+    assert_eq!(pids.len(), 1, "one relay connection expected: {pids:?}");
     let status = std::process::Command::new("rabbitmqctl")
-        .args(["close_connection", pids[0], "closed by the test suite"])
+        .args(["close_connection", &pids[0], "closed by the test suite"])
         .status()
         .unwrap();
     assert!(status.success());

@@ -651,6 +651,37 @@ pub struct RelayProcess {
     matched: usize,
 }
 
+/// The `addr` field of a log line: `addr=127.0.0.1:1234` in text logs,
+/// `"addr":"127.0.0.1:1234"` in JSON ones.
+pub fn addr_in(line: &str) -> SocketAddr {
+    let addr = match serde_json::from_str::<serde_json::Value>(line) {
+        Ok(json) => json["fields"]["addr"].as_str().and_then(|s| s.parse().ok()),
+        Err(_) => line
+            .split("addr=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok()),
+    };
+    addr.unwrap_or_else(|| panic!("no address in {line:?}"))
+}
+
+/// One `rabbitmqctl list_connections` column for each connection of the relay publishing to
+/// `exchange`, found by the connection name the relay gives itself.
+pub fn relay_connections(exchange: &str, column: &str) -> Vec<String> {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "-q", column, "client_properties"])
+        .output()
+        .expect("rabbitmqctl runs (it ships with rabbitmq-server)");
+    let listing = String::from_utf8_lossy(&output.stdout);
+    let needle = format!("exchange={exchange} ");
+    listing
+        .lines()
+        .filter(|line| line.contains(&needle))
+        .filter_map(|line| line.split('\t').next())
+        .map(str::to_owned)
+        .collect()
+}
+
 impl RelayProcess {
     /// Starts the binary and returns at once.
     pub fn start(args: &[&str], env: &[(&str, &str)]) -> RelayProcess {
@@ -689,16 +720,7 @@ impl RelayProcess {
         let line = process.wait_for("listening").await;
         // Lines logged before "listening" stay available to later waits.
         process.matched = 0;
-        // `addr=127.0.0.1:1234` in text logs, `"addr":"127.0.0.1:1234"` in JSON ones.
-        let addr = match serde_json::from_str::<serde_json::Value>(&line) {
-            Ok(json) => json["fields"]["addr"].as_str().and_then(|s| s.parse().ok()),
-            Err(_) => line
-                .split("addr=")
-                .nth(1)
-                .and_then(|s| s.split_whitespace().next())
-                .and_then(|s| s.parse().ok()),
-        };
-        process.addr = Some(addr.unwrap_or_else(|| panic!("no address in {line:?}")));
+        process.addr = Some(addr_in(&line));
         process
     }
 

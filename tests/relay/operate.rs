@@ -143,12 +143,7 @@ async fn metrics_can_move_off_the_webhook_port() {
     relay_env.push(("RELAY_METRICS__LISTEN", "127.0.0.1:0"));
     let mut relay = RelayProcess::spawn(&relay_env).await;
     let line = relay.wait_for("serving /metrics").await;
-    let metrics_addr: std::net::SocketAddr = line
-        .split("addr=")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    let metrics_addr = crate::harness::addr_in(&line);
     relay.wait_for("connected to the broker").await;
     let get = |addr, path: &'static str| send(addr, request(Method::GET, path, ""));
     // The webhook port no longer shows metrics.
@@ -178,19 +173,9 @@ async fn metrics_can_move_off_the_webhook_port() {
 #[tokio::test]
 async fn the_relay_asks_the_broker_for_small_frames() {
     let relay = TestRelay::start_with(&[("RELAY_AMQP__FRAME_MAX_BYTES", "16384")]).await;
-    // As the broker sees the relay's connection, found by the name it gives itself.
-    let output = std::process::Command::new("rabbitmqctl")
-        .args(["list_connections", "-q", "frame_max", "client_properties"])
-        .output()
-        .expect("rabbitmqctl runs (it ships with rabbitmq-server)");
-    let listing = String::from_utf8_lossy(&output.stdout);
-    let needle = format!("exchange={} ", relay.exchange);
-    let frame_max: Vec<&str> = listing
-        .lines()
-        .filter(|line| line.contains(&needle))
-        .filter_map(|line| line.split('\t').next())
-        .collect();
-    assert_eq!(frame_max, ["16384"], "{listing}");
+    // As the broker sees the relay's connection.
+    let frame_max = crate::harness::relay_connections(&relay.exchange, "frame_max");
+    assert_eq!(frame_max, ["16384"]);
     relay.stop().await;
 }
 
