@@ -199,3 +199,98 @@ fn show(arguments: &FieldTable) -> String {
         .collect();
     shown.join(", ")
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::path::Path;
+
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::config::Config;
+
+    /// `arguments` as RabbitMQ's definitions file writes them.
+    fn as_json(arguments: &FieldTable) -> Value {
+        let members = arguments.inner().iter().map(|(name, value)| {
+            let value = match value {
+                AMQPValue::LongString(text) => json!(text.to_string()),
+                AMQPValue::LongLongInt(n) => json!(n),
+                other => panic!("{name}: no JSON form for {other:?} here"),
+            };
+            (name.to_string(), value)
+        });
+        Value::Object(members.collect())
+    }
+
+    /// `deploy/rabbitmq/definitions.json` declares what the relay declares with
+    /// `deploy/rabbitmq/relay-queues.toml`, so an operator who imports it first gets no
+    /// PRECONDITION_FAILED. Expected values come from the same functions [`declare`] uses.
+    #[test]
+    fn the_deploy_definitions_match_what_the_relay_declares() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/rabbitmq");
+        let config = Config::load_from(
+            Some(&dir.join("relay-queues.toml")),
+            Some(HashMap::from([(
+                "RELAY_AUTH__EXPORT_KEYS".to_owned(),
+                "k".to_owned(),
+            )])),
+        )
+        .unwrap()
+        .amqp;
+        let text = std::fs::read_to_string(dir.join("definitions.json")).unwrap();
+        let definitions: Value = serde_json::from_str(&text).unwrap();
+        let named = |kind: &str, name: &str| {
+            definitions[kind]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|object| object["name"] == name)
+                .unwrap_or_else(|| panic!("{kind}: no {name}"))
+                .clone()
+        };
+        let bound = |source: &str, queue: &str, pattern: &str| {
+            definitions["bindings"].as_array().unwrap().iter().any(|b| {
+                b["source"] == source && b["destination"] == queue && b["routing_key"] == pattern
+            })
+        };
+        let durable_queue = |name: &str, arguments: &FieldTable| {
+            let queue = named("queues", name);
+            assert_eq!(queue["durable"], true, "{name}");
+            assert_eq!(queue["auto_delete"], false, "{name}");
+            assert_eq!(queue["arguments"], as_json(arguments), "{name}");
+        };
+
+        let vhosts: Vec<&Value> = definitions["vhosts"].as_array().unwrap().iter().collect();
+        for kind in ["exchanges", "queues"] {
+            for object in definitions[kind].as_array().unwrap() {
+                let vhost = &object["vhost"];
+                assert!(vhosts.iter().any(|v| v["name"] == *vhost), "{object}");
+            }
+        }
+
+        assert!(config.alternate_exchange);
+        let unrouted = config.unrouted_name();
+        let exchange = named("exchanges", &config.exchange);
+        assert_eq!(exchange["type"], "topic");
+        assert_eq!(exchange["durable"], true);
+        assert_eq!(
+            exchange["arguments"],
+            json!({ "alternate-exchange": unrouted })
+        );
+        let fanout = named("exchanges", &unrouted);
+        assert_eq!(fanout["type"], "fanout");
+        assert_eq!(fanout["arguments"], json!({}));
+        durable_queue(&unrouted, &typed(config.unrouted_queue_type));
+        assert!(bound(&unrouted, &unrouted, ""));
+        for queue in &config.queues {
+            durable_queue(&queue.name, &queue_arguments(queue));
+            for pattern in &queue.bindings {
+                assert!(bound(&config.exchange, &queue.name, pattern), "{pattern}");
+            }
+            if let Some(dlx) = &queue.dead_letter_exchange {
+                named("exchanges", dlx);
+            }
+        }
+    }
+}
