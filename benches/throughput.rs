@@ -14,11 +14,15 @@
 //!   flight as the relay gets connections, to an exchange and queues of the same layout.
 //! - **floor**: a plain hyper server answering 202 without a broker (this binary re-executed
 //!   with `--floor-server`, with an empty environment like the relay): the cost of HTTP alone.
+//! - **bare relay**: the floor plus the raw publisher's publish-and-confirm per request (this
+//!   binary re-executed with `--bare-server`), and nothing else: what any relay built from
+//!   hyper and lapin achieves here, so that the relay's own cost can be told from the cost of
+//!   putting HTTP in front of the broker on this machine.
 //!
 //! # How
 //! For each queue layout (one queue bound with `#`; one queue per event name) and each
-//! repeat, raw and relay run back to back (order alternating) in a closed loop at each
-//! concurrency; then, at half the layout's raw ceiling, raw, relay and floor run in an open
+//! repeat, raw, relay and bare relay run back to back (order rotating) in a closed loop at
+//! each concurrency; then, at half the layout's raw ceiling, all four run in an open
 //! loop (latency from the intended send time). Every phase warms up, then measures a window:
 //! accepted per second, latency percentiles (HDR histogram), CPU seconds of the server,
 //! the broker and this process per 1,000 accepted (from `/proc/<pid>/stat`), and the server's
@@ -67,7 +71,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use tokio::process::Command;
 
 use crate::broker::{Broker, Layout, Queues};
@@ -152,6 +156,9 @@ struct Args {
     /// Run as the plain hyper floor server (used by the bench itself).
     #[arg(long, hide = true)]
     floor_server: bool,
+    /// Run as the bare relay, publishing to this exchange (used by the bench itself).
+    #[arg(long, hide = true, value_name = "EXCHANGE")]
+    bare_server: Option<String>,
     /// Passed by `cargo bench`; without it (`cargo test --benches`) nothing is run.
     #[arg(long, hide = true)]
     bench: bool,
@@ -220,7 +227,15 @@ impl Plan {
 fn main() -> ExitCode {
     let args = Args::parse();
     let result = if args.floor_server {
-        floor::serve()
+        floor::serve(None)
+    } else if let Some(exchange) = args.bare_server {
+        floor::serve(Some(floor::Bare {
+            webhooks: payload::webhooks(relay::KEY, DISTINCT_BODIES, args.body_bytes),
+            amqp_url: args.amqp_url,
+            exchange,
+            channels: args.channels,
+            properties: args.raw_properties,
+        }))
     } else if !args.bench {
         println!("throughput is a benchmark, not a test: run `cargo bench --bench throughput`");
         Ok(())
@@ -270,7 +285,8 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
 enum Via<'a> {
     Raw(&'a RawPublisher),
     Relay(&'a Relay),
-    Floor(&'a ServerProcess),
+    /// The floor, or the bare relay.
+    Server(&'a ServerProcess),
 }
 
 impl<'a> Via<'a> {
@@ -279,7 +295,7 @@ impl<'a> Via<'a> {
         match self {
             Via::Raw(_) => None,
             Via::Relay(relay) => Some(&relay.process),
-            Via::Floor(floor) => Some(floor),
+            Via::Server(server) => Some(server),
         }
     }
 }
@@ -432,26 +448,39 @@ impl Bench {
     ) -> anyhow::Result<()> {
         let raw_queues = Queues::new(&self.name(&format!("raw-{}", layout.short())), layout);
         let relay_queues = Queues::new(&self.name(&format!("relay-{}", layout.short())), layout);
+        let bare_queues = Queues::new(&self.name(&format!("bare-{}", layout.short())), layout);
+        let queues = LayoutQueues {
+            raw: &raw_queues,
+            relay: &relay_queues,
+            bare: &bare_queues,
+        };
         let result = self
-            .layout_processes(layout, &raw_queues, &relay_queues, floor, with_floor_closed)
+            .layout_processes(layout, &queues, floor, with_floor_closed)
             .await;
-        self.broker.delete(&raw_queues).await;
-        self.broker.delete(&relay_queues).await;
+        for queues in [&raw_queues, &relay_queues, &bare_queues] {
+            self.broker.delete(queues).await;
+        }
         result
     }
 
     async fn layout_processes(
         &mut self,
         layout: Layout,
-        raw_queues: &Queues,
-        relay_queues: &Queues,
+        queues: &LayoutQueues<'_>,
         floor: &ServerProcess,
         with_floor_closed: bool,
     ) -> anyhow::Result<()> {
-        self.broker
-            .declare_exchange_like_relay(&raw_queues.exchange)
-            .await?;
-        self.broker.declare_queues(raw_queues).await?;
+        let LayoutQueues {
+            raw: raw_queues,
+            relay: relay_queues,
+            bare: bare_queues,
+        } = *queues;
+        for queues in [raw_queues, bare_queues] {
+            self.broker
+                .declare_exchange_like_relay(&queues.exchange)
+                .await?;
+            self.broker.declare_queues(queues).await?;
+        }
         let raw = RawPublisher::connect(
             &relay::config(&[])?.amqp,
             &self.plan.amqp_url,
@@ -462,6 +491,7 @@ impl Bench {
         .await?;
         let spool = SpoolDir::new(&relay_queues.exchange);
         let relay = self.relay_on_broker("relay", relay_queues, &spool).await?;
+        let bare = self.bare_relay(&bare_queues.exchange).await?;
         let subjects = Subjects {
             raw: Subject {
                 system: System::Raw,
@@ -475,20 +505,54 @@ impl Bench {
                 via: Via::Relay(&relay),
                 queues: Some(relay_queues),
             },
+            bare: Subject {
+                system: System::Bare,
+                layout: Some(layout),
+                via: Via::Server(&bare),
+                queues: Some(bare_queues),
+            },
             floor: Subject {
                 system: System::Floor,
                 layout: None,
-                via: Via::Floor(floor),
+                via: Via::Server(floor),
                 queues: None,
             },
         };
         let result = self.compare(layout, &subjects, with_floor_closed).await;
         raw.close().await;
         relay.stop().await;
+        bare.stop().await;
         result
     }
 
-    /// Closed loops (raw vs relay, and the floor), then open loops at half the ceiling.
+    /// The bare relay (see `floor.rs`), publishing to `exchange` as the raw publisher does.
+    async fn bare_relay(&self, exchange: &str) -> anyhow::Result<ServerProcess> {
+        let exe = std::env::current_exe().context("cannot find the bench binary")?;
+        let mut command = Command::new(exe);
+        // The same (empty) environment as the relay's.
+        command
+            .arg("--bare-server")
+            .arg(exchange)
+            .arg("--amqp-url")
+            .arg(&self.plan.amqp_url)
+            .arg("--channels")
+            .arg(self.plan.channels.to_string())
+            .arg("--body-bytes")
+            .arg(self.plan.body_bytes.to_string())
+            .arg("--raw-properties")
+            .arg(
+                self.plan
+                    .raw_properties
+                    .to_possible_value()
+                    .context("every --raw-properties value has a name")?
+                    .get_name(),
+            )
+            .env_clear();
+        ServerProcess::spawn("bare relay", command).await
+    }
+
+    /// Closed loops (raw, relay and bare relay, and the floor), then open loops at half the
+    /// ceiling.
     async fn compare(
         &mut self,
         layout: Layout,
@@ -510,9 +574,9 @@ impl Bench {
                     // The floor has no broker: once, in the first layout, is enough.
                     self.phase(subjects.floor, load, repeat).await?;
                 }
-                let mut pair = [subjects.raw, subjects.relay];
-                pair.rotate_left(repeat % 2);
-                for subject in pair {
+                let mut order = [subjects.raw, subjects.relay, subjects.bare];
+                order.rotate_left(repeat % 3);
+                for subject in order {
                     self.phase(subject, load, repeat).await?;
                 }
             }
@@ -525,8 +589,8 @@ impl Bench {
             rate: (ceiling * self.plan.open_fraction).round().max(1.0),
         };
         for repeat in 0..self.plan.repeats {
-            let mut order = [subjects.raw, subjects.relay, subjects.floor];
-            order.rotate_left(repeat % 3);
+            let mut order = [subjects.raw, subjects.relay, subjects.bare, subjects.floor];
+            order.rotate_left(repeat % 4);
             for subject in order {
                 self.phase(subject, load, repeat).await?;
             }
@@ -708,7 +772,7 @@ impl Bench {
                 self.measure(subject, raw.clients(workers), load, repeat)
                     .await
             }
-            Via::Relay(Relay { process: server }) | Via::Floor(server) => {
+            Via::Relay(Relay { process: server }) | Via::Server(server) => {
                 let target = Target {
                     addr: server.addr,
                     path: WEBHOOK_PATH.to_owned(),
@@ -821,6 +885,7 @@ impl Bench {
         let system = match sample.system {
             System::Raw => "raw  ",
             System::Relay => "relay",
+            System::Bare => "bare ",
             System::Floor => "floor",
             System::Spooling => "spool",
         };
@@ -898,11 +963,20 @@ fn sample(
     }
 }
 
-/// The three systems one layout compares.
+/// The systems one layout compares.
 struct Subjects<'a> {
     raw: Subject<'a>,
     relay: Subject<'a>,
+    bare: Subject<'a>,
     floor: Subject<'a>,
+}
+
+/// The queues of one layout, one set per system that publishes.
+#[derive(Clone, Copy)]
+struct LayoutQueues<'a> {
+    raw: &'a Queues,
+    relay: &'a Queues,
+    bare: &'a Queues,
 }
 
 /// The broker URL with a port nothing listens on (bound, then released), so connecting is

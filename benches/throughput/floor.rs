@@ -1,13 +1,23 @@
-//! The HTTP floor: a plain hyper server that reads the body and answers 202, with no broker.
+//! Two servers on the relay's own server stack, each the least a system of its kind can do:
 //!
-//! It runs in its own process (the bench binary re-executed with `--floor-server`) so that
-//! its CPU time and memory are read from `/proc` exactly like the relay's. It uses the same
-//! server stack as the relay (hyper-util's auto builder, a multi-threaded Tokio runtime,
-//! `TCP_NODELAY`), so the difference between the two is the relay's own work per webhook:
-//! envelope, key, routing key, AMQP publish and confirm.
+//! - **the HTTP floor** reads the body and answers 202, with no broker: the cost of HTTP
+//!   alone;
+//! - **the bare relay** reads the body, publishes it exactly as the raw publisher does
+//!   (same connection settings, channels, properties and `mandatory`), waits for the confirm
+//!   and answers 202 on an Ack, 503 otherwise. No envelope, key, routing template, headers,
+//!   metrics, spool or logging: what any relay built from hyper and lapin costs at the least,
+//!   on this machine, with its load generator beside it.
+//!
+//! Each runs in its own process (the bench binary re-executed with `--floor-server` or
+//! `--bare-server`), so that its CPU time and memory are read from `/proc` exactly like the
+//! relay's. Both use the relay's server stack (hyper-util's auto builder, a multi-threaded
+//! Tokio runtime, `TCP_NODELAY`). Between them and the relay, the bench separates what HTTP
+//! costs, what the hand-off to the broker costs, and what the relay's own work costs.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -20,20 +30,65 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
+use crate::payload::Webhook;
+use crate::raw_publisher::{RawProperties, RawPublisher};
+use crate::stats::Outcome;
+
 /// The floor's answer: about as long as the relay's.
 const ACCEPTED: &str =
     r#"{"status":"accepted","message_id":"00000000-0000-7000-8000-000000000000"}"#;
 
-/// Serves on `127.0.0.1:0` until killed; prints `listening addr=...` on stderr once bound.
-pub fn serve() -> anyhow::Result<()> {
+/// What the bare relay publishes to, and what it is sent.
+pub struct Bare {
+    pub amqp_url: String,
+    pub exchange: String,
+    pub channels: usize,
+    pub properties: RawProperties,
+    /// The bench's webhooks, so that a body is published with the routing key (and, with
+    /// `--raw-properties relay`, the ids) the raw publisher gives it, without parsing it.
+    pub webhooks: Vec<Webhook>,
+}
+
+/// What a server does with a body it has read.
+enum Mode {
+    Floor,
+    Bare {
+        publisher: RawPublisher,
+        by_body: HashMap<Bytes, Webhook>,
+    },
+}
+
+/// Serves on `127.0.0.1:0` until killed; prints `listening addr=...` on stderr once bound
+/// (the bare relay: once connected to the broker too).
+pub fn serve(bare: Option<Bare>) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("failed to start the async runtime")?
-        .block_on(accept_loop())
+        .block_on(async {
+            let mode = match bare {
+                None => Mode::Floor,
+                Some(bare) => Mode::Bare {
+                    publisher: RawPublisher::connect(
+                        &crate::relay::config(&[])?.amqp,
+                        &bare.amqp_url,
+                        &bare.exchange,
+                        bare.channels,
+                        bare.properties,
+                    )
+                    .await?,
+                    by_body: bare
+                        .webhooks
+                        .into_iter()
+                        .map(|w| (w.body.clone(), w))
+                        .collect(),
+                },
+            };
+            accept_loop(Arc::new(mode)).await
+        })
 }
 
-async fn accept_loop() -> anyhow::Result<()> {
+async fn accept_loop(mode: Arc<Mode>) -> anyhow::Result<()> {
     let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
         .context("failed to bind 127.0.0.1:0")?;
@@ -49,8 +104,10 @@ async fn accept_loop() -> anyhow::Result<()> {
             }
         };
         let _ = stream.set_nodelay(true);
+        let mode = Arc::clone(&mode);
+        let service = service_fn(move |request| accept(Arc::clone(&mode), request));
         let connection = builder
-            .serve_connection(TokioIo::new(stream), service_fn(accept))
+            .serve_connection(TokioIo::new(stream), service)
             .into_owned();
         tokio::spawn(async move {
             let _ = connection.await;
@@ -58,11 +115,21 @@ async fn accept_loop() -> anyhow::Result<()> {
     }
 }
 
-async fn accept(request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn accept(
+    mode: Arc<Mode>,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     // Read the whole body, as the relay must before it can answer.
-    let status = match request.into_body().collect().await {
-        Ok(_) => StatusCode::ACCEPTED,
-        Err(_) => StatusCode::BAD_REQUEST,
+    let status = match (request.into_body().collect().await, &*mode) {
+        (Err(_), _) => StatusCode::BAD_REQUEST,
+        (Ok(_), Mode::Floor) => StatusCode::ACCEPTED,
+        (Ok(body), Mode::Bare { publisher, by_body }) => match by_body.get(&body.to_bytes()) {
+            None => StatusCode::NOT_FOUND,
+            Some(webhook) => match publisher.publish_confirmed(webhook).await {
+                Outcome::Accepted => StatusCode::ACCEPTED,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            },
+        },
     };
     let mut response = Response::new(Full::new(Bytes::from_static(ACCEPTED.as_bytes())));
     *response.status_mut() = status;

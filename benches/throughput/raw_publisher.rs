@@ -104,6 +104,20 @@ impl RawPublisher {
         }
     }
 
+    /// Publishes `webhook` and waits for its confirm (the bare relay's whole work too).
+    pub async fn publish_confirmed(&self, webhook: &Webhook) -> Outcome {
+        match tokio::time::timeout(REQUEST_TIMEOUT, self.publish(webhook)).await {
+            Ok(Ok(Confirmation::Ack(None))) => Outcome::Accepted,
+            Ok(Ok(Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)))) => {
+                Outcome::Rejected("returned".to_owned())
+            }
+            Ok(Ok(Confirmation::Nack(None))) => Outcome::Rejected("nack".to_owned()),
+            Ok(Ok(Confirmation::NotRequested)) => Outcome::Rejected("no confirm".to_owned()),
+            Ok(Err(err)) => Outcome::Failed(err.to_string()),
+            Err(_) => Outcome::Failed(format!("no confirm within {REQUEST_TIMEOUT:?}")),
+        }
+    }
+
     async fn publish(&self, webhook: &Webhook) -> Result<Confirmation, lapin::Error> {
         let shared = &self.shared;
         let n = shared.next.fetch_add(1, Ordering::Relaxed) % shared.channels.len();
@@ -128,16 +142,7 @@ impl RawPublisher {
 
 impl Client for RawPublisher {
     async fn send(&mut self, webhook: &Webhook) -> Outcome {
-        match tokio::time::timeout(REQUEST_TIMEOUT, self.publish(webhook)).await {
-            Ok(Ok(Confirmation::Ack(None))) => Outcome::Accepted,
-            Ok(Ok(Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)))) => {
-                Outcome::Rejected("returned".to_owned())
-            }
-            Ok(Ok(Confirmation::Nack(None))) => Outcome::Rejected("nack".to_owned()),
-            Ok(Ok(Confirmation::NotRequested)) => Outcome::Rejected("no confirm".to_owned()),
-            Ok(Err(err)) => Outcome::Failed(err.to_string()),
-            Err(_) => Outcome::Failed(format!("no confirm within {REQUEST_TIMEOUT:?}")),
-        }
+        self.publish_confirmed(webhook).await
     }
 }
 

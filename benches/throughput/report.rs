@@ -17,6 +17,8 @@ pub enum System {
     Relay,
     /// A plain hyper server that answers 202: the HTTP floor.
     Floor,
+    /// The floor plus the raw publisher's publish and confirm: the least a relay can do.
+    Bare,
     /// The relay with its broker unreachable: every webhook goes to the spool.
     Spooling,
 }
@@ -27,6 +29,7 @@ impl System {
             System::Raw => "raw lapin publisher",
             System::Relay => "**relay**",
             System::Floor => "hyper floor (no broker)",
+            System::Bare => "bare relay (hyper + lapin only)",
             System::Spooling => "**relay, spool only**",
         }
     }
@@ -139,6 +142,7 @@ impl Report {
         self.write_open(&mut out);
         self.write_memory(&mut out);
         self.write_targets(&mut out);
+        self.write_breakdown(&mut out);
         out
     }
 
@@ -191,8 +195,8 @@ impl Report {
         let _ = match &s.cpu_split {
             Some((broker, rest)) => writeln!(
                 out,
-                "- CPUs split: the broker pinned to CPU {broker}; the relay, the floor, the raw \
-                 publisher and the load generator to CPU {rest}"
+                "- CPUs split: the broker pinned to CPU {broker}; the relay, the bare relay, the \
+                 floor, the raw publisher and the load generator to CPU {rest}"
             ),
             None => writeln!(
                 out,
@@ -213,8 +217,8 @@ impl Report {
         for &layout in &self.layouts {
             for &concurrency in &self.concurrencies {
                 let mode = Mode::Closed { concurrency };
-                for system in [System::Raw, System::Relay] {
-                    let ratio = self.throughput_ratio(layout, concurrency);
+                for system in [System::Raw, System::Relay, System::Bare] {
+                    let ratio = self.throughput_ratio(layout, concurrency, (system, System::Raw));
                     self.closed_row(out, Some(layout), system, mode, ratio);
                 }
             }
@@ -257,10 +261,10 @@ impl Report {
         let Mode::Closed { concurrency } = mode else {
             return;
         };
-        let ratio = if system == System::Relay {
-            fmt_opt(ratio, 2)
-        } else {
+        let ratio = if system == System::Raw {
             String::new()
+        } else {
+            fmt_opt(ratio, 2)
         };
         let _ = writeln!(
             out,
@@ -282,7 +286,7 @@ impl Report {
              |---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|\n",
         );
         for &layout in &self.layouts {
-            for system in [System::Raw, System::Relay, System::Floor] {
+            for system in [System::Raw, System::Relay, System::Bare, System::Floor] {
                 let layout_key = (system != System::Floor).then_some(layout);
                 let rate = self.open_rate(layout);
                 let samples = self.select(
@@ -293,10 +297,11 @@ impl Report {
                 let Some(row) = Row::of(&samples) else {
                     continue;
                 };
-                let p99_ratio = if system == System::Relay {
-                    fmt_opt(self.p99_ratio(layout), 2)
-                } else {
-                    String::new()
+                let p99_ratio = match system {
+                    System::Relay | System::Bare => {
+                        fmt_opt(self.p99_ratio(layout, (system, System::Raw)), 2)
+                    }
+                    _ => String::new(),
                 };
                 let label = match system {
                     System::Floor => format!("{} (same rate)", System::Floor.label()),
@@ -359,7 +364,7 @@ impl Report {
             let ratios: Vec<(usize, Option<f64>)> = self
                 .concurrencies
                 .iter()
-                .map(|&c| (c, self.throughput_ratio(layout, c)))
+                .map(|&c| (c, self.throughput_ratio(layout, c, RELAY_VS_RAW)))
                 .collect();
             let measured = ratios
                 .iter()
@@ -375,7 +380,7 @@ impl Report {
         let cpu: Vec<(Layout, Option<f64>)> = self
             .layouts
             .iter()
-            .map(|&l| (l, self.cpu_ratio(l)))
+            .map(|&l| (l, self.cpu_ratio(l, (System::Relay, System::Floor))))
             .collect();
         let _ = writeln!(
             out,
@@ -386,7 +391,7 @@ impl Report {
         let p99: Vec<(Layout, Option<f64>)> = self
             .layouts
             .iter()
-            .map(|&l| (l, self.p99_ratio(l)))
+            .map(|&l| (l, self.p99_ratio(l, RELAY_VS_RAW)))
             .collect();
         let _ = writeln!(
             out,
@@ -458,6 +463,50 @@ impl Report {
         );
     }
 
+    /// The relay against the bare relay, and the bare relay against raw and the floor: how
+    /// much of each gap is HTTP in front of the broker on this machine, and how much is the
+    /// relay's own work. Ratios of medians over paired repeats, as above.
+    fn write_breakdown(&self, out: &mut String) {
+        out.push_str(
+            "#### Where the gaps are (bare relay: hyper + lapin only; not targets)\n\n\
+             | layout | accepted/s, bare × raw | accepted/s, relay × bare \
+             | CPU/request, bare × floor | CPU/request, relay × bare \
+             | p99, bare × raw | p99, relay × bare |\n\
+             |---|---|---|--:|--:|--:|--:|\n",
+        );
+        let bare = System::Bare;
+        for &layout in &self.layouts {
+            let closed = |systems| {
+                self.concurrencies
+                    .iter()
+                    .map(|&c| fmt_opt(self.throughput_ratio(layout, c, systems), 2))
+                    .collect::<Vec<_>>()
+                    .join(" / ")
+            };
+            let _ = writeln!(
+                out,
+                "| {layout} | {} | {} | {} | {} | {} | {} |",
+                closed((bare, System::Raw)),
+                closed((System::Relay, bare)),
+                fmt_opt(self.cpu_ratio(layout, (bare, System::Floor)), 2),
+                fmt_opt(self.cpu_ratio(layout, (System::Relay, bare)), 2),
+                fmt_opt(self.p99_ratio(layout, (bare, System::Raw)), 2),
+                fmt_opt(self.p99_ratio(layout, (System::Relay, bare)), 2),
+            );
+        }
+        let conns = self
+            .concurrencies
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" / ");
+        let _ = writeln!(
+            out,
+            "\nClosed-loop ratios at {conns} connections; CPU and p99 from the open loop at \
+             the same rate.\n"
+        );
+    }
+
     fn select(
         &self,
         layout: Option<Layout>,
@@ -470,13 +519,19 @@ impl Report {
             .collect()
     }
 
-    /// Median over repeats of relay accepted/s ÷ raw msg/s, pairing runs of the same repeat.
-    fn throughput_ratio(&self, layout: Layout, concurrency: usize) -> Option<f64> {
+    /// Median over repeats of `system`'s accepted/s ÷ `base`'s, pairing runs of the same
+    /// repeat.
+    fn throughput_ratio(
+        &self,
+        layout: Layout,
+        concurrency: usize,
+        (system, base): (System, System),
+    ) -> Option<f64> {
         let mode = Mode::Closed { concurrency };
         self.paired(
             layout,
-            System::Raw,
-            System::Relay,
+            base,
+            system,
             |m| m == mode,
             |s| Some(s.accepted_per_sec),
         )
@@ -491,26 +546,29 @@ impl Report {
         (relay > 0.0).then(|| spool / relay)
     }
 
-    /// Median over repeats of relay p99 ÷ raw p99 in the open loop.
-    fn p99_ratio(&self, layout: Layout) -> Option<f64> {
+    /// Median over repeats of `system`'s p99 ÷ `base`'s in the open loop.
+    fn p99_ratio(&self, layout: Layout, (system, base): (System, System)) -> Option<f64> {
         self.paired(
             layout,
-            System::Raw,
-            System::Relay,
+            base,
+            system,
             |m| matches!(m, Mode::Open { .. }),
             |s| Some(s.latency.p99),
         )
     }
 
-    /// Median over repeats of relay CPU/request ÷ floor CPU/request at the same open-loop rate.
-    fn cpu_ratio(&self, layout: Layout) -> Option<f64> {
+    /// Median over repeats of `system`'s server CPU per request ÷ `base`'s, at the same
+    /// open-loop rate.
+    fn cpu_ratio(&self, layout: Layout, (system, base): (System, System)) -> Option<f64> {
         let rate = self.open_rate(layout)?;
         let open = |m: Mode| matches!(m, Mode::Open { rate: r } if r == rate);
-        let floor = self.select(None, System::Floor, open);
-        let relay = self.select(Some(layout), System::Relay, open);
-        median(relay.iter().filter_map(|r| {
-            let f = floor.iter().find(|f| f.repeat == r.repeat)?;
-            Some(r.server_cpu_per_1k? / f.server_cpu_per_1k?)
+        // The floor has no broker, so its samples have no layout.
+        let layout_of = |s: System| (s != System::Floor).then_some(layout);
+        let bases = self.select(layout_of(base), base, open);
+        let others = self.select(layout_of(system), system, open);
+        median(others.iter().filter_map(|o| {
+            let b = bases.iter().find(|b| b.repeat == o.repeat)?;
+            Some(o.server_cpu_per_1k? / b.server_cpu_per_1k?)
         }))
     }
 
@@ -539,6 +597,9 @@ impl Report {
         })
     }
 }
+
+/// The issue's comparisons: the relay, against the raw publisher.
+const RELAY_VS_RAW: (System, System) = (System::Relay, System::Raw);
 
 /// Medians of one (layout, system, mode) over its repeats.
 struct Row {
