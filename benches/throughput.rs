@@ -126,8 +126,9 @@ struct Args {
     /// Connections (raw: concurrent publishers) that share the open-loop rate.
     #[arg(long, default_value_t = 64)]
     open_connections: usize,
-    /// Properties of the raw publisher's messages: `minimal` (persistent, content type) or
-    /// `relay` (the relay's properties and headers, to see what they cost the broker).
+    /// Properties of the raw publisher's and the bare relay's messages: `minimal`
+    /// (persistent, content type) or `relay` (the relay's properties and headers, to see what
+    /// they cost the broker).
     #[arg(long, value_enum, default_value_t = RawProperties::Minimal)]
     raw_properties: RawProperties,
     /// Pin every thread of the broker (its `beam.smp` process, which must run on this machine)

@@ -174,7 +174,7 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "- raw publisher properties: {} ({})",
+            "- properties of the raw publisher and the bare relay: {} ({})",
             s.raw_properties,
             if s.raw_properties == "relay" {
                 "the relay's message id, timestamp, type and headers"
@@ -261,10 +261,9 @@ impl Report {
         let Mode::Closed { concurrency } = mode else {
             return;
         };
-        let ratio = if system == System::Raw {
-            String::new()
-        } else {
-            fmt_opt(ratio, 2)
+        let ratio = match system {
+            System::Relay | System::Bare => fmt_opt(ratio, 2),
+            _ => String::new(),
         };
         let _ = writeln!(
             out,
@@ -461,6 +460,7 @@ impl Report {
             },
             if verified { "yes" } else { "**no**" }
         );
+        out.push('\n');
     }
 
     /// The relay against the bare relay, and the bare relay against raw and the floor: how
