@@ -50,7 +50,7 @@ pub struct Bare {
 }
 
 /// What a server does with a body it has read.
-enum Mode {
+enum Kind {
     Floor,
     Bare {
         publisher: RawPublisher,
@@ -66,9 +66,9 @@ pub fn serve(bare: Option<Bare>) -> anyhow::Result<()> {
         .build()
         .context("failed to start the async runtime")?
         .block_on(async {
-            let mode = match bare {
-                None => Mode::Floor,
-                Some(bare) => Mode::Bare {
+            let kind = match bare {
+                None => Kind::Floor,
+                Some(bare) => Kind::Bare {
                     publisher: RawPublisher::connect(
                         &crate::relay::config(&[])?.amqp,
                         &bare.amqp_url,
@@ -84,11 +84,11 @@ pub fn serve(bare: Option<Bare>) -> anyhow::Result<()> {
                         .collect(),
                 },
             };
-            accept_loop(Arc::new(mode)).await
+            accept_loop(Arc::new(kind)).await
         })
 }
 
-async fn accept_loop(mode: Arc<Mode>) -> anyhow::Result<()> {
+async fn accept_loop(kind: Arc<Kind>) -> anyhow::Result<()> {
     let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
         .context("failed to bind 127.0.0.1:0")?;
@@ -104,8 +104,8 @@ async fn accept_loop(mode: Arc<Mode>) -> anyhow::Result<()> {
             }
         };
         let _ = stream.set_nodelay(true);
-        let mode = Arc::clone(&mode);
-        let service = service_fn(move |request| accept(Arc::clone(&mode), request));
+        let kind = Arc::clone(&kind);
+        let service = service_fn(move |request| accept(Arc::clone(&kind), request));
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
@@ -116,14 +116,14 @@ async fn accept_loop(mode: Arc<Mode>) -> anyhow::Result<()> {
 }
 
 async fn accept(
-    mode: Arc<Mode>,
+    kind: Arc<Kind>,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     // Read the whole body, as the relay must before it can answer.
-    let status = match (request.into_body().collect().await, &*mode) {
+    let status = match (request.into_body().collect().await, &*kind) {
         (Err(_), _) => StatusCode::BAD_REQUEST,
-        (Ok(_), Mode::Floor) => StatusCode::ACCEPTED,
-        (Ok(body), Mode::Bare { publisher, by_body }) => match by_body.get(&body.to_bytes()) {
+        (Ok(_), Kind::Floor) => StatusCode::ACCEPTED,
+        (Ok(body), Kind::Bare { publisher, by_body }) => match by_body.get(&body.to_bytes()) {
             None => StatusCode::NOT_FOUND,
             Some(webhook) => match publisher.publish_confirmed(webhook).await {
                 Outcome::Accepted => StatusCode::ACCEPTED,
