@@ -483,6 +483,7 @@ impl Bench {
             self.broker.declare_queues(queues).await?;
         }
         let raw = RawPublisher::connect(
+            "hirehop-relay bench raw",
             &relay::config(&[])?.amqp,
             &self.plan.amqp_url,
             &raw_queues.exchange,

@@ -34,9 +34,11 @@ use crate::payload::Webhook;
 use crate::raw_publisher::{RawProperties, RawPublisher};
 use crate::stats::Outcome;
 
-/// The floor's answer: about as long as the relay's.
+/// The answer to a webhook kept: about as long as the relay's.
 const ACCEPTED: &str =
     r#"{"status":"accepted","message_id":"00000000-0000-7000-8000-000000000000"}"#;
+/// The answer to anything else.
+const NOT_ACCEPTED: &str = r#"{"status":"not accepted"}"#;
 
 /// What the bare relay publishes to, and what it is sent.
 pub struct Bare {
@@ -70,6 +72,7 @@ pub fn serve(bare: Option<Bare>) -> anyhow::Result<()> {
                 None => Kind::Floor,
                 Some(bare) => Kind::Bare {
                     publisher: RawPublisher::connect(
+                        "hirehop-relay bench bare relay",
                         &crate::relay::config(&[])?.amqp,
                         &bare.amqp_url,
                         &bare.exchange,
@@ -124,14 +127,26 @@ async fn accept(
         (Err(_), _) => StatusCode::BAD_REQUEST,
         (Ok(_), Kind::Floor) => StatusCode::ACCEPTED,
         (Ok(body), Kind::Bare { publisher, by_body }) => match by_body.get(&body.to_bytes()) {
-            None => StatusCode::NOT_FOUND,
+            None => {
+                eprintln!("bare relay: a body that is not one of the bench's webhooks");
+                StatusCode::NOT_FOUND
+            }
             Some(webhook) => match publisher.publish_confirmed(webhook).await {
                 Outcome::Accepted => StatusCode::ACCEPTED,
-                _ => StatusCode::SERVICE_UNAVAILABLE,
+                // On stderr, which the bench shows when a phase has answers other than 202.
+                failed => {
+                    eprintln!("bare relay: not accepted: {failed:?}");
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
             },
         },
     };
-    let mut response = Response::new(Full::new(Bytes::from_static(ACCEPTED.as_bytes())));
+    let body = if status == StatusCode::ACCEPTED {
+        ACCEPTED
+    } else {
+        NOT_ACCEPTED
+    };
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *response.status_mut() = status;
     response
         .headers_mut()

@@ -1,5 +1,5 @@
-//! The two load shapes, one worker loop, independent of what is loaded (the relay or the floor
-//! over HTTP, or the broker through the raw publisher).
+//! The two load shapes, one worker loop, independent of what is loaded (the relay, the floor or
+//! the bare relay over HTTP, or the broker through the raw publisher).
 //!
 //! - **Closed loop**: N workers, each sending its next request as soon as the previous one
 //!   was answered. Measures the ceiling at a fixed number of requests in flight.

@@ -55,21 +55,18 @@ pub struct RawPublisher {
 
 impl RawPublisher {
     /// Connects to `url` exactly as the relay does with `amqp` (its frame size and connect
-    /// timeout; a `frame_max` in `url` wins).
+    /// timeout; a `frame_max` in `url` wins), naming the connection `name` on the broker.
     pub async fn connect(
+        name: &str,
         amqp: &AmqpConfig,
         url: &str,
         exchange: &str,
         channels: usize,
         properties: RawProperties,
     ) -> anyhow::Result<Self> {
-        let connection = hirehop_relay::amqp::connect(
-            amqp,
-            &BrokerUrl::new(url),
-            "hirehop-relay bench raw".into(),
-        )
-        .await
-        .context("raw publisher")?;
+        let connection = hirehop_relay::amqp::connect(amqp, &BrokerUrl::new(url), name.into())
+            .await
+            .context("raw publisher")?;
         let mut opened = Vec::with_capacity(channels);
         for _ in 0..channels {
             let channel = connection

@@ -168,7 +168,7 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "- bodies: {} B HireHop envelopes over 4 event names; {} AMQP channels (relay and raw); \
+            "- bodies: {} B HireHop envelopes over 4 event names; {} AMQP channels (relay, bare relay and raw); \
              open loop over {} connections at {} x the layout's raw ceiling",
             s.body_bytes, s.channels, s.open_connections, s.open_fraction
         );
@@ -503,7 +503,7 @@ impl Report {
         let _ = writeln!(
             out,
             "\nClosed-loop ratios at {conns} connections; CPU and p99 from the open loop at \
-             the same rate.\n"
+             the same rate."
         );
     }
 

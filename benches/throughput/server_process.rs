@@ -1,4 +1,4 @@
-//! A server the bench starts as a child process (the relay, or the floor server): started,
+//! A server the bench starts as a child process (the relay, the floor or the bare relay): started,
 //! its `listening addr=...` line awaited, its last log lines kept for error reports, and
 //! killed when dropped.
 
@@ -26,7 +26,7 @@ struct Log {
     total: u64,
 }
 
-/// A server started by the bench (the relay, or the floor server); killed when dropped.
+/// A server started by the bench (the relay, the floor or the bare relay); killed when dropped.
 pub struct ServerProcess {
     pub name: &'static str,
     pub pid: u32,
