@@ -42,8 +42,6 @@
 mod broker;
 #[path = "throughput/cpus.rs"]
 mod cpus;
-#[path = "throughput/floor.rs"]
-mod floor;
 #[path = "throughput/http_client.rs"]
 mod http_client;
 #[path = "throughput/load.rs"]
@@ -62,6 +60,8 @@ mod relay;
 mod report;
 #[path = "throughput/server_process.rs"]
 mod server_process;
+#[path = "throughput/servers.rs"]
+mod servers;
 #[path = "throughput/stats.rs"]
 mod stats;
 
@@ -228,9 +228,9 @@ impl Plan {
 fn main() -> ExitCode {
     let args = Args::parse();
     let result = if args.floor_server {
-        floor::serve(None)
+        servers::serve(None)
     } else if let Some(exchange) = args.bare_server {
-        floor::serve(Some(floor::Bare {
+        servers::serve(Some(servers::Bare {
             webhooks: payload::webhooks(relay::KEY, DISTINCT_BODIES, args.body_bytes),
             amqp_url: args.amqp_url,
             exchange,
@@ -527,7 +527,7 @@ impl Bench {
         result
     }
 
-    /// The bare relay (see `floor.rs`), publishing to `exchange` as the raw publisher does.
+    /// The bare relay (see `servers.rs`), publishing to `exchange` as the raw publisher does.
     async fn bare_relay(&self, exchange: &str) -> anyhow::Result<ServerProcess> {
         let exe = std::env::current_exe().context("cannot find the bench binary")?;
         let mut command = Command::new(exe);

@@ -1,4 +1,5 @@
-//! Two servers on the relay's own server stack, each the least a system of its kind can do:
+//! The bench's own servers, on the relay's server stack, each the least a system of its kind
+//! can do:
 //!
 //! - **the HTTP floor** reads the body and answers 202, with no broker: the cost of HTTP
 //!   alone;
