@@ -231,7 +231,7 @@ fn main() -> ExitCode {
         servers::serve(None)
     } else if let Some(exchange) = args.bare_server {
         servers::serve(Some(servers::Bare {
-            webhooks: payload::webhooks(relay::KEY, DISTINCT_BODIES, args.body_bytes),
+            webhooks: bench_webhooks(args.body_bytes),
             amqp_url: args.amqp_url,
             exchange,
             channels: args.channels,
@@ -347,7 +347,7 @@ struct Bench {
 impl Bench {
     async fn new(plan: Plan) -> anyhow::Result<Bench> {
         let broker = Broker::connect(&plan.amqp_url).await?;
-        let webhooks = payload::webhooks(relay::KEY, DISTINCT_BODIES, plan.body_bytes).into();
+        let webhooks = bench_webhooks(plan.body_bytes).into();
         // Short, unique, and sorts by time like the relay's own ids.
         let run_id = uuid::Uuid::now_v7().simple().to_string()[..12].to_owned();
         let broker_pid = procs::find_broker_pid();
@@ -380,11 +380,7 @@ impl Bench {
 
     async fn run(mut self) -> anyhow::Result<Report> {
         let setup = self.setup().await;
-        let floor_exe = std::env::current_exe().context("cannot find the bench binary")?;
-        let mut floor_command = Command::new(floor_exe);
-        // The same (empty) environment as the relay's.
-        floor_command.arg("--floor-server").env_clear();
-        let floor = ServerProcess::spawn("floor server", floor_command).await?;
+        let floor = own_server("floor server", &["--floor-server"]).await?;
         tokio::time::sleep(SETTLE).await;
         let floor_fresh = floor.memory()?;
         for (i, layout) in Layout::ALL.into_iter().enumerate() {
@@ -529,28 +525,28 @@ impl Bench {
 
     /// The bare relay (see `servers.rs`), publishing to `exchange` as the raw publisher does.
     async fn bare_relay(&self, exchange: &str) -> anyhow::Result<ServerProcess> {
-        let exe = std::env::current_exe().context("cannot find the bench binary")?;
-        let mut command = Command::new(exe);
-        // The same (empty) environment as the relay's.
-        command
-            .arg("--bare-server")
-            .arg(exchange)
-            .arg("--amqp-url")
-            .arg(&self.plan.amqp_url)
-            .arg("--channels")
-            .arg(self.plan.channels.to_string())
-            .arg("--body-bytes")
-            .arg(self.plan.body_bytes.to_string())
-            .arg("--raw-properties")
-            .arg(
-                self.plan
-                    .raw_properties
-                    .to_possible_value()
-                    .context("every --raw-properties value has a name")?
-                    .get_name(),
-            )
-            .env_clear();
-        ServerProcess::spawn("bare relay", command).await
+        let plan = &self.plan;
+        let properties = plan
+            .raw_properties
+            .to_possible_value()
+            .context("every --raw-properties value has a name")?;
+        let (channels, body_bytes) = (plan.channels.to_string(), plan.body_bytes.to_string());
+        own_server(
+            "bare relay",
+            &[
+                "--bare-server",
+                exchange,
+                "--amqp-url",
+                &plan.amqp_url,
+                "--channels",
+                &channels,
+                "--body-bytes",
+                &body_bytes,
+                "--raw-properties",
+                properties.get_name(),
+            ],
+        )
+        .await
     }
 
     /// Closed loops (raw, relay and bare relay, and the floor), then open loops at half the
@@ -979,6 +975,20 @@ struct LayoutQueues<'a> {
     raw: &'a Queues,
     relay: &'a Queues,
     bare: &'a Queues,
+}
+
+/// This bench binary re-executed with `args` as one of its own servers (the floor, the bare
+/// relay), with the same (empty) environment as the relay's.
+async fn own_server(name: &'static str, args: &[&str]) -> anyhow::Result<ServerProcess> {
+    let exe = std::env::current_exe().context("cannot find the bench binary")?;
+    let mut command = Command::new(exe);
+    command.args(args).env_clear();
+    ServerProcess::spawn(name, command).await
+}
+
+/// The webhooks the bench sends, and the bare relay looks bodies up in.
+fn bench_webhooks(body_bytes: usize) -> Vec<Webhook> {
+    payload::webhooks(relay::KEY, DISTINCT_BODIES, body_bytes)
 }
 
 /// The broker URL with a port nothing listens on (bound, then released), so connecting is
