@@ -33,6 +33,17 @@ impl System {
             System::Spooling => "**relay, spool only**",
         }
     }
+
+    /// The layout its samples carry when `layout` is being reported: none for the systems
+    /// that run without the broker's queues (the floor, spool only).
+    fn layout_key(self, layout: Layout) -> Option<Layout> {
+        (!matches!(self, System::Floor | System::Spooling)).then_some(layout)
+    }
+
+    /// Whether its rows show a ratio to the raw publisher (the `× raw` columns).
+    fn against_raw(self) -> bool {
+        matches!(self, System::Relay | System::Bare)
+    }
 }
 
 /// How it was loaded (and how a phase loads its system).
@@ -218,15 +229,14 @@ impl Report {
             for &concurrency in &self.concurrencies {
                 let mode = Mode::Closed { concurrency };
                 for system in [System::Raw, System::Relay, System::Bare] {
-                    let ratio = self.throughput_ratio(layout, concurrency, (system, System::Raw));
-                    self.closed_row(out, Some(layout), system, mode, ratio);
+                    self.closed_row(out, Some(layout), system, mode);
                 }
             }
         }
         for system in [System::Floor, System::Spooling] {
             for &concurrency in &self.concurrencies {
                 let mode = Mode::Closed { concurrency };
-                self.closed_row(out, None, system, mode, None);
+                self.closed_row(out, None, system, mode);
             }
         }
         out.push('\n');
@@ -246,14 +256,7 @@ impl Report {
         }
     }
 
-    fn closed_row(
-        &self,
-        out: &mut String,
-        layout: Option<Layout>,
-        system: System,
-        mode: Mode,
-        ratio: Option<f64>,
-    ) {
+    fn closed_row(&self, out: &mut String, layout: Option<Layout>, system: System, mode: Mode) {
         let samples = self.select(layout, system, |m| m == mode);
         let Some(row) = Row::of(&samples) else {
             return;
@@ -261,8 +264,11 @@ impl Report {
         let Mode::Closed { concurrency } = mode else {
             return;
         };
-        let ratio = match system {
-            System::Relay | System::Bare => fmt_opt(ratio, 2),
+        let ratio = match layout {
+            Some(layout) if system.against_raw() => fmt_opt(
+                self.throughput_ratio(layout, concurrency, (system, System::Raw)),
+                2,
+            ),
             _ => String::new(),
         };
         let _ = writeln!(
@@ -286,21 +292,19 @@ impl Report {
         );
         for &layout in &self.layouts {
             for system in [System::Raw, System::Relay, System::Bare, System::Floor] {
-                let layout_key = (system != System::Floor).then_some(layout);
                 let rate = self.open_rate(layout);
                 let samples = self.select(
-                    layout_key,
+                    system.layout_key(layout),
                     system,
                     |m| matches!(m, Mode::Open { rate: r } if Some(r) == rate),
                 );
                 let Some(row) = Row::of(&samples) else {
                     continue;
                 };
-                let p99_ratio = match system {
-                    System::Relay | System::Bare => {
-                        fmt_opt(self.p99_ratio(layout, (system, System::Raw)), 2)
-                    }
-                    _ => String::new(),
+                let p99_ratio = if system.against_raw() {
+                    fmt_opt(self.p99_ratio(layout, (system, System::Raw)), 2)
+                } else {
+                    String::new()
                 };
                 let label = match system {
                     System::Floor => format!("{} (same rate)", System::Floor.label()),
@@ -562,10 +566,8 @@ impl Report {
     fn cpu_ratio(&self, layout: Layout, (system, base): (System, System)) -> Option<f64> {
         let rate = self.open_rate(layout)?;
         let open = |m: Mode| matches!(m, Mode::Open { rate: r } if r == rate);
-        // The floor has no broker, so its samples have no layout.
-        let layout_of = |s: System| (s != System::Floor).then_some(layout);
-        let bases = self.select(layout_of(base), base, open);
-        let others = self.select(layout_of(system), system, open);
+        let bases = self.select(base.layout_key(layout), base, open);
+        let others = self.select(system.layout_key(layout), system, open);
         median(others.iter().filter_map(|o| {
             let b = bases.iter().find(|b| b.repeat == o.repeat)?;
             Some(o.server_cpu_per_1k? / b.server_cpu_per_1k?)
