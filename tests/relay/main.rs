@@ -22,6 +22,7 @@
 
 mod accept;
 mod confirms;
+mod docs;
 mod faults;
 mod harness;
 mod hostile;
