@@ -26,6 +26,7 @@ mod docs;
 mod faults;
 mod harness;
 mod hostile;
+mod nginx;
 mod operate;
 mod proxy;
 mod queues;
