@@ -11,6 +11,9 @@
 //! - `operate`: metrics, trace context, overload, keys reloaded on SIGHUP.
 //! - `proxy`: a TCP proxy between relay and broker that can cut, refuse and stall.
 //! - `confirms`: a confirm that does not come in time; many confirms in flight on one channel.
+//! - `deploy`: the deploy files run for real: the documented nginx in front of a relay,
+//!   certbot's deploy hook.
+//! - `docs`: every code block of the docs run (shell, TOML, the consumer examples), or marked.
 //! - `accept`: what a 202 means: the body byte for byte, the properties, the headers.
 //! - `queues`: declared and per-event queues, routing templates, `send`, `tail`, `topology`.
 //! - `reject`: every 4xx, and that none of them publishes anything.
@@ -22,11 +25,11 @@
 
 mod accept;
 mod confirms;
+mod deploy;
 mod docs;
 mod faults;
 mod harness;
 mod hostile;
-mod nginx;
 mod operate;
 mod proxy;
 mod queues;

@@ -1,11 +1,14 @@
-//! The documented nginx configuration (`deploy/systemd/nginx.conf`) in front of a relay: nginx
-//! reuses its connections to the relay, and closes an idle one before the relay's own idle
-//! timeout does, so a webhook never races the relay's close (which nginx answers with 502,
-//! and HireHop never sends again).
+//! The deploy files run for real.
 //!
-//! nginx runs for real (Debian package `nginx`) with the file as it is written, but for the
-//! addresses: its ports, its certificate (self-signed, from `openssl`) and the relay's address
-//! are the test's.
+//! - The documented nginx configuration (`deploy/systemd/nginx.conf`) in front of a relay:
+//!   nginx reuses its connections to the relay, and closes an idle one before the relay's own
+//!   idle timeout does, so a webhook never races the relay's close (which nginx answers with
+//!   502, and HireHop never sends again). nginx runs for real (Debian package `nginx`) with
+//!   the file as it is written, but for the addresses: its ports, its certificate
+//!   (self-signed, from `openssl`) and the relay's address are the test's.
+//! - certbot's deploy hook (`deploy/systemd/certbot-deploy-hook.sh`) on a lineage laid out as
+//!   certbot's, with its settings pointed at the test's directory (it runs as root, as
+//!   certbot runs it, to set owners).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -49,20 +52,22 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// `text` with each `(from, to)` replaced, every `from` required to be there: a changed
-/// documented file fails here instead of being tested with one of its addresses left in.
-fn substitute(text: &str, replacements: &[(&str, &str)]) -> String {
+/// `text` (of the deploy file `name`) with each `(from, to)` replaced, every `from` required
+/// to be there: a changed file fails here instead of being tested with one of its addresses
+/// left in.
+fn substitute(name: &str, text: &str, replacements: &[(&str, &str)]) -> String {
     let mut text = text.to_owned();
     for (from, to) in replacements {
         assert!(
             text.contains(from),
-            "deploy/systemd/nginx.conf no longer contains {from:?}: update this test"
+            "{name} no longer contains {from:?}: update this test"
         );
         text = text.replace(from, to);
     }
     text
 }
 
+/// A certificate and its key, self-signed, written to `dir` as `cert.pem` and `key.pem`.
 fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     let status = std::process::Command::new("openssl")
@@ -94,6 +99,7 @@ impl Nginx {
         )
         .unwrap();
         let site = substitute(
+            "deploy/systemd/nginx.conf",
             &documented,
             &[
                 ("listen 443 ssl;", &format!("listen 127.0.0.1:{port} ssl;")),
@@ -263,4 +269,95 @@ async fn behind_the_documented_nginx_an_idle_upstream_connection_never_meets_a_5
     queue.next().await;
     drop(nginx);
     relay.stop().await;
+}
+
+/// The file's mode bits (permissions, setgid), owner and group.
+fn owner_and_mode(path: &Path) -> (u32, u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).unwrap();
+    (meta.mode() & 0o7777, meta.uid(), meta.gid())
+}
+
+#[test]
+fn the_certbot_deploy_hook_copies_its_lineage_for_the_relays_group_only() {
+    let uid = std::process::Command::new("id").arg("-u").output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&uid.stdout).trim(),
+        "0",
+        "this test runs the hook as certbot does, as root (it sets owners): run it as root"
+    );
+    // Debian's `daemon` group (gid 1) stands in for `hirehop-relay`.
+    let (group, gid) = ("daemon", 1);
+    let dir = std::env::temp_dir().join(format!("certbot-{}", uuid::Uuid::now_v7().simple()));
+    let live = dir.join("live");
+    let dest = dir.join("tls");
+    let hook_text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/systemd/certbot-deploy-hook.sh"),
+    )
+    .unwrap();
+    let hook = dir.join("hook.sh");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        &hook,
+        substitute(
+            "deploy/systemd/certbot-deploy-hook.sh",
+            &hook_text,
+            &[
+                ("DOMAIN=hirehop-relay.example.com", "DOMAIN=relay.test"),
+                (
+                    "DEST=/etc/hirehop-relay/tls",
+                    &format!("DEST={}", dest.display()),
+                ),
+                ("GROUP=hirehop-relay", &format!("GROUP={group}")),
+            ],
+        ),
+    )
+    .unwrap();
+    // A lineage laid out as certbot's (live/<name>/fullchain.pem, privkey.pem).
+    let issue = |name: &str| {
+        let lineage = live.join(name);
+        std::fs::create_dir_all(&lineage).unwrap();
+        let (cert, key) = self_signed(&lineage);
+        std::fs::rename(cert, lineage.join("fullchain.pem")).unwrap();
+        std::fs::rename(key, lineage.join("privkey.pem")).unwrap();
+    };
+    let run_hook = |name: &str| {
+        let status = std::process::Command::new("sh")
+            .arg(&hook)
+            .env("RENEWED_LINEAGE", live.join(name))
+            .status()
+            .unwrap();
+        assert!(status.success(), "the hook failed for {name}");
+    };
+
+    issue("other.test");
+    run_hook("other.test");
+    assert!(!dest.exists(), "the hook copied another host's certificate");
+
+    let mut previous = Vec::new();
+    for round in ["issued", "renewed"] {
+        issue("relay.test");
+        run_hook("relay.test");
+        assert_eq!(owner_and_mode(&dest), (0o750, 0, gid), "{round}: {dest:?}");
+        for file in ["fullchain.pem", "privkey.pem"] {
+            let path = dest.join(file);
+            assert_eq!(owner_and_mode(&path), (0o640, 0, gid), "{round}: {path:?}");
+            let copied = std::fs::read(&path).unwrap();
+            let original = std::fs::read(live.join("relay.test").join(file)).unwrap();
+            assert_eq!(copied, original, "{round}: {file} differs from certbot's");
+        }
+        let chain = std::fs::read(dest.join("fullchain.pem")).unwrap();
+        assert_ne!(chain, previous, "{round}: the chain was not replaced");
+        previous = chain;
+        let names: Vec<String> = std::fs::read_dir(&dest)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names.len(),
+            2,
+            "{round}: left behind in {dest:?}: {names:?}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
