@@ -10,6 +10,9 @@
 //! - `hostile`: slow clients, header floods, garbage, network rules, redaction, replay window.
 //! - `operate`: metrics, trace context, overload, keys reloaded on SIGHUP.
 //! - `proxy`: a TCP proxy between relay and broker that can cut, refuse and stall.
+//! - `local_cluster`: RabbitMQ nodes of a test's own (`deploy/rabbitmq/local-cluster.sh`).
+//! - `broker_faults`: faults on such a node that would disturb every other test on the shared
+//!   broker: a memory alarm, a frozen node.
 //! - `confirms`: a confirm that does not come in time; many confirms in flight on one channel.
 //! - `accept`: what a 202 means: the body byte for byte, the properties, the headers.
 //! - `queues`: declared and per-event queues, routing templates, `send`, `tail`, `topology`.
@@ -21,10 +24,12 @@
 //! - `spool`: broker out of reach, SIGKILL, torn spool tail, full spool, several broker URLs.
 
 mod accept;
+mod broker_faults;
 mod confirms;
 mod faults;
 mod harness;
 mod hostile;
+mod local_cluster;
 mod operate;
 mod proxy;
 mod queues;
