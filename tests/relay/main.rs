@@ -10,6 +10,9 @@
 //! - `hostile`: slow clients, header floods, garbage, network rules, redaction, replay window.
 //! - `operate`: metrics, trace context, overload, keys reloaded on SIGHUP.
 //! - `proxy`: a TCP proxy between relay and broker that can cut, refuse and stall.
+//! - `local_cluster`: RabbitMQ nodes of a test's own (`deploy/rabbitmq/local-cluster.sh`).
+//! - `broker_faults`: faults on such a node that would disturb every other test on the shared
+//!   broker: a memory alarm, a frozen node.
 //! - `confirms`: a confirm that does not come in time; many confirms in flight on one channel.
 //! - `deploy`: the deploy files run for real: the documented nginx in front of a relay,
 //!   certbot's deploy hook.
@@ -24,12 +27,14 @@
 //! - `spool`: broker out of reach, SIGKILL, torn spool tail, full spool, several broker URLs.
 
 mod accept;
+mod broker_faults;
 mod confirms;
 mod deploy;
 mod docs;
 mod faults;
 mod harness;
 mod hostile;
+mod local_cluster;
 mod operate;
 mod proxy;
 mod queues;
