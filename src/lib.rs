@@ -104,11 +104,14 @@ pub async fn run(
     }
     // One token for everything that stops with the server.
     let stopping = CancellationToken::new();
-    let stop_replay = CancellationToken::new();
-    let replay = delivery
-        .spool()
-        .is_some()
-        .then(|| tokio::spawn(delivery::replay(delivery.clone(), stop_replay.clone())));
+    let (stop_replay, finish_replay) = (CancellationToken::new(), CancellationToken::new());
+    let replay = delivery.spool().is_some().then(|| {
+        tokio::spawn(delivery::replay(
+            delivery.clone(),
+            stop_replay.clone(),
+            finish_replay.clone(),
+        ))
+    });
     let keys = Arc::new(KeyStore::new(
         config.keyring().expect("the config was validated at load"),
     ));
