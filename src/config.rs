@@ -313,6 +313,9 @@ pub struct SpoolConfig {
     pub dir: PathBuf,
     /// Disk the spool may use; beyond it webhooks get 503.
     pub max_bytes: u64,
+    /// On shutdown, after the HTTP drain, how long replay may go on emptying the spool into
+    /// the broker before the relay exits with what is left on disk.
+    pub shutdown_replay_timeout_ms: u64,
 }
 
 /// Optional TLS termination on the webhook port.
@@ -405,6 +408,7 @@ max_age_secs = 0
 enabled = true
 dir = "spool"
 max_bytes = 1073741824
+shutdown_replay_timeout_ms = 15000
 
 [metrics]
 max_event_labels = 200
@@ -649,6 +653,12 @@ impl HttpConfig {
     }
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_millis(self.drain_timeout_ms)
+    }
+}
+
+impl SpoolConfig {
+    pub fn shutdown_replay_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_replay_timeout_ms)
     }
 }
 
