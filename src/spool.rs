@@ -577,8 +577,9 @@ impl Writer {
         if self.probe.is_none() {
             return rx.blocking_recv();
         }
+        // The timer is made inside `block_on`: it needs the runtime's context.
         self.clock
-            .block_on(tokio::time::timeout(PROBE_EVERY, rx.recv()))
+            .block_on(async { tokio::time::timeout(PROBE_EVERY, rx.recv()).await })
             .unwrap_or(Some(Command::Wake))
     }
 
