@@ -595,36 +595,50 @@ impl Writer {
         if accepted.is_empty() {
             return;
         }
-        let smallest = accepted.iter().map(Append::len).min().unwrap_or(0);
-        let count = accepted.len() as u64;
         match self.write_records(&accepted) {
-            Ok(()) => {
-                self.shared.syncs.fetch_add(1, Ordering::Relaxed);
-                {
-                    // Published under the lock that counts the records, so whoever sees them
-                    // counted can read them.
-                    let mut state = self.shared.lock();
-                    state.records += count;
-                    state
-                        .segments
-                        .insert(self.position.segment, self.position.offset);
-                    self.shared.committed.send_replace(self.position);
-                }
-                self.writes_work();
+            Ok(()) => self.committed(accepted),
+            Err(_) if accepted.len() > 1 => {
+                // A full disk may still hold some of them: each gets its own try, so none is
+                // refused that could have been kept.
                 for append in accepted {
-                    let _ = append.done.send(Ok(()));
+                    match self.write_records(std::slice::from_ref(&append)) {
+                        Ok(()) => self.committed(vec![append]),
+                        Err(err) => self.failed(append, &err),
+                    }
                 }
             }
             Err(err) => {
-                self.writes_fail(&err, RECORD_HEADER + smallest);
-                let message = err.to_string();
                 for append in accepted {
-                    let _ = append
-                        .done
-                        .send(Err(io::Error::new(err.kind(), message.clone()).into()));
+                    self.failed(append, &err);
                 }
             }
         }
+    }
+
+    /// Counts `appends`, just written and synced, and tells their callers.
+    fn committed(&mut self, appends: Vec<Append>) {
+        self.shared.syncs.fetch_add(1, Ordering::Relaxed);
+        {
+            // Published under the lock that counts the records, so whoever sees them counted
+            // can read them.
+            let mut state = self.shared.lock();
+            state.records += appends.len() as u64;
+            state
+                .segments
+                .insert(self.position.segment, self.position.offset);
+            self.shared.committed.send_replace(self.position);
+        }
+        self.writes_work();
+        for append in appends {
+            let _ = append.done.send(Ok(()));
+        }
+    }
+
+    /// Tells the caller of `append` that it could not be written.
+    fn failed(&mut self, append: Append, err: &io::Error) {
+        self.writes_fail(err, RECORD_HEADER + append.len());
+        let err = io::Error::new(err.kind(), err.to_string());
+        let _ = append.done.send(Err(err.into()));
     }
 
     /// Answers the appends that do not fit under `spool.max_bytes` (or are too large to ever
@@ -1319,7 +1333,15 @@ mod tests {
         // The drained segment is deleted without waiting for an append, which a
         // readiness-gated load balancer would never send.
         eventually("the spool accepts again", || spool.is_accepting()).await;
-        spool.append([Bytes::from(vec![b'y'; 40])]).await.unwrap();
+        // And space replay freed is given back before a new segment takes any: the whole
+        // spool fits again.
+        for _ in 0..accepted {
+            spool.append([Bytes::from(vec![b'y'; 40])]).await.unwrap();
+        }
+        assert_eq!(drain_all(&spool).await.len(), accepted);
+        for _ in 0..accepted {
+            spool.append([Bytes::from(vec![b'z'; 40])]).await.unwrap();
+        }
         assert!(spool.is_accepting());
     }
 
