@@ -881,6 +881,16 @@ mod tests {
     }
 
     #[test]
+    fn no_replay_at_shutdown_is_a_valid_choice() {
+        let settings = env(&[
+            ("RELAY_AUTH__EXPORT_KEYS", "k1"),
+            ("RELAY_SPOOL__SHUTDOWN_REPLAY_TIMEOUT_MS", "0"),
+        ]);
+        let config = Config::load_from(None, settings).unwrap();
+        assert_eq!(config.spool.shutdown_replay_timeout(), Duration::ZERO);
+    }
+
+    #[test]
     fn defaults_apply_and_a_key_from_env_is_enough() {
         let config = Config::load_from(None, env(&[("RELAY_AUTH__EXPORT_KEYS", "k1")])).unwrap();
         assert_eq!(config.http.listen, "0.0.0.0:8080".parse().unwrap());
@@ -893,6 +903,10 @@ mod tests {
         );
         assert_eq!(config.amqp.confirm_timeout(), Duration::from_secs(5));
         assert_eq!(config.http.drain_timeout(), Duration::from_secs(10));
+        assert_eq!(
+            config.spool.shutdown_replay_timeout(),
+            Duration::from_secs(15)
+        );
         assert_eq!(config.amqp.channels, 4);
         assert_eq!(config.log.format, LogFormat::Text);
     }
