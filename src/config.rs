@@ -313,6 +313,9 @@ pub struct SpoolConfig {
     pub dir: PathBuf,
     /// Disk the spool may use; beyond it webhooks get 503.
     pub max_bytes: u64,
+    /// On shutdown, after the HTTP drain, how long replay may go on emptying the spool into
+    /// the broker before the relay exits with what is left on disk.
+    pub shutdown_replay_timeout_ms: u64,
 }
 
 /// Optional TLS termination on the webhook port.
@@ -405,6 +408,7 @@ max_age_secs = 0
 enabled = true
 dir = "spool"
 max_bytes = 1073741824
+shutdown_replay_timeout_ms = 15000
 
 [metrics]
 max_event_labels = 200
@@ -652,6 +656,12 @@ impl HttpConfig {
     }
 }
 
+impl SpoolConfig {
+    pub fn shutdown_replay_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_replay_timeout_ms)
+    }
+}
+
 impl AmqpConfig {
     pub fn confirm_timeout(&self) -> Duration {
         Duration::from_millis(self.confirm_timeout_ms)
@@ -871,6 +881,16 @@ mod tests {
     }
 
     #[test]
+    fn no_replay_at_shutdown_is_a_valid_choice() {
+        let settings = env(&[
+            ("RELAY_AUTH__EXPORT_KEYS", "k1"),
+            ("RELAY_SPOOL__SHUTDOWN_REPLAY_TIMEOUT_MS", "0"),
+        ]);
+        let config = Config::load_from(None, settings).unwrap();
+        assert_eq!(config.spool.shutdown_replay_timeout(), Duration::ZERO);
+    }
+
+    #[test]
     fn defaults_apply_and_a_key_from_env_is_enough() {
         let config = Config::load_from(None, env(&[("RELAY_AUTH__EXPORT_KEYS", "k1")])).unwrap();
         assert_eq!(config.http.listen, "0.0.0.0:8080".parse().unwrap());
@@ -883,6 +903,10 @@ mod tests {
         );
         assert_eq!(config.amqp.confirm_timeout(), Duration::from_secs(5));
         assert_eq!(config.http.drain_timeout(), Duration::from_secs(10));
+        assert_eq!(
+            config.spool.shutdown_replay_timeout(),
+            Duration::from_secs(15)
+        );
         assert_eq!(config.amqp.channels, 4);
         assert_eq!(config.log.format, LogFormat::Text);
     }

@@ -75,7 +75,8 @@ pub enum RunError {
 
 /// Serves webhooks on `listener`, delivering through `delivery` (the broker, and the spool
 /// if enabled), until `shutdown` resolves; then drains in-flight requests, waits for
-/// deliveries still under way, stops replay, and closes the spool and the broker connection.
+/// deliveries still under way, lets replay empty the spool for up to
+/// `spool.shutdown_replay_timeout_ms`, and closes the spool and the broker connection.
 ///
 /// Production passes the configured address and [`signal::shutdown`]; tests pass
 /// `127.0.0.1:0` and a oneshot.
@@ -104,11 +105,14 @@ pub async fn run(
     }
     // One token for everything that stops with the server.
     let stopping = CancellationToken::new();
-    let stop_replay = CancellationToken::new();
-    let replay = delivery
-        .spool()
-        .is_some()
-        .then(|| tokio::spawn(delivery::replay(delivery.clone(), stop_replay.clone())));
+    let (stop_replay, finish_replay) = (CancellationToken::new(), CancellationToken::new());
+    let replay = delivery.spool().is_some().then(|| {
+        tokio::spawn(delivery::replay(
+            delivery.clone(),
+            stop_replay.clone(),
+            finish_replay.clone(),
+        ))
+    });
     let keys = Arc::new(KeyStore::new(
         config.keyring().expect("the config was validated at load"),
     ));
@@ -156,16 +160,33 @@ pub async fn run(
     {
         tracing::warn!("deliveries still under way at shutdown");
     }
-    stop_replay.cancel();
-    if let Some(replay) = replay {
-        // Replay stops between batches; a batch is bounded by the confirm timeout.
-        let _ = tokio::time::timeout(ceiling, replay).await;
+    if let Some(mut replay) = replay {
+        // What stays in the spool stays on this instance's disk, which may not come back
+        // (a pod's volume): replay it while the broker confirms, for a while.
+        finish_replay.cancel();
+        let budget = config.spool.shutdown_replay_timeout();
+        if tokio::time::timeout(budget, &mut replay).await.is_err() {
+            stop_replay.cancel();
+            // Replay stops between batches; a batch is bounded by the confirm timeout.
+            let _ = tokio::time::timeout(ceiling, replay).await;
+        }
     }
     if let Some(metrics_server) = metrics_server {
         let _ = metrics_server.await;
     }
     if let Some(spool) = delivery.spool() {
         spool.close().await;
+        let left = spool.depth();
+        if left.records > 0 {
+            tracing::warn!(
+                records = left.records,
+                bytes = left.bytes,
+                dir = %config.spool.dir.display(),
+                "webhooks remain in the spool; a relay started on the same spool.dir replays them"
+            );
+        } else {
+            tracing::info!("spool empty at shutdown");
+        }
     }
     delivery.publisher().close().await;
     tracing::info!("stopped");

@@ -65,6 +65,7 @@ pub struct Metrics {
     reconnects: Counter,
     spool_messages: Gauge,
     spool_bytes: Gauge,
+    spool_accepting: Gauge,
     replayed: Counter,
     replay_failures: Counter,
     connection_errors: Family<KindLabels, Counter>,
@@ -175,6 +176,12 @@ impl Metrics {
             "Bytes in the spool waiting for replay",
             spool_bytes.clone(),
         );
+        let spool_accepting = Gauge::default();
+        registry.register(
+            "spool_accepting",
+            "1 while the spool takes webhooks; 0 while it is full, its writes fail, or it is off",
+            spool_accepting.clone(),
+        );
         let replayed = Counter::default();
         registry.register(
             "spool_replayed",
@@ -212,6 +219,7 @@ impl Metrics {
             reconnects,
             spool_messages,
             spool_bytes,
+            spool_accepting,
             replayed,
             replay_failures,
             connection_errors,
@@ -283,11 +291,14 @@ impl Metrics {
             .set(i64::from(health.broker == BrokerState::Blocked));
         let counted = self.reconnects.get();
         self.reconnects.inc_by(reconnects.saturating_sub(counted));
-        let depth = health.spool.map(|s| s.depth).unwrap_or_default();
+        let depth = health.spool.as_ref().map(|s| s.depth).unwrap_or_default();
         self.spool_messages
             .set(i64::try_from(depth.records).unwrap_or(i64::MAX));
         self.spool_bytes
             .set(i64::try_from(depth.bytes).unwrap_or(i64::MAX));
+        self.spool_accepting.set(i64::from(
+            health.spool.as_ref().is_some_and(|s| s.accepting),
+        ));
         let mut text = String::new();
         if let Err(err) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
             tracing::error!(error = %err, "failed to encode metrics");

@@ -461,12 +461,15 @@ pub fn readiness(delivery: &Delivery) -> Response<Full<Bytes>> {
         BrokerState::Disconnected => "disconnected",
     };
     let mut body = serde_json::json!({ "status": health.status(), "broker": broker });
-    if let Some(spool) = health.spool {
+    if let Some(spool) = &health.spool {
         body["spool"] = serde_json::json!({
             "accepting": spool.accepting,
             "messages": spool.depth.records,
             "bytes": spool.depth.bytes,
         });
+        if let Some(error) = &spool.error {
+            body["spool"]["error"] = error.as_ref().into();
+        }
     }
     let status = if health.ready() {
         StatusCode::OK

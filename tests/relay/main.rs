@@ -8,6 +8,8 @@
 //! Modules:
 //! - `harness`: starting relays (in-process or as the real binary), HTTP helpers, queues.
 //! - `hostile`: slow clients, header floods, garbage, network rules, redaction, replay window.
+//! - `memory`: bursts of 1 MiB webhooks into the spool, peak and resident memory against the
+//!   README's formula.
 //! - `operate`: metrics, trace context, overload, keys reloaded on SIGHUP.
 //! - `proxy`: a TCP proxy between relay and broker that can cut, refuse and stall.
 //! - `local_cluster`: RabbitMQ nodes of a test's own (`deploy/rabbitmq/local-cluster.sh`).
@@ -22,9 +24,13 @@
 //! - `reject`: every 4xx, and that none of them publishes anything.
 //! - `topology`: alternate exchange, returned messages, topology mismatches.
 //! - `faults`: broker connection closed or cut; 503s, never hangs nor false 202s.
+//! - `full_disk`: the spool on a 2 MiB tmpfs that fills up: 503s and readiness that say why,
+//!   a restart on the full disk, recovery without a webhook, every 202 delivered once.
 //! - `scale`: two relays behind HAProxy, one killed under load.
 //! - `shutdown`: SIGTERM under load loses no accepted webhook and exits 0.
-//! - `spool`: broker out of reach, SIGKILL, torn spool tail, full spool, several broker URLs.
+//! - `spool`: broker out of reach, SIGKILL, torn spool tail, full spool, several broker URLs,
+//!   the spool replayed on SIGTERM.
+//! - `tmpfs`: a small real filesystem a test mounts (as root) and unmounts when done.
 
 mod accept;
 mod broker_faults;
@@ -32,9 +38,11 @@ mod confirms;
 mod deploy;
 mod docs;
 mod faults;
+mod full_disk;
 mod harness;
 mod hostile;
 mod local_cluster;
+mod memory;
 mod operate;
 mod proxy;
 mod queues;
@@ -42,4 +50,5 @@ mod reject;
 mod scale;
 mod shutdown;
 mod spool;
+mod tmpfs;
 mod topology;
