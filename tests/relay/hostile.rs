@@ -96,7 +96,7 @@ async fn slow_bodies_get_408() {
 }
 
 #[tokio::test]
-async fn header_floods_invalid_utf8_and_json_bombs_are_refused_or_survived() {
+async fn header_floods_invalid_utf8_and_json_bombs_are_refused() {
     let relay = TestRelay::start().await;
     let mut flood = String::from("POST /webhooks/hirehop HTTP/1.1\r\nHost: x\r\n");
     for i in 0..10_000 {
@@ -120,11 +120,9 @@ async fn header_floods_invalid_utf8_and_json_bombs_are_refused_or_survived() {
         "]".repeat(depth)
     );
     let reply = relay.post(bomb).await;
-    assert!(
-        [StatusCode::ACCEPTED, StatusCode::BAD_REQUEST].contains(&reply.status),
-        "{:?}",
-        reply.status
-    );
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    let error = reply.json()["error"].as_str().unwrap().to_owned();
+    assert!(error.contains("recursion limit exceeded"), "{error}");
     still_accepts(&relay).await;
     relay.stop().await;
 }

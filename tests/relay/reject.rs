@@ -68,6 +68,29 @@ async fn bad_requests_get_their_status_and_publish_nothing() {
             StatusCode::BAD_REQUEST,
             "not valid JSON",
         ),
+        // 400: JSON that serde_json (and so many consumers) could not read.
+        (
+            post(format!(
+                r#"{{"event":"job.updated","export_key":"{KEY}","data":{{"NAME":"\udc00"}}}}"#
+            )),
+            StatusCode::BAD_REQUEST,
+            "lone leading surrogate in hex escape",
+        ),
+        (
+            post(format!(
+                r#"{{"event":"job.updated","export_key":"{KEY}","data":1e999999}}"#
+            )),
+            StatusCode::BAD_REQUEST,
+            "number out of range",
+        ),
+        (
+            post(format!(
+                r#"{{"event":"job.updated","export_key":"{KEY}","data":{}}}"#,
+                "9".repeat(900_000)
+            )),
+            StatusCode::BAD_REQUEST,
+            "number out of range",
+        ),
         (
             post(format!(
                 r#"{{"event":"job.updated","export_key":"{KEY}","company_id":"abc"}}"#
