@@ -157,6 +157,12 @@ pub struct HttpConfig {
     pub max_in_flight: usize,
     /// Open connections at once; beyond it, new connections get 503 and are closed.
     pub max_connections: usize,
+    /// Failed key checks (wrong or missing `export_key`) a source address may make per
+    /// minute once its burst is spent; beyond, its wrong keys get 429. 0: no limit. A valid
+    /// key is never refused for this.
+    pub key_failures_per_minute: u32,
+    /// Failed key checks a source address may make at once before the rate applies.
+    pub key_failure_burst: u32,
 }
 
 /// The RabbitMQ side.
@@ -374,6 +380,8 @@ max_header_bytes = 16384
 allow_from = []
 trusted_proxies = []
 forwarded_header = "x-forwarded-for"
+key_failures_per_minute = 30
+key_failure_burst = 20
 
 [amqp]
 url = "amqp://guest:guest@127.0.0.1:5672/%2f"
@@ -491,6 +499,12 @@ impl Config {
         }
         if self.http.max_connections == 0 {
             return Err(invalid("http.max_connections", "must be greater than 0"));
+        }
+        if self.http.key_failures_per_minute > 0 && self.http.key_failure_burst == 0 {
+            return Err(invalid(
+                "http.key_failure_burst",
+                "must be greater than 0 while http.key_failures_per_minute is on",
+            ));
         }
         if self.http.max_body_bytes == 0 || self.http.max_body_bytes > MAX_BODY_BYTES {
             return Err(invalid(

@@ -56,6 +56,7 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     request_seconds: Family<RouteLabels, Histogram>,
     in_flight: Gauge,
+    connections: Gauge,
     rejections: Family<ReasonLabels, Counter>,
     publishes: Family<OutcomeLabels, Counter>,
     confirm_seconds: Histogram,
@@ -120,6 +121,12 @@ impl Metrics {
             "http_requests_in_flight",
             "Webhook requests being handled now",
             in_flight.clone(),
+        );
+        let connections = Gauge::default();
+        registry.register(
+            "http_connections",
+            "Connections open now, on the webhook port and the metrics listener",
+            connections.clone(),
         );
         let rejections = Family::<ReasonLabels, Counter>::default();
         registry.register(
@@ -203,6 +210,7 @@ impl Metrics {
             requests,
             request_seconds,
             in_flight,
+            connections,
             rejections,
             publishes,
             confirm_seconds,
@@ -236,6 +244,12 @@ impl Metrics {
     pub fn in_flight(&self) -> InFlight<'_> {
         self.in_flight.inc();
         InFlight(&self.in_flight)
+    }
+
+    /// Counts one open connection until the guard is dropped.
+    pub fn connection(&self) -> InFlight<'_> {
+        self.connections.inc();
+        InFlight(&self.connections)
     }
 
     pub fn rejection(&self, reason: &'static str) {
@@ -296,7 +310,7 @@ impl Metrics {
     }
 }
 
-/// See [`Metrics::in_flight`].
+/// See [`Metrics::in_flight`] and [`Metrics::connection`].
 pub struct InFlight<'a>(&'a Gauge);
 
 impl Drop for InFlight<'_> {

@@ -30,6 +30,9 @@ use crate::config::HttpConfig;
 use crate::metrics::Metrics;
 use crate::tls::Tls;
 
+/// Requests at once on one HTTP/2 connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 100;
+
 /// Serves `listener` with `handler` until `shutdown` resolves, then stops accepting and gives
 /// open connections `http.drain_timeout_ms` to finish their requests.
 pub async fn serve<H, F>(
@@ -59,6 +62,9 @@ pub async fn serve<H, F>(
     builder
         .http2()
         .timer(TokioTimer::new())
+        // Each stream may hold a body being read: say how many, for the memory bound the
+        // docs give (RFC 9113 recommends allowing at least 100; hyper's default is 200).
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .max_header_list_size(u32::try_from(http.max_header_bytes).unwrap_or(u32::MAX));
     let builder = Arc::new(builder);
 
@@ -143,6 +149,8 @@ impl Connection {
         H: Fn(SocketAddr, Request<Incoming>) -> F + Send + Sync + 'static,
         F: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
     {
+        let metrics = Arc::clone(&self.metrics);
+        let _open = metrics.connection();
         // A client must send its first byte within a header read timeout before hyper gets
         // the connection (hyper-util's protocol detection has no timer of its own); until
         // then it costs no more than its socket. Under TLS the handshake is that first byte.

@@ -16,6 +16,8 @@
 //! - `reject`: every 4xx, and that none of them publishes anything.
 //! - `topology`: alternate exchange, returned messages, topology mismatches.
 //! - `faults`: broker connection closed or cut; 503s, never hangs nor false 202s.
+//! - `floods`: a wrong-key flood and a slow-body attack from one source, while a legitimate
+//!   sender keeps getting 202s and the log stays short.
 //! - `scale`: two relays behind HAProxy, one killed under load.
 //! - `shutdown`: SIGTERM under load loses no accepted webhook and exits 0.
 //! - `spool`: broker out of reach, SIGKILL, torn spool tail, full spool, several broker URLs.
@@ -23,6 +25,7 @@
 mod accept;
 mod confirms;
 mod faults;
+mod floods;
 mod harness;
 mod hostile;
 mod operate;
