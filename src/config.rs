@@ -157,6 +157,9 @@ pub struct HttpConfig {
     pub max_in_flight: usize,
     /// Open connections at once; beyond it, new connections get 503 and are closed.
     pub max_connections: usize,
+    /// Open connections from one address (the TCP peer; an IPv6 /64); beyond it, new ones
+    /// are closed at once. `trusted_proxies` are not limited by it.
+    pub max_connections_per_ip: usize,
     /// Failed key checks (wrong or missing `export_key`) a source address may make per
     /// minute once its burst is spent; beyond, its wrong keys get 429. 0: no limit. A valid
     /// key is never refused for this.
@@ -322,9 +325,11 @@ pub struct SpoolConfig {
 }
 
 /// Optional TLS termination on the webhook port.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
+    /// Time a client has for the whole TLS handshake, from its first byte on.
+    pub handshake_timeout_ms: u64,
     /// PEM certificate chain; with `key_file`, turns TLS on. Re-read when it changes.
     #[serde(default)]
     pub cert_file: Option<PathBuf>,
@@ -374,6 +379,7 @@ drain_timeout_ms = 10000
 retry_after_secs = 5
 max_in_flight = 1024
 max_connections = 4096
+max_connections_per_ip = 256
 body_idle_timeout_ms = 10000
 max_headers = 100
 max_header_bytes = 16384
@@ -408,6 +414,7 @@ companies = []
 max_age_secs = 0
 
 [tls]
+handshake_timeout_ms = 3000
 
 [spool]
 enabled = true
@@ -500,6 +507,12 @@ impl Config {
         if self.http.max_connections == 0 {
             return Err(invalid("http.max_connections", "must be greater than 0"));
         }
+        if self.http.max_connections_per_ip == 0 {
+            return Err(invalid(
+                "http.max_connections_per_ip",
+                "must be greater than 0",
+            ));
+        }
         if self.http.key_failures_per_minute > 0 && self.http.key_failure_burst == 0 {
             return Err(invalid(
                 "http.key_failure_burst",
@@ -519,6 +532,7 @@ impl Config {
             ),
             ("http.request_timeout_ms", self.http.request_timeout_ms),
             ("http.body_idle_timeout_ms", self.http.body_idle_timeout_ms),
+            ("tls.handshake_timeout_ms", self.tls.handshake_timeout_ms),
             ("amqp.confirm_timeout_ms", self.amqp.confirm_timeout_ms),
             ("amqp.connect_timeout_ms", self.amqp.connect_timeout_ms),
             (
@@ -663,6 +677,12 @@ impl HttpConfig {
     }
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_millis(self.drain_timeout_ms)
+    }
+}
+
+impl TlsConfig {
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
     }
 }
 

@@ -91,7 +91,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     let tls = match (&config.tls.cert_file, &config.tls.key_file) {
-        (Some(cert), Some(key)) => Some(Arc::new(tls::Tls::load(cert, key)?)),
+        (Some(cert), Some(key)) => Some(Arc::new(tls::Tls::load(
+            cert,
+            key,
+            config.tls.handshake_timeout(),
+        )?)),
         _ => None,
     };
     let metrics_listener = match config.metrics.listen {
@@ -127,8 +131,10 @@ pub async fn run(
         let (rejections, stop) = (Arc::clone(&rejections), stopping.clone());
         tokio::spawn(async move { rejections.run(stop).await })
     };
-    let metrics_server = metrics_listener
-        .map(|listener| spawn_metrics_server(listener, &config, &delivery, stopping.clone()));
+    let metrics_server = metrics_listener.map(|listener| {
+        let rejections = Arc::clone(&rejections);
+        spawn_metrics_server(listener, &config, &delivery, rejections, stopping.clone())
+    });
     let app = Arc::new(App {
         keys,
         routing: config
@@ -172,7 +178,8 @@ pub async fn run(
         move |peer, request| webhook::handle(Arc::clone(&app), peer, request)
     };
     let metrics = Arc::clone(delivery.metrics());
-    server::serve(listener, &config.http, tls, metrics, handler, shutdown).await;
+    let limits = (metrics, Arc::clone(&rejections));
+    server::serve(listener, &config.http, tls, limits, handler, shutdown).await;
     stopping.cancel();
 
     // Deliveries whose client hung up are not covered by the connection drain.
@@ -204,14 +211,15 @@ pub async fn run(
 
 /// Reloads `auth.export_keys_file` when it changes (checked every 2 s) and on SIGHUP; a
 /// reload that fails, or would leave no key at all, keeps the old keys. Without a keys file,
-/// SIGHUP is only logged (it must never end the process).
+/// SIGHUP is only logged here (it must never end the process; the TLS pair, if any, reloads
+/// on it too).
 fn spawn_key_reloads(config: &Config, keys: &Arc<KeyStore>, stop: CancellationToken) {
     let mut hangups = signal::hangups();
     let Some(path) = config.auth.export_keys_file.clone() else {
         tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    () = hangups.next() => tracing::info!("nothing to reload: no auth.export_keys_file"),
+                    () = hangups.next() => tracing::info!("received SIGHUP; no auth.export_keys_file to reload"),
                     () = stop.cancelled() => return,
                 }
             }
@@ -238,6 +246,7 @@ fn spawn_metrics_server(
     listener: TcpListener,
     config: &Config,
     delivery: &Delivery,
+    rejections: Arc<RejectionLog>,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     if let Ok(addr) = listener.local_addr() {
@@ -252,7 +261,7 @@ fn spawn_metrics_server(
             listener,
             &http,
             None,
-            metrics,
+            (metrics, rejections),
             handler,
             stop.cancelled_owned(),
         )

@@ -69,6 +69,7 @@ pub struct Metrics {
     replayed: Counter,
     replay_failures: Counter,
     connection_errors: Family<KindLabels, Counter>,
+    tls_handshake_failures: Family<ReasonLabels, Counter>,
     events: EventNames,
     /// One scrape at a time: state gauges are refreshed, then everything encoded.
     render: Mutex<()>,
@@ -197,8 +198,14 @@ impl Metrics {
         let connection_errors = Family::<KindLabels, Counter>::default();
         registry.register(
             "connection_errors",
-            "Connections ended early, by kind (header_timeout, headers_too_large, bad_request, tls_handshake, over_limit, io)",
+            "Connections ended early, by kind (header_timeout, headers_too_large, bad_request, tls_handshake, over_limit, over_ip_limit, io)",
             connection_errors.clone(),
+        );
+        let tls_handshake_failures = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed, by reason (timeout, plain_http, not_tls, certificate_rejected, client_alert, incompatible, protocol, closed, io)",
+            tls_handshake_failures.clone(),
         );
         registry.register(
             "build",
@@ -223,6 +230,7 @@ impl Metrics {
             replayed,
             replay_failures,
             connection_errors,
+            tls_handshake_failures,
             events: EventNames {
                 seen: Mutex::new(HashSet::new()),
                 max: max_event_labels,
@@ -276,6 +284,12 @@ impl Metrics {
     pub fn connection_error(&self, kind: &'static str) {
         self.connection_errors
             .get_or_create(&KindLabels { kind })
+            .inc();
+    }
+
+    pub fn tls_handshake_failure(&self, reason: &'static str) {
+        self.tls_handshake_failures
+            .get_or_create(&ReasonLabels { reason })
             .inc();
     }
 

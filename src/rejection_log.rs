@@ -58,6 +58,8 @@ struct Interval {
 #[derive(Debug)]
 struct Tally {
     level: Level,
+    /// What was rejected: "requests", "connections", "TLS handshakes".
+    noun: &'static str,
     /// Rejections after the first, which was logged in full.
     more: u64,
 }
@@ -92,11 +94,18 @@ impl RejectionLog {
         RejectionLog::default()
     }
 
-    /// Counts one rejection of `reason` from `source`, to be logged at `level`. True when it
+    /// Counts one rejection of `reason` from `source` (of a request, a connection, ...: the
+    /// `noun` the summary uses), to be logged at `level`. True when it
     /// is the first of its source and reason in this interval: the caller then logs it in
     /// full. False for the rest, which the interval's summary line counts, and for every
     /// rejection whose level is not logged at all.
-    pub fn first(&self, source: Source, reason: &'static str, level: Level) -> bool {
+    pub fn first(
+        &self,
+        source: Source,
+        reason: &'static str,
+        level: Level,
+        noun: &'static str,
+    ) -> bool {
         if LevelFilter::current() < level {
             return false;
         }
@@ -115,7 +124,14 @@ impl RejectionLog {
                 false
             }
             None => {
-                tallies.insert((from, reason), Tally { level, more: 0 });
+                tallies.insert(
+                    (from, reason),
+                    Tally {
+                        level,
+                        noun,
+                        more: 0,
+                    },
+                );
                 true
             }
         }
@@ -141,13 +157,13 @@ impl RejectionLog {
             if tally.more == 0 {
                 continue;
             }
-            let more = tally.more;
+            let (more, noun) = (tally.more, tally.noun);
             event_at!(
                 tally.level,
                 source = %from,
                 reason,
                 count = more,
-                "rejected {more} more requests from {from} in the last {secs} s: {reason}"
+                "rejected {more} more {noun} from {from} in the last {secs} s: {reason}"
             );
         }
     }
@@ -185,21 +201,34 @@ mod tests {
         );
         let log = RejectionLog::new();
         let a = source("203.0.113.9");
-        assert!(log.first(a, "bad_key", Level::WARN));
+        assert!(log.first(a, "bad_key", Level::WARN, "requests"));
         for _ in 0..1000 {
-            assert!(!log.first(a, "bad_key", Level::WARN));
+            assert!(!log.first(a, "bad_key", Level::WARN, "requests"));
         }
-        assert!(log.first(a, "bad_json", Level::WARN));
-        assert!(log.first(source("203.0.113.10"), "bad_key", Level::WARN));
+        assert!(log.first(a, "bad_json", Level::WARN, "requests"));
+        assert!(log.first(source("203.0.113.10"), "bad_key", Level::WARN, "requests"));
         // Two addresses of one IPv6 /64 are one source.
-        assert!(log.first(source("2001:db8:1:2::1"), "bad_key", Level::WARN));
-        assert!(!log.first(source("2001:db8:1:2:ffff::7"), "bad_key", Level::WARN));
+        assert!(log.first(
+            source("2001:db8:1:2::1"),
+            "bad_key",
+            Level::WARN,
+            "requests"
+        ));
+        assert!(!log.first(
+            source("2001:db8:1:2:ffff::7"),
+            "bad_key",
+            Level::WARN,
+            "requests"
+        ));
         {
             let interval = log.interval.lock().unwrap();
             assert_eq!(interval.tallies[&(Origin::Source(a), "bad_key")].more, 1000);
         }
         log.flush();
-        assert!(log.first(a, "bad_key", Level::WARN), "a new interval");
+        assert!(
+            log.first(a, "bad_key", Level::WARN, "requests"),
+            "a new interval"
+        );
     }
 
     #[test]
@@ -211,15 +240,12 @@ mod tests {
         );
         let log = RejectionLog::new();
         for i in 0..MAX_TALLIES as u32 {
-            assert!(log.first(
-                Source::of(std::net::Ipv4Addr::from(i).into()),
-                "x",
-                Level::WARN
-            ));
+            let source = Source::of(std::net::Ipv4Addr::from(i).into());
+            assert!(log.first(source, "x", Level::WARN, "requests"));
         }
         // One more line for all the others, then counts.
-        assert!(log.first(source("198.51.100.1"), "x", Level::WARN));
-        assert!(!log.first(source("198.51.100.2"), "x", Level::WARN));
+        assert!(log.first(source("198.51.100.1"), "x", Level::WARN, "requests"));
+        assert!(!log.first(source("198.51.100.2"), "x", Level::WARN, "requests"));
         let interval = log.interval.lock().unwrap();
         assert_eq!(interval.tallies.len(), MAX_TALLIES + 1);
         assert_eq!(interval.tallies[&(Origin::Others, "x")].more, 1);

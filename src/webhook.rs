@@ -253,7 +253,10 @@ pub async fn handle(
     };
     let mut response = answer.unwrap_or_else(|rejection| {
         let (reason, level) = (rejection.reason(), rejection.level());
-        if app.rejections.first(Source::of(client), reason, level) {
+        if app
+            .rejections
+            .first(Source::of(client), reason, level, "requests")
+        {
             span.in_scope(|| log_rejection(&rejection, level));
         }
         app.delivery.metrics().rejection(reason);

@@ -74,9 +74,7 @@ impl Client {
     }
 
     async fn connect(&self) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind(SocketAddr::new(self.from, 0)).unwrap();
-        let stream = socket.connect(self.relay).await.unwrap();
+        let stream = harness::connect_from(self.relay, &self.from.to_string()).await;
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .unwrap();

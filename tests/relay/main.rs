@@ -8,6 +8,8 @@
 //! Modules:
 //! - `harness`: starting relays (in-process or as the real binary), HTTP helpers, queues.
 //! - `hostile`: slow clients, header floods, garbage, network rules, redaction, replay window.
+//! - `tls`: HTTP/2 over ALPN, renewed and mismatched certificates, stalled handshakes against
+//!   the connection caps, plain HTTP to the TLS port.
 //! - `operate`: metrics, trace context, overload, keys reloaded on SIGHUP.
 //! - `proxy`: a TCP proxy between relay and broker that can cut, refuse and stall.
 //! - `confirms`: a confirm that does not come in time; many confirms in flight on one channel.
@@ -35,4 +37,5 @@ mod reject;
 mod scale;
 mod shutdown;
 mod spool;
+mod tls;
 mod topology;
