@@ -178,8 +178,16 @@ pub async fn run(
         move |peer, request| webhook::handle(Arc::clone(&app), peer, request)
     };
     let metrics = Arc::clone(delivery.metrics());
-    let limits = (metrics, Arc::clone(&rejections));
-    server::serve(listener, &config.http, tls, limits, handler, shutdown).await;
+    server::serve(
+        listener,
+        &config.http,
+        tls,
+        metrics,
+        Arc::clone(&rejections),
+        handler,
+        shutdown,
+    )
+    .await;
     stopping.cancel();
 
     // Deliveries whose client hung up are not covered by the connection drain.
@@ -261,7 +269,8 @@ fn spawn_metrics_server(
             listener,
             &http,
             None,
-            (metrics, rejections),
+            metrics,
+            rejections,
             handler,
             stop.cancelled_owned(),
         )

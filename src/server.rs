@@ -44,7 +44,8 @@ pub async fn serve<H, F>(
     listener: TcpListener,
     http: &HttpConfig,
     tls: Option<Arc<Tls>>,
-    (metrics, rejections): (Arc<Metrics>, Arc<RejectionLog>),
+    metrics: Arc<Metrics>,
+    rejections: Arc<RejectionLog>,
     handler: H,
     shutdown: impl Future<Output = ()>,
 ) where
@@ -186,7 +187,7 @@ impl Connection {
         let _open = metrics.connection();
         // A client must send its first byte within a header read timeout before hyper gets
         // the connection (hyper-util's protocol detection has no timer of its own); until
-        // then it costs no more than its socket. Under TLS the handshake is that first byte.
+        // then it costs no more than its socket. Under TLS, the handshake timeout covers it.
         let Some(tls) = tls else {
             // `peek`, not `readable()`: tokio reports a fresh socket readable at once.
             let mut byte = [0];
@@ -216,34 +217,30 @@ impl Connection {
             hello = tokio::time::timeout_at(deadline, first_byte(&stream)) => hello,
             () = self.stop.cancelled() => return,
         };
-        let failure = match hello {
-            Err(_) => "timeout",
-            Ok(Err(_)) => "io",
+        let (failure, error) = match hello {
+            Err(_) => ("timeout", None),
+            Ok(Err(err)) => ("io", Some(err)),
             Ok(Ok(None)) => return, // Closed without a word.
             // A TLS record of type handshake.
             Ok(Ok(Some(0x16))) => {
                 match tokio::time::timeout_at(deadline, tls.acceptor.accept(stream)).await {
                     Ok(Ok(stream)) => return self.serve(stream, handler).await,
-                    Ok(Err(err)) => {
-                        let reason = handshake_failure(&err);
-                        tracing::debug!(peer = %self.peer, error = %err, reason, "TLS handshake failed");
-                        reason
-                    }
-                    Err(_) => "timeout",
+                    Ok(Err(err)) => (handshake_failure(&err), Some(err)),
+                    Err(_) => ("timeout", None),
                 }
             }
             // A request line (`GET /`, `POST /`, ...): someone forgot the s in https.
             Ok(Ok(Some(byte))) if byte.is_ascii_uppercase() => {
-                self.handshake_failed("plain_http");
+                self.handshake_failed("plain_http", None);
                 return answer_plain_http(stream, deadline).await;
             }
-            Ok(Ok(Some(_))) => "not_tls",
+            Ok(Ok(Some(_))) => ("not_tls", None),
         };
-        self.handshake_failed(failure);
+        self.handshake_failed(failure, error);
     }
 
     /// Counts a failed handshake, and logs it through the rejection log.
-    fn handshake_failed(&self, failure: &'static str) {
+    fn handshake_failed(&self, failure: &'static str, error: Option<io::Error>) {
         self.metrics.connection_error("tls_handshake");
         self.metrics.tls_handshake_failure(failure);
         let source = Source::of(self.peer.ip());
@@ -258,7 +255,8 @@ impl Connection {
             .rejections
             .first(source, failure, level, "TLS handshakes")
         {
-            crate::rejection_log::event_at!(level, peer = %self.peer, reason = failure, "TLS handshake failed");
+            let error = error.map(|err| err.to_string());
+            crate::rejection_log::event_at!(level, peer = %self.peer, reason = failure, error, "TLS handshake failed");
         }
     }
 

@@ -183,7 +183,7 @@ impl Rejection {
     /// How loud its log line is. Error: a webhook that may be HireHop's was not kept. Warn:
     /// something on the webhook path an operator may have to act on (a rotated key, a new
     /// sender address, a flood, the in-flight cap). Debug: scanners and broken clients, which
-    /// never reach the webhook path (unknown paths, wrong methods, a missing `Host`).
+    /// HireHop never is (unknown paths, methods it does not use, a missing `Host`).
     pub fn level(&self) -> Level {
         match self {
             Rejection::BadHost(_) | Rejection::NotFound | Rejection::MethodNotAllowed { .. } => {
@@ -587,4 +587,40 @@ fn with_type(
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_levels_follow_what_an_operator_must_do() {
+        // Scanners and broken clients: nothing to do.
+        for rejection in [
+            Rejection::NotFound,
+            Rejection::MethodNotAllowed { allow: "GET" },
+            Rejection::BadHost("more than one Host header"),
+        ] {
+            assert_eq!(rejection.level(), Level::DEBUG, "{rejection:?}");
+        }
+        // The webhook path: perhaps a rotated key or a new sender; the in-flight cap.
+        for rejection in [
+            Rejection::WrongKey,
+            Rejection::KeyFailuresLimited {
+                retry_after_secs: 2,
+            },
+            Rejection::Forbidden,
+            Rejection::BodyTimeout,
+            Rejection::Overloaded,
+        ] {
+            assert_eq!(rejection.level(), Level::WARN, "{rejection:?}");
+        }
+        // A webhook that was not kept.
+        let lost = Rejection::DeliveryAborted("panicked".into());
+        assert_eq!(lost.level(), Level::ERROR);
+        assert_eq!(
+            Rejection::Overloaded.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
 }
