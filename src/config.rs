@@ -1191,6 +1191,48 @@ mod tests {
     }
 
     #[test]
+    fn edge_limits_have_defaults_and_refuse_zero() {
+        let config = Config::load_from(None, env(&[("RELAY_AUTH__EXPORT_KEYS", "k")])).unwrap();
+        assert_eq!(config.http.max_connections_per_ip, 256);
+        assert_eq!(config.http.key_failures_per_minute, 30);
+        assert_eq!(config.http.key_failure_burst, 20);
+        assert_eq!(config.tls.handshake_timeout(), Duration::from_secs(3));
+        for (key, value, message) in [
+            (
+                "RELAY_HTTP__MAX_CONNECTIONS_PER_IP",
+                "0",
+                "http.max_connections_per_ip",
+            ),
+            (
+                "RELAY_TLS__HANDSHAKE_TIMEOUT_MS",
+                "0",
+                "tls.handshake_timeout_ms",
+            ),
+            (
+                "RELAY_HTTP__KEY_FAILURE_BURST",
+                "0",
+                "http.key_failure_burst",
+            ),
+        ] {
+            let err =
+                Config::load_from(None, env(&[("RELAY_AUTH__EXPORT_KEYS", "k"), (key, value)]))
+                    .unwrap_err()
+                    .to_string();
+            assert!(err.starts_with(&format!("invalid {message}")), "{err}");
+        }
+        // No limit on failed key checks: then no burst is needed either.
+        let off = Config::load_from(
+            None,
+            env(&[
+                ("RELAY_AUTH__EXPORT_KEYS", "k"),
+                ("RELAY_HTTP__KEY_FAILURES_PER_MINUTE", "0"),
+                ("RELAY_HTTP__KEY_FAILURE_BURST", "0"),
+            ]),
+        );
+        assert!(off.is_ok(), "{:?}", off.err());
+    }
+
+    #[test]
     fn network_lists_take_cidrs_and_addresses() {
         let config = Config::load_from(
             None,
