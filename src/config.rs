@@ -157,6 +157,15 @@ pub struct HttpConfig {
     pub max_in_flight: usize,
     /// Open connections at once; beyond it, new connections get 503 and are closed.
     pub max_connections: usize,
+    /// Open connections from one address (the TCP peer; an IPv6 /64); beyond it, new ones
+    /// are closed at once. `trusted_proxies` are not limited by it.
+    pub max_connections_per_ip: usize,
+    /// Failed key checks (wrong or missing `export_key`) a source address may make per
+    /// minute once its burst is spent; beyond, its wrong keys get 429. 0: no limit. A valid
+    /// key is never refused for this.
+    pub key_failures_per_minute: u32,
+    /// Failed key checks a source address may make at once before the rate applies.
+    pub key_failure_burst: u32,
 }
 
 /// The RabbitMQ side.
@@ -319,9 +328,11 @@ pub struct SpoolConfig {
 }
 
 /// Optional TLS termination on the webhook port.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
+    /// Time a client has for the whole TLS handshake, from its first byte on.
+    pub handshake_timeout_ms: u64,
     /// PEM certificate chain; with `key_file`, turns TLS on. Re-read when it changes.
     #[serde(default)]
     pub cert_file: Option<PathBuf>,
@@ -371,12 +382,15 @@ drain_timeout_ms = 10000
 retry_after_secs = 5
 max_in_flight = 1024
 max_connections = 4096
+max_connections_per_ip = 256
 body_idle_timeout_ms = 10000
 max_headers = 100
 max_header_bytes = 16384
 allow_from = []
 trusted_proxies = []
 forwarded_header = "x-forwarded-for"
+key_failures_per_minute = 30
+key_failure_burst = 20
 
 [amqp]
 url = "amqp://guest:guest@127.0.0.1:5672/%2f"
@@ -403,6 +417,7 @@ companies = []
 max_age_secs = 0
 
 [tls]
+handshake_timeout_ms = 3000
 
 [spool]
 enabled = true
@@ -496,6 +511,18 @@ impl Config {
         if self.http.max_connections == 0 {
             return Err(invalid("http.max_connections", "must be greater than 0"));
         }
+        if self.http.max_connections_per_ip == 0 {
+            return Err(invalid(
+                "http.max_connections_per_ip",
+                "must be greater than 0",
+            ));
+        }
+        if self.http.key_failures_per_minute > 0 && self.http.key_failure_burst == 0 {
+            return Err(invalid(
+                "http.key_failure_burst",
+                "must be greater than 0 while http.key_failures_per_minute is on",
+            ));
+        }
         if self.http.max_body_bytes == 0 || self.http.max_body_bytes > MAX_BODY_BYTES {
             return Err(invalid(
                 "http.max_body_bytes",
@@ -509,6 +536,7 @@ impl Config {
             ),
             ("http.request_timeout_ms", self.http.request_timeout_ms),
             ("http.body_idle_timeout_ms", self.http.body_idle_timeout_ms),
+            ("tls.handshake_timeout_ms", self.tls.handshake_timeout_ms),
             ("amqp.confirm_timeout_ms", self.amqp.confirm_timeout_ms),
             ("amqp.connect_timeout_ms", self.amqp.connect_timeout_ms),
             (
@@ -659,6 +687,12 @@ impl HttpConfig {
 impl SpoolConfig {
     pub fn shutdown_replay_timeout(&self) -> Duration {
         Duration::from_millis(self.shutdown_replay_timeout_ms)
+    }
+}
+
+impl TlsConfig {
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
     }
 }
 
@@ -1178,6 +1212,48 @@ mod tests {
             err.starts_with("invalid amqp.routing_key_template"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn edge_limits_have_defaults_and_refuse_zero() {
+        let config = Config::load_from(None, env(&[("RELAY_AUTH__EXPORT_KEYS", "k")])).unwrap();
+        assert_eq!(config.http.max_connections_per_ip, 256);
+        assert_eq!(config.http.key_failures_per_minute, 30);
+        assert_eq!(config.http.key_failure_burst, 20);
+        assert_eq!(config.tls.handshake_timeout(), Duration::from_secs(3));
+        for (key, value, message) in [
+            (
+                "RELAY_HTTP__MAX_CONNECTIONS_PER_IP",
+                "0",
+                "http.max_connections_per_ip",
+            ),
+            (
+                "RELAY_TLS__HANDSHAKE_TIMEOUT_MS",
+                "0",
+                "tls.handshake_timeout_ms",
+            ),
+            (
+                "RELAY_HTTP__KEY_FAILURE_BURST",
+                "0",
+                "http.key_failure_burst",
+            ),
+        ] {
+            let err =
+                Config::load_from(None, env(&[("RELAY_AUTH__EXPORT_KEYS", "k"), (key, value)]))
+                    .unwrap_err()
+                    .to_string();
+            assert!(err.starts_with(&format!("invalid {message}")), "{err}");
+        }
+        // No limit on failed key checks: then no burst is needed either.
+        let off = Config::load_from(
+            None,
+            env(&[
+                ("RELAY_AUTH__EXPORT_KEYS", "k"),
+                ("RELAY_HTTP__KEY_FAILURES_PER_MINUTE", "0"),
+                ("RELAY_HTTP__KEY_FAILURE_BURST", "0"),
+            ]),
+        );
+        assert!(off.is_ok(), "{:?}", off.err());
     }
 
     #[test]

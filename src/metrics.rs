@@ -56,6 +56,7 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     request_seconds: Family<RouteLabels, Histogram>,
     in_flight: Gauge,
+    connections: Gauge,
     rejections: Family<ReasonLabels, Counter>,
     publishes: Family<OutcomeLabels, Counter>,
     confirm_seconds: Histogram,
@@ -69,6 +70,7 @@ pub struct Metrics {
     replayed: Counter,
     replay_failures: Counter,
     connection_errors: Family<KindLabels, Counter>,
+    tls_handshake_failures: Family<ReasonLabels, Counter>,
     events: EventNames,
     /// One scrape at a time: state gauges are refreshed, then everything encoded.
     render: Mutex<()>,
@@ -121,6 +123,12 @@ impl Metrics {
             "http_requests_in_flight",
             "Webhook requests being handled now",
             in_flight.clone(),
+        );
+        let connections = Gauge::default();
+        registry.register(
+            "http_connections",
+            "Connections open now, on the webhook port and the metrics listener",
+            connections.clone(),
         );
         let rejections = Family::<ReasonLabels, Counter>::default();
         registry.register(
@@ -197,8 +205,14 @@ impl Metrics {
         let connection_errors = Family::<KindLabels, Counter>::default();
         registry.register(
             "connection_errors",
-            "Connections ended early, by kind (header_timeout, headers_too_large, bad_request, tls_handshake, over_limit, io)",
+            "Connections ended early, by kind (header_timeout, headers_too_large, bad_request, tls_handshake, over_limit, over_ip_limit, io)",
             connection_errors.clone(),
+        );
+        let tls_handshake_failures = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed, by reason (timeout, plain_http, not_tls, certificate_rejected, client_alert, incompatible, protocol, closed, io)",
+            tls_handshake_failures.clone(),
         );
         registry.register(
             "build",
@@ -210,6 +224,7 @@ impl Metrics {
             requests,
             request_seconds,
             in_flight,
+            connections,
             rejections,
             publishes,
             confirm_seconds,
@@ -223,6 +238,7 @@ impl Metrics {
             replayed,
             replay_failures,
             connection_errors,
+            tls_handshake_failures,
             events: EventNames {
                 seen: Mutex::new(HashSet::new()),
                 max: max_event_labels,
@@ -244,6 +260,12 @@ impl Metrics {
     pub fn in_flight(&self) -> InFlight<'_> {
         self.in_flight.inc();
         InFlight(&self.in_flight)
+    }
+
+    /// Counts one open connection until the guard is dropped.
+    pub fn connection(&self) -> InFlight<'_> {
+        self.connections.inc();
+        InFlight(&self.connections)
     }
 
     pub fn rejection(&self, reason: &'static str) {
@@ -270,6 +292,12 @@ impl Metrics {
     pub fn connection_error(&self, kind: &'static str) {
         self.connection_errors
             .get_or_create(&KindLabels { kind })
+            .inc();
+    }
+
+    pub fn tls_handshake_failure(&self, reason: &'static str) {
+        self.tls_handshake_failures
+            .get_or_create(&ReasonLabels { reason })
             .inc();
     }
 
@@ -307,7 +335,7 @@ impl Metrics {
     }
 }
 
-/// See [`Metrics::in_flight`].
+/// See [`Metrics::in_flight`] and [`Metrics::connection`].
 pub struct InFlight<'a>(&'a Gauge);
 
 impl Drop for InFlight<'_> {
