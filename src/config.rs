@@ -25,6 +25,21 @@ pub enum ConfigError {
     /// A value was read but is not acceptable.
     #[error("invalid {key}: {reason}")]
     Invalid { key: &'static str, reason: String },
+    /// A setting's value is not acceptable, with where it came from (`from RELAY_HTTP__LISTEN`,
+    /// `in relay.toml`).
+    #[error("invalid {setting} {origin}: {reason}")]
+    Value {
+        setting: String,
+        origin: String,
+        reason: String,
+    },
+    /// A setting that does not exist (a typo, most likely), with where it came from.
+    #[error("unknown setting {setting} {origin}{}", did_you_mean(suggestion))]
+    Unknown {
+        setting: String,
+        origin: String,
+        suggestion: Option<String>,
+    },
     /// No export key is configured at all: the relay would accept nothing, or worse.
     #[error(
         "no export key configured: set auth.export_keys in the config file, \
@@ -34,8 +49,12 @@ pub enum ConfigError {
     NoExportKey,
 }
 
-/// The sections a `RELAY_<SECTION>__<KEY>` variable can name.
-const SECTIONS: [&str; 7] = ["http", "amqp", "auth", "spool", "tls", "metrics", "log"];
+fn did_you_mean(suggestion: &Option<String>) -> String {
+    suggestion
+        .as_ref()
+        .map(|name| format!("; did you mean {name}?"))
+        .unwrap_or_default()
+}
 
 /// The `RELAY_*` variables that are ours. Kubernetes injects `RELAY_PORT`,
 /// `RELAY_SERVICE_HOST`, ... for a Service named `relay` (and `RELAY_METRICS_PORT`, ... for
@@ -48,6 +67,7 @@ fn relay_variables(env: HashMap<String, String>) -> Result<HashMap<String, Strin
             continue;
         };
         if rest.contains("__") {
+            check_variable(&name)?;
             ours.insert(name, value);
             continue;
         }
@@ -55,7 +75,7 @@ fn relay_variables(env: HashMap<String, String>) -> Result<HashMap<String, Strin
             continue;
         }
         let lower = rest.to_ascii_lowercase();
-        if let Some(section) = SECTIONS
+        if let Some(section) = schema::fields::<Config>()
             .iter()
             .find(|s| lower.starts_with(&format!("{s}_")))
         {
@@ -71,6 +91,145 @@ fn relay_variables(env: HashMap<String, String>) -> Result<HashMap<String, Strin
         }
     }
     Ok(ours)
+}
+
+/// The name of the variable that sets `setting`: `RELAY_HTTP__LISTEN` for `http.listen`.
+fn variable(setting: &str) -> String {
+    format!("RELAY_{}", setting.replace('.', "__").to_ascii_uppercase())
+}
+
+/// A `RELAY_<SECTION>__<KEY>` variable must name a setting: refused by name otherwise, with
+/// the nearest one if it looks like a typo.
+fn check_variable(name: &str) -> Result<(), ConfigError> {
+    let setting = name["RELAY_".len()..]
+        .replace("__", ".")
+        .to_ascii_lowercase();
+    let known = known_setting(&setting, schema::fields::<Config>(), Config::section_fields);
+    match known {
+        Ok(()) => Ok(()),
+        Err(suggestion) => Err(ConfigError::Unknown {
+            origin: format!("from {name}"),
+            setting,
+            suggestion: suggestion.map(|s| variable(&s)),
+        }),
+    }
+}
+
+/// Whether `section.key` is a setting; if not, the nearest one, if any is near.
+fn known_setting(
+    setting: &str,
+    sections: &[&str],
+    keys: impl Fn(&str) -> Option<&'static [&'static str]>,
+) -> Result<(), Option<String>> {
+    let (section, key) = setting.split_once('.').unwrap_or((setting, ""));
+    let Some(section_keys) = keys(section) else {
+        let near = nearest(section, sections);
+        return Err(near.map(|s| format!("{s}.{key}")));
+    };
+    if section_keys.contains(&key) {
+        return Ok(());
+    }
+    Err(nearest(key, section_keys).map(|k| format!("{section}.{k}")))
+}
+
+/// The candidate most like `name`, if one is close enough to be a typo of it.
+fn nearest<'a>(name: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    candidates
+        .iter()
+        .map(|c| (strsim::jaro_winkler(name, c), *c))
+        .filter(|(score, _)| *score > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, c)| c)
+}
+
+/// Every key of `file` must be a setting: refused by name otherwise, with the nearest one. A
+/// file that is not TOML is left to the loader, which says where it fails to parse.
+fn check_file(path: &Path) -> Result<(), ConfigError> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let Ok(table) = text.parse::<toml::Table>() else {
+        return Ok(());
+    };
+    let origin = format!("in {}", path.display());
+    let unknown = |setting: String, suggestion| ConfigError::Unknown {
+        setting,
+        origin: origin.clone(),
+        suggestion,
+    };
+    let sections = schema::fields::<Config>();
+    for (section, value) in &table {
+        let Some(keys) = value.as_table() else {
+            let known = known_setting(section, sections, Config::section_fields);
+            return Err(unknown(section.clone(), known.err().flatten()));
+        };
+        for (key, value) in keys {
+            let setting = format!("{section}.{key}");
+            known_setting(&setting, sections, Config::section_fields)
+                .map_err(|suggestion| unknown(setting.clone(), suggestion))?;
+            // `[[amqp.queues]]` and `[[auth.companies]]` entries have keys of their own.
+            let entry_keys = match setting.as_str() {
+                "amqp.queues" => schema::fields::<QueueConfig>(),
+                "auth.companies" => schema::fields::<CompanyKeys>(),
+                _ => continue,
+            };
+            for entry in value
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e.as_table())
+            {
+                let unknown_key = entry
+                    .keys()
+                    .find(|name| !entry_keys.contains(&name.as_str()));
+                if let Some(name) = unknown_key {
+                    let suggestion = nearest(name, entry_keys).map(|k| format!("{setting}.{k}"));
+                    return Err(unknown(format!("{setting}.{name}"), suggestion));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Names the variable or file a bad value came from: the loader's errors name only the key.
+fn locate(err: ConfigError, file: Option<&Path>, env: &HashMap<String, String>) -> ConfigError {
+    let (setting, reason) = match err {
+        ConfigError::Load(config::ConfigError::Type {
+            key: Some(key),
+            unexpected,
+            expected,
+            ..
+        }) => (
+            key,
+            format!("invalid type: {unexpected}, expected {expected}"),
+        ),
+        ConfigError::Load(config::ConfigError::At {
+            key: Some(key),
+            error,
+            ..
+        }) => (key, error.to_string()),
+        ConfigError::Invalid { key, reason } if key.contains('.') => (key.to_owned(), reason),
+        other => return other,
+    };
+    let name = variable(&setting);
+    let origin = if env.contains_key(&name) {
+        format!("from {name}")
+    } else if let Some(path) = file {
+        format!("in {}", path.display())
+    } else {
+        "in the defaults".to_owned()
+    };
+    let hint = if reason.contains("socket address") {
+        " (expected host:port, e.g. 127.0.0.1:8080)"
+    } else {
+        ""
+    };
+    ConfigError::Value {
+        setting,
+        origin,
+        reason: format!("{reason}{hint}"),
+    }
 }
 
 /// The shapes of Kubernetes' service link variables, after the Service's name:
@@ -318,7 +477,9 @@ pub struct SpoolConfig {
     /// Without the spool, a webhook that cannot be confirmed gets 503 (and HireHop drops it).
     pub enabled: bool,
     /// Directory of the spool; one relay per directory. Relative paths start from the
-    /// working directory.
+    /// working directory. By default the service's state directory (see
+    /// [`default_spool_dir`]).
+    #[serde(default = "default_spool_dir")]
     pub dir: PathBuf,
     /// Disk the spool may use; beyond it webhooks get 503.
     pub max_bytes: u64,
@@ -421,7 +582,6 @@ handshake_timeout_ms = 3000
 
 [spool]
 enabled = true
-dir = "spool"
 max_bytes = 1073741824
 shutdown_replay_timeout_ms = 15000
 
@@ -431,6 +591,33 @@ max_event_labels = 200
 [log]
 format = "text"
 "#;
+
+/// Where the spool lives unless `spool.dir` says otherwise: in the state directory systemd
+/// gives the service (`StateDirectory=`, as `$STATE_DIRECTORY`), else in the user's state
+/// directory (`$XDG_STATE_HOME`, or `~/.local/state`). Never the working directory, so that
+/// `cargo run` in a checkout leaves no spool in it; the container image sets
+/// `XDG_STATE_HOME=/var/lib`.
+fn default_spool_dir() -> PathBuf {
+    let var = |name| std::env::var_os(name).filter(|value| !value.is_empty());
+    state_spool_dir(var("STATE_DIRECTORY"), var("XDG_STATE_HOME"), var("HOME"))
+}
+
+fn state_spool_dir(
+    state_directory: Option<std::ffi::OsString>,
+    xdg_state_home: Option<std::ffi::OsString>,
+    home: Option<std::ffi::OsString>,
+) -> PathBuf {
+    if let Some(dirs) = state_directory {
+        // systemd lists one directory per `StateDirectory=` entry, separated by colons.
+        let first = std::env::split_paths(&dirs).next().unwrap_or_default();
+        return first.join("spool");
+    }
+    let state = xdg_state_home
+        .map(PathBuf::from)
+        .or_else(|| home.map(|home| Path::new(&home).join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from("/var/lib"));
+    state.join("hirehop-relay/spool")
+}
 
 /// Largest `http.max_body_bytes`: a spooled webhook (the body and a small header) must stay
 /// below what the spool reads back as a record.
@@ -469,21 +656,57 @@ impl Config {
         let mut builder = config::Config::builder()
             .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
         if let Some(path) = file {
+            check_file(path)?;
             builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
         }
-        // `prefix_separator("_")` matters: with only `separator("__")` the prefix would have to
-        // be followed by `__` too (`RELAY__AMQP__URL`).
         let env = match env {
             Some(env) => env,
             None => process_environment()?,
         };
+        let env = relay_variables(env)?;
+        // `prefix_separator("_")` matters: with only `separator("__")` the prefix would have to
+        // be followed by `__` too (`RELAY__AMQP__URL`).
         let environment = config::Environment::with_prefix("RELAY")
             .prefix_separator("_")
             .separator("__")
-            .source(Some(relay_variables(env)?));
-        let config: Config = builder.add_source(environment).build()?.try_deserialize()?;
-        config.validate()?;
-        Ok(config)
+            .source(Some(env.clone()));
+        let loaded = builder
+            .add_source(environment)
+            .build()
+            .and_then(config::Config::try_deserialize::<Config>)
+            .map_err(ConfigError::from)
+            .and_then(|config| config.validate().map(|()| config));
+        loaded.map_err(|err| locate(err, file, &env))
+    }
+
+    /// The log format asked for by `RELAY_LOG__FORMAT` or the file's `log.format`, read on
+    /// its own so that an error in the rest of the configuration is logged in that format
+    /// too. Text when neither says, or says something else.
+    pub fn log_format_hint(file: Option<&Path>) -> LogFormat {
+        let from_env = std::env::var("RELAY_LOG__FORMAT").ok();
+        let from_file = || {
+            let text = std::fs::read_to_string(file?).ok()?;
+            let table = text.parse::<toml::Table>().ok()?;
+            Some(table.get("log")?.get("format")?.as_str()?.to_owned())
+        };
+        match from_env.or_else(from_file).as_deref() {
+            Some("json") => LogFormat::Json,
+            _ => LogFormat::Text,
+        }
+    }
+
+    /// The settings of each section, for naming the nearest one in errors.
+    fn section_fields(section: &str) -> Option<&'static [&'static str]> {
+        Some(match section {
+            "http" => schema::fields::<HttpConfig>(),
+            "amqp" => schema::fields::<AmqpConfig>(),
+            "auth" => schema::fields::<AuthConfig>(),
+            "spool" => schema::fields::<SpoolConfig>(),
+            "tls" => schema::fields::<TlsConfig>(),
+            "metrics" => schema::fields::<MetricsConfig>(),
+            "log" => schema::fields::<LogConfig>(),
+            _ => return None,
+        })
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -861,6 +1084,46 @@ fn list_or_comma_separated<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Export
     d.deserialize_any(Keys)
 }
 
+/// The field names of a configuration struct, read from its `Deserialize` impl, so the names
+/// in errors cannot drift from the structs.
+mod schema {
+    use serde::de::{self, Deserialize, Deserializer, Visitor};
+
+    /// The fields `T` (a struct deriving `Deserialize`) reads.
+    pub fn fields<T: for<'de> Deserialize<'de>>() -> &'static [&'static str] {
+        let mut fields = None;
+        let _ = T::deserialize(Recorder(&mut fields));
+        fields.unwrap_or_default()
+    }
+
+    /// Answers `deserialize_struct` by noting the field names, and fails every call.
+    struct Recorder<'a>(&'a mut Option<&'static [&'static str]>);
+
+    impl<'de> Deserializer<'de> for Recorder<'_> {
+        type Error = de::value::Error;
+
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+            Err(de::Error::custom("not a struct"))
+        }
+
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _name: &'static str,
+            fields: &'static [&'static str],
+            _visitor: V,
+        ) -> Result<V::Value, Self::Error> {
+            *self.0 = Some(fields);
+            Err(de::Error::custom("fields noted"))
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+            byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+            identifier ignored_any
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1052,7 +1315,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert_eq!(message, "invalid amqp.channels: must be between 1 and 64");
+        assert_eq!(
+            message,
+            "invalid amqp.channels from RELAY_AMQP__CHANNELS: must be between 1 and 64"
+        );
 
         let message = Config::load_from(
             None,
@@ -1135,7 +1401,7 @@ mod tests {
         );
         assert_eq!(
             bad.unwrap_err().to_string(),
-            "invalid amqp.urls: must start with amqp:// or amqps://"
+            "invalid amqp.urls from RELAY_AMQP__URLS: must start with amqp:// or amqps://"
         );
     }
 
@@ -1373,5 +1639,149 @@ mod tests {
             format!("{:?}", BrokerUrl::new("amqp://u:p@h")),
             r#""amqp://u:***@h""#
         );
+    }
+
+    #[test]
+    fn a_misspelled_variable_is_named_with_the_one_meant() {
+        let err = Config::load_from(
+            None,
+            env(&[
+                ("RELAY_AUTH__EXPORT_KEYS", "k"),
+                ("RELAY_HTTP__LISTNE", "x"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            "unknown setting http.listne from RELAY_HTTP__LISTNE; did you mean RELAY_HTTP__LISTEN?"
+        );
+        let err = Config::load_from(
+            None,
+            env(&[("RELAY_AUTH__EXPORT_KEYS", "k"), ("RELAY_SPOL__DIR", "x")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.ends_with("did you mean RELAY_SPOOL__DIR?"), "{err}");
+        // Nothing near: no guess.
+        let err = Config::load_from(
+            None,
+            env(&[("RELAY_AUTH__EXPORT_KEYS", "k"), ("RELAY_WHATEVER__X", "1")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(err, "unknown setting whatever.x from RELAY_WHATEVER__X");
+    }
+
+    #[test]
+    fn a_bad_value_names_its_variable_or_file_and_the_expected_form() {
+        let err = Config::load_from(
+            None,
+            env(&[
+                ("RELAY_AUTH__EXPORT_KEYS", "k"),
+                ("RELAY_HTTP__LISTEN", "8080"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            "invalid http.listen from RELAY_HTTP__LISTEN: invalid socket address syntax \
+             (expected host:port, e.g. 127.0.0.1:8080)"
+        );
+        let err = Config::load_from(
+            None,
+            env(&[
+                ("RELAY_AUTH__EXPORT_KEYS", "k"),
+                ("RELAY_HTTP__MAX_IN_FLIGHT", "many"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            "invalid http.max_in_flight from RELAY_HTTP__MAX_IN_FLIGHT: invalid type: string \
+             \"many\", expected an integer"
+        );
+        let file = write_file("[auth]\nexport_keys = [\"k\"]\n[amqp]\nchannels = 99\n");
+        let err = Config::load_from(Some(file.path()), env(&[]))
+            .unwrap_err()
+            .to_string();
+        let expected = format!(
+            "invalid amqp.channels in {}: must be between 1 and 64",
+            file.path().display()
+        );
+        assert_eq!(err, expected);
+    }
+
+    #[test]
+    fn an_unknown_key_in_the_file_is_named_with_the_one_meant() {
+        for (text, setting, meant) in [
+            ("[http]\nlistne = \"x\"\n", "http.listne", "http.listen"),
+            ("[htp]\nlisten = \"x\"\n", "htp.listen", "http.listen"),
+            (
+                "[[amqp.queues]]\nname = \"q\"\nbindngs = [\"a\"]\n",
+                "amqp.queues.bindngs",
+                "amqp.queues.bindings",
+            ),
+        ] {
+            let file = write_file(&format!("[auth]\nexport_keys = [\"k\"]\n{text}"));
+            let err = Config::load_from(Some(file.path()), env(&[]))
+                .unwrap_err()
+                .to_string();
+            let expected = format!(
+                "unknown setting {setting} in {}; did you mean {meant}?",
+                file.path().display()
+            );
+            assert_eq!(err, expected);
+        }
+    }
+
+    #[test]
+    fn every_section_knows_its_settings() {
+        for section in schema::fields::<Config>() {
+            let fields = Config::section_fields(section)
+                .unwrap_or_else(|| panic!("Config::section_fields has no {section}"));
+            assert!(!fields.is_empty(), "{section}");
+        }
+        assert!(schema::fields::<HttpConfig>().contains(&"listen"));
+    }
+
+    #[test]
+    fn the_spool_lives_in_the_state_directory_not_the_working_directory() {
+        let os = |s: &str| Some(std::ffi::OsString::from(s));
+        // systemd's StateDirectory=hirehop-relay.
+        assert_eq!(
+            state_spool_dir(os("/var/lib/hirehop-relay"), os("/x"), os("/home/u")),
+            Path::new("/var/lib/hirehop-relay/spool")
+        );
+        assert_eq!(
+            state_spool_dir(os("/var/lib/a:/var/lib/b"), None, None),
+            Path::new("/var/lib/a/spool")
+        );
+        // The container image's XDG_STATE_HOME=/var/lib.
+        assert_eq!(
+            state_spool_dir(None, os("/var/lib"), None),
+            Path::new("/var/lib/hirehop-relay/spool")
+        );
+        // `cargo run` as a user.
+        assert_eq!(
+            state_spool_dir(None, None, os("/home/u")),
+            Path::new("/home/u/.local/state/hirehop-relay/spool")
+        );
+        assert_eq!(
+            state_spool_dir(None, None, None),
+            Path::new("/var/lib/hirehop-relay/spool")
+        );
+        // And a configured directory wins.
+        let config = Config::load_from(
+            None,
+            env(&[
+                ("RELAY_AUTH__EXPORT_KEYS", "k"),
+                ("RELAY_SPOOL__DIR", "here"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.spool.dir, Path::new("here"));
     }
 }

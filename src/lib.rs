@@ -219,22 +219,25 @@ pub async fn run(
     }
     // The last, short interval's summary lines.
     let _ = rejection_summaries.await;
-    if let Some(spool) = delivery.spool() {
-        spool.close().await;
-        let left = spool.depth();
-        if left.records > 0 {
-            tracing::warn!(
-                records = left.records,
-                bytes = left.bytes,
-                dir = %config.spool.dir.display(),
-                "webhooks remain in the spool; a relay started on the same spool.dir replays them"
-            );
-        } else {
-            tracing::info!("spool empty at shutdown");
+    let left = match delivery.spool() {
+        Some(spool) => {
+            spool.close().await;
+            Some(spool.depth())
         }
-    }
+        None => None,
+    };
     delivery.publisher().close().await;
-    tracing::info!("stopped");
+    // The last line says what this instance leaves behind.
+    match left {
+        Some(left) if left.records > 0 => tracing::warn!(
+            records = left.records,
+            bytes = left.bytes,
+            dir = %config.spool.dir.display(),
+            "stopped; webhooks remain in the spool, and a relay started on the same spool.dir replays them"
+        ),
+        Some(_) => tracing::info!("stopped; spool empty"),
+        None => tracing::info!("stopped"),
+    }
     Ok(())
 }
 

@@ -19,26 +19,63 @@ use hirehop_relay::spool::Spool;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-/// Relays HireHop webhooks to a RabbitMQ topic exchange, answering 202 only after the
-/// broker confirmed the message.
+/// Relays HireHop webhooks to a RabbitMQ topic exchange, answering 202 only once the broker
+/// has confirmed a webhook, or the local spool has it on disk.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(
+    version,
+    about,
+    after_help = "Run with --help for how to configure it.",
+    after_long_help = CONFIGURATION
+)]
 struct Cli {
-    /// TOML config file; `RELAY_*` environment variables override it.
-    #[arg(long, short, global = true, value_name = "FILE")]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    config: ConfigFile,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+/// What `--help` says about configuration, for someone who has only the binary.
+const CONFIGURATION: &str = "\
+Configuration:
+  Built-in defaults, then the TOML file given with --config, then environment variables,
+  each overriding the one before. A variable is RELAY_, the section, two underscores and the
+  key: http.listen is RELAY_HTTP__LISTEN, amqp.url is RELAY_AMQP__URL. Lists are
+  comma-separated there. An unknown setting, in the file or the environment, is an error.
+
+  One setting is required, an export key (the company's export key, in HireHop's company
+  settings), so that the relay never runs open:
+      RELAY_AUTH__EXPORT_KEYS=key1,key2 hirehop-relay
+
+  Everything else has a default: the broker amqp://guest:guest@127.0.0.1:5672/%2f, the
+  webhook port 0.0.0.0:8080, the spool in the state directory ($STATE_DIRECTORY, else
+  ~/.local/state/hirehop-relay/spool). `hirehop-relay check-config` prints every setting
+  with its value; deploy/relay.toml in the source explains each one. The log level comes
+  from RUST_LOG (info by default), the log format from log.format (text or json).";
+
+/// `--config FILE`, for the commands that read the relay's configuration.
+#[derive(clap::Args, Default)]
+struct ConfigFile {
+    /// TOML config file; `RELAY_*` environment variables override it.
+    #[arg(long, short, value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Run the relay (the default).
-    Serve,
+    Serve {
+        #[command(flatten)]
+        config: ConfigFile,
+    },
     /// Print the effective configuration (secrets redacted) and the topology it describes,
     /// and load the TLS certificate and key if set; exit non-zero if anything is invalid.
-    CheckConfig,
-    /// Post a realistic sample HireHop webhook to a relay and print the answer.
+    CheckConfig {
+        #[command(flatten)]
+        config: ConfigFile,
+    },
+    /// Post a realistic sample HireHop webhook to a relay and print the answer. Needs no
+    /// configuration.
     Send {
         /// The relay's webhook URL (plain HTTP).
         #[arg(long, default_value = "http://127.0.0.1:8080/webhooks/hirehop")]
@@ -55,6 +92,8 @@ enum Command {
     },
     /// Print every message published with a routing key matching PATTERN, as it arrives.
     Tail {
+        #[command(flatten)]
+        config: ConfigFile,
         /// Topic pattern, e.g. 'job.#'.
         #[arg(long, default_value = "#")]
         pattern: String,
@@ -64,16 +103,56 @@ enum Command {
     },
     /// Print the exchanges, queues and bindings the config describes.
     Topology {
+        #[command(flatten)]
+        config: ConfigFile,
         /// Also declare them on the broker.
         #[arg(long)]
         apply: bool,
     },
 }
 
+impl Command {
+    /// The subcommand's own `--config`, if it takes one.
+    fn config_file(&self) -> Option<&ConfigFile> {
+        match self {
+            Command::Serve { config }
+            | Command::CheckConfig { config }
+            | Command::Tail { config, .. }
+            | Command::Topology { config, .. } => Some(config),
+            Command::Send { .. } => None,
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
+    let command = cli.command.unwrap_or(Command::Serve {
+        config: ConfigFile::default(),
+    });
+    // `--config` before the subcommand or after it, not both.
+    let file = match (cli.config.config, command.config_file()) {
+        (Some(_), Some(ConfigFile { config: Some(_) })) => {
+            eprintln!("hirehop-relay: --config is given twice");
+            return ExitCode::from(2);
+        }
+        (Some(_), None) => {
+            eprintln!("hirehop-relay: send takes no configuration (it only talks HTTP)");
+            return ExitCode::from(2);
+        }
+        (Some(file), Some(_)) => Some(file),
+        (None, own) => own.and_then(|own| own.config.clone()),
+    };
+    // The relay's own errors follow log.format, so a log shipper reads them too; as far as it
+    // can be told when the configuration itself is what failed.
+    let json = matches!(command, Command::Serve { .. })
+        && Config::log_format_hint(file.as_deref()) == LogFormat::Json;
+    match run(command, file) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(err) if json => {
+            init_logging(LogFormat::Json);
+            tracing::error!(error = format!("{err:#}"), "hirehop-relay cannot run");
+            ExitCode::FAILURE
+        }
         Err(err) => {
             eprintln!("hirehop-relay: {err:#}");
             ExitCode::FAILURE
@@ -81,8 +160,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
-    let command = cli.command.unwrap_or(Command::Serve);
+fn run(command: Command, file: Option<PathBuf>) -> anyhow::Result<()> {
     if let Command::Send {
         url,
         event,
@@ -90,18 +168,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         company,
     } = &command
     {
-        // Needs no relay configuration: it only talks HTTP.
         return runtime()?.block_on(send(url, event, key, *company));
     }
+    let file = file.as_deref();
     let config = match command {
-        Command::Tail { .. } | Command::Topology { .. } => {
-            Config::load_for_tools(cli.config.as_deref())
-        }
-        _ => Config::load(cli.config.as_deref()),
+        Command::Tail { .. } | Command::Topology { .. } => Config::load_for_tools(file),
+        _ => Config::load(file),
     }
     .context("invalid configuration")?;
     match command {
-        Command::CheckConfig => {
+        Command::CheckConfig { .. } => {
             print!("{}", config.to_redacted_toml());
             println!("\n# topology");
             for line in topology::describe(&config.amqp).lines() {
@@ -120,7 +196,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Topology { apply } => {
+        Command::Topology { apply, .. } => {
             print!("{}", topology::describe(&config.amqp));
             if apply {
                 runtime()?
@@ -130,7 +206,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Tail { pattern, json } => {
+        Command::Tail { pattern, json, .. } => {
             let mut out = std::io::stdout().lock();
             runtime()?
                 .block_on(async {
@@ -141,7 +217,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 })
                 .context("tail stopped")
         }
-        Command::Serve => {
+        Command::Serve { .. } => {
             init_logging(config.log.format);
             runtime()?.block_on(serve(config))
         }
@@ -215,6 +291,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         });
     } else {
         // Without one, the port opens only once the broker can confirm.
+        tracing::info!(
+            listen = %config.http.listen,
+            "spool.enabled = false: the webhook port stays closed until the broker answers \
+             (without a spool only the broker's confirm can keep a webhook)"
+        );
         match publisher.wait_connected(shutdown.clone()).await {
             Ok(()) => {}
             Err(ConnectError::Cancelled) => {
@@ -278,8 +359,11 @@ fn init_logging(format: LogFormat) {
         .with_writer(std::io::stderr)
         // A closed stderr must not turn into a panic (and a relay deaf to SIGTERM).
         .log_internal_errors(false);
-    match format {
-        LogFormat::Json => builder.json().with_current_span(true).init(),
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
-    }
+    // Already set up (a fatal error after serving began): keep that one.
+    let _ = match format {
+        LogFormat::Json => builder.json().with_current_span(true).try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+    };
 }

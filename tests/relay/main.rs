@@ -17,6 +17,8 @@
 //! - `local_cluster`: RabbitMQ nodes of a test's own (`deploy/rabbitmq/local-cluster.sh`).
 //! - `broker_faults`: faults on such a node that would disturb every other test on the shared
 //!   broker: a memory alarm, a frozen node.
+//! - `cli`: `--help`, the commands' options, startup errors that name the setting and follow
+//!   `log.format`.
 //! - `confirms`: a confirm that does not come in time; many confirms in flight on one channel.
 //! - `deploy`: the deploy files run for real: the documented nginx in front of a relay,
 //!   certbot's deploy hook.
@@ -38,6 +40,7 @@
 
 mod accept;
 mod broker_faults;
+mod cli;
 mod confirms;
 mod deploy;
 mod docs;

@@ -472,7 +472,7 @@ async fn sigterm_replays_the_spool_to_a_broker_that_just_came_back_before_exitin
     // reconnected, let alone replayed.
     offline.proxy.refuse(false);
     let log = relay.terminate().await;
-    assert!(log.contains("spool empty at shutdown"), "{log}");
+    assert!(log.contains("stopped; spool empty"), "{log}");
     let broker = harness::broker().await;
     let channel = broker.create_channel().await.unwrap();
     let unrouted = format!("{}.unrouted", offline.exchange);
