@@ -5,7 +5,9 @@
 //! - [`topology`]: the exchanges, queues and bindings the config describes, declared on
 //!   every (re)connect and printed by `hirehop-relay topology`.
 //! - [`tail`]: a temporary queue that prints what arrives (`hirehop-relay tail`).
+//! - [`history`]: reading the history stream, with the filters the tools share.
 
+pub mod history;
 pub mod publisher;
 pub mod tail;
 pub mod topology;

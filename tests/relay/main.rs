@@ -18,6 +18,7 @@
 //! - `queues`: declared and per-event queues, routing templates, `send`, `tail`, `topology`.
 //! - `reject`: every 4xx, and that none of them publishes anything.
 //! - `topology`: alternate exchange, returned messages, topology mismatches.
+//! - `history`: the history stream.
 //! - `faults`: broker connection closed or cut; 503s, never hangs nor false 202s.
 //! - `scale`: two relays behind HAProxy, one killed under load.
 //! - `shutdown`: SIGTERM under load loses no accepted webhook and exits 0.
@@ -28,6 +29,7 @@ mod broker_faults;
 mod confirms;
 mod faults;
 mod harness;
+mod history;
 mod hostile;
 mod local_cluster;
 mod operate;
