@@ -18,7 +18,7 @@
 //! - `queues`: declared and per-event queues, routing templates, `send`, `tail`, `topology`.
 //! - `reject`: every 4xx, and that none of them publishes anything.
 //! - `topology`: alternate exchange, returned messages, topology mismatches.
-//! - `history`: the history stream.
+//! - `history`: the history stream, `replay`, `requeue` and `tail --since`.
 //! - `faults`: broker connection closed or cut; 503s, never hangs nor false 202s.
 //! - `scale`: two relays behind HAProxy, one killed under load.
 //! - `shutdown`: SIGTERM under load loses no accepted webhook and exits 0.
