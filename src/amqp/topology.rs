@@ -10,7 +10,7 @@
 //! - with `amqp.per_event_queues`, one queue per routing key, declared the first time it is
 //!   published;
 //! - with `history.enabled`, the history stream `<exchange>.history` and the fanout exchange
-//!   of the same name that the relay then publishes to (see [`declare_history`]).
+//!   of the same name that the relay then publishes to (why: `declare_history`).
 
 use std::fmt::Write as _;
 
