@@ -239,11 +239,16 @@ async fn run(
     while let Some(publish) = in_flight.pop_front() {
         let offset = publish.offset;
         if let Err(err) = publish.settle(&mut counts, timeout).await {
-            // The oldest unsettled publish: everything after it is in doubt too.
-            let cause = interrupted.and_then(|i| i.cause).or(Some(err));
-            interrupted = Some(Interruption {
-                resume_from: Some(offset),
-                cause,
+            // Everything from the oldest publish not confirmed on is in doubt.
+            interrupted = Some(match interrupted {
+                Some(Interruption { resume_from, cause }) => Interruption {
+                    resume_from: Some(resume_from.map_or(offset, |from| from.min(offset))),
+                    cause: cause.or(Some(err)),
+                },
+                None => Interruption {
+                    resume_from: Some(offset),
+                    cause: Some(err),
+                },
             });
             break;
         }
