@@ -275,6 +275,7 @@ pub struct Config {
     pub tls: TlsConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
+    pub history: HistoryConfig,
 }
 
 /// The webhook-facing HTTP server.
@@ -373,6 +374,10 @@ pub struct AmqpConfig {
     /// other byte unchanged), so consumers never see a credential that also opens the
     /// company's data exports. Off by default: the body is published byte for byte.
     pub redact_export_key: bool,
+    /// The `[history]` section, copied here at load: the topology and the publisher, which
+    /// take only the AMQP part of the config, need it.
+    #[serde(skip)]
+    pub history: HistoryConfig,
 }
 
 /// A queue the relay declares and binds to its exchange.
@@ -514,6 +519,21 @@ pub struct MetricsConfig {
     pub max_event_labels: usize,
 }
 
+/// The history stream `<exchange>.history`: every accepted webhook, kept by RabbitMQ for
+/// `replay`, `tail --since` and recovery.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryConfig {
+    /// Publish through the fanout exchange `<exchange>.history`, which keeps every webhook in
+    /// the stream queue of the same name and passes it on to `amqp.exchange`.
+    pub enabled: bool,
+    /// How long the stream keeps a message (`x-max-age`), e.g. `7d` or `36h`; whole seconds.
+    #[serde(with = "duration_text")]
+    pub max_age: Duration,
+    /// Most bytes the stream keeps (`x-max-length-bytes`); the oldest segments go first.
+    pub max_bytes: u64,
+}
+
 /// Log output.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -590,6 +610,11 @@ max_event_labels = 200
 
 [log]
 format = "text"
+
+[history]
+enabled = true
+max_age = "7d"
+max_bytes = 2147483648
 "#;
 
 /// Where the spool lives unless `spool.dir` says otherwise: in the state directory systemd
@@ -675,7 +700,11 @@ impl Config {
             .build()
             .and_then(config::Config::try_deserialize::<Config>)
             .map_err(ConfigError::from)
-            .and_then(|config| config.validate().map(|()| config));
+            .and_then(|mut config| {
+                config.validate()?;
+                config.amqp.history = config.history.clone();
+                Ok(config)
+            });
         loaded.map_err(|err| locate(err, file, &env))
     }
 
@@ -705,6 +734,7 @@ impl Config {
             "tls" => schema::fields::<TlsConfig>(),
             "metrics" => schema::fields::<MetricsConfig>(),
             "log" => schema::fields::<LogConfig>(),
+            "history" => schema::fields::<HistoryConfig>(),
             _ => return None,
         })
     }
@@ -805,6 +835,7 @@ impl Config {
             ));
         }
         self.validate_queues()?;
+        self.validate_history()?;
         self.amqp.routing_template()?;
         for company in &self.auth.companies {
             if company.export_keys.is_empty() {
@@ -860,6 +891,23 @@ impl Config {
             return Err(invalid(
                 "amqp.per_event_queue_prefix",
                 "must be at most 64 bytes",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_history(&self) -> Result<(), ConfigError> {
+        let history = &self.history;
+        if history.max_age < Duration::from_secs(1) || history.max_age.subsec_nanos() != 0 {
+            return Err(invalid(
+                "history.max_age",
+                "must be a whole number of seconds, at least 1s (e.g. \"7d\")",
+            ));
+        }
+        if history.max_bytes < 1024 * 1024 {
+            return Err(invalid(
+                "history.max_bytes",
+                "must be at least 1 MiB (1048576)",
             ));
         }
         Ok(())
@@ -959,6 +1007,19 @@ impl AmqpConfig {
     pub fn unrouted_name(&self) -> String {
         format!("{}.unrouted", self.exchange)
     }
+    /// Name of the history stream, and of the fanout exchange that feeds it.
+    pub fn history_name(&self) -> String {
+        format!("{}.history", self.exchange)
+    }
+    /// The exchange the relay publishes webhooks to: `<exchange>.history` with history on
+    /// (it passes every message on to `exchange`), else `exchange` itself.
+    pub fn publish_exchange(&self) -> String {
+        if self.history.enabled {
+            self.history_name()
+        } else {
+            self.exchange.clone()
+        }
+    }
     /// The broker nodes to try, in order: `urls` if set, else `url`.
     pub fn nodes(&self) -> Vec<&BrokerUrl> {
         if self.urls.is_empty() {
@@ -1038,6 +1099,26 @@ fn string_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error>
         .map(|item| item.trim().to_owned())
         .filter(|item| !item.is_empty())
         .collect())
+}
+
+/// A duration written for people (`7d`, `36h`, `90m`), read and shown with humantime.
+mod duration_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(|err| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not a duration such as 7d or 36h: {err}"
+            ))
+        })
+    }
+
+    pub fn serialize<S: Serializer>(duration: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*duration))
+    }
 }
 
 /// CIDRs (or single addresses) as a list or a comma-separated string.
@@ -1627,6 +1708,52 @@ mod tests {
             .to_string();
         assert!(err.contains("amqp.routing_key_prefix"), "{err}");
         assert!(err.contains("no room for an event name"), "{err}");
+    }
+
+    #[test]
+    fn history_is_on_by_default_and_its_retention_is_read_and_checked() {
+        let config = Config::load_from(None, env(&[("RELAY_AUTH__EXPORT_KEYS", "k")])).unwrap();
+        assert!(config.history.enabled);
+        assert_eq!(config.history.max_age, Duration::from_secs(7 * 86_400));
+        assert_eq!(config.history.max_bytes, 2 << 30);
+        assert!(
+            config.amqp.history.enabled,
+            "copied where the topology needs it"
+        );
+        assert_eq!(config.amqp.history_name(), "hirehop.history");
+        assert_eq!(config.amqp.publish_exchange(), "hirehop.history");
+        assert!(config.to_redacted_toml().contains("max_age = \"7days\""));
+
+        let load = |pairs: &[(&str, &str)]| {
+            let mut all = vec![("RELAY_AUTH__EXPORT_KEYS", "k")];
+            all.extend_from_slice(pairs);
+            Config::load_from(None, env(&all))
+        };
+        let off = load(&[("RELAY_HISTORY__ENABLED", "false")]).unwrap();
+        assert_eq!(off.amqp.publish_exchange(), "hirehop");
+        let other = load(&[
+            ("RELAY_HISTORY__MAX_AGE", "36h"),
+            ("RELAY_HISTORY__MAX_BYTES", "1048576"),
+        ])
+        .unwrap();
+        assert_eq!(other.history.max_age, Duration::from_secs(36 * 3600));
+        for (pairs, expected) in [
+            (
+                ("RELAY_HISTORY__MAX_AGE", "forever"),
+                "\"forever\" is not a duration",
+            ),
+            (
+                ("RELAY_HISTORY__MAX_AGE", "1500ms"),
+                "invalid history.max_age",
+            ),
+            (
+                ("RELAY_HISTORY__MAX_BYTES", "1000"),
+                "invalid history.max_bytes",
+            ),
+        ] {
+            let err = load(&[pairs]).unwrap_err().to_string();
+            assert!(err.contains(expected), "{err}");
+        }
     }
 
     #[test]

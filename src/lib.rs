@@ -17,7 +17,8 @@
 //!    wrong one spends its source's [`access::KeyFailureBudget`].
 //! 5. [`routing`] turns the event name into a [`routing::RoutingKey`] (checked once).
 //! 6. [`delivery`] hands the [`message::Message`] to [`amqp`], which publishes the very
-//!    same `Bytes` to the topic exchange with `mandatory` and waits for that message's
+//!    same `Bytes` with `mandatory` (through the fanout that keeps a copy in the history
+//!    stream, when history is on, to the topic exchange) and waits for that message's
 //!    publisher confirm; only an Ack becomes a plain 202. When the broker cannot confirm
 //!    (down, blocked, nack, timeout), the message goes to the [`spool`] instead and the 202
 //!    is sent once it is fsynced on disk; [`delivery::replay`] drains the spool later.
@@ -26,7 +27,8 @@
 //! into the shutdown future that [`run`] takes, and SIGHUP into key reloads; [`metrics`]
 //! counts what happens; [`rejection_log`] logs what strangers cause without letting a flood
 //! into the log; [`tracecontext`] carries W3C trace context into the message;
-//! [`send`] and [`amqp::tail`] are the `send` and `tail` tools.
+//! [`send`], [`amqp::tail`], [`amqp::replay`] and [`amqp::requeue`] are the `send`, `tail`,
+//! `replay` and `requeue` tools.
 
 #![forbid(unsafe_code)]
 

@@ -6,14 +6,19 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use hirehop_relay::amqp::history::{Filter, Start, point_in_time};
+use hirehop_relay::amqp::replay::{self, Target};
+use hirehop_relay::amqp::requeue;
 use hirehop_relay::amqp::tail::tail;
 use hirehop_relay::amqp::{ConnectError, Publisher, declare_topology_once, topology};
 use hirehop_relay::config::{Config, LogFormat};
 use hirehop_relay::delivery::Delivery;
 use hirehop_relay::metrics::Metrics;
+use hirehop_relay::routing::TopicPattern;
 use hirehop_relay::send::Sample;
 use hirehop_relay::spool::Spool;
 use tokio_util::sync::CancellationToken;
@@ -100,6 +105,61 @@ enum Command {
         /// One JSON object per line, for scripts.
         #[arg(long)]
         json: bool,
+        /// Start in the past: the history stream from this time on (RFC 3339, or a duration
+        /// ago such as 1h), then what arrives.
+        #[arg(long, value_name = "TIME", value_parser = point_in_time)]
+        since: Option<SystemTime>,
+    },
+    /// Republish webhooks from the history stream, with confirms, into one queue or through
+    /// the exchange. Ends where the stream ended when it started.
+    #[command(group(
+        clap::ArgGroup::new("target")
+            .args(["to_queue", "to_exchange", "dry_run"])
+            .required(true)
+            .multiple(true)
+    ))]
+    Replay {
+        #[command(flatten)]
+        config: ConfigFile,
+        /// Webhooks received at or after this time (RFC 3339, or a duration ago such as 2h).
+        #[arg(long, value_name = "TIME", value_parser = point_in_time)]
+        since: Option<SystemTime>,
+        /// Webhooks received at or before this time.
+        #[arg(long, value_name = "TIME", value_parser = point_in_time)]
+        until: Option<SystemTime>,
+        /// Start reading at this stream offset (an interrupted replay prints where to resume).
+        #[arg(long, value_name = "OFFSET")]
+        from_offset: Option<u64>,
+        /// Only events matching this topic pattern, e.g. 'job.#'.
+        #[arg(long, value_name = "PATTERN")]
+        event: Option<TopicPattern>,
+        /// Only webhooks of this HireHop company.
+        #[arg(long, value_name = "ID")]
+        company: Option<u64>,
+        /// Into this queue only (it must exist).
+        #[arg(long, value_name = "QUEUE")]
+        to_queue: Option<String>,
+        /// Through the exchange and its bindings.
+        #[arg(long, conflicts_with = "to_queue")]
+        to_exchange: bool,
+        /// Count what would be sent, per event; publish nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Move messages from <exchange>.unrouted (or a dead-letter queue) back through the
+    /// exchange, now that a queue is bound for them; the rest stay.
+    Requeue {
+        #[command(flatten)]
+        config: ConfigFile,
+        /// The queue to move messages from [default: <exchange>.unrouted].
+        #[arg(long, value_name = "QUEUE")]
+        from: Option<String>,
+        /// Only events matching this topic pattern, e.g. 'job.#'.
+        #[arg(long, value_name = "PATTERN")]
+        event: Option<TopicPattern>,
+        /// Republish at most N messages.
+        #[arg(long, value_name = "N")]
+        limit: Option<u64>,
     },
     /// Print the exchanges, queues and bindings the config describes.
     Topology {
@@ -118,6 +178,8 @@ impl Command {
             Command::Serve { config }
             | Command::CheckConfig { config }
             | Command::Tail { config, .. }
+            | Command::Replay { config, .. }
+            | Command::Requeue { config, .. }
             | Command::Topology { config, .. } => Some(config),
             Command::Send { .. } => None,
         }
@@ -172,7 +234,10 @@ fn run(command: Command, file: Option<PathBuf>) -> anyhow::Result<()> {
     }
     let file = file.as_deref();
     let config = match command {
-        Command::Tail { .. } | Command::Topology { .. } => Config::load_for_tools(file),
+        Command::Tail { .. }
+        | Command::Topology { .. }
+        | Command::Replay { .. }
+        | Command::Requeue { .. } => Config::load_for_tools(file),
         _ => Config::load(file),
     }
     .context("invalid configuration")?;
@@ -206,22 +271,180 @@ fn run(command: Command, file: Option<PathBuf>) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Tail { pattern, json, .. } => {
+        Command::Tail {
+            pattern,
+            json,
+            since,
+            ..
+        } => {
             let mut out = std::io::stdout().lock();
             runtime()?
                 .block_on(async {
                     tokio::select! {
-                        result = tail(&config.amqp, &pattern, json, &mut out) => result,
+                        result = tail(&config.amqp, &pattern, since, json, &mut out) => result,
                         _ = hirehop_relay::signal::shutdown() => Ok(()),
                     }
                 })
                 .context("tail stopped")
+        }
+        Command::Replay {
+            config: _,
+            since,
+            until,
+            from_offset,
+            event,
+            company,
+            to_queue,
+            to_exchange,
+            dry_run,
+        } => {
+            let start = match (from_offset, since) {
+                (Some(offset), _) => Start::Offset(offset),
+                (None, Some(since)) => Start::Since(since),
+                (None, None) => Start::First,
+            };
+            let target = match (to_queue, to_exchange) {
+                (Some(queue), _) => Some(Target::Queue(queue)),
+                (None, true) => Some(Target::Exchange),
+                (None, false) => None,
+            };
+            let request = replay::Request {
+                start,
+                filter: Filter {
+                    since,
+                    until,
+                    event,
+                    company,
+                },
+                target,
+                dry_run,
+            };
+            run_replay(&config, &request)
+        }
+        Command::Requeue {
+            from, event, limit, ..
+        } => {
+            let request = requeue::Request {
+                from: from.unwrap_or_else(|| config.amqp.unrouted_name()),
+                event,
+                limit,
+            };
+            let mut progress = Progress::new();
+            let outcome = runtime()?
+                .block_on(requeue::requeue(
+                    &config.amqp,
+                    &request,
+                    &mut |counts| progress.show(&counts.progress_line()),
+                    stop_signal(),
+                ))
+                .context("requeue failed")?;
+            progress.finish();
+            print!("{}", outcome.counts.report(&request.from, &config.amqp));
+            match outcome.error {
+                Some(err) => Err(err).context("requeue stopped early"),
+                None => Ok(()),
+            }
         }
         Command::Serve { .. } => {
             init_logging(config.log.format);
             runtime()?.block_on(serve(config))
         }
         Command::Send { .. } => unreachable!("handled above"),
+    }
+}
+
+fn run_replay(config: &Config, request: &replay::Request) -> anyhow::Result<()> {
+    let mut progress = Progress::new();
+    let outcome = runtime()?
+        .block_on(replay::replay(
+            &config.amqp,
+            request,
+            &mut |counts| progress.show(&counts.progress_line()),
+            stop_signal(),
+        ))
+        .context("replay failed")?;
+    progress.finish();
+    print!("{}", outcome.counts.report(request.dry_run));
+    let Some(interrupted) = outcome.interrupted else {
+        return Ok(());
+    };
+    match interrupted.resume_from {
+        Some(offset) => eprintln!(
+            "everything before offset {offset} was handled; to go on from there:\n  {}",
+            resume_command(offset)
+        ),
+        None => eprintln!("nothing was read; run the same command again"),
+    }
+    match interrupted.cause {
+        Some(err) => Err(err).context("replay stopped early"),
+        None => Err(anyhow::anyhow!("replay interrupted")),
+    }
+}
+
+/// This process's command line with `--from-offset OFFSET` in place of any given.
+fn resume_command(offset: u64) -> String {
+    let mut args = std::env::args();
+    let mut words = vec![args.next().unwrap_or_else(|| "hirehop-relay".to_owned())];
+    while let Some(arg) = args.next() {
+        if arg == "--from-offset" {
+            args.next();
+        } else if !arg.starts_with("--from-offset=") {
+            words.push(arg);
+        }
+    }
+    words.push("--from-offset".to_owned());
+    words.push(offset.to_string());
+    words
+        .iter()
+        .map(|word| {
+            let plain = word
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./:=,@+".contains(c));
+            if plain {
+                word.clone()
+            } else {
+                format!("'{}'", word.replace('\'', r"'\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// SIGINT or SIGTERM, for the tools that stop cleanly and say how far they got.
+async fn stop_signal() {
+    hirehop_relay::signal::shutdown().await;
+}
+
+/// A progress line on stderr, redrawn at most five times a second, and only on a terminal.
+struct Progress {
+    terminal: bool,
+    shown: Option<Instant>,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        Progress {
+            terminal: std::io::stderr().is_terminal(),
+            shown: None,
+        }
+    }
+
+    fn show(&mut self, line: &str) {
+        if !self.terminal
+            || self
+                .shown
+                .is_some_and(|at| at.elapsed() < Duration::from_millis(200))
+        {
+            return;
+        }
+        eprint!("\r\x1b[K{line}");
+        self.shown = Some(Instant::now());
+    }
+
+    fn finish(&self) {
+        if self.shown.is_some() {
+            eprint!("\r\x1b[K");
+        }
     }
 }
 

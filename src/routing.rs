@@ -110,6 +110,55 @@ pub fn check_binding(pattern: &str) -> Result<(), EventNameError> {
     Ok(())
 }
 
+/// A topic pattern (`job.#`, `*.invoice.*`) matched as RabbitMQ's topic exchange matches a
+/// binding: words split on `.`, `*` stands for exactly one word, `#` for zero or more. The
+/// tools filter with it (`replay --event`, `requeue --event`, `tail --since`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicPattern(Vec<String>);
+
+impl TopicPattern {
+    pub fn parse(pattern: &str) -> Result<TopicPattern, EventNameError> {
+        check_binding(pattern)?;
+        Ok(TopicPattern(
+            pattern.split('.').map(str::to_owned).collect(),
+        ))
+    }
+
+    pub fn matches(&self, key: &str) -> bool {
+        let words: Vec<&str> = key.split('.').collect();
+        // matched[j]: the pattern's words so far can match the key's first j words. One row
+        // per pattern word keeps it linear in both lengths, whatever the number of `#`.
+        let mut matched = vec![false; words.len() + 1];
+        matched[0] = true;
+        for part in &self.0 {
+            let mut next = vec![false; words.len() + 1];
+            for j in 0..=words.len() {
+                next[j] = match part.as_str() {
+                    "#" => matched[j] || (j > 0 && next[j - 1]),
+                    "*" => j > 0 && matched[j - 1],
+                    word => j > 0 && matched[j - 1] && words[j - 1] == word,
+                };
+            }
+            matched = next;
+        }
+        matched[words.len()]
+    }
+}
+
+impl std::str::FromStr for TopicPattern {
+    type Err = EventNameError;
+
+    fn from_str(pattern: &str) -> Result<TopicPattern, EventNameError> {
+        TopicPattern::parse(pattern)
+    }
+}
+
+impl std::fmt::Display for TopicPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join("."))
+    }
+}
+
 /// A `amqp.routing_key_template` that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TemplateError {
@@ -378,5 +427,34 @@ mod tests {
         assert!(check_prefix("a..").is_err());
         assert!(check_prefix("a.*.").is_err());
         assert!(check_prefix(&"a".repeat(200)).is_err());
+    }
+
+    #[test]
+    fn topic_patterns_match_as_rabbitmq_binds() {
+        let matches = |pattern: &str, key: &str| TopicPattern::parse(pattern).unwrap().matches(key);
+        for (pattern, key) in [
+            ("#", "job.updated"),
+            ("job.#", "job"),
+            ("job.#", "job.status.updated"),
+            ("*.updated", "job.updated"),
+            ("#.updated", "job.status.updated"),
+            ("job.*.updated", "job.status.updated"),
+            ("#.status.#", "job.status.updated"),
+            ("job.status.updated", "job.status.updated"),
+            ("#.#", "a"),
+        ] {
+            assert!(matches(pattern, key), "{pattern} should match {key}");
+        }
+        for (pattern, key) in [
+            ("job.*", "job"),
+            ("job.*", "job.status.updated"),
+            ("*.updated", "updated"),
+            ("job.updated", "job.updated.x"),
+            ("invoice.#", "job.updated"),
+            ("job.#.x", "job.status.updated"),
+        ] {
+            assert!(!matches(pattern, key), "{pattern} should not match {key}");
+        }
+        assert!(TopicPattern::parse("job..#").is_err());
     }
 }

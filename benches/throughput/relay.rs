@@ -15,6 +15,8 @@ use crate::server_process::ServerProcess;
 
 /// The export key the bench's relays accept and its webhooks carry.
 pub const KEY: &str = "bench-export-key-0001";
+/// The history stream is measured on its own (on and off), not in every run.
+const HISTORY_OFF: (&str, &str) = ("RELAY_HISTORY__ENABLED", "false");
 /// The relay's default `http.path`.
 pub const WEBHOOK_PATH: &str = "/webhooks/hirehop";
 /// How long a relay may take to connect to the broker, or to drain its spool.
@@ -22,9 +24,10 @@ const PATIENCE: Duration = Duration::from_secs(120);
 const POLL: Duration = Duration::from_millis(100);
 
 /// The relay's configuration as the bench's relays load it (defaults, no file, no variables
-/// from the bench's own environment), plus the `RELAY_*` variables in `env`.
+/// from the bench's own environment), plus the `RELAY_*` variables in `env`. History is off:
+/// the bench compares the relay with a publisher that writes to the exchange alone.
 pub fn config(env: &[(&str, &str)]) -> anyhow::Result<Config> {
-    let env = [("RELAY_AUTH__EXPORT_KEYS", KEY)]
+    let env = [("RELAY_AUTH__EXPORT_KEYS", KEY), HISTORY_OFF]
         .iter()
         .chain(env)
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -90,6 +93,7 @@ impl Relay {
             .env("RELAY_AMQP__EXCHANGE", spec.exchange)
             .env("RELAY_AMQP__CHANNELS", settings.channels.to_string())
             .env("RELAY_AUTH__EXPORT_KEYS", KEY)
+            .env(HISTORY_OFF.0, HISTORY_OFF.1)
             .env("RELAY_SPOOL__DIR", spec.spool.path());
         let process = ServerProcess::spawn(spec.name, command).await?;
         Ok(Relay { process })

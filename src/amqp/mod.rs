@@ -4,9 +4,17 @@
 //! - [`publisher`]: the connection, confirm-mode channels, reconnects, publishing.
 //! - [`topology`]: the exchanges, queues and bindings the config describes, declared on
 //!   every (re)connect and printed by `hirehop-relay topology`.
-//! - [`tail`]: a temporary queue that prints what arrives (`hirehop-relay tail`).
+//! - [`tail`]: a temporary queue that prints what arrives (`hirehop-relay tail`), or the
+//!   history stream from a point in time on (`tail --since`).
+//! - [`history`]: reading the history stream, with the filters the tools share.
+//! - [`replay`]: republishing from the history stream (`hirehop-relay replay`).
+//! - [`requeue`]: moving messages from `<exchange>.unrouted` or a dead-letter queue back
+//!   through the exchange (`hirehop-relay requeue`).
 
+pub mod history;
 pub mod publisher;
+pub mod replay;
+pub mod requeue;
 pub mod tail;
 pub mod topology;
 
@@ -15,6 +23,21 @@ use lapin::types::AMQPValue;
 pub use publisher::{
     ConnectError, PublishError, Publisher, backoff, connect, declare_topology_once, properties,
 };
+
+/// A connection named `name` to the first node of `config` that answers: for the tools.
+pub async fn connect_any(
+    config: &crate::config::AmqpConfig,
+    name: &str,
+) -> Result<lapin::Connection, ConnectError> {
+    let mut last = None;
+    for node in config.nodes() {
+        match connect(config, node, name.to_owned()).await {
+            Ok(connection) => return Ok(connection),
+            Err(err) => last = Some(err),
+        }
+    }
+    Err(last.expect("config has at least one broker URL"))
+}
 
 /// An AMQP string (header or argument value).
 fn long_string(s: &str) -> AMQPValue {

@@ -15,7 +15,9 @@
 //! - the durable topic exchange `amqp.exchange`, with `alternate-exchange` =
 //!   `<exchange>.unrouted` when `amqp.alternate_exchange` is on;
 //! - the durable fanout exchange `<exchange>.unrouted` and the durable queue of the same
-//!   name bound to it, which keep events nobody has bound a queue for yet.
+//!   name bound to it, which keep events nobody has bound a queue for yet;
+//! - with history on, the history stream and the fanout exchange `<exchange>.history` in
+//!   front of the topic exchange: messages are then published there.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -25,7 +27,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use futures_lite::StreamExt;
 use futures_lite::stream::Boxed;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event};
 use sha2::{Digest, Sha256};
@@ -104,10 +106,17 @@ impl ConnectError {
         let lapin::ErrorKind::ProtocolError(err) = cause.kind() else {
             return false;
         };
-        matches!(
-            err.kind(),
-            AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED | AMQPSoftError::ACCESSREFUSED)
-        )
+        match err.kind() {
+            AMQPErrorKind::Soft(
+                AMQPSoftError::PRECONDITIONFAILED | AMQPSoftError::ACCESSREFUSED,
+            ) => true,
+            // A queue type whose feature flag is off (streams on a broker upgraded to 3.9 or
+            // later without enabling its new feature flags): the broker answers so every time.
+            AMQPErrorKind::Hard(AMQPHardError::INTERNALERROR) => {
+                err.get_message().as_str().contains("feature flag")
+            }
+            _ => false,
+        }
     }
 }
 
@@ -202,7 +211,7 @@ impl Publisher {
     /// [`PublishError::Unavailable`] until the first connection is up.
     pub fn start(config: AmqpConfig) -> Publisher {
         let inner = Arc::new(Inner {
-            exchange: config.exchange.as_str().into(),
+            exchange: config.publish_exchange().into(),
             config,
             session: RwLock::new(None),
             next_channel: AtomicUsize::new(0),

@@ -1,42 +1,62 @@
 //! `hirehop-relay tail`: binds a temporary exclusive queue to the exchange with a pattern and
-//! prints each message as it arrives. The body's `export_key` is shown as `<redacted>`:
-//! terminal output ends up in tickets and chats.
+//! prints each message as it arrives; with `--since`, reads the history stream from that time
+//! on instead, the past first, then what arrives. The body's `export_key` is shown as
+//! `<redacted>`: terminal output ends up in tickets and chats.
 
 use std::io::Write;
+use std::time::SystemTime;
 
 use futures_lite::StreamExt;
-use lapin::Connection;
 use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::{Map, Value, json};
 
-use super::ConnectError;
+use super::history::{Filter, HistoryError, Reader, Start};
+use super::{ConnectError, connect_any};
 use crate::config::AmqpConfig;
+use crate::routing::{EventNameError, TopicPattern};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TailError {
     #[error(transparent)]
-    Connect(ConnectError),
+    Connect(#[from] ConnectError),
     #[error("failed to bind a queue to {exchange} with {pattern:?}: {cause}")]
     Bind {
         exchange: String,
         pattern: String,
         cause: lapin::Error,
     },
+    #[error("invalid pattern {pattern:?}: {cause}")]
+    Pattern {
+        pattern: String,
+        cause: EventNameError,
+    },
+    #[error(transparent)]
+    History(#[from] HistoryError),
     #[error("lost the broker: {0}")]
     Consume(lapin::Error),
     #[error("failed to write: {0}")]
     Write(#[from] std::io::Error),
 }
 
-/// Prints messages matching `pattern` to `out` until the connection ends.
+/// Prints messages matching `pattern` to `out` until the connection ends: those published
+/// from now on, or with `since`, those the history stream holds from then on, and on.
 pub async fn tail(
     config: &AmqpConfig,
     pattern: &str,
+    since: Option<SystemTime>,
     json_lines: bool,
     out: &mut impl Write,
 ) -> Result<(), TailError> {
-    let connection = connect(config).await?;
+    if let Some(since) = since {
+        let pattern = TopicPattern::parse(pattern).map_err(|cause| TailError::Pattern {
+            pattern: pattern.to_owned(),
+            cause,
+        })?;
+        let connection = connect_any(config, "hirehop-relay tail").await?;
+        return tail_history(&connection, config, &pattern, since, json_lines, out).await;
+    }
+    let connection = connect_any(config, "hirehop-relay tail").await?;
     let channel = connection
         .create_channel()
         .await
@@ -87,28 +107,53 @@ pub async fn tail(
     );
     while let Some(delivery) = deliveries.next().await {
         let delivery = delivery.map_err(TailError::Consume)?;
-        let record = Record::from(&delivery);
-        if json_lines {
-            writeln!(out, "{}", record.to_json())?;
-        } else {
-            write!(out, "{}", record.pretty())?;
-        }
-        out.flush()?;
+        print(&delivery, json_lines, out)?;
     }
     Ok(())
 }
 
-async fn connect(config: &AmqpConfig) -> Result<Connection, TailError> {
-    let mut last = None;
-    for node in config.nodes() {
-        match super::publisher::connect(config, node, "hirehop-relay tail".to_owned()).await {
-            Ok(connection) => return Ok(connection),
-            Err(err) => last = Some(err),
+/// `tail --since`: the history stream from `since` on. It holds every webhook, routed or
+/// not, so `pattern` is matched here against each routing key, as a binding would.
+async fn tail_history(
+    connection: &lapin::Connection,
+    config: &AmqpConfig,
+    pattern: &TopicPattern,
+    since: SystemTime,
+    json_lines: bool,
+    out: &mut impl Write,
+) -> Result<(), TailError> {
+    let filter = Filter {
+        since: Some(since),
+        ..Filter::default()
+    };
+    let mut reader = Reader::open(connection, config, Start::Since(since), false).await?;
+    eprintln!(
+        "tailing history stream {} from {} with pattern {pattern}, then what arrives (Ctrl-C to \
+         stop)",
+        config.history_name(),
+        humantime::format_rfc3339_seconds(since)
+    );
+    while let Some(entry) = reader.next().await? {
+        if filter.matches(&entry.message) && pattern.matches(entry.message.routing_key.as_str()) {
+            print(&entry.message, json_lines, out)?;
         }
     }
-    Err(TailError::Connect(
-        last.expect("config has at least one broker URL"),
-    ))
+    Ok(())
+}
+
+fn print(
+    delivery: &lapin::message::Delivery,
+    json_lines: bool,
+    out: &mut impl Write,
+) -> std::io::Result<()> {
+    let record = Record::from(delivery);
+    if json_lines {
+        writeln!(out, "{}", record.to_json())?;
+    } else {
+        write!(out, "{}", record.pretty())?;
+    }
+    out.flush()?;
+    Ok(())
 }
 
 /// One message, in the shape both output formats share.

@@ -8,11 +8,15 @@
 //!   name bound to it, which keep events nobody has bound a queue for yet;
 //! - every `[[amqp.queues]]` entry, with its arguments and bindings;
 //! - with `amqp.per_event_queues`, one queue per routing key, declared the first time it is
-//!   published.
+//!   published;
+//! - with `history.enabled`, the history stream `<exchange>.history` and the fanout exchange
+//!   of the same name that the relay then publishes to (why: `declare_history`).
 
 use std::fmt::Write as _;
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
 
@@ -61,9 +65,91 @@ pub async fn declare(config: &AmqpConfig, connection: &Connection) -> Result<(),
             bind(&channel, &queue.name, &config.exchange, pattern).await?;
         }
     }
+    if config.history.enabled {
+        declare_history(config, &channel).await?;
+    }
     // Best effort: the connection stays either way.
     let _ = channel.close(200, "topology declared".into()).await;
     Ok(())
+}
+
+/// The history: a stream queue `<exchange>.history` that keeps every accepted webhook, and a
+/// durable fanout exchange of the same name, bound to the stream and to `amqp.exchange`,
+/// which the relay publishes to (see [`AmqpConfig::publish_exchange`]).
+///
+/// Why not bind the stream to `amqp.exchange` with `#`: RabbitMQ hands a message to an
+/// exchange's alternate exchange only when *that* exchange routes it nowhere, and a
+/// catch-all binding routes everything somewhere, so `<exchange>.unrouted` would never see
+/// an event again. In front of the topic exchange, the fanout leaves its routing, alternate
+/// exchange included, as it was. Publisher confirms cover the stream like any queue.
+async fn declare_history(config: &AmqpConfig, channel: &Channel) -> Result<(), ConnectError> {
+    let name = config.history_name();
+    let options = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(name.as_str().into(), options, history_arguments(config))
+        .await
+        .map_err(failed(format!(
+            "history stream {name} (streams need RabbitMQ 3.9 or later with the stream_queue \
+             feature flag enabled; an existing queue of that name must be a stream with the same \
+             arguments; history.enabled = false runs the relay without history)"
+        )))?;
+    channel
+        .exchange_declare(
+            name.as_str().into(),
+            lapin::ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(failed(format!("exchange {name}")))?;
+    bind(channel, &name, &name, "").await?;
+    channel
+        .exchange_bind(
+            config.exchange.as_str().into(),
+            name.as_str().into(),
+            "".into(),
+            ExchangeBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(failed(format!(
+            "binding of exchange {} to {name}",
+            config.exchange
+        )))
+}
+
+/// The stream's arguments: its type and retention. RabbitMQ compares them with an existing
+/// stream's on every declaration.
+fn history_arguments(config: &AmqpConfig) -> FieldTable {
+    let history = &config.history;
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-queue-type".into(), long_string("stream"));
+    arguments.insert(
+        "x-max-age".into(),
+        long_string(&max_age_argument(history.max_age)),
+    );
+    arguments.insert("x-max-length-bytes".into(), integer(history.max_bytes));
+    arguments
+}
+
+/// `x-max-age` in RabbitMQ's notation, in the largest unit that divides it (`7D`, `36h`):
+/// the same age always gives the same text, as the broker compares it as text. `M` and `Y`
+/// (months, years) are never used.
+fn max_age_argument(age: std::time::Duration) -> String {
+    let secs = age.as_secs();
+    [(86_400, "D"), (3_600, "h"), (60, "m")]
+        .into_iter()
+        .find(|(unit, _)| secs.is_multiple_of(*unit))
+        .map_or_else(
+            || format!("{secs}s"),
+            |(unit, suffix)| format!("{}{suffix}", secs / unit),
+        )
 }
 
 /// The per-event queue for `routing_key`: `<per_event_queue_prefix><routing key>`, bound to
@@ -183,6 +269,18 @@ pub fn describe(config: &AmqpConfig) -> String {
         );
         let _ = writeln!(out, "  bound to {} with <routing key>", config.exchange);
     }
+    if config.history.enabled {
+        let name = config.history_name();
+        let _ = writeln!(
+            out,
+            "exchange {name} (fanout, durable): the relay publishes here"
+        );
+        let arguments = show(&history_arguments(config));
+        let _ = writeln!(out, "queue {name} (durable, {arguments})");
+        let _ = writeln!(out, "  bound to {name}");
+        let _ = writeln!(out, "exchange {}", config.exchange);
+        let _ = writeln!(out, "  bound to {name}");
+    }
     out
 }
 
@@ -221,6 +319,17 @@ mod tests {
             (name.to_string(), value)
         });
         Value::Object(members.collect())
+    }
+
+    #[test]
+    fn max_age_is_written_in_the_largest_unit_that_divides_it() {
+        let days = |n: u64| std::time::Duration::from_secs(n * 86_400);
+        assert_eq!(max_age_argument(days(7)), "7D");
+        assert_eq!(max_age_argument(days(1)), "1D");
+        let secs = std::time::Duration::from_secs;
+        assert_eq!(max_age_argument(secs(36 * 3600)), "36h");
+        assert_eq!(max_age_argument(secs(90 * 60)), "90m");
+        assert_eq!(max_age_argument(secs(61)), "61s");
     }
 
     /// `deploy/rabbitmq/definitions.json` declares what the relay declares with
@@ -283,6 +392,19 @@ mod tests {
         assert_eq!(fanout["arguments"], json!({}));
         durable_queue(&unrouted, &typed(config.unrouted_queue_type));
         assert!(bound(&unrouted, &unrouted, ""));
+        assert!(config.history.enabled);
+        let history = config.history_name();
+        let front = named("exchanges", &history);
+        assert_eq!(front["type"], "fanout");
+        assert_eq!(front["durable"], true);
+        assert_eq!(front["arguments"], json!({}));
+        durable_queue(&history, &history_arguments(&config));
+        assert!(bound(&history, &history, ""));
+        assert!(definitions["bindings"].as_array().unwrap().iter().any(|b| {
+            b["source"] == history
+                && b["destination"] == config.exchange
+                && b["destination_type"] == "exchange"
+        }));
         for queue in &config.queues {
             durable_queue(&queue.name, &queue_arguments(queue));
             for pattern in &queue.bindings {

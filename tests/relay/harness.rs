@@ -536,12 +536,17 @@ pub fn via(proxy: &Proxy) -> String {
     url
 }
 
+/// Deletes what a relay on `exchange` declares: the exchange, `<exchange>.unrouted` and the
+/// history stream `<exchange>.history` (exchanges and queues).
 pub async fn delete_topology(channel: &lapin::Channel, exchange: &str) {
     let unrouted = format!("{exchange}.unrouted");
-    let _ = channel
-        .queue_delete(unrouted.as_str().into(), QueueDeleteOptions::default())
-        .await;
-    for name in [exchange, unrouted.as_str()] {
+    let history = format!("{exchange}.history");
+    for queue in [&unrouted, &history] {
+        let _ = channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    for name in [exchange, unrouted.as_str(), history.as_str()] {
         let _ = channel
             .exchange_delete(name.into(), ExchangeDeleteOptions::default())
             .await;

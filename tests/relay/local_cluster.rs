@@ -13,11 +13,19 @@ pub struct LocalCluster {
     name: String,
     nodes: usize,
     port: u16,
+    /// More environment for the script and the nodes it starts (`RABBITMQ_*` settings).
+    env: Vec<(String, String)>,
 }
 
 impl LocalCluster {
     /// Starts `nodes` nodes and joins them. Takes a few seconds per node.
     pub fn up(nodes: usize) -> LocalCluster {
+        Self::up_with(nodes, &[])
+    }
+
+    /// Like [`LocalCluster::up`], with `env` in the nodes' environment, e.g.
+    /// `RABBITMQ_FEATURE_FLAGS` for a node with only some feature flags enabled.
+    pub fn up_with(nodes: usize, env: &[(&str, &str)]) -> LocalCluster {
         let mut last = String::new();
         // A port found free can be taken before the node binds it: try other ports then.
         for _ in 0..5 {
@@ -25,6 +33,10 @@ impl LocalCluster {
                 name: format!("hhrt{:06x}", fastrand::u32(..0x00ff_ffff)),
                 nodes,
                 port: free_ports(nodes),
+                env: env
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
             };
             let output = cluster.script(&["up"]);
             if output.status.success() {
@@ -122,6 +134,7 @@ impl LocalCluster {
             .env("CLUSTER_NODES", self.nodes.to_string())
             .env("CLUSTER_PORT", self.port.to_string())
             .env("CLUSTER_DIR", self.dir())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()
             .expect("bash runs deploy/rabbitmq/local-cluster.sh")
     }

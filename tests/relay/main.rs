@@ -27,6 +27,7 @@
 //! - `queues`: declared and per-event queues, routing templates, `send`, `tail`, `topology`.
 //! - `reject`: every 4xx, and that none of them publishes anything.
 //! - `topology`: alternate exchange, returned messages, topology mismatches.
+//! - `history`: the history stream, `replay`, `requeue` and `tail --since`.
 //! - `faults`: broker connection closed or cut; 503s, never hangs nor false 202s.
 //! - `full_disk`: the spool on a 2 MiB tmpfs that fills up: 503s and readiness that say why,
 //!   a restart on the full disk, recovery without a webhook, every 202 delivered once.
@@ -48,6 +49,7 @@ mod faults;
 mod floods;
 mod full_disk;
 mod harness;
+mod history;
 mod hostile;
 mod local_cluster;
 mod memory;

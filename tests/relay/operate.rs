@@ -72,8 +72,12 @@ async fn metrics_move_with_accepted_rejected_and_failed_requests() {
     }
     relay.stop().await;
 
-    // A failed delivery: nothing bound and no alternate exchange.
-    let relay = TestRelay::start_with(&[("RELAY_AMQP__ALTERNATE_EXCHANGE", "false")]).await;
+    // A failed delivery: nothing bound, no alternate exchange, no history stream.
+    let relay = TestRelay::start_with(&[
+        ("RELAY_AMQP__ALTERNATE_EXCHANGE", "false"),
+        ("RELAY_HISTORY__ENABLED", "false"),
+    ])
+    .await;
     let reply = relay.post(webhook("job.updated")).await;
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
     let text = scrape(relay.addr).await;
