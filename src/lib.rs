@@ -115,7 +115,8 @@ pub async fn run(
     spawn_key_reloads(&config, &keys, stopping.clone());
     if let Some(tls) = &tls {
         let (tls, stop) = (Arc::clone(tls), stopping.clone());
-        tokio::spawn(async move { tls.watch(stop).await });
+        let metrics = Arc::clone(delivery.metrics());
+        tokio::spawn(async move { tls.watch(stop, metrics).await });
     }
     let metrics_server = metrics_listener
         .map(|listener| spawn_metrics_server(listener, &config, &delivery, stopping.clone()));

@@ -217,7 +217,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
         .with_context(|| format!("failed to bind {}", config.http.listen))?;
-    let metrics = Arc::new(Metrics::new(config.metrics.max_event_labels));
+    let metrics = Arc::new(Metrics::new(&config));
     let delivery = Delivery::new(publisher, spool, metrics);
     hirehop_relay::run(config, delivery, listener, shutdown.cancelled_owned())
         .await

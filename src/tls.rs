@@ -4,10 +4,12 @@
 //! The certificate and key are re-read when their files change (checked every ten seconds,
 //! e.g. after a certbot or cert-manager renewal); a pair that fails to load keeps the old one
 //! in use and is logged. New handshakes pick up the new pair; open connections keep theirs.
+//! The certificate's expiry is exported as a metric, so an alert can fire before a failed
+//! renewal turns into failed handshakes (and lost webhooks).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -18,6 +20,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::Metrics;
 use crate::reload::{Reload, Swap};
 
 #[derive(Debug, thiserror::Error)]
@@ -58,8 +61,17 @@ impl Tls {
         })
     }
 
-    /// Reloads the pair when its files change (checked every ten seconds), until `stop`.
-    pub async fn watch(&self, stop: CancellationToken) {
+    /// When the certificate in use expires (its notAfter); `None` if it cannot be read.
+    pub fn expires(&self) -> Option<SystemTime> {
+        not_after(&self.certificate.current())
+    }
+
+    /// Reloads the pair when its files change (checked every ten seconds), until `stop`,
+    /// keeping `metrics` told when the certificate in use expires.
+    pub async fn watch(&self, stop: CancellationToken, metrics: Arc<Metrics>) {
+        if let Some(at) = self.expires() {
+            metrics.certificate_expires(at);
+        }
         let (provider, cert_file, key_file) = (
             Arc::clone(&self.provider),
             self.cert_file.clone(),
@@ -71,7 +83,12 @@ impl Tls {
             files: vec![self.cert_file.clone(), self.key_file.clone()],
             every: Duration::from_secs(10),
             load: Box::new(move || {
-                load_pair(&provider, &cert_file, &key_file).map_err(|err| err.to_string())
+                let pair =
+                    load_pair(&provider, &cert_file, &key_file).map_err(|err| err.to_string())?;
+                if let Some(at) = not_after(&pair) {
+                    metrics.certificate_expires(at);
+                }
+                Ok(pair)
             }),
         };
         reload.run(None, stop).await;
@@ -114,4 +131,12 @@ fn load_pair(
         .load_private_key(key)
         .map_err(|err| key_error(err.to_string()))?;
     Ok(CertifiedKey::new(chain, key))
+}
+
+/// The notAfter of the pair's leaf certificate; `None` if it does not parse as X.509.
+fn not_after(pair: &CertifiedKey) -> Option<SystemTime> {
+    let leaf = pair.cert.first()?;
+    let (_, certificate) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    let seconds = u64::try_from(certificate.validity().not_after.timestamp()).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(seconds))
 }

@@ -27,6 +27,7 @@ use crate::config::HttpConfig;
 use crate::delivery::{BrokerState, Delivery, DeliveryError, Outcome};
 use crate::envelope::{Envelope, EnvelopeError};
 use crate::message::Message;
+use crate::metrics;
 use crate::routing::{EventNameError, RoutingTemplate};
 use crate::spool::SpoolError;
 use crate::tracecontext::TraceContext;
@@ -250,7 +251,7 @@ async fn dispatch(
     match (route_name(app, path), method) {
         ("healthz", &Method::GET | &Method::HEAD) => Ok(alive()),
         ("readyz", &Method::GET | &Method::HEAD) => Ok(readiness(&app.delivery)),
-        ("metrics", &Method::GET | &Method::HEAD) => Ok(metrics(&app.delivery)),
+        ("metrics", &Method::GET | &Method::HEAD) => Ok(metrics(&app.delivery, &request)),
         ("healthz" | "readyz" | "metrics", _) => {
             Err(Rejection::MethodNotAllowed { allow: "GET, HEAD" })
         }
@@ -265,23 +266,26 @@ pub async fn handle_metrics_listener(
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(match request.uri().path() {
-        "/metrics" => metrics(&delivery),
+        "/metrics" => metrics(&delivery, &request),
         "/healthz" => alive(),
         "/readyz" => readiness(&delivery),
         _ => rejection_response(&Rejection::NotFound, 0),
     })
 }
 
-/// `GET /metrics` (on whichever listener serves it).
-pub fn metrics(delivery: &Delivery) -> Response<Full<Bytes>> {
-    let text = delivery
-        .metrics()
-        .render(&delivery.health(), delivery.publisher().reconnects());
-    with_type(
-        StatusCode::OK,
-        text,
-        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-    )
+/// `GET /metrics` (on whichever listener serves it), in the format the scraper asks for.
+pub fn metrics<B>(delivery: &Delivery, request: &Request<B>) -> Response<Full<Bytes>> {
+    let accept = request
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok());
+    let format = metrics::Format::negotiate(accept);
+    let text = delivery.metrics().render(
+        &delivery.health(),
+        delivery.publisher().reconnects(),
+        format,
+    );
+    with_type(StatusCode::OK, text, format.content_type())
 }
 
 /// The webhook itself: read, verify, publish, confirm.

@@ -17,6 +17,8 @@
 //! - `deploy`: the deploy files run for real: the documented nginx in front of a relay,
 //!   certbot's deploy hook.
 //! - `docs`: every code block of the docs run (shell, TOML, the consumer examples), or marked.
+//! - `monitoring`: the alert rules, the dashboard and `/metrics` checked by `promtool` and a
+//!   real Prometheus scraping live relays and a RabbitMQ node; `status`.
 //! - `accept`: what a 202 means: the body byte for byte, the properties, the headers.
 //! - `queues`: declared and per-event queues, routing templates, `send`, `tail`, `topology`.
 //! - `reject`: every 4xx, and that none of them publishes anything.
@@ -35,6 +37,7 @@ mod faults;
 mod harness;
 mod hostile;
 mod local_cluster;
+mod monitoring;
 mod operate;
 mod proxy;
 mod queues;
