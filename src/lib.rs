@@ -23,7 +23,7 @@
 //! Around it: [`config`] loads everything once at startup; [`signal`] turns SIGTERM/SIGINT
 //! into the shutdown future that [`run`] takes, and SIGHUP into key reloads; [`metrics`]
 //! counts what happens; [`tracecontext`] carries W3C trace context into the message;
-//! [`send`] and [`amqp::tail`] are the `send` and `tail` tools.
+//! [`send`], [`amqp::tail`] and [`status`] are the `send`, `tail` and `status` tools.
 
 #![forbid(unsafe_code)]
 
@@ -41,6 +41,7 @@ pub mod send;
 pub mod server;
 pub mod signal;
 pub mod spool;
+pub mod status;
 pub mod tls;
 pub mod tracecontext;
 pub mod webhook;

@@ -53,6 +53,16 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         company: u64,
     },
+    /// Summarize a running relay: its state, broker and spool, and the webhooks it accepted
+    /// and refused since it started. Exits non-zero when the relay is not ready.
+    Status {
+        /// The relay's base URL: its webhook port, or metrics.listen when that is set.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// One JSON object, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print every message published with a routing key matching PATTERN, as it arrives.
     Tail {
         /// Topic pattern, e.g. 'job.#'.
@@ -92,6 +102,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     {
         // Needs no relay configuration: it only talks HTTP.
         return runtime()?.block_on(send(url, event, key, *company));
+    }
+    if let Command::Status { url, json } = &command {
+        // Needs no relay configuration either: it reads a running relay's endpoints.
+        return runtime()?.block_on(status(url, *json));
     }
     let config = match command {
         Command::Tail { .. } | Command::Topology { .. } => {
@@ -134,7 +148,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             init_logging(config.log.format);
             runtime()?.block_on(serve(config))
         }
-        Command::Send { .. } => unreachable!("handled above"),
+        Command::Send { .. } | Command::Status { .. } => unreachable!("handled above"),
     }
 }
 
@@ -157,6 +171,19 @@ async fn send(url: &str, event: &str, key: &str, company_id: u64) -> anyhow::Res
     println!("{status}");
     println!("{}", body.trim_end());
     anyhow::ensure!(status.is_success(), "the relay answered {status}");
+    Ok(())
+}
+
+async fn status(url: &str, json: bool) -> anyhow::Result<()> {
+    let status = hirehop_relay::status::status(url)
+        .await
+        .with_context(|| format!("failed to read the status of {url}"))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", status.to_text());
+    }
+    anyhow::ensure!(status.ready, "the relay is not ready ({})", status.state);
     Ok(())
 }
 

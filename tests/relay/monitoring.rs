@@ -687,3 +687,140 @@ async fn prometheus_evaluates_every_rule_and_dashboard_query_against_live_relays
     drop(node);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Runs `hirehop-relay status --url http://ADDR [args]`; its exit success and stdout.
+async fn run_status(addr: SocketAddr, args: &[&str]) -> (bool, String) {
+    let output = tokio::time::timeout(
+        PATIENCE,
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_hirehop-relay"))
+            .args(["status", "--url", &format!("http://{addr}")])
+            .args(args)
+            .env_clear()
+            .output(),
+    )
+    .await
+    .expect("status answers in time")
+    .expect("the binary runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() {
+        assert!(stderr.contains("not ready"), "{stdout}{stderr}");
+    }
+    (output.status.success(), stdout)
+}
+
+#[tokio::test]
+async fn status_summarizes_a_running_relay_for_people_and_scripts() {
+    let relay = TestRelay::start().await;
+    let mut queue = relay.queue("#").await;
+    for event in ["job.updated", "job.updated", "job.created"] {
+        assert_eq!(
+            relay.post(webhook(event)).await.status,
+            StatusCode::ACCEPTED
+        );
+        queue.next().await;
+    }
+    let wrong = harness::webhook_with("job.updated", "not-the-key", 1);
+    assert_eq!(relay.post(wrong).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(relay.post("[]").await.status, StatusCode::BAD_REQUEST);
+
+    let (ready, text) = run_status(relay.addr, &[]).await;
+    assert!(ready, "{text}");
+    for line in [
+        format!(
+            "hirehop-relay {} at http://{}",
+            env!("CARGO_PKG_VERSION"),
+            relay.addr
+        ),
+        "state:     ok (ready)".to_owned(),
+        "broker:    connected".to_owned(),
+        "spool:     0 webhooks, 0 B of 1.0 GiB (accepting)".to_owned(),
+        "accepted:  3 since start (3 confirmed, 0 spooled; 0 replayed from the spool)".to_owned(),
+        "refused:   0 with 503 (lost: HireHop does not send them again)".to_owned(),
+        "rejected:  2 with 4xx".to_owned(),
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "no line {line:?} in:\n{text}"
+        );
+    }
+    let by_event: Vec<&str> = text.lines().filter(|l| l.starts_with("  job.")).collect();
+    assert_eq!(by_event.len(), 2, "{text}");
+    assert!(
+        by_event[0].starts_with("  job.updated ") && by_event[0].ends_with(" 2"),
+        "{text}"
+    );
+
+    let (_, json) = run_status(relay.addr, &["--json"]).await;
+    let json: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(json["ready"], true);
+    assert_eq!(json["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(json["accepted"]["total"], 3);
+    assert_eq!(json["accepted"]["by"]["job.updated"], 2);
+    assert_eq!(json["accepted"]["by"]["job.created"], 1);
+    assert_eq!(json["rejected"]["by"]["bad_key"], 1);
+    assert_eq!(json["rejected"]["by"]["bad_json"], 1);
+    assert_eq!(json["refused"]["total"], 0);
+    assert_eq!(json["spool"]["max_bytes"], 1_073_741_824_u64);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn status_says_not_ready_and_counts_what_was_lost() {
+    // No spool, and a broker the relay loses: /readyz answers 503, webhooks get 503.
+    let proxy = crate::proxy::Proxy::start(harness::broker_addr()).await;
+    let relay = TestRelay::start_via(&proxy, &[("RELAY_SPOOL__ENABLED", "false")]).await;
+    proxy.refuse(true);
+    proxy.cut();
+    let deadline = Instant::now() + PATIENCE;
+    while send(relay.addr, request(Method::GET, "/readyz", ""))
+        .await
+        .unwrap()
+        .status
+        == StatusCode::OK
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the relay never noticed the broker was gone"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    relay
+        .post(webhook("job.updated"))
+        .await
+        .assert_unavailable();
+
+    let (ready, text) = run_status(relay.addr, &[]).await;
+    assert!(
+        !ready,
+        "exit status 0 for a relay that is not ready:\n{text}"
+    );
+    assert!(
+        text.contains("state:     unavailable (NOT READY)"),
+        "{text}"
+    );
+    assert!(text.contains("broker:    disconnected"), "{text}");
+    assert!(text.contains("spool:     off"), "{text}");
+    assert!(text.contains("refused:   1 with 503"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("  broker_unavailable ") && l.ends_with(" 1")),
+        "{text}"
+    );
+    proxy.refuse(false);
+    relay.stop().await;
+
+    // Nothing there: an error that names the address.
+    let nobody: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_hirehop-relay"))
+        .args(["status", "--url", &format!("http://{nobody}")])
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("failed to connect to {nobody}")),
+        "{stderr}"
+    );
+}
