@@ -32,6 +32,7 @@ use crate::delivery::{BrokerState, Health};
 /// Every `reason` of `hirehop_relay_rejections_total`: what
 /// [`Rejection::reason`](crate::webhook::Rejection::reason) gives.
 pub const REJECTION_REASONS: &[&str] = &[
+    "bad_host",
     "not_found",
     "forbidden",
     "method_not_allowed",
@@ -41,6 +42,7 @@ pub const REJECTION_REASONS: &[&str] = &[
     "body_read",
     "bad_json",
     "bad_key",
+    "rate_limited",
     "stale",
     "bad_event",
     "broker_unavailable",
@@ -84,6 +86,20 @@ pub const CONNECTION_ERROR_KINDS: &[&str] = &[
     "bad_request",
     "tls_handshake",
     "over_limit",
+    "over_ip_limit",
+    "io",
+];
+
+/// Every `reason` of `hirehop_relay_tls_handshake_failures_total`.
+pub const TLS_HANDSHAKE_FAILURES: &[&str] = &[
+    "timeout",
+    "plain_http",
+    "not_tls",
+    "certificate_rejected",
+    "client_alert",
+    "incompatible",
+    "protocol",
+    "closed",
     "io",
 ];
 
@@ -167,6 +183,7 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     request_seconds: Family<RouteLabels, Histogram>,
     in_flight: Gauge,
+    connections: Gauge,
     rejections: Family<ReasonLabels, Counter>,
     publishes: Family<OutcomeLabels, Counter>,
     confirm_seconds: Histogram,
@@ -176,9 +193,11 @@ pub struct Metrics {
     reconnects: Counter,
     spool_messages: Gauge,
     spool_bytes: Gauge,
+    spool_accepting: Gauge,
     replayed: Counter,
     replay_failures: Counter,
     connection_errors: Family<KindLabels, Counter>,
+    tls_handshake_failures: Family<ReasonLabels, Counter>,
     events: EventNames,
     /// One scrape at a time: state gauges are refreshed, then everything encoded.
     render: Mutex<()>,
@@ -237,6 +256,12 @@ impl Metrics {
             "Webhook requests being handled now",
             in_flight.clone(),
         );
+        let connections = Gauge::default();
+        registry.register(
+            "http_connections",
+            "Connections open now, on the webhook port and the metrics listener",
+            connections.clone(),
+        );
         let rejections = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "rejections",
@@ -291,6 +316,12 @@ impl Metrics {
             "Bytes in the spool waiting for replay",
             spool_bytes.clone(),
         );
+        let spool_accepting = Gauge::default();
+        registry.register(
+            "spool_accepting",
+            "1 while the spool takes webhooks; 0 while it is full, its writes fail, or it is off",
+            spool_accepting.clone(),
+        );
         let replayed = Counter::default();
         registry.register(
             "spool_replayed",
@@ -306,8 +337,14 @@ impl Metrics {
         let connection_errors = Family::<KindLabels, Counter>::default();
         registry.register(
             "connection_errors",
-            "Connections ended early, by kind (header_timeout, headers_too_large, bad_request, tls_handshake, over_limit, io)",
+            "Connections ended early, by kind (header_timeout, headers_too_large, bad_request, tls_handshake, over_limit, over_ip_limit, io)",
             connection_errors.clone(),
+        );
+        let tls_handshake_failures = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed, by reason (timeout, plain_http, not_tls, certificate_rejected, client_alert, incompatible, protocol, closed, io)",
+            tls_handshake_failures.clone(),
         );
         registry.register(
             "build",
@@ -355,6 +392,13 @@ impl Metrics {
                 .get_or_create(&KindLabels { kind })
                 .inc_by(0);
         }
+        if config.tls.cert_file.is_some() {
+            for &reason in TLS_HANDSHAKE_FAILURES {
+                tls_handshake_failures
+                    .get_or_create(&ReasonLabels { reason })
+                    .inc_by(0);
+            }
+        }
         #[cfg(target_os = "linux")]
         root.register_collector(Box::new(process::ProcessCollector));
         Metrics {
@@ -362,6 +406,7 @@ impl Metrics {
             requests,
             request_seconds,
             in_flight,
+            connections,
             rejections,
             publishes,
             confirm_seconds,
@@ -371,9 +416,11 @@ impl Metrics {
             reconnects,
             spool_messages,
             spool_bytes,
+            spool_accepting,
             replayed,
             replay_failures,
             connection_errors,
+            tls_handshake_failures,
             events: EventNames {
                 seen: Mutex::new(HashSet::new()),
                 max: max_event_labels,
@@ -397,6 +444,12 @@ impl Metrics {
     pub fn in_flight(&self) -> InFlight<'_> {
         self.in_flight.inc();
         InFlight(&self.in_flight)
+    }
+
+    /// Counts one open connection until the guard is dropped.
+    pub fn connection(&self) -> InFlight<'_> {
+        self.connections.inc();
+        InFlight(&self.connections)
     }
 
     pub fn rejection(&self, reason: &'static str) {
@@ -426,6 +479,12 @@ impl Metrics {
             .inc();
     }
 
+    pub fn tls_handshake_failure(&self, reason: &'static str) {
+        self.tls_handshake_failures
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
     pub fn replayed(&self, n: u64) {
         self.replayed.inc_by(n);
     }
@@ -452,11 +511,14 @@ impl Metrics {
             .set(i64::from(health.broker == BrokerState::Blocked));
         let counted = self.reconnects.get();
         self.reconnects.inc_by(reconnects.saturating_sub(counted));
-        let depth = health.spool.map(|s| s.depth).unwrap_or_default();
+        let depth = health.spool.as_ref().map(|s| s.depth).unwrap_or_default();
         self.spool_messages
             .set(i64::try_from(depth.records).unwrap_or(i64::MAX));
         self.spool_bytes
             .set(i64::try_from(depth.bytes).unwrap_or(i64::MAX));
+        self.spool_accepting.set(i64::from(
+            health.spool.as_ref().is_some_and(|s| s.accepting),
+        ));
         self.ready.set(i64::from(health.ready()));
         let mut text = String::new();
         let encoded = match format {
@@ -474,7 +536,7 @@ impl Metrics {
     }
 }
 
-/// See [`Metrics::in_flight`].
+/// See [`Metrics::in_flight`] and [`Metrics::connection`].
 pub struct InFlight<'a>(&'a Gauge);
 
 impl Drop for InFlight<'_> {
@@ -604,6 +666,7 @@ mod tests {
                     bytes: 300,
                 },
                 accepting: true,
+                error: None,
             }),
         };
         let text = with_spool.render(&health, 0, Format::Text);
@@ -650,6 +713,7 @@ mod tests {
     /// compile until it is added here, and so to the checks below.
     fn every_rejection() -> Vec<Rejection> {
         let all = vec![
+            Rejection::BadHost("no host"),
             Rejection::NotFound,
             Rejection::Forbidden,
             Rejection::MethodNotAllowed { allow: "GET" },
@@ -660,6 +724,9 @@ mod tests {
             Rejection::Envelope(crate::envelope::EnvelopeError::NotAnObject),
             Rejection::MissingKey,
             Rejection::WrongKey,
+            Rejection::KeyFailuresLimited {
+                retry_after_secs: 1,
+            },
             Rejection::Stale,
             Rejection::MissingEvent,
             Rejection::BadEvent(crate::routing::EventNameError::Empty),
@@ -672,7 +739,8 @@ mod tests {
         ];
         for rejection in &all {
             match rejection {
-                Rejection::NotFound
+                Rejection::BadHost(_)
+                | Rejection::NotFound
                 | Rejection::Forbidden
                 | Rejection::MethodNotAllowed { .. }
                 | Rejection::Overloaded
@@ -682,6 +750,7 @@ mod tests {
                 | Rejection::Envelope(_)
                 | Rejection::MissingKey
                 | Rejection::WrongKey
+                | Rejection::KeyFailuresLimited { .. }
                 | Rejection::Stale
                 | Rejection::MissingEvent
                 | Rejection::BadEvent(_)

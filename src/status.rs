@@ -52,8 +52,9 @@ pub struct Status {
     pub spooled: u64,
     /// Spooled webhooks the broker has since confirmed.
     pub replayed: u64,
-    /// Webhooks refused with 503 (lost), by reason; `connection_over_limit` counts
-    /// connections refused at `http.max_connections`.
+    /// Webhooks refused with 503 (lost), by reason; `connection_over_limit` and
+    /// `connection_over_ip_limit` count connections refused at `http.max_connections` and
+    /// `http.max_connections_per_ip`.
     pub refused: Counts,
     /// Requests refused for what they are (4xx), by reason.
     pub rejected: Counts,
@@ -163,8 +164,12 @@ fn summarize(url: &str, ready: bool, readiness: &Value, metrics: &str) -> Status
                     status.rejected.add(reason, sample.value);
                 }
             }
-            "hirehop_relay_connection_errors_total" if label("kind") == "over_limit" => {
-                status.refused.add("connection_over_limit", sample.value);
+            "hirehop_relay_connection_errors_total"
+                if matches!(label("kind"), "over_limit" | "over_ip_limit") =>
+            {
+                status
+                    .refused
+                    .add(&format!("connection_{}", label("kind")), sample.value);
             }
             _ => {}
         }

@@ -8,6 +8,10 @@
 //! Modules:
 //! - `harness`: starting relays (in-process or as the real binary), HTTP helpers, queues.
 //! - `hostile`: slow clients, header floods, garbage, network rules, redaction, replay window.
+//! - `memory`: bursts of 1 MiB webhooks into the spool, peak and resident memory against the
+//!   README's formula.
+//! - `tls`: HTTP/2 over ALPN, renewed and mismatched certificates, stalled handshakes against
+//!   the connection caps, plain HTTP to the TLS port.
 //! - `operate`: metrics, trace context, overload, keys reloaded on SIGHUP.
 //! - `proxy`: a TCP proxy between relay and broker that can cut, refuse and stall.
 //! - `local_cluster`: RabbitMQ nodes of a test's own (`deploy/rabbitmq/local-cluster.sh`).
@@ -24,9 +28,15 @@
 //! - `reject`: every 4xx, and that none of them publishes anything.
 //! - `topology`: alternate exchange, returned messages, topology mismatches.
 //! - `faults`: broker connection closed or cut; 503s, never hangs nor false 202s.
+//! - `full_disk`: the spool on a 2 MiB tmpfs that fills up: 503s and readiness that say why,
+//!   a restart on the full disk, recovery without a webhook, every 202 delivered once.
+//! - `floods`: a wrong-key flood and a slow-body attack from one source, while a legitimate
+//!   sender keeps getting 202s and the log stays short.
 //! - `scale`: two relays behind HAProxy, one killed under load.
 //! - `shutdown`: SIGTERM under load loses no accepted webhook and exits 0.
-//! - `spool`: broker out of reach, SIGKILL, torn spool tail, full spool, several broker URLs.
+//! - `spool`: broker out of reach, SIGKILL, torn spool tail, full spool, several broker URLs,
+//!   the spool replayed on SIGTERM.
+//! - `tmpfs`: a small real filesystem a test mounts (as root) and unmounts when done.
 
 mod accept;
 mod broker_faults;
@@ -34,9 +44,12 @@ mod confirms;
 mod deploy;
 mod docs;
 mod faults;
+mod floods;
+mod full_disk;
 mod harness;
 mod hostile;
 mod local_cluster;
+mod memory;
 mod monitoring;
 mod operate;
 mod proxy;
@@ -45,4 +58,6 @@ mod reject;
 mod scale;
 mod shutdown;
 mod spool;
+mod tls;
+mod tmpfs;
 mod topology;
