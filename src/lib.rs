@@ -27,8 +27,8 @@
 //! into the shutdown future that [`run`] takes, and SIGHUP into key reloads; [`metrics`]
 //! counts what happens; [`rejection_log`] logs what strangers cause without letting a flood
 //! into the log; [`tracecontext`] carries W3C trace context into the message;
-//! [`send`], [`amqp::tail`], [`amqp::replay`] and [`amqp::requeue`] are the `send`, `tail`,
-//! `replay` and `requeue` tools.
+//! [`send`], [`status`], [`amqp::tail`], [`amqp::replay`] and [`amqp::requeue`] are the
+//! `send`, `status`, `tail`, `replay` and `requeue` tools.
 
 #![forbid(unsafe_code)]
 
@@ -47,6 +47,7 @@ pub mod send;
 pub mod server;
 pub mod signal;
 pub mod spool;
+pub mod status;
 pub mod tls;
 pub mod tracecontext;
 pub mod webhook;
@@ -130,7 +131,8 @@ pub async fn run(
     spawn_key_reloads(&config, &keys, stopping.clone());
     if let Some(tls) = &tls {
         let (tls, stop) = (Arc::clone(tls), stopping.clone());
-        tokio::spawn(async move { tls.watch(stop).await });
+        let metrics = Arc::clone(delivery.metrics());
+        tokio::spawn(async move { tls.watch(stop, metrics).await });
     }
     let rejections = Arc::new(RejectionLog::new());
     let rejection_summaries = {

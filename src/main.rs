@@ -95,6 +95,16 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         company: u64,
     },
+    /// Summarize a running relay: its state, broker and spool, and the webhooks it accepted
+    /// and refused since it started. Exits non-zero when the relay is not ready.
+    Status {
+        /// The relay's base URL: its webhook port, or metrics.listen when that is set.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// One JSON object, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print every message published with a routing key matching PATTERN, as it arrives.
     Tail {
         #[command(flatten)]
@@ -181,7 +191,7 @@ impl Command {
             | Command::Replay { config, .. }
             | Command::Requeue { config, .. }
             | Command::Topology { config, .. } => Some(config),
-            Command::Send { .. } => None,
+            Command::Send { .. } | Command::Status { .. } => None,
         }
     }
 }
@@ -198,7 +208,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
         (Some(_), None) => {
-            eprintln!("hirehop-relay: send takes no configuration (it only talks HTTP)");
+            eprintln!("hirehop-relay: send and status take no configuration (they only talk HTTP)");
             return ExitCode::from(2);
         }
         (Some(file), Some(_)) => Some(file),
@@ -231,6 +241,10 @@ fn run(command: Command, file: Option<PathBuf>) -> anyhow::Result<()> {
     } = &command
     {
         return runtime()?.block_on(send(url, event, key, *company));
+    }
+    if let Command::Status { url, json } = &command {
+        // Needs no relay configuration either: it reads a running relay's endpoints.
+        return runtime()?.block_on(status(url, *json));
     }
     let file = file.as_deref();
     let config = match command {
@@ -349,7 +363,7 @@ fn run(command: Command, file: Option<PathBuf>) -> anyhow::Result<()> {
             init_logging(config.log.format);
             runtime()?.block_on(serve(config))
         }
-        Command::Send { .. } => unreachable!("handled above"),
+        Command::Send { .. } | Command::Status { .. } => unreachable!("handled above"),
     }
 }
 
@@ -470,6 +484,19 @@ async fn send(url: &str, event: &str, key: &str, company_id: u64) -> anyhow::Res
     Ok(())
 }
 
+async fn status(url: &str, json: bool) -> anyhow::Result<()> {
+    let status = hirehop_relay::status::status(url)
+        .await
+        .with_context(|| format!("failed to read the status of {url}"))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", status.to_text());
+    }
+    anyhow::ensure!(status.ready, "the relay is not ready ({})", status.state);
+    Ok(())
+}
+
 async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -532,7 +559,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
         .with_context(|| format!("failed to bind {}", config.http.listen))?;
-    let metrics = Arc::new(Metrics::new(config.metrics.max_event_labels));
+    let metrics = Arc::new(Metrics::new(&config));
     let delivery = Delivery::new(publisher, spool, metrics);
     hirehop_relay::run(config, delivery, listener, shutdown.cancelled_owned())
         .await

@@ -1,13 +1,22 @@
-//! Prometheus metrics (OpenMetrics text), all named `hirehop_relay_*`.
+//! Prometheus metrics, all named `hirehop_relay_*`, plus the standard `process_*` ones on
+//! Linux ([`process`]); and the exposition format each scrape gets ([`Format`]).
 //!
 //! Labels carry only bounded values chosen by the relay: routes, status codes, rejection
 //! reasons, delivery outcomes, and event names up to `metrics.max_event_labels` distinct
 //! ones (later names fold into `other`, and only authenticated webhooks count, so a stranger
 //! cannot grow the series). Never a key, a body or a peer address.
+//!
+//! The label values of fixed sets (rejection reasons, delivery outcomes, connection error
+//! kinds) exist at zero from the start: a series that first appears at 1 shows no increase
+//! to `rate()` or `increase()`, so an alert on the first `spool_full` would never fire.
+
+#[cfg(target_os = "linux")]
+mod process;
 
 use std::collections::HashSet;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, SystemTime};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -17,7 +26,125 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
+use crate::config::Config;
 use crate::delivery::{BrokerState, Health};
+
+/// Every `reason` of `hirehop_relay_rejections_total`: what
+/// [`Rejection::reason`](crate::webhook::Rejection::reason) gives.
+pub const REJECTION_REASONS: &[&str] = &[
+    "bad_host",
+    "not_found",
+    "forbidden",
+    "method_not_allowed",
+    "overloaded",
+    "too_large",
+    "body_timeout",
+    "body_read",
+    "bad_json",
+    "bad_key",
+    "rate_limited",
+    "stale",
+    "bad_event",
+    "broker_unavailable",
+    "unroutable",
+    "queue_refused",
+    "spool_full",
+    "spool_failed",
+    "delivery_aborted",
+];
+
+/// The reasons among [`REJECTION_REASONS`] answered with 503: a webhook the relay could not
+/// keep, which HireHop never sends again.
+pub const REFUSAL_REASONS: &[&str] = &[
+    "overloaded",
+    "broker_unavailable",
+    "unroutable",
+    "queue_refused",
+    "spool_full",
+    "spool_failed",
+    "delivery_aborted",
+];
+
+/// Every `outcome` of `hirehop_relay_publishes_total`.
+pub const PUBLISH_OUTCOMES: &[&str] = &[
+    "ack",
+    "nack",
+    "returned",
+    "refused",
+    "timeout",
+    "unavailable",
+    "error",
+    "spooled",
+    "spool_full",
+    "spool_error",
+];
+
+/// Every `kind` of `hirehop_relay_connection_errors_total`.
+pub const CONNECTION_ERROR_KINDS: &[&str] = &[
+    "header_timeout",
+    "headers_too_large",
+    "bad_request",
+    "tls_handshake",
+    "over_limit",
+    "over_ip_limit",
+    "io",
+];
+
+/// Every `reason` of `hirehop_relay_tls_handshake_failures_total`.
+pub const TLS_HANDSHAKE_FAILURES: &[&str] = &[
+    "timeout",
+    "plain_http",
+    "not_tls",
+    "certificate_rejected",
+    "client_alert",
+    "incompatible",
+    "protocol",
+    "closed",
+    "io",
+];
+
+/// How `/metrics` is written: chosen per scrape by [`Format::negotiate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// OpenMetrics 1.0, which Prometheus asks for first.
+    OpenMetrics,
+    /// Prometheus' text format 0.0.4: for scrapers that do not ask for OpenMetrics,
+    /// `promtool check metrics`, and people with curl.
+    Text,
+}
+
+impl Format {
+    /// The format the `Accept` header prefers (by `q`, then by order), as Prometheus' client
+    /// libraries choose: OpenMetrics only when asked for, the text format otherwise (no
+    /// header, `*/*`, `text/plain`, or nothing we serve).
+    pub fn negotiate(accept: Option<&str>) -> Format {
+        let mut best = (Format::Text, 0.0_f32);
+        for range in accept.unwrap_or_default().split(',') {
+            let mut parts = range.split(';').map(str::trim);
+            let media_type = parts.next().unwrap_or_default().to_ascii_lowercase();
+            let format = match media_type.as_str() {
+                "application/openmetrics-text" => Format::OpenMetrics,
+                "text/plain" | "text/*" | "*/*" => Format::Text,
+                _ => continue,
+            };
+            let q = parts
+                .filter_map(|param| param.split_once('='))
+                .find(|(name, _)| name.trim().eq_ignore_ascii_case("q"))
+                .map_or(1.0, |(_, q)| q.trim().parse().unwrap_or(0.0));
+            if q > best.1 {
+                best = (format, q);
+            }
+        }
+        best.0
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Format::Text => prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+        }
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -74,6 +201,9 @@ pub struct Metrics {
     events: EventNames,
     /// One scrape at a time: state gauges are refreshed, then everything encoded.
     render: Mutex<()>,
+    ready: Gauge,
+    /// Registered only when the relay terminates TLS.
+    certificate_expiry: Gauge<f64, AtomicU64>,
 }
 
 /// Decides which event names get a label of their own.
@@ -102,8 +232,10 @@ fn latency_histogram() -> Histogram {
 }
 
 impl Metrics {
-    pub fn new(max_event_labels: usize) -> Metrics {
-        let mut registry = Registry::with_prefix("hirehop_relay");
+    pub fn new(config: &Config) -> Metrics {
+        let max_event_labels = config.metrics.max_event_labels;
+        let mut root = Registry::default();
+        let registry = root.sub_registry_with_prefix("hirehop_relay");
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "http_requests",
@@ -139,7 +271,7 @@ impl Metrics {
         let publishes = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "publishes",
-            "Webhook deliveries by outcome (ack, nack, returned, timeout, unavailable, error, spooled, spool_full, spool_error)",
+            "Webhook deliveries by outcome (ack, nack, returned, refused, timeout, unavailable, error, spooled, spool_full, spool_error)",
             publishes.clone(),
         );
         let confirm_seconds = latency_histogram();
@@ -219,8 +351,58 @@ impl Metrics {
             "Version of the running relay",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
+        let ready = Gauge::default();
+        registry.register(
+            "ready",
+            "1 while a webhook sent now would be kept (readyz answers 200), else 0",
+            ready.clone(),
+        );
+        registry.register(
+            "exchange",
+            "The exchange this relay publishes to",
+            Info::new(vec![("exchange", config.amqp.exchange.clone())]),
+        );
+        if config.spool.enabled {
+            let max_bytes = Gauge::<i64>::default();
+            max_bytes.set(i64::try_from(config.spool.max_bytes).unwrap_or(i64::MAX));
+            registry.register(
+                "spool_max_bytes",
+                "The spool's size limit, spool.max_bytes",
+                max_bytes,
+            );
+        }
+        let certificate_expiry = Gauge::<f64, AtomicU64>::default();
+        if config.tls.cert_file.is_some() {
+            registry.register(
+                "tls_certificate_expiry_timestamp_seconds",
+                "When the TLS certificate in use expires (its notAfter), in seconds since the epoch",
+                certificate_expiry.clone(),
+            );
+        }
+        for &reason in REJECTION_REASONS {
+            rejections.get_or_create(&ReasonLabels { reason }).inc_by(0);
+        }
+        for &outcome in PUBLISH_OUTCOMES {
+            publishes
+                .get_or_create(&OutcomeLabels { outcome })
+                .inc_by(0);
+        }
+        for &kind in CONNECTION_ERROR_KINDS {
+            connection_errors
+                .get_or_create(&KindLabels { kind })
+                .inc_by(0);
+        }
+        if config.tls.cert_file.is_some() {
+            for &reason in TLS_HANDSHAKE_FAILURES {
+                tls_handshake_failures
+                    .get_or_create(&ReasonLabels { reason })
+                    .inc_by(0);
+            }
+        }
+        #[cfg(target_os = "linux")]
+        root.register_collector(Box::new(process::ProcessCollector));
         Metrics {
-            registry,
+            registry: root,
             requests,
             request_seconds,
             in_flight,
@@ -244,6 +426,8 @@ impl Metrics {
                 max: max_event_labels,
             },
             render: Mutex::new(()),
+            ready,
+            certificate_expiry,
         }
     }
 
@@ -309,9 +493,17 @@ impl Metrics {
         self.replay_failures.inc();
     }
 
-    /// The exposition text, with state gauges read from `health` and the publisher's
+    /// When the TLS certificate in use expires: set at startup and at every reload.
+    pub fn certificate_expires(&self, not_after: SystemTime) {
+        let seconds = not_after
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0.0, |since| since.as_secs_f64());
+        self.certificate_expiry.set(seconds);
+    }
+
+    /// The exposition in `format`, with state gauges read from `health` and the publisher's
     /// reconnect count.
-    pub fn render(&self, health: &Health, reconnects: u64) -> String {
+    pub fn render(&self, health: &Health, reconnects: u64, format: Format) -> String {
         let _one_at_a_time = self.render.lock().unwrap_or_else(|p| p.into_inner());
         self.broker_connected
             .set(i64::from(health.broker != BrokerState::Disconnected));
@@ -327,8 +519,17 @@ impl Metrics {
         self.spool_accepting.set(i64::from(
             health.spool.as_ref().is_some_and(|s| s.accepting),
         ));
+        self.ready.set(i64::from(health.ready()));
         let mut text = String::new();
-        if let Err(err) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
+        let encoded = match format {
+            Format::OpenMetrics => {
+                prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            }
+            Format::Text => {
+                prometheus_client::encoding::prometheus_text::encode(&mut text, &self.registry)
+            }
+        };
+        if let Err(err) = encoded {
             tracing::error!(error = %err, "failed to encode metrics");
         }
         text
@@ -346,20 +547,35 @@ impl Drop for InFlight<'_> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
+    use crate::amqp::PublishError;
+    use crate::spool::{Depth, SpoolError};
+    use crate::webhook::Rejection;
+
+    fn config(env: &[(&str, &str)]) -> Config {
+        let mut map: HashMap<String, String> =
+            HashMap::from([("RELAY_AUTH__EXPORT_KEYS".into(), "k3y".into())]);
+        map.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        Config::load_from(None, Some(map)).expect("a valid test config")
+    }
+
+    fn connected() -> Health {
+        Health {
+            broker: BrokerState::Connected,
+            spool: None,
+        }
+    }
 
     #[test]
     fn event_labels_are_bounded() {
-        let metrics = Metrics::new(100);
+        let metrics = Metrics::new(&config(&[("RELAY_METRICS__MAX_EVENT_LABELS", "100")]));
         for i in 0..10_000 {
             metrics.webhook(&format!("made.up.event{i}"));
         }
         metrics.webhook("made.up.event0");
-        let health = Health {
-            broker: BrokerState::Connected,
-            spool: None,
-        };
-        let text = metrics.render(&health, 0);
+        let text = metrics.render(&connected(), 0, Format::OpenMetrics);
         let series = text
             .lines()
             .filter(|l| l.starts_with("hirehop_relay_webhooks_total{"))
@@ -371,14 +587,15 @@ mod tests {
 
     #[test]
     fn render_exports_state_and_build_info() {
-        let metrics = Metrics::new(10);
+        let metrics = Metrics::new(&config(&[]));
         let health = Health {
             broker: BrokerState::Blocked,
             spool: None,
         };
-        let text = metrics.render(&health, 3);
+        let text = metrics.render(&health, 3, Format::OpenMetrics);
         assert!(text.contains("hirehop_relay_broker_connected 1"), "{text}");
         assert!(text.contains("hirehop_relay_broker_blocked 1"), "{text}");
+        assert!(text.contains("hirehop_relay_ready 0"), "{text}");
         assert!(
             text.contains("hirehop_relay_broker_reconnects_total 3"),
             "{text}"
@@ -386,13 +603,180 @@ mod tests {
         // Reading the same count again adds nothing.
         assert!(
             metrics
-                .render(&health, 3)
+                .render(&health, 3, Format::OpenMetrics)
                 .contains("hirehop_relay_broker_reconnects_total 3")
         );
         assert!(
             text.contains("hirehop_relay_build_info{version=\""),
             "{text}"
         );
+        assert!(
+            text.contains("hirehop_relay_exchange_info{exchange=\"hirehop\"} 1"),
+            "{text}"
+        );
         assert!(text.ends_with("# EOF\n"));
+        let text = metrics.render(&connected(), 3, Format::OpenMetrics);
+        assert!(text.contains("hirehop_relay_ready 1"), "{text}");
+    }
+
+    #[test]
+    fn the_text_format_is_what_promtool_and_prometheus_0_0_4_expect() {
+        let metrics = Metrics::new(&config(&[]));
+        let text = metrics.render(&connected(), 0, Format::Text);
+        // Counters are described under the name their samples carry.
+        assert!(
+            text.contains("# TYPE hirehop_relay_rejections_total counter\n"),
+            "{text}"
+        );
+        // No `info` type in 0.0.4: a gauge of value 1.
+        assert!(
+            text.contains("# TYPE hirehop_relay_build_info gauge\n"),
+            "{text}"
+        );
+        assert!(!text.contains("# EOF"), "{text}");
+        assert!(!text.contains("# UNIT"), "{text}");
+    }
+
+    #[test]
+    fn fixed_label_values_exist_at_zero_before_the_first_event() {
+        let metrics = Metrics::new(&config(&[]));
+        let text = metrics.render(&connected(), 0, Format::Text);
+        for reason in REJECTION_REASONS {
+            let series = format!("hirehop_relay_rejections_total{{reason=\"{reason}\"}} 0\n");
+            assert!(text.contains(&series), "no {series} in {text}");
+        }
+        for outcome in PUBLISH_OUTCOMES {
+            let series = format!("hirehop_relay_publishes_total{{outcome=\"{outcome}\"}} 0\n");
+            assert!(text.contains(&series), "no {series} in {text}");
+        }
+        for kind in CONNECTION_ERROR_KINDS {
+            let series = format!("hirehop_relay_connection_errors_total{{kind=\"{kind}\"}} 0\n");
+            assert!(text.contains(&series), "no {series} in {text}");
+        }
+    }
+
+    #[test]
+    fn limits_are_exported_only_where_they_apply() {
+        let with_spool = Metrics::new(&config(&[("RELAY_SPOOL__MAX_BYTES", "5000000")]));
+        let health = Health {
+            broker: BrokerState::Connected,
+            spool: Some(crate::delivery::SpoolHealth {
+                depth: Depth {
+                    records: 2,
+                    bytes: 300,
+                },
+                accepting: true,
+                error: None,
+            }),
+        };
+        let text = with_spool.render(&health, 0, Format::Text);
+        assert!(
+            text.contains("hirehop_relay_spool_max_bytes 5000000\n"),
+            "{text}"
+        );
+        assert!(text.contains("hirehop_relay_spool_bytes 300\n"), "{text}");
+        // No TLS configured: no expiry, rather than an expiry at 1970 that would page.
+        assert!(!text.contains("certificate_expiry"), "{text}");
+
+        let without = Metrics::new(&config(&[("RELAY_SPOOL__ENABLED", "false")]));
+        let text = without.render(&connected(), 0, Format::Text);
+        assert!(!text.contains("spool_max_bytes"), "{text}");
+    }
+
+    #[test]
+    fn negotiation_gives_openmetrics_only_to_those_who_ask_for_it() {
+        // What Prometheus 2.x sends.
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(Format::negotiate(Some(prometheus)), Format::OpenMetrics);
+        assert_eq!(Format::negotiate(None), Format::Text);
+        assert_eq!(Format::negotiate(Some("*/*")), Format::Text);
+        assert_eq!(Format::negotiate(Some("text/plain")), Format::Text);
+        assert_eq!(
+            Format::negotiate(Some(
+                "application/openmetrics-text; q=0.2, text/plain; q=0.9"
+            )),
+            Format::Text
+        );
+        assert_eq!(
+            Format::negotiate(Some("Application/OpenMetrics-Text; version=1.0.0")),
+            Format::OpenMetrics
+        );
+        assert_eq!(
+            Format::negotiate(Some("application/openmetrics-text;q=0")),
+            Format::Text
+        );
+        assert_eq!(Format::negotiate(Some("application/json")), Format::Text);
+        assert_eq!(Format::negotiate(Some(",;;q=,")), Format::Text);
+    }
+
+    /// One rejection of every kind. The `match` has no wildcard, so a new variant does not
+    /// compile until it is added here, and so to the checks below.
+    fn every_rejection() -> Vec<Rejection> {
+        let all = vec![
+            Rejection::BadHost("no host"),
+            Rejection::NotFound,
+            Rejection::Forbidden,
+            Rejection::MethodNotAllowed { allow: "GET" },
+            Rejection::Overloaded,
+            Rejection::TooLarge { limit: 1 },
+            Rejection::BodyTimeout,
+            Rejection::BodyRead("reset".into()),
+            Rejection::Envelope(crate::envelope::EnvelopeError::NotAnObject),
+            Rejection::MissingKey,
+            Rejection::WrongKey,
+            Rejection::KeyFailuresLimited {
+                retry_after_secs: 1,
+            },
+            Rejection::Stale,
+            Rejection::MissingEvent,
+            Rejection::BadEvent(crate::routing::EventNameError::Empty),
+            Rejection::Unavailable(PublishError::Unavailable),
+            Rejection::Unroutable(PublishError::Returned("NO_ROUTE".into())),
+            Rejection::QueueRefused(PublishError::Refused("no".into())),
+            Rejection::SpoolFull(SpoolError::Full { max_bytes: 1 }),
+            Rejection::SpoolFailed(SpoolError::Closed),
+            Rejection::DeliveryAborted("panic".into()),
+        ];
+        for rejection in &all {
+            match rejection {
+                Rejection::BadHost(_)
+                | Rejection::NotFound
+                | Rejection::Forbidden
+                | Rejection::MethodNotAllowed { .. }
+                | Rejection::Overloaded
+                | Rejection::TooLarge { .. }
+                | Rejection::BodyTimeout
+                | Rejection::BodyRead(_)
+                | Rejection::Envelope(_)
+                | Rejection::MissingKey
+                | Rejection::WrongKey
+                | Rejection::KeyFailuresLimited { .. }
+                | Rejection::Stale
+                | Rejection::MissingEvent
+                | Rejection::BadEvent(_)
+                | Rejection::Unavailable(_)
+                | Rejection::Unroutable(_)
+                | Rejection::QueueRefused(_)
+                | Rejection::SpoolFull(_)
+                | Rejection::SpoolFailed(_)
+                | Rejection::DeliveryAborted(_) => {}
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn reason_lists_match_the_rejections() {
+        let all = every_rejection();
+        let reasons: HashSet<&str> = all.iter().map(Rejection::reason).collect();
+        let listed: HashSet<&str> = REJECTION_REASONS.iter().copied().collect();
+        assert_eq!(reasons, listed, "REJECTION_REASONS");
+        let refusals: HashSet<&str> = all
+            .iter()
+            .filter(|r| r.status() == hyper::StatusCode::SERVICE_UNAVAILABLE)
+            .map(Rejection::reason)
+            .collect();
+        let listed: HashSet<&str> = REFUSAL_REASONS.iter().copied().collect();
+        assert_eq!(refusals, listed, "REFUSAL_REASONS");
     }
 }

@@ -7,11 +7,12 @@
 //! on SIGHUP; a pair that fails to load or does not match keeps the old one in use, and is
 //! logged at error once it has not settled for a few seconds (certbot writes the key and the
 //! chain one after the other). New handshakes pick up the new pair; open connections keep
-//! theirs.
+//! theirs. The certificate's expiry is exported as a metric, so an alert can fire before a
+//! failed renewal turns into failed handshakes (and lost webhooks).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -22,6 +23,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::Metrics;
 use crate::reload::{Reload, Swap};
 
 #[derive(Debug, thiserror::Error)]
@@ -74,8 +76,17 @@ impl Tls {
         })
     }
 
-    /// Reloads the pair when its files change (checked every ten seconds), until `stop`.
-    pub async fn watch(&self, stop: CancellationToken) {
+    /// When the certificate in use expires (its notAfter); `None` if it cannot be read.
+    pub fn expires(&self) -> Option<SystemTime> {
+        not_after(&self.certificate.current())
+    }
+
+    /// Reloads the pair when its files change (checked every ten seconds), until `stop`,
+    /// keeping `metrics` told when the certificate in use expires.
+    pub async fn watch(&self, stop: CancellationToken, metrics: Arc<Metrics>) {
+        if let Some(at) = self.expires() {
+            metrics.certificate_expires(at);
+        }
         let (provider, cert_file, key_file) = (
             Arc::clone(&self.provider),
             self.cert_file.clone(),
@@ -87,7 +98,12 @@ impl Tls {
             files: vec![self.cert_file.clone(), self.key_file.clone()],
             every: Duration::from_secs(10),
             load: Box::new(move || {
-                load_pair(&provider, &cert_file, &key_file).map_err(|err| err.to_string())
+                let pair =
+                    load_pair(&provider, &cert_file, &key_file).map_err(|err| err.to_string())?;
+                if let Some(at) = not_after(&pair) {
+                    metrics.certificate_expires(at);
+                }
+                Ok(pair)
             }),
         };
         reload.run(Some(crate::signal::hangups()), stop).await;
@@ -141,4 +157,12 @@ fn load_pair(
         rustls::Error::General(reason) => key_error(reason),
         err => cert_error(err.to_string()),
     })
+}
+
+/// The notAfter of the pair's leaf certificate; `None` if it does not parse as X.509.
+fn not_after(pair: &CertifiedKey) -> Option<SystemTime> {
+    let leaf = pair.cert.first()?;
+    let (_, certificate) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    let seconds = u64::try_from(certificate.validity().not_after.timestamp()).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(seconds))
 }

@@ -31,6 +31,7 @@ use crate::config::HttpConfig;
 use crate::delivery::{BrokerState, Delivery, DeliveryError, Outcome};
 use crate::envelope::{Envelope, EnvelopeError};
 use crate::message::Message;
+use crate::metrics;
 use crate::rejection_log::{RejectionLog, event_at};
 use crate::routing::{EventNameError, RoutingTemplate};
 use crate::spool::SpoolError;
@@ -310,7 +311,7 @@ async fn dispatch(
     match (route_name(app, path), method) {
         ("healthz", &Method::GET | &Method::HEAD) => Ok(alive()),
         ("readyz", &Method::GET | &Method::HEAD) => Ok(readiness(&app.delivery)),
-        ("metrics", &Method::GET | &Method::HEAD) => Ok(metrics(&app.delivery)),
+        ("metrics", &Method::GET | &Method::HEAD) => Ok(metrics(&app.delivery, &request)),
         ("healthz" | "readyz" | "metrics", _) => {
             Err(Rejection::MethodNotAllowed { allow: "GET, HEAD" })
         }
@@ -329,7 +330,7 @@ pub async fn handle_metrics_listener(
     }
     let path = request.uri().path();
     Ok(match (path, request.method()) {
-        ("/metrics", &Method::GET | &Method::HEAD) => metrics(&delivery),
+        ("/metrics", &Method::GET | &Method::HEAD) => metrics(&delivery, &request),
         ("/healthz", &Method::GET | &Method::HEAD) => alive(),
         ("/readyz", &Method::GET | &Method::HEAD) => readiness(&delivery),
         ("/metrics" | "/healthz" | "/readyz", _) => {
@@ -339,16 +340,19 @@ pub async fn handle_metrics_listener(
     })
 }
 
-/// `GET /metrics` (on whichever listener serves it).
-pub fn metrics(delivery: &Delivery) -> Response<Full<Bytes>> {
-    let text = delivery
-        .metrics()
-        .render(&delivery.health(), delivery.publisher().reconnects());
-    with_type(
-        StatusCode::OK,
-        text,
-        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-    )
+/// `GET /metrics` (on whichever listener serves it), in the format the scraper asks for.
+pub fn metrics<B>(delivery: &Delivery, request: &Request<B>) -> Response<Full<Bytes>> {
+    let accept = request
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok());
+    let format = metrics::Format::negotiate(accept);
+    let text = delivery.metrics().render(
+        &delivery.health(),
+        delivery.publisher().reconnects(),
+        format,
+    );
+    with_type(StatusCode::OK, text, format.content_type())
 }
 
 /// The webhook itself: read, verify, publish, confirm.

@@ -155,17 +155,16 @@ async fn send_unbounded(addr: SocketAddr, request: Request<Full<Bytes>>) -> Resu
     })
 }
 
-/// The relay's `/metrics` at `addr` (the webhook port unless `metrics.listen` moved them).
+/// The relay's `/metrics` at `addr` (the webhook port unless `metrics.listen` moved them), as
+/// a client that asks for no format in particular gets them: Prometheus' text format 0.0.4.
 pub async fn scrape(addr: SocketAddr) -> String {
     let reply = send(addr, request(Method::GET, "/metrics", ""))
         .await
         .expect("the relay answers /metrics");
     assert_eq!(reply.status, StatusCode::OK);
-    assert!(
-        reply.headers["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("application/openmetrics-text")
+    assert_eq!(
+        reply.headers["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
     );
     String::from_utf8(reply.body.to_vec()).unwrap()
 }
@@ -424,7 +423,7 @@ impl TestRelay {
                 .expect("the test spool opens")
                 .0
         });
-        let metrics = Arc::new(Metrics::new(config.metrics.max_event_labels));
+        let metrics = Arc::new(Metrics::new(&config));
         let delivery = Delivery::new(publisher, spool, metrics);
         let listener = TcpListener::bind(config.http.listen).await.unwrap();
         let addr = listener.local_addr().unwrap();

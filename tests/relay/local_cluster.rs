@@ -116,6 +116,37 @@ impl LocalCluster {
         self.run(&all)
     }
 
+    /// Enables RabbitMQ's own Prometheus metrics (the `rabbitmq_prometheus` plugin) on node
+    /// `n`, served on `port` (`/metrics`, `/metrics/per-object`).
+    pub fn enable_prometheus(&self, n: usize, port: u16) {
+        let listener =
+            format!("application:set_env(rabbitmq_prometheus, tcp_config, [{{port, {port}}}]).");
+        self.ctl(n, &["eval", &listener]);
+        let node = n.to_string();
+        let args = [
+            "cli",
+            &node,
+            "rabbitmq-plugins",
+            "enable",
+            "--online",
+            "rabbitmq_prometheus",
+        ];
+        let output = self
+            .command(&args)
+            // The nodes read their plugins from there; the CLI must write the same file.
+            .env(
+                "RABBITMQ_ENABLED_PLUGINS_FILE",
+                self.dir().join("enabled_plugins"),
+            )
+            .output()
+            .expect("bash runs deploy/rabbitmq/local-cluster.sh");
+        assert!(
+            output.status.success(),
+            "enabling rabbitmq_prometheus failed:\n{}",
+            describe(&output)
+        );
+    }
+
     fn run(&self, args: &[&str]) -> String {
         let output = self.script(args);
         assert!(
@@ -128,15 +159,21 @@ impl LocalCluster {
     }
 
     fn script(&self, args: &[&str]) -> Output {
-        Command::new(script())
+        self.command(args)
+            .output()
+            .expect("bash runs deploy/rabbitmq/local-cluster.sh")
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(script());
+        command
             .args(args)
             .env("CLUSTER_NAME", &self.name)
             .env("CLUSTER_NODES", self.nodes.to_string())
             .env("CLUSTER_PORT", self.port.to_string())
             .env("CLUSTER_DIR", self.dir())
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .output()
-            .expect("bash runs deploy/rabbitmq/local-cluster.sh")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        command
     }
 
     fn dir(&self) -> PathBuf {

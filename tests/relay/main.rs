@@ -23,6 +23,8 @@
 //! - `deploy`: the deploy files run for real: the documented nginx in front of a relay,
 //!   certbot's deploy hook.
 //! - `docs`: every code block of the docs run (shell, TOML, the consumer examples), or marked.
+//! - `monitoring`: the alert rules, the dashboard and `/metrics` checked by `promtool` and a
+//!   real Prometheus scraping live relays and a RabbitMQ node; `status`.
 //! - `accept`: what a 202 means: the body byte for byte, the properties, the headers.
 //! - `queues`: declared and per-event queues, routing templates, `send`, `tail`, `topology`.
 //! - `reject`: every 4xx, and that none of them publishes anything.
@@ -53,6 +55,7 @@ mod history;
 mod hostile;
 mod local_cluster;
 mod memory;
+mod monitoring;
 mod operate;
 mod proxy;
 mod queues;
