@@ -184,7 +184,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .then(|| open_spool(&config))
         .transpose()?;
     let publisher = Publisher::start(config.amqp.clone());
-    // A topology the broker refuses (found at the first connection) stops the relay.
+    // A refusal that retrying cannot fix (a wrong login or vhost, a topology the broker will
+    // not take), met at the first connection, stops the relay.
     let fatal = Arc::new(OnceLock::new());
     if spool.is_some() {
         // With a spool, a 202 is possible before the broker answers: open the port now, so a
@@ -222,8 +223,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     hirehop_relay::run(config, delivery, listener, shutdown.cancelled_owned())
         .await
         .context("cannot serve")?;
-    match Arc::into_inner(fatal).and_then(OnceLock::into_inner) {
-        Some(err) => Err(err).context("cannot set up the broker"),
+    // Read, not taken: the task that set it may still hold its handle, and a refusal must
+    // never end in exit status 0.
+    match fatal.get() {
+        Some(err) => Err(err.clone()).context("cannot set up the broker"),
         None => Ok(()),
     }
 }
@@ -251,13 +254,16 @@ fn open_spool(config: &Config) -> anyhow::Result<Spool> {
 }
 
 fn init_logging(format: LogFormat) {
-    // lapin logs a returned message whole (body, so export key, included) at warn: keep it
-    // at error unless RUST_LOG names lapin explicitly.
+    // lapin's own lines stay out unless RUST_LOG names lapin: the relay reports every broker
+    // failure in its own words (what happened, to which node, what happens to webhooks now),
+    // while lapin's read as fatal when they are not ("Exponential backoff attempts exhausted,
+    // aborting recovery" after any failed attempt), and at warn it logs a returned message
+    // whole, body and so export key included.
     let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
     let filter = if directives.contains("lapin") {
         EnvFilter::new(directives)
     } else {
-        EnvFilter::new(format!("{directives},lapin=error"))
+        EnvFilter::new(format!("{directives},lapin=off"))
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

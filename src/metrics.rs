@@ -63,6 +63,7 @@ pub struct Metrics {
     broker_connected: Gauge,
     broker_blocked: Gauge,
     reconnects: Counter,
+    stalls: Counter,
     spool_messages: Gauge,
     spool_bytes: Gauge,
     replayed: Counter,
@@ -163,6 +164,12 @@ impl Metrics {
             "Broker connections re-established after a loss",
             reconnects.clone(),
         );
+        let stalls = Counter::default();
+        registry.register(
+            "broker_stalls",
+            "Broker connections abandoned because the broker stopped answering",
+            stalls.clone(),
+        );
         let spool_messages = Gauge::default();
         registry.register(
             "spool_messages",
@@ -210,6 +217,7 @@ impl Metrics {
             broker_connected,
             broker_blocked,
             reconnects,
+            stalls,
             spool_messages,
             spool_bytes,
             replayed,
@@ -273,16 +281,21 @@ impl Metrics {
         self.replay_failures.inc();
     }
 
-    /// The exposition text, with state gauges read from `health` and the publisher's
-    /// reconnect count.
-    pub fn render(&self, health: &Health, reconnects: u64) -> String {
+    /// The exposition text, with state gauges read from `health` and the counts the
+    /// publisher keeps.
+    pub fn render(&self, health: &Health, broker: BrokerCounts) -> String {
         let _one_at_a_time = self.render.lock().unwrap_or_else(|p| p.into_inner());
-        self.broker_connected
-            .set(i64::from(health.broker != BrokerState::Disconnected));
+        self.broker_connected.set(i64::from(matches!(
+            health.broker,
+            BrokerState::Connected | BrokerState::Blocked
+        )));
         self.broker_blocked
             .set(i64::from(health.broker == BrokerState::Blocked));
         let counted = self.reconnects.get();
-        self.reconnects.inc_by(reconnects.saturating_sub(counted));
+        self.reconnects
+            .inc_by(broker.reconnects.saturating_sub(counted));
+        let counted = self.stalls.get();
+        self.stalls.inc_by(broker.stalls.saturating_sub(counted));
         let depth = health.spool.map(|s| s.depth).unwrap_or_default();
         self.spool_messages
             .set(i64::try_from(depth.records).unwrap_or(i64::MAX));
@@ -294,6 +307,13 @@ impl Metrics {
         }
         text
     }
+}
+
+/// What the publisher counted since start, for [`Metrics::render`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BrokerCounts {
+    pub reconnects: u64,
+    pub stalls: u64,
 }
 
 /// See [`Metrics::in_flight`].
@@ -318,9 +338,10 @@ mod tests {
         metrics.webhook("made.up.event0");
         let health = Health {
             broker: BrokerState::Connected,
+            broker_error: None,
             spool: None,
         };
-        let text = metrics.render(&health, 0);
+        let text = metrics.render(&health, BrokerCounts::default());
         let series = text
             .lines()
             .filter(|l| l.starts_with("hirehop_relay_webhooks_total{"))
@@ -335,21 +356,34 @@ mod tests {
         let metrics = Metrics::new(10);
         let health = Health {
             broker: BrokerState::Blocked,
+            broker_error: None,
             spool: None,
         };
-        let text = metrics.render(&health, 3);
+        let counts = BrokerCounts {
+            reconnects: 3,
+            stalls: 2,
+        };
+        let text = metrics.render(&health, counts);
         assert!(text.contains("hirehop_relay_broker_connected 1"), "{text}");
         assert!(text.contains("hirehop_relay_broker_blocked 1"), "{text}");
         assert!(
             text.contains("hirehop_relay_broker_reconnects_total 3"),
             "{text}"
         );
-        // Reading the same count again adds nothing.
         assert!(
-            metrics
-                .render(&health, 3)
-                .contains("hirehop_relay_broker_reconnects_total 3")
+            text.contains("hirehop_relay_broker_stalls_total 2"),
+            "{text}"
         );
+        // Reading the same count again adds nothing.
+        let again = metrics.render(&health, counts);
+        assert!(again.contains("hirehop_relay_broker_reconnects_total 3"));
+        assert!(again.contains("hirehop_relay_broker_stalls_total 2"));
+        let stalled = Health {
+            broker: BrokerState::Stalled,
+            ..health
+        };
+        let text = metrics.render(&stalled, counts);
+        assert!(text.contains("hirehop_relay_broker_connected 0"), "{text}");
         assert!(
             text.contains("hirehop_relay_build_info{version=\""),
             "{text}"

@@ -24,7 +24,7 @@ use crate::access::AccessPolicy;
 use crate::amqp::PublishError;
 use crate::auth::KeyStore;
 use crate::config::HttpConfig;
-use crate::delivery::{BrokerState, Delivery, DeliveryError, Outcome};
+use crate::delivery::{Delivery, DeliveryError, Outcome};
 use crate::envelope::{Envelope, EnvelopeError};
 use crate::message::Message;
 use crate::routing::{EventNameError, RoutingTemplate};
@@ -274,9 +274,13 @@ pub async fn handle_metrics_listener(
 
 /// `GET /metrics` (on whichever listener serves it).
 pub fn metrics(delivery: &Delivery) -> Response<Full<Bytes>> {
-    let text = delivery
-        .metrics()
-        .render(&delivery.health(), delivery.publisher().reconnects());
+    let text = delivery.metrics().render(
+        &delivery.health(),
+        crate::metrics::BrokerCounts {
+            reconnects: delivery.publisher().reconnects(),
+            stalls: delivery.publisher().stalls(),
+        },
+    );
     with_type(
         StatusCode::OK,
         text,
@@ -455,12 +459,11 @@ pub fn alive() -> Response<Full<Bytes>> {
 /// the parts in the body; 503 otherwise.
 pub fn readiness(delivery: &Delivery) -> Response<Full<Bytes>> {
     let health = delivery.health();
-    let broker = match health.broker {
-        BrokerState::Connected => "connected",
-        BrokerState::Blocked => "blocked",
-        BrokerState::Disconnected => "disconnected",
-    };
-    let mut body = serde_json::json!({ "status": health.status(), "broker": broker });
+    let mut body =
+        serde_json::json!({ "status": health.status(), "broker": health.broker.as_str() });
+    if let Some(error) = &health.broker_error {
+        body["broker_error"] = error.as_str().into();
+    }
     if let Some(spool) = health.spool {
         body["spool"] = serde_json::json!({
             "accepting": spool.accepting,

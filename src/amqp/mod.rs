@@ -1,20 +1,23 @@
 //! Everything that speaks AMQP. (Outside it, `config` only borrows lapin's URL parser to
 //! check broker URLs at load.)
 //!
-//! - [`publisher`]: the connection, confirm-mode channels, reconnects, publishing.
-//! - [`topology`]: the exchanges, queues and bindings the config describes, declared on
-//!   every (re)connect and printed by `hirehop-relay topology`.
+//! - [`publisher`]: publishing with confirms, and the supervisor that keeps a connection.
+//! - [`connect`]: one connection to one node: heartbeat, topology check, channels, refusals.
+//! - [`stall`]: telling a broker that stopped answering from a slow one.
+//! - [`topology`]: the exchanges, queues and bindings the config describes, declared at the
+//!   first connection and printed by `hirehop-relay topology`.
 //! - [`tail`]: a temporary queue that prints what arrives (`hirehop-relay tail`).
 
+pub mod connect;
 pub mod publisher;
+pub mod stall;
 pub mod tail;
 pub mod topology;
 
 use lapin::types::AMQPValue;
 
-pub use publisher::{
-    ConnectError, PublishError, Publisher, backoff, connect, declare_topology_once, properties,
-};
+pub use connect::{ConnectError, backoff, connect, declare_topology_once};
+pub use publisher::{Outage, PublishError, Publisher, properties};
 
 /// An AMQP string (header or argument value).
 fn long_string(s: &str) -> AMQPValue {

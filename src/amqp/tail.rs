@@ -101,7 +101,7 @@ pub async fn tail(
 async fn connect(config: &AmqpConfig) -> Result<Connection, TailError> {
     let mut last = None;
     for node in config.nodes() {
-        match super::publisher::connect(config, node, "hirehop-relay tail".to_owned()).await {
+        match super::connect(config, node, "hirehop-relay tail".to_owned()).await {
             Ok(connection) => return Ok(connection),
             Err(err) => last = Some(err),
         }

@@ -1,6 +1,6 @@
-//! The exchanges, queues and bindings the config describes: declared on every (re)connect
-//! before any channel publishes, declared on demand for per-event queues, and printed by
-//! `hirehop-relay topology` and `check-config`.
+//! The exchanges, queues and bindings the config describes: declared at the first connection
+//! before any channel publishes (with `amqp.declare`), checked passively on every other, declared
+//! on demand for per-event queues, and printed by `hirehop-relay topology` and `check-config`.
 //!
 //! - the durable topic exchange `amqp.exchange`, with `alternate-exchange` =
 //!   `<exchange>.unrouted` when `amqp.alternate_exchange` is on;
@@ -13,9 +13,11 @@
 use std::fmt::Write as _;
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
 
+use crate::amqp::connect::protocol_error;
 use crate::amqp::{ConnectError, integer, long_string};
 use crate::config::{AmqpConfig, QueueConfig, QueueType};
 
@@ -64,6 +66,43 @@ pub async fn declare(config: &AmqpConfig, connection: &Connection) -> Result<(),
     // Best effort: the connection stays either way.
     let _ = channel.close(200, "topology declared".into()).await;
     Ok(())
+}
+
+/// Whether `amqp.exchange` exists, asked passively (a declaration that creates nothing and
+/// compares nothing), on a channel of its own: the broker closes the channel when it does not.
+pub async fn exchange_exists(
+    config: &AmqpConfig,
+    connection: &Connection,
+) -> Result<bool, ConnectError> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(ConnectError::Channel)?;
+    let passive = ExchangeDeclareOptions {
+        passive: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    let checked = channel
+        .exchange_declare(
+            config.exchange.as_str().into(),
+            lapin::ExchangeKind::Topic,
+            passive,
+            FieldTable::default(),
+        )
+        .await;
+    match checked {
+        Ok(()) => {
+            let _ = channel.close(200, "exchange checked".into()).await;
+            Ok(true)
+        }
+        Err(cause) => match protocol_error(&cause) {
+            Some(AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)) => Ok(false),
+            _ => Err(ConnectError::Topology {
+                what: format!("exchange {} (passive check)", config.exchange),
+                cause,
+            }),
+        },
+    }
 }
 
 /// The per-event queue for `routing_key`: `<per_event_queue_prefix><routing key>`, bound to
@@ -159,6 +198,13 @@ pub fn describe(config: &AmqpConfig) -> String {
     } else {
         String::new()
     };
+    if !config.declare {
+        let _ = writeln!(
+            out,
+            "(amqp.declare = false: the broker's definitions create these; the relay only checks \
+             that the exchange exists)"
+        );
+    }
     let _ = writeln!(out, "exchange {} (topic, durable{ae})", config.exchange);
     if config.alternate_exchange {
         let unrouted = config.unrouted_name();

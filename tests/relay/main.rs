@@ -10,15 +10,18 @@
 //! - `hostile`: slow clients, header floods, garbage, network rules, redaction, replay window.
 //! - `operate`: metrics, trace context, overload, keys reloaded on SIGHUP.
 //! - `proxy`: a TCP proxy between relay and broker that can cut, refuse and stall.
-//! - `confirms`: a confirm that does not come in time; many confirms in flight on one channel.
+//! - `confirms`: a broker that stops confirming; many confirms in flight on one channel.
 //! - `accept`: what a 202 means: the body byte for byte, the properties, the headers.
 //! - `queues`: declared and per-event queues, routing templates, `send`, `tail`, `topology`.
+//! - `refused`: a wrong password, a missing or empty vhost: the binary stops and says why.
 //! - `reject`: every 4xx, and that none of them publishes anything.
-//! - `topology`: alternate exchange, returned messages, topology mismatches.
+//! - `topology`: alternate exchange, returned messages, topology mismatches, a deleted
+//!   exchange declared again, `amqp.declare = false`.
 //! - `faults`: broker connection closed or cut; 503s, never hangs nor false 202s.
 //! - `scale`: two relays behind HAProxy, one killed under load.
 //! - `shutdown`: SIGTERM under load loses no accepted webhook and exits 0.
 //! - `spool`: broker out of reach, SIGKILL, torn spool tail, full spool, several broker URLs.
+//! - `stall`: a broker that stops answering under load, held by the proxy.
 
 mod accept;
 mod confirms;
@@ -28,8 +31,10 @@ mod hostile;
 mod operate;
 mod proxy;
 mod queues;
+mod refused;
 mod reject;
 mod scale;
 mod shutdown;
 mod spool;
+mod stall;
 mod topology;
