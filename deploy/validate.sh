@@ -6,6 +6,12 @@
 #     so is a kind or apiVersion the version does not know); kustomization.yaml lists files
 #     that exist; the ConfigMap and the containers set only RELAY_* variables that
 #     deploy/relay.toml documents; deployment.yaml and statefulset.yaml share one pod template;
+#     each one's terminationGracePeriodSeconds covers the relay's stop with the ConfigMap's
+#     settings (and deploy/relay.toml's defaults for the rest);
+#   - what `kubectl apply -k deploy/kubernetes` applies, rendered here (the kustomization's
+#     resources, in order, with its namespace; any other kustomize feature is refused until
+#     this check learns it): no Secret (so applying never replaces the real one with
+#     placeholders), no REPLACE-ME, and the StatefulSet as the one workload;
 #   - docker-compose.yml against the Compose Specification schema, its build targets against
 #     the stages of deploy/Dockerfile;
 #
@@ -55,6 +61,7 @@ if [[ ! -x $VENV/bin/python || ! -f $VENV/.installed || "$(cat "$VENV/.installed
 fi
 
 KUBERNETES_VERSIONS="$KUBERNETES_VERSIONS" exec "$VENV/bin/python" - <<'PY'
+import copy
 import json
 import os
 import re
@@ -172,6 +179,104 @@ if deployment and statefulset:
         if expected == statefulset
         else "pod templates differ (beyond the spool volume): keep them in step",
     )
+
+# A stop takes at most: the preStop hook, the HTTP drain, a confirm timeout for deliveries
+# still under way and one for the replay batch under way, then replaying the spool to the
+# broker. Settings come from the ConfigMap, else from deploy/relay.toml's defaults (each key
+# is listed there, commented out, at its default).
+def documented_defaults():
+    defaults, section = {}, None
+    for line in Path("deploy/relay.toml").read_text().splitlines():
+        if m := re.match(r"\[(\w+)\]\s*$", line):
+            section = m.group(1)
+        elif (m := re.match(r"#\s*(\w+)\s*=\s*(\d+)\s*$", line)) and section:
+            defaults[f"{section}.{m.group(1)}"] = int(m.group(2))
+    return defaults
+
+
+configmap = next(
+    doc for doc in load_yaml(KUBERNETES_DIR / "configmap.yaml") if doc.get("kind") == "ConfigMap"
+)["data"]
+defaults = documented_defaults()
+
+
+def setting_ms(key):
+    section, name = key.split(".")
+    env = f"RELAY_{section.upper()}__{name.upper()}"
+    # A key the relay does not have (yet) adds nothing to the stop.
+    return int(configmap.get(env, defaults.get(key, 0)))
+
+
+def pre_stop_secs(container):
+    pre_stop = (container.get("lifecycle") or {}).get("preStop") or {}
+    if "sleep" in pre_stop:
+        return int(pre_stop["sleep"]["seconds"])
+    command = (pre_stop.get("exec") or {}).get("command") or []
+    if len(command) == 2 and command[0].endswith("sleep"):
+        return int(command[1])
+    return 0
+
+
+for (file, kind), template in sorted(pod_templates.items()):
+    pod = template["spec"]
+    grace = pod.get("terminationGracePeriodSeconds", 30)
+    parts = {
+        "preStop": max(pre_stop_secs(c) for c in pod["containers"]),
+        "drain": setting_ms("http.drain_timeout_ms") / 1000,
+        "2 x confirm": 2 * setting_ms("amqp.confirm_timeout_ms") / 1000,
+        "shutdown replay": setting_ms("spool.shutdown_replay_timeout_ms") / 1000,
+    }
+    stop = sum(parts.values())
+    detail = " + ".join(f"{name} {value:g}" for name, value in parts.items())
+    report(
+        grace > stop,
+        f"{KUBERNETES_DIR / file}",
+        f"terminationGracePeriodSeconds {grace} "
+        + ("covers" if grace > stop else "does NOT cover")
+        + f" a stop of {stop:g} s ({detail})",
+    )
+
+# ---- What `kubectl apply -k` applies ----------------------------------------------------------
+
+# The kustomize features rendered below; anything else in the kustomization is refused, so
+# that this check never passes by rendering something other than kustomize would.
+RENDERED = {"apiVersion", "kind", "namespace", "resources", "images"}
+
+
+def render(kustomization_path):
+    doc = load_yaml(kustomization_path)[0]
+    unknown = sorted(set(doc) - RENDERED)
+    if unknown:
+        return None, f"uses {', '.join(unknown)}, which this check does not render: teach it"
+    objects = []
+    for entry in doc.get("resources", []):
+        path = kustomization_path.parent / entry
+        if not path.is_file():
+            return None, f"resources: {entry} is not a file of this directory"
+        for obj in load_yaml(path):
+            obj = copy.deepcopy(obj)
+            if doc.get("namespace") and obj.get("kind") != "Namespace":
+                obj.setdefault("metadata", {})["namespace"] = doc["namespace"]
+            objects.append(obj)
+    return objects, None
+
+
+kustomization = KUBERNETES_DIR / "kustomization.yaml"
+objects, why = render(kustomization)
+if objects is None:
+    report(False, kustomization, why)
+else:
+    names = [f"{o['kind']}/{o['metadata']['name']}" for o in objects]
+    problems = [f"applies {n}: keep secrets out of the applied set" for n in names if n.startswith("Secret/")]
+    if "REPLACE-ME" in yaml.safe_dump_all(objects):
+        problems.append("applies a placeholder value (REPLACE-ME)")
+    workloads = [n for n in names if n.split("/")[0] in ("Deployment", "StatefulSet", "DaemonSet")]
+    if workloads != ["StatefulSet/hirehop-relay"]:
+        problems.append(f"applies {workloads or 'no workload'}, not the StatefulSet alone")
+    for problem in problems:
+        report(False, f"{kustomization} (rendered)", problem)
+    if not problems:
+        report(True, f"{kustomization} (rendered)", f"{', '.join(names)}: no Secret, no placeholder")
 
 # ---- Compose --------------------------------------------------------------------------------
 

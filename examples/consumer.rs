@@ -1,9 +1,11 @@
 //! A consumer of the messages hirehop-relay publishes: the pattern a real integration follows.
 //!
-//! It declares a durable queue bound to the relay's exchange, takes messages with manual
-//! acknowledgements and a bounded prefetch, skips duplicates by `message_id` (delivery is
-//! at-least-once), and rejects a message it cannot handle without requeueing it, so a queue
-//! with a dead-letter exchange keeps it for inspection instead of looping on it.
+//! It declares a quorum queue bound to the relay's exchange and a dead-letter queue
+//! `<QUEUE>.dead` beside it, takes messages with manual acknowledgements and a bounded
+//! prefetch, and skips duplicates by `message_id` (delivery is at-least-once). A message its
+//! handler fails on is rejected without requeue, and the broker moves it to the dead-letter
+//! queue (at-least-once dead-lettering: it is not dropped on the way), where it stays until
+//! someone looks at it. The README's Python and Node.js consumers do the same.
 //!
 //! ```text
 //! cargo run --example consumer -- [QUEUE] [BINDING]     # defaults: hirehop.jobs job.#
@@ -17,10 +19,22 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions, QueueBindOptions,
     QueueDeclareOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
 
-/// Remembers the last `capacity` message ids.
+/// Your work goes here. An error sends the message to the dead-letter queue; this placeholder
+/// prints the webhook and refuses one without `data.ID`, to show that path.
+fn handle(event: &str, webhook: &serde_json::Value) -> Result<(), String> {
+    let id = &webhook["data"]["ID"];
+    if id.is_null() {
+        return Err("no data.ID".to_owned());
+    }
+    println!("{event}: data.ID={id} company={}", webhook["company_id"]);
+    Ok(())
+}
+
+/// Remembers the last `capacity` message ids. A real consumer keeps them where its work goes
+/// (a unique key in its database, written in the same transaction).
 struct Dedupe {
     seen: HashSet<String>,
     order: VecDeque<String>,
@@ -36,11 +50,11 @@ impl Dedupe {
         }
     }
 
-    /// True the first time `id` is seen.
-    fn first_time(&mut self, id: &str) -> bool {
-        if self.seen.contains(id) {
-            return false;
-        }
+    fn contains(&self, id: &str) -> bool {
+        self.seen.contains(id)
+    }
+
+    fn insert(&mut self, id: &str) {
         if self.order.len() == self.capacity
             && let Some(oldest) = self.order.pop_front()
         {
@@ -48,8 +62,11 @@ impl Dedupe {
         }
         self.seen.insert(id.to_owned());
         self.order.push_back(id.to_owned());
-        true
     }
+}
+
+fn text(value: &str) -> AMQPValue {
+    AMQPValue::LongString(value.into())
 }
 
 #[tokio::main]
@@ -60,6 +77,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let queue = args.next().unwrap_or_else(|| "hirehop.jobs".to_owned());
     let binding = args.next().unwrap_or_else(|| "job.#".to_owned());
+    let dead = format!("{queue}.dead");
 
     let connection = Connection::connect(&url, ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;
@@ -69,8 +87,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         durable: true,
         ..QueueDeclareOptions::default()
     };
+    // Quorum queues, as the relay's own queues: a message is stored on a majority of nodes.
+    let mut dead_arguments = FieldTable::default();
+    dead_arguments.insert("x-queue-type".into(), text("quorum"));
     channel
-        .queue_declare(queue.as_str().into(), durable, FieldTable::default())
+        .queue_declare(dead.as_str().into(), durable, dead_arguments)
+        .await?;
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-queue-type".into(), text("quorum"));
+    // Rejected messages go through the default exchange ("") to the queue named `dead`,
+    // which confirms them before this queue lets go of them (needs reject-publish).
+    arguments.insert("x-dead-letter-exchange".into(), text(""));
+    arguments.insert("x-dead-letter-routing-key".into(), text(&dead));
+    arguments.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+    arguments.insert("x-overflow".into(), text("reject-publish"));
+    // A message that keeps killing the consumer goes to `dead` after 5 deliveries.
+    arguments.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(5));
+    channel
+        .queue_declare(queue.as_str().into(), durable, arguments)
         .await?;
     channel
         .queue_bind(
@@ -89,9 +123,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             FieldTable::default(),
         )
         .await?;
-    println!("consuming {queue} (bound to {exchange} with {binding})");
+    println!("consuming {queue} (bound to {exchange} with {binding}; dead letters in {dead})");
 
-    let mut dedupe = Dedupe::new(10_000);
+    let mut handled = Dedupe::new(10_000);
     while let Some(delivery) = deliveries.next().await {
         let delivery = delivery?;
         let id = delivery
@@ -100,21 +134,28 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .as_ref()
             .map(|id| id.to_string())
             .unwrap_or_default();
-        if !dedupe.first_time(&id) {
+        if handled.contains(&id) {
             println!("{id}: duplicate, skipped");
             delivery.acker.ack(BasicAckOptions::default()).await?;
             continue;
         }
-        match serde_json::from_slice::<serde_json::Value>(&delivery.data) {
-            Ok(webhook) => {
-                println!(
-                    "{id}: {} company={} data.ID={}",
-                    delivery.routing_key, webhook["company_id"], webhook["data"]["ID"]
-                );
+        // The `type` property is the event name, without the routing key's prefix or template.
+        let event = delivery
+            .properties
+            .kind()
+            .as_ref()
+            .map(|kind| kind.to_string())
+            .unwrap_or_default();
+        let outcome = serde_json::from_slice::<serde_json::Value>(&delivery.data)
+            .map_err(|err| format!("not JSON: {err}"))
+            .and_then(|webhook| handle(&event, &webhook));
+        match outcome {
+            Ok(()) => {
+                handled.insert(&id);
                 delivery.acker.ack(BasicAckOptions::default()).await?;
             }
             Err(err) => {
-                eprintln!("{id}: cannot handle the message: {err}");
+                println!("{id}: dead-lettered: {err}");
                 let reject = BasicRejectOptions { requeue: false };
                 delivery.acker.reject(reject).await?;
             }

@@ -53,16 +53,20 @@ pub fn broker_addr() -> SocketAddr {
 
 /// A connection for the test's own declarations and consumers.
 pub async fn broker() -> lapin::Connection {
-    let url = amqp_url();
+    broker_at(&amqp_url()).await
+}
+
+/// A connection to the broker at `url` (e.g. a node of the test's own).
+pub async fn broker_at(url: &str) -> lapin::Connection {
     let connected = tokio::time::timeout(
         PATIENCE,
-        lapin::Connection::connect(&url, lapin::ConnectionProperties::default()),
+        lapin::Connection::connect(url, lapin::ConnectionProperties::default()),
     )
     .await;
     match connected {
         Ok(Ok(connection)) => connection,
-        Ok(Err(err)) => no_broker(&url, &err.to_string()),
-        Err(_) => no_broker(&url, "timed out"),
+        Ok(Err(err)) => no_broker(url, &err.to_string()),
+        Err(_) => no_broker(url, "timed out"),
     }
 }
 
@@ -340,6 +344,12 @@ impl TestRelay {
         Self::start_at(&amqp_url(), None, overrides, true).await
     }
 
+    /// A relay on the broker at `url`, which the test's own connection uses too (a node of
+    /// the test's own); waits for the broker.
+    pub async fn start_on(url: &str, overrides: &[(&str, &str)]) -> TestRelay {
+        Self::start_at_broker(url, url, None, overrides, true).await
+    }
+
     /// A relay configured by a TOML file (and the test's environment on top).
     pub async fn start_with_file(file: &str, overrides: &[(&str, &str)]) -> TestRelay {
         Self::start_at(&amqp_url(), Some(file), overrides, true).await
@@ -370,7 +380,25 @@ impl TestRelay {
         overrides: &[(&str, &str)],
         wait_for_broker: bool,
     ) -> TestRelay {
-        let broker = broker().await;
+        Self::start_at_broker(
+            &self::amqp_url(),
+            amqp_url,
+            file,
+            overrides,
+            wait_for_broker,
+        )
+        .await
+    }
+
+    /// A relay publishing to `amqp_url`, watched by the test through `test_url`.
+    async fn start_at_broker(
+        test_url: &str,
+        amqp_url: &str,
+        file: Option<&str>,
+        overrides: &[(&str, &str)],
+        wait_for_broker: bool,
+    ) -> TestRelay {
+        let broker = broker_at(test_url).await;
         let channel = broker.create_channel().await.unwrap();
         let exchange = unique_exchange();
         let config = test_config(&exchange, amqp_url, file, overrides);

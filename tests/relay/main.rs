@@ -10,7 +10,13 @@
 //! - `hostile`: slow clients, header floods, garbage, network rules, redaction, replay window.
 //! - `operate`: metrics, trace context, overload, keys reloaded on SIGHUP.
 //! - `proxy`: a TCP proxy between relay and broker that can cut, refuse and stall.
+//! - `local_cluster`: RabbitMQ nodes of a test's own (`deploy/rabbitmq/local-cluster.sh`).
+//! - `broker_faults`: faults on such a node that would disturb every other test on the shared
+//!   broker: a memory alarm, a frozen node.
 //! - `confirms`: a broker that stops confirming; many confirms in flight on one channel.
+//! - `deploy`: the deploy files run for real: the documented nginx in front of a relay,
+//!   certbot's deploy hook.
+//! - `docs`: every code block of the docs run (shell, TOML, the consumer examples), or marked.
 //! - `accept`: what a 202 means: the body byte for byte, the properties, the headers.
 //! - `queues`: declared and per-event queues, routing templates, `send`, `tail`, `topology`.
 //! - `refused`: a wrong password, a missing or empty vhost: the binary stops and says why.
@@ -24,10 +30,14 @@
 //! - `stall`: a broker that stops answering under load, held by the proxy.
 
 mod accept;
+mod broker_faults;
 mod confirms;
+mod deploy;
+mod docs;
 mod faults;
 mod harness;
 mod hostile;
+mod local_cluster;
 mod operate;
 mod proxy;
 mod queues;

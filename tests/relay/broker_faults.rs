@@ -1,0 +1,138 @@
+//! Broker faults that would disturb every other test on the shared broker (a resource alarm,
+//! a frozen node), injected on a RabbitMQ node of each test's own (see `local_cluster`).
+
+use std::time::{Duration, Instant};
+
+use hyper::{Method, StatusCode};
+use lapin::types::AMQPValue;
+
+use crate::harness::{PATIENCE, TestRelay, message_id, request, webhook};
+use crate::local_cluster::LocalCluster;
+
+/// Raises a memory alarm on `node` by lowering its high watermark; the alarm ends when this
+/// is dropped (before the node is).
+struct MemoryAlarm<'a> {
+    node: &'a LocalCluster,
+}
+
+impl MemoryAlarm<'_> {
+    fn raise(node: &LocalCluster) -> MemoryAlarm<'_> {
+        node.ctl(1, &["set_vm_memory_high_watermark", "0.0000001"]);
+        MemoryAlarm { node }
+    }
+}
+
+impl Drop for MemoryAlarm<'_> {
+    fn drop(&mut self) {
+        self.node.ctl(1, &["set_vm_memory_high_watermark", "0.4"]);
+    }
+}
+
+#[tokio::test]
+async fn blocked_broker_webhooks_are_spooled_then_drained() {
+    let node = LocalCluster::up(1);
+    let relay =
+        TestRelay::start_on(&node.url(1), &[("RELAY_AMQP__CONFIRM_TIMEOUT_MS", "2000")]).await;
+    let mut queue = relay.queue("#").await;
+    let readyz = || async { relay.send(request(Method::GET, "/readyz", "")).await };
+
+    let alarm = MemoryAlarm::raise(&node);
+    let mut ids = Vec::new();
+    // RabbitMQ may announce the block only once the connection publishes: the first webhook
+    // can wait out the confirm timeout before it is spooled; it is never lost.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let reply = relay.post(webhook("job.updated")).await;
+        assert_eq!(reply.status, StatusCode::ACCEPTED, "{:?}", reply.body);
+        assert_eq!(reply.json()["status"], "spooled");
+        ids.push(reply.message_id());
+        if readyz().await.json()["broker"] == "blocked" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the relay never noticed connection.blocked"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ready = readyz().await;
+    assert_eq!(ready.status, StatusCode::OK);
+    assert_eq!(ready.json()["status"], "degraded");
+    // While blocked, webhooks go to the spool at once instead of hanging.
+    let mut spooled_while_blocked = std::collections::HashSet::new();
+    for _ in 0..5 {
+        let started = Instant::now();
+        let reply = relay.post(webhook("job.updated")).await;
+        assert_eq!(reply.json()["status"], "spooled");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        spooled_while_blocked.insert(reply.message_id());
+    }
+
+    drop(alarm);
+    // Every webhook arrives. A publish that was waiting when its confirm timed out may also
+    // arrive once on its own (at-least-once: consumers dedupe on message_id).
+    let mut missing: std::collections::HashSet<String> = ids
+        .into_iter()
+        .chain(spooled_while_blocked.iter().cloned())
+        .collect();
+    while !missing.is_empty() {
+        let delivery = queue.next().await;
+        let id = message_id(&delivery);
+        if spooled_while_blocked.contains(&id) {
+            let headers = delivery.properties.headers().as_ref().unwrap().inner();
+            assert_eq!(headers.get("replayed"), Some(&AMQPValue::Boolean(true)));
+        }
+        missing.remove(&id);
+    }
+    relay.stop().await;
+}
+
+/// `local-cluster.sh` does what its header says: the nodes join, and each can be frozen,
+/// killed, stopped and started again without touching the others (or the shared broker).
+#[tokio::test]
+async fn the_local_cluster_script_joins_freezes_kills_and_restarts_nodes() {
+    let cluster = LocalCluster::up(2);
+    // The nodes node `n` sees running, by its own account.
+    let running = |n: usize| -> Vec<String> {
+        let status = cluster.ctl(n, &["cluster_status", "--formatter", "json"]);
+        let status: serde_json::Value = serde_json::from_str(&status).expect("JSON status");
+        let mut nodes: Vec<String> = status["running_nodes"]
+            .as_array()
+            .expect("running_nodes")
+            .iter()
+            .map(|node| node.as_str().unwrap_or_default().to_owned())
+            .collect();
+        nodes.sort();
+        nodes
+    };
+    let both = vec![cluster.node_name(1), cluster.node_name(2)];
+    assert_eq!(running(1), both);
+    assert_eq!(cluster.urls().len(), 2);
+
+    // A frozen node keeps its port open but answers nothing.
+    cluster.freeze(2);
+    let stalled = tokio::time::timeout(
+        Duration::from_secs(3),
+        lapin::Connection::connect(&cluster.url(2), lapin::ConnectionProperties::default()),
+    )
+    .await;
+    assert!(
+        stalled.is_err(),
+        "a frozen node completed an AMQP handshake"
+    );
+    cluster.thaw(2);
+    crate::harness::broker_at(&cluster.url(2)).await;
+
+    cluster.kill(2);
+    cluster.start(2);
+    crate::harness::broker_at(&cluster.url(2)).await;
+    cluster.stop(1);
+    cluster.start(1);
+    assert_eq!(running(2), both, "node 1 did not rejoin");
+    let ping = cluster.cli(1, "rabbitmq-diagnostics", &["-q", "ping"]);
+    assert!(ping.contains("succeeded"), "{ping}");
+}
