@@ -62,8 +62,26 @@ pub async fn open_loop(addr: SocketAddr, rate: u32, stop: CancellationToken) -> 
     sent
 }
 
+/// Takes messages from `queue` until every 202 of `sent` has arrived, and a second more;
+/// returns how many arrived more than once.
+pub async fn expect_on_broker(queue: &mut harness::TestQueue, sent: &[Sent]) -> usize {
+    let ids: HashSet<&str> = sent
+        .iter()
+        .filter_map(|s| s.message_id.as_deref())
+        .collect();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    while !ids.iter().all(|id| seen.contains_key(*id)) {
+        *seen.entry(message_id(&queue.next().await)).or_default() += 1;
+    }
+    // Anything still coming (a duplicate behind the last new id) comes quickly.
+    while let Ok(delivery) = tokio::time::timeout(Duration::from_secs(1), queue.next()).await {
+        *seen.entry(message_id(&delivery)).or_default() += 1;
+    }
+    seen.values().map(|n| n - 1).sum()
+}
+
 /// Polls `/readyz` until `check` passes on its body; returns when it did.
-async fn wait_readyz(addr: SocketAddr, what: &str, check: impl Fn(&serde_json::Value) -> bool) {
+pub async fn wait_readyz(addr: SocketAddr, what: &str, check: impl Fn(&serde_json::Value) -> bool) {
     let deadline = Instant::now() + PATIENCE;
     loop {
         let reply = harness::send(addr, request(Method::GET, "/readyz", ""))
@@ -148,16 +166,7 @@ async fn a_stalled_broker_under_load_costs_a_second_not_a_webhook() {
 
     // Every 202 reaches the broker; some twice: those handed to the broker before the stall
     // was noticed, which were spooled too.
-    let ids: HashSet<String> = sent.iter().filter_map(|s| s.message_id.clone()).collect();
-    let mut seen: HashMap<String, usize> = HashMap::new();
-    while !ids.iter().all(|id| seen.contains_key(id)) {
-        *seen.entry(message_id(&queue.next().await)).or_default() += 1;
-    }
-    // Anything still coming (a duplicate behind the last new id) comes quickly.
-    while let Ok(delivery) = tokio::time::timeout(Duration::from_secs(1), queue.next()).await {
-        *seen.entry(message_id(&delivery)).or_default() += 1;
-    }
-    let duplicates: usize = seen.values().map(|n| n - 1).sum();
+    let duplicates = expect_on_broker(&mut queue, &sent).await;
     // Only webhooks whose publish began before the stall was noticed can be duplicates.
     let before_noticed = sent
         .iter()
