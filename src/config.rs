@@ -230,6 +230,10 @@ pub struct QueueConfig {
     /// Redeliveries before a message is dead-lettered (`x-delivery-limit`, quorum only).
     #[serde(default)]
     pub delivery_limit: Option<u32>,
+    /// Replicas of a quorum queue (`x-quorum-initial-group-size`, quorum only); without it,
+    /// RabbitMQ 3.x puts one on every cluster node running when the queue is declared.
+    #[serde(default)]
+    pub initial_group_size: Option<u32>,
     /// `x-message-ttl`.
     #[serde(default)]
     pub message_ttl_ms: Option<u64>,
@@ -623,6 +627,21 @@ impl Config {
                     "amqp.queues",
                     format!("queue {name}: delivery_limit needs type = \"quorum\""),
                 ));
+            }
+            match queue.initial_group_size {
+                Some(_) if queue.kind != QueueType::Quorum => {
+                    return Err(invalid(
+                        "amqp.queues",
+                        format!("queue {name}: initial_group_size needs type = \"quorum\""),
+                    ));
+                }
+                Some(0) => {
+                    return Err(invalid(
+                        "amqp.queues",
+                        format!("queue {name}: initial_group_size must be at least 1"),
+                    ));
+                }
+                _ => {}
             }
         }
         if self.amqp.per_event_queues && !self.amqp.declare {
@@ -1208,6 +1227,14 @@ mod tests {
             (
                 "name = \"q\"\ntype = \"classic\"\nbindings = [\"a\"]\ndelivery_limit = 3",
                 "delivery_limit needs type = \"quorum\"",
+            ),
+            (
+                "name = \"q\"\ntype = \"classic\"\nbindings = [\"a\"]\ninitial_group_size = 3",
+                "initial_group_size needs type = \"quorum\"",
+            ),
+            (
+                "name = \"q\"\nbindings = [\"a\"]\ninitial_group_size = 0",
+                "initial_group_size must be at least 1",
             ),
         ] {
             let file = write_file(&format!(

@@ -144,7 +144,11 @@ impl Delivery {
                 Err(err) if err.is_permanent() => return Err(err.into()),
                 // The supervisor logs a stall or an outage once; a line per webhook would
                 // flood the log at the webhook rate.
-                Err(err @ (PublishError::Stalled(_) | PublishError::Unavailable)) => {
+                Err(
+                    err @ (PublishError::Stalled(_)
+                    | PublishError::Blocked
+                    | PublishError::Unavailable),
+                ) => {
                     tracing::debug!(error = %err, "broker did not confirm; spooling");
                 }
                 Err(err) => tracing::warn!(error = %err, "broker did not confirm; spooling"),

@@ -54,6 +54,8 @@ pub enum PublishError {
     Timeout(Duration),
     #[error("broker stopped answering (silent for {:?} with publishes waiting)", .0.silent_for)]
     Stalled(Stall),
+    #[error("broker blocked publishing (resource alarm)")]
+    Blocked,
     #[error("broker refused the message (nack)")]
     Nacked,
     #[error("broker returned the message as unroutable: {0}")]
@@ -73,6 +75,7 @@ impl PublishError {
             PublishError::Unavailable => "unavailable",
             PublishError::Timeout(_) => "timeout",
             PublishError::Stalled(_) => "stalled",
+            PublishError::Blocked => "blocked",
             PublishError::Nacked => "nack",
             PublishError::Returned(_) => "returned",
             PublishError::Refused(_) => "refused",
@@ -384,6 +387,7 @@ impl Publisher {
                 Err(PublishError::Timeout(self.inner.config.confirm_timeout()))
             }
             Err(Silence::Stalled(stall)) => Err(PublishError::Stalled(stall)),
+            Err(Silence::Blocked) => Err(PublishError::Blocked),
             Ok(Err(err)) => Err(PublishError::Failed(err)),
             Ok(Ok(Confirmation::Ack(None))) => Ok(()),
             Ok(Ok(Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)))) => {

@@ -8,7 +8,9 @@
 //! connection since the publish was handed to it. A broker that is slow but alive keeps
 //! confirming *something* (confirms come in batches, as its disk commits), so a long queue
 //! of publishes behind a slow commit is not a stall; a broker that blocked publishing
-//! (`connection.blocked`: a resource alarm) has said why it is silent, so neither is that.
+//! (`connection.blocked`: a resource alarm) has said why it is silent, so neither is that,
+//! though a publish waiting on it gives up after the threshold all the same (its webhook goes
+//! to the spool) instead of holding its request until the alarm clears.
 //!
 //! The oldest waiting publish is the first to see the silence; it marks the connection
 //! stalled, which fails every other publish waiting on it at once (their webhooks go to the
@@ -22,9 +24,6 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-
-/// How often a wait looks whether the broker still blocks publishing, once it did.
-const BLOCKED_POLL: Duration = Duration::from_millis(100);
 
 /// What the broker has answered on one connection, and whether it stopped.
 pub(crate) struct StallWatch {
@@ -53,6 +52,9 @@ pub struct Stall {
 pub(crate) enum Silence {
     /// The deadline of the publish passed first.
     Deadline,
+    /// The broker has blocked publishing (a resource alarm) and did not answer within the
+    /// threshold. The connection is not stalled.
+    Blocked,
     /// The connection is stalled (noticed by this wait or another).
     Stalled(Stall),
 }
@@ -85,7 +87,8 @@ impl StallWatch {
     /// Waits for `answer`, the broker's answer to a publish handed to it at `since` (its
     /// confirm), until `deadline`. Gives up at once when the connection is stalled, and calls
     /// it stalled when the broker answers nothing for the threshold after `since`. `blocked`
-    /// says whether the broker has blocked publishing, which explains a silence.
+    /// says whether the broker has blocked publishing, which explains a silence: the wait
+    /// then ends after the threshold without calling the connection stalled.
     pub(crate) async fn answer<T, E>(
         &self,
         since: Instant,
@@ -122,19 +125,8 @@ impl StallWatch {
         self.waiting.fetch_add(1, Ordering::Relaxed);
         let _waiting = Waiting(&self.waiting);
         tokio::pin!(answer);
-        // The silence this wait counts starts no earlier than its own publish, nor earlier
-        // than a moment the broker was known to be blocked.
-        let mut since = since;
-        let mut blocked_seen = false;
         loop {
-            // While blocked, look often, so that the silence after the block ends is counted
-            // from (nearly) its end.
-            let check = if blocked_seen {
-                Instant::now() + BLOCKED_POLL
-            } else {
-                since.max(self.last_answer()) + self.threshold
-            }
-            .min(deadline);
+            let check = (since.max(self.last_answer()) + self.threshold).min(deadline);
             tokio::select! {
                 // An answer that is already there wins over a timer that fired with it.
                 biased;
@@ -148,17 +140,13 @@ impl StallWatch {
                 () = tokio::time::sleep_until(check) => {}
             }
             let now = Instant::now();
-            blocked_seen = blocked();
-            if blocked_seen {
-                since = now;
-                if now >= deadline {
-                    return Err(Silence::Deadline);
-                }
-                continue;
-            }
             let silent_for = now - since.max(self.last_answer());
+            let silent_throughout = since >= self.last_answer();
+            if (silent_for >= self.threshold || now >= deadline) && blocked() {
+                return Err(Silence::Blocked);
+            }
             // A deadline shorter than the threshold still proves a silence that long.
-            if silent_for >= self.threshold || (now >= deadline && since >= self.last_answer()) {
+            if silent_for >= self.threshold || (now >= deadline && silent_throughout) {
                 return Err(Silence::Stalled(self.call_stalled(silent_for)));
             }
             if now >= deadline {
@@ -281,23 +269,25 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_blocked_broker_is_silent_for_a_reason() {
+    async fn a_blocked_broker_is_silent_for_a_reason_and_not_waited_out() {
         let watch = StallWatch::new(THRESHOLD);
         let blocked = AtomicBool::new(true);
         let start = Instant::now();
-        let unblock = async {
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            blocked.store(false, Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            Ok::<_, ()>(())
-        };
-        let answered = watch
-            .answer(start, start + LONG, unblock, || {
+        let waited = watch
+            .answer(start, start + LONG, never(), || {
                 blocked.load(Ordering::SeqCst)
             })
             .await;
-        assert_eq!(answered, Ok(Ok(())));
+        assert_eq!(waited, Err(Silence::Blocked));
+        assert_eq!(start.elapsed(), THRESHOLD);
         assert!(!watch.is_stalled());
+        // Once the alarm clears, publishes are answered as before.
+        blocked.store(false, Ordering::SeqCst);
+        let now = Instant::now();
+        let answered = watch
+            .answer(now, now + LONG, after(Duration::from_millis(200)), || false)
+            .await;
+        assert_eq!(answered, Ok(Ok(())));
     }
 
     #[tokio::test(start_paused = true)]

@@ -134,6 +134,12 @@ fn queue_arguments(queue: &QueueConfig) -> FieldTable {
     if let Some(dlx) = &queue.dead_letter_exchange {
         arguments.insert("x-dead-letter-exchange".into(), long_string(dlx));
     }
+    if let Some(size) = queue.initial_group_size {
+        arguments.insert(
+            "x-quorum-initial-group-size".into(),
+            AMQPValue::LongLongInt(size.into()),
+        );
+    }
     if let Some(limit) = queue.delivery_limit {
         arguments.insert(
             "x-delivery-limit".into(),

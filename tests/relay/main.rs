@@ -13,6 +13,8 @@
 //! - `local_cluster`: RabbitMQ nodes of a test's own (`deploy/rabbitmq/local-cluster.sh`).
 //! - `broker_faults`: faults on such a node that would disturb every other test on the shared
 //!   broker: a memory alarm, a frozen node.
+//! - `cluster`: a three-node cluster under load while a node is killed, drained, alarmed or
+//!   frozen: every 202 on the cluster, no other answer.
 //! - `confirms`: a broker that stops confirming; many confirms in flight on one channel.
 //! - `deploy`: the deploy files run for real: the documented nginx in front of a relay,
 //!   certbot's deploy hook.
@@ -31,6 +33,7 @@
 
 mod accept;
 mod broker_faults;
+mod cluster;
 mod confirms;
 mod deploy;
 mod docs;
