@@ -219,10 +219,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("failed to bind {}", config.http.listen))?;
     let metrics = Arc::new(Metrics::new(config.metrics.max_event_labels));
-    let delivery = Delivery::new(publisher, spool, metrics);
-    hirehop_relay::run(config, delivery, listener, shutdown.cancelled_owned())
-        .await
-        .context("cannot serve")?;
+    let delivery = Delivery::new(publisher.clone(), spool, metrics);
+    let served = hirehop_relay::run(config, delivery, listener, shutdown.cancelled_owned()).await;
+    if served.is_err() {
+        // `run` closes the broker connection once it has served; when it could not start,
+        // close it here, before the runtime that lapin's I/O thread waits on goes away.
+        publisher.close().await;
+    }
+    served.context("cannot serve")?;
     // Read, not taken: the task that set it may still hold its handle, and a refusal must
     // never end in exit status 0.
     match fatal.get() {

@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::amqp::connect::{
     ConnectError, Session, Topology, backoff, open_session, reopen_channels,
 };
-use crate::amqp::stall::{Silence, Stall};
+use crate::amqp::stall::{Silence, Stall, StallWatch};
 use crate::amqp::{integer, long_string, topology};
 use crate::config::AmqpConfig;
 use crate::message::Message;
@@ -654,7 +654,7 @@ async fn supervise(inner: Arc<Inner>) {
 /// stalls, or the publisher is closed.
 async fn keep_healthy(
     inner: &Inner,
-    watch: &crate::amqp::stall::StallWatch,
+    watch: &StallWatch,
     events: &mut Option<Boxed<Event>>,
 ) -> Lost {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
