@@ -157,6 +157,15 @@ pub struct HttpConfig {
     pub max_in_flight: usize,
     /// Open connections at once; beyond it, new connections get 503 and are closed.
     pub max_connections: usize,
+    /// Open connections from one address (the TCP peer; an IPv6 /64); beyond it, new ones
+    /// are closed at once. `trusted_proxies` are not limited by it.
+    pub max_connections_per_ip: usize,
+    /// Failed key checks (wrong or missing `export_key`) a source address may make per
+    /// minute once its burst is spent; beyond, its wrong keys get 429. 0: no limit. A valid
+    /// key is never refused for this.
+    pub key_failures_per_minute: u32,
+    /// Failed key checks a source address may make at once before the rate applies.
+    pub key_failure_burst: u32,
 }
 
 /// The RabbitMQ side.
@@ -325,12 +334,17 @@ pub struct SpoolConfig {
     pub dir: PathBuf,
     /// Disk the spool may use; beyond it webhooks get 503.
     pub max_bytes: u64,
+    /// On shutdown, after the HTTP drain, how long replay may go on emptying the spool into
+    /// the broker before the relay exits with what is left on disk.
+    pub shutdown_replay_timeout_ms: u64,
 }
 
 /// Optional TLS termination on the webhook port.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
+    /// Time a client has for the whole TLS handshake, from its first byte on.
+    pub handshake_timeout_ms: u64,
     /// PEM certificate chain; with `key_file`, turns TLS on. Re-read when it changes.
     #[serde(default)]
     pub cert_file: Option<PathBuf>,
@@ -380,12 +394,15 @@ drain_timeout_ms = 10000
 retry_after_secs = 5
 max_in_flight = 1024
 max_connections = 4096
+max_connections_per_ip = 256
 body_idle_timeout_ms = 10000
 max_headers = 100
 max_header_bytes = 16384
 allow_from = []
 trusted_proxies = []
 forwarded_header = "x-forwarded-for"
+key_failures_per_minute = 30
+key_failure_burst = 20
 
 [amqp]
 url = "amqp://guest:guest@127.0.0.1:5672/%2f"
@@ -414,11 +431,13 @@ companies = []
 max_age_secs = 0
 
 [tls]
+handshake_timeout_ms = 3000
 
 [spool]
 enabled = true
 dir = "spool"
 max_bytes = 1073741824
+shutdown_replay_timeout_ms = 15000
 
 [metrics]
 max_event_labels = 200
@@ -506,6 +525,18 @@ impl Config {
         if self.http.max_connections == 0 {
             return Err(invalid("http.max_connections", "must be greater than 0"));
         }
+        if self.http.max_connections_per_ip == 0 {
+            return Err(invalid(
+                "http.max_connections_per_ip",
+                "must be greater than 0",
+            ));
+        }
+        if self.http.key_failures_per_minute > 0 && self.http.key_failure_burst == 0 {
+            return Err(invalid(
+                "http.key_failure_burst",
+                "must be greater than 0 while http.key_failures_per_minute is on",
+            ));
+        }
         if self.http.max_body_bytes == 0 || self.http.max_body_bytes > MAX_BODY_BYTES {
             return Err(invalid(
                 "http.max_body_bytes",
@@ -519,6 +550,7 @@ impl Config {
             ),
             ("http.request_timeout_ms", self.http.request_timeout_ms),
             ("http.body_idle_timeout_ms", self.http.body_idle_timeout_ms),
+            ("tls.handshake_timeout_ms", self.tls.handshake_timeout_ms),
             ("amqp.confirm_timeout_ms", self.amqp.confirm_timeout_ms),
             ("amqp.stall_timeout_ms", self.amqp.stall_timeout_ms),
             ("amqp.connect_timeout_ms", self.amqp.connect_timeout_ms),
@@ -698,6 +730,18 @@ impl HttpConfig {
     }
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_millis(self.drain_timeout_ms)
+    }
+}
+
+impl SpoolConfig {
+    pub fn shutdown_replay_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_replay_timeout_ms)
+    }
+}
+
+impl TlsConfig {
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
     }
 }
 
@@ -923,6 +967,16 @@ mod tests {
     }
 
     #[test]
+    fn no_replay_at_shutdown_is_a_valid_choice() {
+        let settings = env(&[
+            ("RELAY_AUTH__EXPORT_KEYS", "k1"),
+            ("RELAY_SPOOL__SHUTDOWN_REPLAY_TIMEOUT_MS", "0"),
+        ]);
+        let config = Config::load_from(None, settings).unwrap();
+        assert_eq!(config.spool.shutdown_replay_timeout(), Duration::ZERO);
+    }
+
+    #[test]
     fn defaults_apply_and_a_key_from_env_is_enough() {
         let config = Config::load_from(None, env(&[("RELAY_AUTH__EXPORT_KEYS", "k1")])).unwrap();
         assert_eq!(config.http.listen, "0.0.0.0:8080".parse().unwrap());
@@ -937,6 +991,10 @@ mod tests {
         assert_eq!(config.amqp.stall_timeout(), Duration::from_secs(1));
         assert!(config.amqp.declare);
         assert_eq!(config.http.drain_timeout(), Duration::from_secs(10));
+        assert_eq!(
+            config.spool.shutdown_replay_timeout(),
+            Duration::from_secs(15)
+        );
         assert_eq!(config.amqp.channels, 4);
         assert_eq!(config.log.format, LogFormat::Text);
     }
@@ -1270,6 +1328,48 @@ mod tests {
             err.starts_with("invalid amqp.routing_key_template"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn edge_limits_have_defaults_and_refuse_zero() {
+        let config = Config::load_from(None, env(&[("RELAY_AUTH__EXPORT_KEYS", "k")])).unwrap();
+        assert_eq!(config.http.max_connections_per_ip, 256);
+        assert_eq!(config.http.key_failures_per_minute, 30);
+        assert_eq!(config.http.key_failure_burst, 20);
+        assert_eq!(config.tls.handshake_timeout(), Duration::from_secs(3));
+        for (key, value, message) in [
+            (
+                "RELAY_HTTP__MAX_CONNECTIONS_PER_IP",
+                "0",
+                "http.max_connections_per_ip",
+            ),
+            (
+                "RELAY_TLS__HANDSHAKE_TIMEOUT_MS",
+                "0",
+                "tls.handshake_timeout_ms",
+            ),
+            (
+                "RELAY_HTTP__KEY_FAILURE_BURST",
+                "0",
+                "http.key_failure_burst",
+            ),
+        ] {
+            let err =
+                Config::load_from(None, env(&[("RELAY_AUTH__EXPORT_KEYS", "k"), (key, value)]))
+                    .unwrap_err()
+                    .to_string();
+            assert!(err.starts_with(&format!("invalid {message}")), "{err}");
+        }
+        // No limit on failed key checks: then no burst is needed either.
+        let off = Config::load_from(
+            None,
+            env(&[
+                ("RELAY_AUTH__EXPORT_KEYS", "k"),
+                ("RELAY_HTTP__KEY_FAILURES_PER_MINUTE", "0"),
+                ("RELAY_HTTP__KEY_FAILURE_BURST", "0"),
+            ]),
+        );
+        assert!(off.is_ok(), "{:?}", off.err());
     }
 
     #[test]

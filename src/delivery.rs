@@ -21,6 +21,9 @@ use crate::spool::{Depth, Spool, SpoolError};
 
 /// The most webhooks replayed per batch (and confirms in flight during replay).
 const REPLAY_BATCH: usize = 256;
+/// The most body bytes read from the spool per replay batch (one webhook at least): replay
+/// of large webhooks holds a few MiB, not `REPLAY_BATCH` bodies.
+const REPLAY_BATCH_BYTES: u64 = 4 * 1024 * 1024;
 
 /// How a webhook was kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,10 +82,13 @@ impl BrokerState {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpoolHealth {
     pub depth: Depth,
+    /// False while the spool is full or its writes fail.
     pub accepting: bool,
+    /// Why writes fail, while they do.
+    pub error: Option<Arc<str>>,
 }
 
 impl Health {
@@ -90,18 +96,21 @@ impl Health {
     /// takes them. While the spool is not empty, webhooks queue behind it, so then only the
     /// spool's state counts.
     pub fn ready(&self) -> bool {
-        let behind_spool = self.spool.is_some_and(|s| s.depth.records > 0);
+        let behind_spool = self.spool.as_ref().is_some_and(|s| s.depth.records > 0);
         let direct = self.broker == BrokerState::Connected && !behind_spool;
-        direct || self.spool.is_some_and(|s| s.accepting)
+        direct || self.spool.as_ref().is_some_and(|s| s.accepting)
     }
 
-    /// `ok`; `degraded` (accepting, but into the spool, or the spool is still draining);
-    /// or `unavailable`.
+    /// `ok`; `degraded` (accepting, but into the spool, or the spool is still draining, or
+    /// it could not take a webhook the broker failed to confirm); or `unavailable`.
     pub fn status(&self) -> &'static str {
-        let spooling = self.spool.is_some_and(|s| s.depth.records > 0);
+        let spool_ok = self
+            .spool
+            .as_ref()
+            .is_none_or(|s| s.depth.records == 0 && s.accepting);
         match (self.broker, self.ready()) {
             (_, false) => "unavailable",
-            (BrokerState::Connected, true) if !spooling => "ok",
+            (BrokerState::Connected, true) if spool_ok => "ok",
             (_, true) => "degraded",
         }
     }
@@ -154,7 +163,8 @@ impl Delivery {
                 Err(err) => tracing::warn!(error = %err, "broker did not confirm; spooling"),
             }
         }
-        match spool.append(message.encode()).await {
+        let record = message.encode().map_err(SpoolError::Io)?;
+        match spool.append(record).await {
             Ok(()) => {
                 self.metrics.publish("spooled");
                 Ok(Outcome::Spooled)
@@ -196,6 +206,7 @@ impl Delivery {
         let spool = self.spool.as_ref().map(|spool| SpoolHealth {
             depth: spool.depth(),
             accepting: spool.is_accepting(),
+            error: spool.write_error(),
         });
         Health {
             broker,
@@ -205,9 +216,10 @@ impl Delivery {
     }
 }
 
-/// Drains the spool to the broker, oldest first, until `stop` fires. A record leaves the
+/// Drains the spool to the broker, oldest first, until `stop` fires, or once `finish` has
+/// fired, until the spool is empty (at shutdown: see [`crate::run`]). A record leaves the
 /// spool only once the broker confirmed it (or everything before it in its batch).
-pub async fn replay(delivery: Delivery, stop: CancellationToken) {
+pub async fn replay(delivery: Delivery, stop: CancellationToken, finish: CancellationToken) {
     let Some(spool) = delivery.spool.clone() else {
         return;
     };
@@ -221,8 +233,13 @@ pub async fn replay(delivery: Delivery, stop: CancellationToken) {
     let mut window = 1;
     let mut draining = false;
     loop {
+        if finish.is_cancelled() && spool.is_drained() {
+            return;
+        }
         tokio::select! {
             () = stop.cancelled() => return,
+            // Look again at the top: the spool may already be empty.
+            () = finish.cancelled(), if !finish.is_cancelled() => continue,
             () = spool.wait_for_records() => {}
         }
         if !publisher.is_ready() || publisher.is_blocked() {
@@ -277,7 +294,7 @@ async fn replay_batch(
     metrics: &Metrics,
     size: usize,
 ) -> Result<bool, std::io::Error> {
-    let batch = spool.read_batch(size)?;
+    let batch = spool.read_batch(size, REPLAY_BATCH_BYTES)?;
     if batch.is_empty() {
         // Not expected: the spool publishes its committed end under the lock that counts its
         // records. Should it happen, it is not a delivery, and calling it one would spin.
@@ -339,6 +356,7 @@ mod tests {
                     bytes: records * 100,
                 },
                 accepting,
+                error: None,
             }),
         }
     }
@@ -348,7 +366,9 @@ mod tests {
         use BrokerState::*;
         // Straight to a confirming broker.
         assert_eq!(health(Connected, 0, true).status(), "ok");
+        // A spool that cannot take a webhook is a warning while the broker confirms.
         assert!(health(Connected, 0, false).ready());
+        assert_eq!(health(Connected, 0, false).status(), "degraded");
         // Into the spool: fine while it accepts.
         assert_eq!(health(Disconnected, 3, true).status(), "degraded");
         assert_eq!(health(Blocked, 0, true).status(), "degraded");

@@ -2,17 +2,24 @@
 //!
 //! The body is published byte for byte, so nothing here builds a document: one pass of
 //! serde_json validates the whole body as JSON and captures `event`, `export_key`,
-//! `company_id` and `user_id` as raw slices; every other field (`data`, `changes` as `{}` or
-//! `[]`, fields HireHop adds later) is skipped without being interpreted.
+//! `company_id`, `user_id` and `time` as raw slices; every other field (`data`, `changes` as
+//! `{}` or `[]`, fields HireHop adds later) is checked and dropped without being kept.
+//!
+//! Consumers are promised JSON they can parse, so the body must be what serde_json's own
+//! `Value` reads: besides the grammar, no lone surrogate escape (`"\udc00"`), no number
+//! beyond an f64 (`1e999999`, a 900k-digit integer), no nesting deeper than 128 levels.
+//! serde_json skips values it is not asked to read without checking any of that, so each
+//! value is read here the way `Value` would read it, and kept only as far as the relay needs.
 //!
 //! What HireHop sends is PHP's `json_encode`, so the readers are lenient where PHP is loose
 //! (`company_id` as `1` or `"1"`) and strict where ambiguity would be dangerous: a duplicated
-//! field is refused, since the relay and a consumer could otherwise read different values.
+//! field the relay reads is refused, since the relay and a consumer could otherwise read
+//! different values.
 
 use std::borrow::Cow;
 use std::ops::Range;
 
-use serde::Deserialize;
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
 /// Why a body is not a usable envelope. Messages go into 400 answers: they name the rule and
@@ -44,24 +51,146 @@ pub struct Envelope<'a> {
     pub export_key_span: Option<Range<usize>>,
 }
 
-#[derive(Deserialize)]
+/// The fields the relay reads, as raw JSON text borrowed from the body.
+#[derive(Default)]
 struct RawFields<'a> {
-    #[serde(borrow, default)]
     event: Option<&'a RawValue>,
-    #[serde(borrow, default)]
     export_key: Option<&'a RawValue>,
-    #[serde(borrow, default)]
     company_id: Option<&'a RawValue>,
-    #[serde(borrow, default)]
     user_id: Option<&'a RawValue>,
-    #[serde(borrow, default)]
     time: Option<&'a RawValue>,
+}
+
+impl<'de> Deserialize<'de> for RawFields<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(RawFieldsVisitor)
+    }
+}
+
+struct RawFieldsVisitor;
+
+impl<'de> Visitor<'de> for RawFieldsVisitor {
+    type Value = RawFields<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawFields<'de>, A::Error> {
+        let mut fields = RawFields::default();
+        while let Some(FieldName(name)) = map.next_key()? {
+            let slot = match name.as_ref() {
+                "event" => &mut fields.event,
+                "export_key" => &mut fields.export_key,
+                "company_id" => &mut fields.company_id,
+                "user_id" => &mut fields.user_id,
+                "time" => &mut fields.time,
+                _ => {
+                    map.next_value::<Checked>()?;
+                    continue;
+                }
+            };
+            if slot.is_some() {
+                return Err(de::Error::custom(format_args!("duplicate field `{name}`")));
+            }
+            // A raw value is only scanned: read its text again as `Value` would. These are a
+            // few short fields, so the second look costs little.
+            let raw: &'de RawValue = map.next_value()?;
+            if let Err(err) = recheck(raw.get()) {
+                // Without its place in the field: serde_json adds the place in the body.
+                let place = format!(" at line {} column {}", err.line(), err.column());
+                let message = err.to_string();
+                let reason = message.strip_suffix(&place).unwrap_or(&message);
+                return Err(de::Error::custom(format_args!("{reason} in `{name}`")));
+            }
+            *slot = Some(raw);
+        }
+        Ok(fields)
+    }
+}
+
+/// Reads a member's raw text as `Value` would have read it in its place.
+fn recheck(raw: &str) -> Result<(), serde_json::Error> {
+    if raw.starts_with(['[', '{']) {
+        // Nesting is counted from the body's top: the object around this member is one level.
+        return serde_json::from_str::<Checked>(&format!("[{raw}]")).map(|_| ());
+    }
+    serde_json::from_str::<Checked>(raw).map(|_| ())
+}
+
+/// An object member's name, borrowed from the body unless it holds escapes.
+struct FieldName<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for FieldName<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct NameVisitor;
+        impl<'de> Visitor<'de> for NameVisitor {
+            type Value = FieldName<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_borrowed_str<E>(self, name: &'de str) -> Result<FieldName<'de>, E> {
+                Ok(FieldName(Cow::Borrowed(name)))
+            }
+            fn visit_str<E>(self, name: &str) -> Result<FieldName<'de>, E> {
+                Ok(FieldName(Cow::Owned(name.to_owned())))
+            }
+        }
+        deserializer.deserialize_str(NameVisitor)
+    }
+}
+
+/// Any JSON value, read the way serde_json's `Value` reads it (strings unescaped, numbers
+/// converted, nesting counted) and then dropped.
+struct Checked;
+
+impl<'de> Deserialize<'de> for Checked {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(CheckedVisitor)
+    }
+}
+
+struct CheckedVisitor;
+
+impl<'de> Visitor<'de> for CheckedVisitor {
+    type Value = Checked;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_unit<E>(self) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Checked, A::Error> {
+        while seq.next_element::<Checked>()?.is_some() {}
+        Ok(Checked)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
+        while map.next_entry::<Checked, Checked>()?.is_some() {}
+        Ok(Checked)
+    }
 }
 
 impl<'a> Envelope<'a> {
     /// Reads the envelope out of `body`, which must be one JSON object (nothing after it).
     pub fn parse(body: &'a [u8]) -> Result<Envelope<'a>, EnvelopeError> {
-        // serde would happily read a struct from a JSON array, positionally: refuse that first.
+        // Anything but an object gets a message of its own, before any parsing.
         let first = body.iter().find(|b| !b.is_ascii_whitespace());
         if first != Some(&b'{') {
             return Err(EnvelopeError::NotAnObject);
@@ -233,13 +362,58 @@ mod tests {
     }
 
     #[test]
-    fn deep_nesting_cannot_overflow_the_stack() {
-        // serde_json walks skipped and raw-captured values without recursion.
+    fn deep_nesting_is_refused_where_serde_json_refuses_it_without_overflowing_the_stack() {
         let deep = |n| format!("{}{}", "[".repeat(n), "]".repeat(n));
-        let skipped = format!(r#"{{"event":"a","data":{}}}"#, deep(100_000));
-        assert!(parse(&skipped).is_ok());
-        let read = format!(r#"{{"event":{}}}"#, deep(100_000));
-        assert_eq!(parse(&read).unwrap().event, None);
+        for n in [1, 100, 126, 127, 128, 129, 100_000] {
+            for field in ["data", "event"] {
+                let body = format!(r#"{{"{field}":{}}}"#, deep(n));
+                let value = serde_json::from_str::<serde_json::Value>(&body);
+                let ours = parse(&body);
+                assert_eq!(ours.is_ok(), value.is_ok(), "{field} nested {n} deep");
+                if let Err(err) = ours {
+                    assert!(err.to_string().contains("recursion limit"), "{err}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn lone_surrogates_are_refused_and_pairs_accepted() {
+        for body in [
+            r#"{"event":"a\udc00"}"#,
+            r#"{"event":"job.updated","data":{"NAME":"\ud800"}}"#,
+            r#"{"event":"job.updated","data":{"\udc00":1}}"#,
+            r#"{"export_key":"\ud83d x"}"#,
+        ] {
+            let err = parse(body).unwrap_err().to_string();
+            assert!(
+                err.contains("surrogate") || err.contains("hex escape"),
+                "{body}: {err}"
+            );
+            assert!(serde_json::from_str::<serde_json::Value>(body).is_err());
+        }
+        let envelope = parse(r#"{"event":"a\ud83c\udfaa","data":"\ud83c\udfaa"}"#).unwrap();
+        assert_eq!(envelope.event.as_deref(), Some("a🎪"));
+    }
+
+    #[test]
+    fn numbers_beyond_f64_are_refused_and_large_ones_within_it_accepted() {
+        let huge_digits = "9".repeat(900_000);
+        for body in [
+            r#"{"event":"a","data":1e999999}"#.to_owned(),
+            r#"{"event":"a","data":[-1e309]}"#.to_owned(),
+            r#"{"user_id":1e400,"event":"a"}"#.to_owned(),
+            format!(r#"{{"event":"a","data":{huge_digits}}}"#),
+        ] {
+            let err = parse(&body).unwrap_err().to_string();
+            assert!(err.contains("number out of range"), "{err}");
+            assert!(serde_json::from_str::<serde_json::Value>(&body).is_err());
+        }
+        let within = format!(
+            r#"{{"event":"a","data":[{},1e308,0.1e-999]}}"#,
+            "9".repeat(300)
+        );
+        assert!(parse(&within).is_ok());
     }
 
     #[test]

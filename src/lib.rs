@@ -9,10 +9,12 @@
 //!    HTTP/1.1 or HTTP/2 with hyper, under connection-level limits.
 //! 2. [`webhook`] routes the request (`POST http.path`; `/healthz`, `/readyz`, `/metrics`),
 //!    applies [`access`] rules, refuses a declared body over `http.max_body_bytes` before
-//!    reading it, then reads the body under size and time limits into one [`bytes::Bytes`].
+//!    reading it, then reads the body under size and time limits into one [`bytes::Bytes`]
+//!    and only then takes an `http.max_in_flight` permit.
 //! 3. [`envelope`] reads `event`, `export_key`, `company_id`, `user_id` and `time` out of
 //!    those bytes, borrowing them, without building a document.
-//! 4. [`auth`] checks the key in constant time against the [`auth::Keyring`] in use.
+//! 4. [`auth`] checks the key in constant time against the [`auth::Keyring`] in use; a
+//!    wrong one spends its source's [`access::KeyFailureBudget`].
 //! 5. [`routing`] turns the event name into a [`routing::RoutingKey`] (checked once).
 //! 6. [`delivery`] hands the [`message::Message`] to [`amqp`], which publishes the very
 //!    same `Bytes` to the topic exchange with `mandatory` and waits for that message's
@@ -22,7 +24,8 @@
 //!
 //! Around it: [`config`] loads everything once at startup; [`signal`] turns SIGTERM/SIGINT
 //! into the shutdown future that [`run`] takes, and SIGHUP into key reloads; [`metrics`]
-//! counts what happens; [`tracecontext`] carries W3C trace context into the message;
+//! counts what happens; [`rejection_log`] logs what strangers cause without letting a flood
+//! into the log; [`tracecontext`] carries W3C trace context into the message;
 //! [`send`] and [`amqp::tail`] are the `send` and `tail` tools.
 
 #![forbid(unsafe_code)]
@@ -35,6 +38,7 @@ pub mod delivery;
 pub mod envelope;
 pub mod message;
 pub mod metrics;
+pub mod rejection_log;
 pub mod reload;
 pub mod routing;
 pub mod send;
@@ -54,10 +58,11 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::access::AccessPolicy;
+use crate::access::{AccessPolicy, KeyFailureBudget};
 use crate::auth::KeyStore;
 use crate::config::Config;
 use crate::delivery::Delivery;
+use crate::rejection_log::RejectionLog;
 use crate::reload::Reload;
 use crate::webhook::App;
 
@@ -75,7 +80,8 @@ pub enum RunError {
 
 /// Serves webhooks on `listener`, delivering through `delivery` (the broker, and the spool
 /// if enabled), until `shutdown` resolves; then drains in-flight requests, waits for
-/// deliveries still under way, stops replay, and closes the spool and the broker connection.
+/// deliveries still under way, lets replay empty the spool for up to
+/// `spool.shutdown_replay_timeout_ms`, and closes the spool and the broker connection.
 ///
 /// Production passes the configured address and [`signal::shutdown`]; tests pass
 /// `127.0.0.1:0` and a oneshot.
@@ -86,7 +92,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     let tls = match (&config.tls.cert_file, &config.tls.key_file) {
-        (Some(cert), Some(key)) => Some(Arc::new(tls::Tls::load(cert, key)?)),
+        (Some(cert), Some(key)) => Some(Arc::new(tls::Tls::load(
+            cert,
+            key,
+            config.tls.handshake_timeout(),
+        )?)),
         _ => None,
     };
     let metrics_listener = match config.metrics.listen {
@@ -104,11 +114,14 @@ pub async fn run(
     }
     // One token for everything that stops with the server.
     let stopping = CancellationToken::new();
-    let stop_replay = CancellationToken::new();
-    let replay = delivery
-        .spool()
-        .is_some()
-        .then(|| tokio::spawn(delivery::replay(delivery.clone(), stop_replay.clone())));
+    let (stop_replay, finish_replay) = (CancellationToken::new(), CancellationToken::new());
+    let replay = delivery.spool().is_some().then(|| {
+        tokio::spawn(delivery::replay(
+            delivery.clone(),
+            stop_replay.clone(),
+            finish_replay.clone(),
+        ))
+    });
     let keys = Arc::new(KeyStore::new(
         config.keyring().expect("the config was validated at load"),
     ));
@@ -117,8 +130,15 @@ pub async fn run(
         let (tls, stop) = (Arc::clone(tls), stopping.clone());
         tokio::spawn(async move { tls.watch(stop).await });
     }
-    let metrics_server = metrics_listener
-        .map(|listener| spawn_metrics_server(listener, &config, &delivery, stopping.clone()));
+    let rejections = Arc::new(RejectionLog::new());
+    let rejection_summaries = {
+        let (rejections, stop) = (Arc::clone(&rejections), stopping.clone());
+        tokio::spawn(async move { rejections.run(stop).await })
+    };
+    let metrics_server = metrics_listener.map(|listener| {
+        let rejections = Arc::clone(&rejections);
+        spawn_metrics_server(listener, &config, &delivery, rejections, stopping.clone())
+    });
     let app = Arc::new(App {
         keys,
         routing: config
@@ -135,16 +155,43 @@ pub async fn run(
             config.http.trusted_proxies.clone(),
             config.http.forwarded_header,
         ),
+        key_failures: KeyFailureBudget::new(
+            config.http.key_failures_per_minute,
+            config.http.key_failure_burst,
+        ),
+        rejections: Arc::clone(&rejections),
         redact_export_key: config.amqp.redact_export_key,
         max_age: (config.auth.max_age_secs > 0)
             .then(|| std::time::Duration::from_secs(config.auth.max_age_secs)),
     });
+    {
+        // Sources whose budget refilled are forgotten, so the table holds recent ones only.
+        let (app, stop) = (Arc::clone(&app), stopping.clone());
+        tokio::spawn(async move {
+            let mut sweep = tokio::time::interval(rejection_log::INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = sweep.tick() => app.key_failures.forget_refilled(),
+                    () = stop.cancelled() => return,
+                }
+            }
+        });
+    }
     let handler = {
         let app = Arc::clone(&app);
         move |peer, request| webhook::handle(Arc::clone(&app), peer, request)
     };
     let metrics = Arc::clone(delivery.metrics());
-    server::serve(listener, &config.http, tls, metrics, handler, shutdown).await;
+    server::serve(
+        listener,
+        &config.http,
+        tls,
+        metrics,
+        Arc::clone(&rejections),
+        handler,
+        shutdown,
+    )
+    .await;
     stopping.cancel();
 
     // Deliveries whose client hung up are not covered by the connection drain.
@@ -156,16 +203,35 @@ pub async fn run(
     {
         tracing::warn!("deliveries still under way at shutdown");
     }
-    stop_replay.cancel();
-    if let Some(replay) = replay {
-        // Replay stops between batches; a batch is bounded by the confirm timeout.
-        let _ = tokio::time::timeout(ceiling, replay).await;
+    if let Some(mut replay) = replay {
+        // What stays in the spool stays on this instance's disk, which may not come back
+        // (a pod's volume): replay it while the broker confirms, for a while.
+        finish_replay.cancel();
+        let budget = config.spool.shutdown_replay_timeout();
+        if tokio::time::timeout(budget, &mut replay).await.is_err() {
+            stop_replay.cancel();
+            // Replay stops between batches; a batch is bounded by the confirm timeout.
+            let _ = tokio::time::timeout(ceiling, replay).await;
+        }
     }
     if let Some(metrics_server) = metrics_server {
         let _ = metrics_server.await;
     }
+    // The last, short interval's summary lines.
+    let _ = rejection_summaries.await;
     if let Some(spool) = delivery.spool() {
         spool.close().await;
+        let left = spool.depth();
+        if left.records > 0 {
+            tracing::warn!(
+                records = left.records,
+                bytes = left.bytes,
+                dir = %config.spool.dir.display(),
+                "webhooks remain in the spool; a relay started on the same spool.dir replays them"
+            );
+        } else {
+            tracing::info!("spool empty at shutdown");
+        }
     }
     delivery.publisher().close().await;
     tracing::info!("stopped");
@@ -174,14 +240,15 @@ pub async fn run(
 
 /// Reloads `auth.export_keys_file` when it changes (checked every 2 s) and on SIGHUP; a
 /// reload that fails, or would leave no key at all, keeps the old keys. Without a keys file,
-/// SIGHUP is only logged (it must never end the process).
+/// SIGHUP is only logged here (it must never end the process; the TLS pair, if any, reloads
+/// on it too).
 fn spawn_key_reloads(config: &Config, keys: &Arc<KeyStore>, stop: CancellationToken) {
     let mut hangups = signal::hangups();
     let Some(path) = config.auth.export_keys_file.clone() else {
         tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    () = hangups.next() => tracing::info!("nothing to reload: no auth.export_keys_file"),
+                    () = hangups.next() => tracing::info!("received SIGHUP; no auth.export_keys_file to reload"),
                     () = stop.cancelled() => return,
                 }
             }
@@ -208,6 +275,7 @@ fn spawn_metrics_server(
     listener: TcpListener,
     config: &Config,
     delivery: &Delivery,
+    rejections: Arc<RejectionLog>,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     if let Ok(addr) = listener.local_addr() {
@@ -223,6 +291,7 @@ fn spawn_metrics_server(
             &http,
             None,
             metrics,
+            rejections,
             handler,
             stop.cancelled_owned(),
         )

@@ -35,8 +35,8 @@ struct Cli {
 enum Command {
     /// Run the relay (the default).
     Serve,
-    /// Print the effective configuration (secrets redacted) and the topology it describes;
-    /// exit non-zero if it is invalid.
+    /// Print the effective configuration (secrets redacted) and the topology it describes,
+    /// and load the TLS certificate and key if set; exit non-zero if anything is invalid.
     CheckConfig,
     /// Post a realistic sample HireHop webhook to a relay and print the answer.
     Send {
@@ -106,6 +106,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("\n# topology");
             for line in topology::describe(&config.amqp).lines() {
                 println!("# {line}");
+            }
+            if let (Some(cert), Some(key)) = (&config.tls.cert_file, &config.tls.key_file) {
+                // Read as the relay will read them: a missing file, or a pair that does not
+                // belong together, fails here instead of at the next start.
+                let chain = hirehop_relay::tls::check_pair(cert, key)
+                    .context("invalid TLS certificate or key")?;
+                println!(
+                    "\n# tls: {} ({chain} certificate(s)) matches {}",
+                    cert.display(),
+                    key.display()
+                );
             }
             Ok(())
         }
@@ -258,17 +269,20 @@ fn open_spool(config: &Config) -> anyhow::Result<Spool> {
 }
 
 fn init_logging(format: LogFormat) {
-    // lapin's own lines stay out unless RUST_LOG names lapin: the relay reports every broker
-    // failure in its own words (what happened, to which node, what happens to webhooks now),
-    // while lapin's read as fatal when they are not ("Exponential backoff attempts exhausted,
-    // aborting recovery" after any failed attempt), and at warn it logs a returned message
-    // whole, body and so export key included.
-    let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
-    let filter = if directives.contains("lapin") {
-        EnvFilter::new(directives)
-    } else {
-        EnvFilter::new(format!("{directives},lapin=off"))
-    };
+    // Libraries' own lines are kept out or down unless RUST_LOG names them. lapin: the relay
+    // reports every broker failure in its own words (what happened, to which node, where
+    // webhooks go meanwhile), while lapin's read as fatal when they are not ("Exponential
+    // backoff attempts exhausted, aborting recovery" after any failed attempt), and at warn it
+    // logs a returned message whole, body and so export key included. rustls logs what any
+    // TLS client can provoke (a refused renegotiation, a warning alert) at warn, a line each:
+    // keep it at error; the relay counts failed handshakes itself, and logs them summarized.
+    let mut directives = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
+    for (quiet, level) in [("lapin", "off"), ("rustls", "error")] {
+        if !directives.contains(quiet) {
+            directives.push_str(&format!(",{quiet}={level}"));
+        }
+    }
+    let filter = EnvFilter::new(directives);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

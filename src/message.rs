@@ -49,8 +49,10 @@ struct SpooledHeader<'a> {
 }
 
 impl Message {
-    /// `[u32 LE header length][header JSON][body]`.
-    pub fn encode(&self) -> Bytes {
+    /// The spool record, `[u32 LE header length][header JSON][body]`, in two parts: the
+    /// small header, and the body itself (shared, not copied: a spooled webhook costs its
+    /// body's memory once, however large).
+    pub fn encode(&self) -> std::io::Result<[Bytes; 2]> {
         let received_at_ms = self
             .received_at
             .duration_since(UNIX_EPOCH)
@@ -65,13 +67,14 @@ impl Message {
             traceparent: Cow::Borrowed(&self.traceparent),
             tracestate: self.tracestate.as_deref().map(Cow::Borrowed),
         };
-        let header =
-            serde_json::to_vec(&header).expect("a struct of strings and numbers serializes");
-        let mut out = BytesMut::with_capacity(4 + header.len() + self.body.len());
-        out.put_u32_le(u32::try_from(header.len()).expect("the header is small"));
+        // Neither can fail for strings and numbers of the sizes a request can carry; if
+        // either ever did, this webhook would be refused, not the relay stopped.
+        let header = serde_json::to_vec(&header)?;
+        let header_len = u32::try_from(header.len()).map_err(std::io::Error::other)?;
+        let mut out = BytesMut::with_capacity(4 + header.len());
+        out.put_u32_le(header_len);
         out.put_slice(&header);
-        out.put_slice(&self.body);
-        out.freeze()
+        Ok([out.freeze(), self.body.clone()])
     }
 
     /// Reads back what [`Message::encode`] wrote; the body shares `record`'s memory.
@@ -122,7 +125,10 @@ mod tests {
             traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
             tracestate: Some("v=1".into()),
         };
-        assert_eq!(Message::decode(message.encode()).unwrap(), message);
+        let [header, body] = message.encode().unwrap();
+        assert_eq!(body.as_ptr(), message.body.as_ptr(), "the body was copied");
+        let record = Bytes::from([header, body].concat());
+        assert_eq!(Message::decode(record).unwrap(), message);
     }
 
     #[test]

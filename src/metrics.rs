@@ -56,6 +56,7 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     request_seconds: Family<RouteLabels, Histogram>,
     in_flight: Gauge,
+    connections: Gauge,
     rejections: Family<ReasonLabels, Counter>,
     publishes: Family<OutcomeLabels, Counter>,
     confirm_seconds: Histogram,
@@ -66,9 +67,11 @@ pub struct Metrics {
     stalls: Counter,
     spool_messages: Gauge,
     spool_bytes: Gauge,
+    spool_accepting: Gauge,
     replayed: Counter,
     replay_failures: Counter,
     connection_errors: Family<KindLabels, Counter>,
+    tls_handshake_failures: Family<ReasonLabels, Counter>,
     events: EventNames,
     /// One scrape at a time: state gauges are refreshed, then everything encoded.
     render: Mutex<()>,
@@ -121,6 +124,12 @@ impl Metrics {
             "http_requests_in_flight",
             "Webhook requests being handled now",
             in_flight.clone(),
+        );
+        let connections = Gauge::default();
+        registry.register(
+            "http_connections",
+            "Connections open now, on the webhook port and the metrics listener",
+            connections.clone(),
         );
         let rejections = Family::<ReasonLabels, Counter>::default();
         registry.register(
@@ -182,6 +191,12 @@ impl Metrics {
             "Bytes in the spool waiting for replay",
             spool_bytes.clone(),
         );
+        let spool_accepting = Gauge::default();
+        registry.register(
+            "spool_accepting",
+            "1 while the spool takes webhooks; 0 while it is full, its writes fail, or it is off",
+            spool_accepting.clone(),
+        );
         let replayed = Counter::default();
         registry.register(
             "spool_replayed",
@@ -197,8 +212,14 @@ impl Metrics {
         let connection_errors = Family::<KindLabels, Counter>::default();
         registry.register(
             "connection_errors",
-            "Connections ended early, by kind (header_timeout, headers_too_large, bad_request, tls_handshake, over_limit, io)",
+            "Connections ended early, by kind (header_timeout, headers_too_large, bad_request, tls_handshake, over_limit, over_ip_limit, io)",
             connection_errors.clone(),
+        );
+        let tls_handshake_failures = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed, by reason (timeout, plain_http, not_tls, certificate_rejected, client_alert, incompatible, protocol, closed, io)",
+            tls_handshake_failures.clone(),
         );
         registry.register(
             "build",
@@ -210,6 +231,7 @@ impl Metrics {
             requests,
             request_seconds,
             in_flight,
+            connections,
             rejections,
             publishes,
             confirm_seconds,
@@ -220,9 +242,11 @@ impl Metrics {
             stalls,
             spool_messages,
             spool_bytes,
+            spool_accepting,
             replayed,
             replay_failures,
             connection_errors,
+            tls_handshake_failures,
             events: EventNames {
                 seen: Mutex::new(HashSet::new()),
                 max: max_event_labels,
@@ -244,6 +268,12 @@ impl Metrics {
     pub fn in_flight(&self) -> InFlight<'_> {
         self.in_flight.inc();
         InFlight(&self.in_flight)
+    }
+
+    /// Counts one open connection until the guard is dropped.
+    pub fn connection(&self) -> InFlight<'_> {
+        self.connections.inc();
+        InFlight(&self.connections)
     }
 
     pub fn rejection(&self, reason: &'static str) {
@@ -273,6 +303,12 @@ impl Metrics {
             .inc();
     }
 
+    pub fn tls_handshake_failure(&self, reason: &'static str) {
+        self.tls_handshake_failures
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
     pub fn replayed(&self, n: u64) {
         self.replayed.inc_by(n);
     }
@@ -296,11 +332,14 @@ impl Metrics {
             .inc_by(broker.reconnects.saturating_sub(counted));
         let counted = self.stalls.get();
         self.stalls.inc_by(broker.stalls.saturating_sub(counted));
-        let depth = health.spool.map(|s| s.depth).unwrap_or_default();
+        let depth = health.spool.as_ref().map(|s| s.depth).unwrap_or_default();
         self.spool_messages
             .set(i64::try_from(depth.records).unwrap_or(i64::MAX));
         self.spool_bytes
             .set(i64::try_from(depth.bytes).unwrap_or(i64::MAX));
+        self.spool_accepting.set(i64::from(
+            health.spool.as_ref().is_some_and(|s| s.accepting),
+        ));
         let mut text = String::new();
         if let Err(err) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
             tracing::error!(error = %err, "failed to encode metrics");
@@ -316,7 +355,7 @@ pub struct BrokerCounts {
     pub stalls: u64,
 }
 
-/// See [`Metrics::in_flight`].
+/// See [`Metrics::in_flight`] and [`Metrics::connection`].
 pub struct InFlight<'a>(&'a Gauge);
 
 impl Drop for InFlight<'_> {

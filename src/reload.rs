@@ -1,6 +1,10 @@
 //! Values read from files and read again when the files change: the export keys file and
 //! the TLS certificate. The files are polled rather than watched: a Kubernetes Secret or a
 //! cert-manager renewal swaps them through a symlink, which file events report unreliably.
+//!
+//! Files are often replaced one after another (certbot writes the key, then the chain), so a
+//! load that fails is tried again every second for [`SETTLE`] before the failure is logged;
+//! meanwhile, and after, the old value stays in use.
 
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -10,6 +14,9 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::signal::Hangups;
+
+/// How long a failed reload is retried before it is logged as failed.
+pub const SETTLE: Duration = Duration::from_secs(5);
 
 /// A value replaced whole when its files change; readers take the one current now and keep
 /// it for as long as they need it.
@@ -39,7 +46,7 @@ pub struct Reload<T> {
     /// How often the files are looked at.
     pub every: Duration,
     /// Reads the files; an error keeps the old value in use.
-    pub load: Box<dyn Fn() -> Result<T, String> + Send>,
+    pub load: Box<dyn Fn() -> Result<T, String> + Send + Sync>,
 }
 
 impl<T> Reload<T> {
@@ -54,19 +61,38 @@ impl<T> Reload<T> {
                 () = next_hangup(&mut hangups) => true,
                 _ = tick.tick() => false,
             };
-            let now = self.fingerprint();
-            if !forced && now == seen {
+            if forced {
+                tracing::info!("received SIGHUP; reloading {}", self.what);
+            } else if self.fingerprint() == seen {
                 continue;
             }
-            seen = now;
-            match (self.load)() {
-                Ok(value) => {
+            let loaded = self.load_settled(&stop).await;
+            seen = self.fingerprint();
+            match loaded {
+                Some(Ok(value)) => {
                     self.value.replace(value);
                     tracing::info!(files = ?self.files, "{} reloaded", self.what);
                 }
-                Err(err) => {
+                Some(Err(err)) => {
                     tracing::error!(error = %err, "{} reload failed; keeping the old ones", self.what)
                 }
+                None => return,
+            }
+        }
+    }
+
+    /// Loads the value, trying again every second for [`SETTLE`] while it fails; `None` if
+    /// stopped meanwhile.
+    async fn load_settled(&self, stop: &CancellationToken) -> Option<Result<T, String>> {
+        let deadline = tokio::time::Instant::now() + SETTLE;
+        loop {
+            let loaded = (self.load)();
+            if loaded.is_ok() || tokio::time::Instant::now() >= deadline {
+                return Some(loaded);
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = stop.cancelled() => return None,
             }
         }
     }

@@ -2,16 +2,18 @@
 //! served with hyper, graceful drain on shutdown. Knows nothing about webhooks: every
 //! request goes to the handler it is given.
 //!
-//! Connection-level limits live here: the header read timeout (which also bounds the TLS
-//! handshake, the wait for a client's first byte, and idle connections of either HTTP
-//! version), the header count and size, and the cap on open connections.
+//! Connection-level limits live here: the header read timeout (which also bounds the wait for
+//! a client's first byte and idle connections of either HTTP version), the TLS handshake
+//! timeout, the header count and size, and the caps on open connections, overall and per
+//! source address. Under TLS, a client that speaks plain HTTP gets a 400 saying so.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -21,14 +23,20 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode, Version, header};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Level;
 
+use crate::access::Source;
 use crate::config::HttpConfig;
 use crate::metrics::Metrics;
+use crate::rejection_log::RejectionLog;
 use crate::tls::Tls;
+
+/// Requests at once on one HTTP/2 connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 100;
 
 /// Serves `listener` with `handler` until `shutdown` resolves, then stops accepting and gives
 /// open connections `http.drain_timeout_ms` to finish their requests.
@@ -37,6 +45,7 @@ pub async fn serve<H, F>(
     http: &HttpConfig,
     tls: Option<Arc<Tls>>,
     metrics: Arc<Metrics>,
+    rejections: Arc<RejectionLog>,
     handler: H,
     shutdown: impl Future<Output = ()>,
 ) where
@@ -59,12 +68,16 @@ pub async fn serve<H, F>(
     builder
         .http2()
         .timer(TokioTimer::new())
+        // Each stream may hold a body being read: say how many, for the memory bound the
+        // docs give (RFC 9113 recommends allowing at least 100; hyper's default is 200).
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .max_header_list_size(u32::try_from(http.max_header_bytes).unwrap_or(u32::MAX));
     let builder = Arc::new(builder);
 
     let timeout = http.header_read_timeout();
     let retry_after_secs = http.retry_after_secs;
     let open = Arc::new(AtomicUsize::new(0));
+    let per_source = Arc::new(PerSource::default());
     let stop = CancellationToken::new();
     let connections = TaskTracker::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -79,23 +92,48 @@ pub async fn serve<H, F>(
             },
             () = shutdown.as_mut() => break,
         };
+        // The real TCP peer: a client cannot claim another address here. Load balancers
+        // (`http.trusted_proxies`) carry many clients on their connections and are not capped.
+        let source = Source::of(peer.ip());
+        let trusted = http
+            .trusted_proxies
+            .iter()
+            .any(|net| net.contains(&peer.ip().to_canonical()));
+        let Some(source_count) = per_source.enter(source, http.max_connections_per_ip, trusted)
+        else {
+            // One client may not take the whole table: closed at once, before any TLS or
+            // HTTP work, so it costs no more than the accept.
+            metrics.connection_error("over_ip_limit");
+            if rejections.first(source, "over_ip_limit", Level::WARN, "connections") {
+                tracing::warn!(
+                    %peer,
+                    max = http.max_connections_per_ip,
+                    "too many connections from one address; closing new ones"
+                );
+            }
+            continue;
+        };
         // Responses are small and sent in one write: don't let Nagle hold them back.
         if let Err(err) = stream.set_nodelay(true) {
             tracing::debug!(%peer, error = %err, "failed to set TCP_NODELAY");
         }
         let connection = Connection {
             guard: ConnectionCount::enter(&open),
+            _source_count: source_count,
             peer,
             builder: Arc::clone(&builder),
             stop: stop.clone(),
             metrics: Arc::clone(&metrics),
+            rejections: Arc::clone(&rejections),
             timeout,
         };
         if connection.guard.count > http.max_connections {
             // Over the cap: one quick 503 and the connection is closed, instead of holding
             // memory for it. The whole connection gets one header read timeout, since on
             // HTTP/2 a client could otherwise keep asking on it.
-            tracing::warn!(%peer, max = http.max_connections, "too many connections; refusing one");
+            if rejections.first(source, "over_limit", Level::WARN, "connections") {
+                tracing::warn!(%peer, max = http.max_connections, "too many connections; refusing new ones");
+            }
             metrics.connection_error("over_limit");
             let refuse = move |_, request: Request<Incoming>| async move {
                 Ok::<_, Infallible>(busy(request.version(), retry_after_secs))
@@ -128,11 +166,13 @@ pub async fn serve<H, F>(
 /// One accepted connection, served on its own task.
 struct Connection {
     guard: ConnectionCount,
+    _source_count: SourceCount,
     peer: SocketAddr,
     builder: Arc<auto::Builder<TokioExecutor>>,
     /// Cancelled when the server drains.
     stop: CancellationToken,
     metrics: Arc<Metrics>,
+    rejections: Arc<RejectionLog>,
     /// `http.header_read_timeout_ms`.
     timeout: Duration,
 }
@@ -143,9 +183,11 @@ impl Connection {
         H: Fn(SocketAddr, Request<Incoming>) -> F + Send + Sync + 'static,
         F: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
     {
+        let metrics = Arc::clone(&self.metrics);
+        let _open = metrics.connection();
         // A client must send its first byte within a header read timeout before hyper gets
         // the connection (hyper-util's protocol detection has no timer of its own); until
-        // then it costs no more than its socket. Under TLS the handshake is that first byte.
+        // then it costs no more than its socket. Under TLS, the handshake timeout covers it.
         let Some(tls) = tls else {
             // `peek`, not `readable()`: tokio reports a fresh socket readable at once.
             let mut byte = [0];
@@ -168,17 +210,53 @@ impl Connection {
             }
             return;
         };
-        // The handshake runs here, not in the accept loop, and is bounded like a header read.
-        match tokio::time::timeout(self.timeout, tls.acceptor.accept(stream)).await {
-            Ok(Ok(stream)) => self.serve(stream, handler).await,
-            Ok(Err(err)) => {
-                self.metrics.connection_error("tls_handshake");
-                tracing::debug!(peer = %self.peer, error = %err, "TLS handshake failed");
+        // The handshake runs here, not in the accept loop, with a short deadline of its own
+        // from the first byte on: a client that stalls it holds a connection slot meanwhile.
+        let deadline = tokio::time::Instant::now() + tls.handshake_timeout;
+        let hello = tokio::select! {
+            hello = tokio::time::timeout_at(deadline, first_byte(&stream)) => hello,
+            () = self.stop.cancelled() => return,
+        };
+        let (failure, error) = match hello {
+            Err(_) => ("timeout", None),
+            Ok(Err(err)) => ("io", Some(err)),
+            Ok(Ok(None)) => return, // Closed without a word.
+            // A TLS record of type handshake.
+            Ok(Ok(Some(0x16))) => {
+                match tokio::time::timeout_at(deadline, tls.acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => return self.serve(stream, handler).await,
+                    Ok(Err(err)) => (handshake_failure(&err), Some(err)),
+                    Err(_) => ("timeout", None),
+                }
             }
-            Err(_) => {
-                self.metrics.connection_error("tls_handshake");
-                tracing::debug!(peer = %self.peer, "TLS handshake timed out");
+            // A request line (`GET /`, `POST /`, ...): someone forgot the s in https.
+            Ok(Ok(Some(byte))) if byte.is_ascii_uppercase() => {
+                self.handshake_failed("plain_http", None);
+                return answer_plain_http(stream, deadline).await;
             }
+            Ok(Ok(Some(_))) => ("not_tls", None),
+        };
+        self.handshake_failed(failure, error);
+    }
+
+    /// Counts a failed handshake, and logs it through the rejection log.
+    fn handshake_failed(&self, failure: &'static str, error: Option<io::Error>) {
+        self.metrics.connection_error("tls_handshake");
+        self.metrics.tls_handshake_failure(failure);
+        let source = Source::of(self.peer.ip());
+        // Clients that refuse the certificate are the operator's business (an expired or
+        // wrong certificate); every other failure is the client's, and logs at debug.
+        let level = if failure == "certificate_rejected" {
+            Level::WARN
+        } else {
+            Level::DEBUG
+        };
+        if self
+            .rejections
+            .first(source, failure, level, "TLS handshakes")
+        {
+            let error = error.map(|err| err.to_string());
+            crate::rejection_log::event_at!(level, peer = %self.peer, reason = failure, error, "TLS handshake failed");
         }
     }
 
@@ -232,6 +310,59 @@ impl Connection {
             self.metrics.connection_error(kind);
             tracing::debug!(%peer, error = %err, kind, "connection ended with an error");
         }
+    }
+}
+
+/// The connection's first byte, once it arrives, without taking it from the stream; `None`
+/// if the client closed without sending one.
+async fn first_byte(stream: &TcpStream) -> io::Result<Option<u8>> {
+    // `peek`, not `readable()`: tokio reports a fresh socket readable at once.
+    let mut byte = [0];
+    Ok((stream.peek(&mut byte).await? > 0).then_some(byte[0]))
+}
+
+/// Tells a client that sent plain HTTP to the TLS port what went wrong, in the protocol it
+/// speaks, then closes the connection gracefully (what it sent is read and dropped, until
+/// `deadline`, so closing does not reset the connection under the answer).
+async fn answer_plain_http(mut stream: TcpStream, deadline: tokio::time::Instant) {
+    const BODY: &str = r#"{"error":"this port speaks TLS: use https://"}"#;
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let exchange = async {
+        stream.write_all(answer.as_bytes()).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        let mut left: usize = 64 * 1024;
+        while left > 0 {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => left = left.saturating_sub(n),
+            }
+        }
+        Ok::<_, io::Error>(())
+    };
+    let _ = tokio::time::timeout_at(deadline, exchange).await;
+}
+
+/// The `tls_handshake_failures_total` reason of a failed handshake.
+fn handshake_failure(err: &io::Error) -> &'static str {
+    use tokio_rustls::rustls::{AlertDescription, Error};
+    match err.get_ref().and_then(|e| e.downcast_ref::<Error>()) {
+        Some(Error::AlertReceived(
+            AlertDescription::BadCertificate
+            | AlertDescription::UnsupportedCertificate
+            | AlertDescription::CertificateRevoked
+            | AlertDescription::CertificateExpired
+            | AlertDescription::CertificateUnknown
+            | AlertDescription::UnknownCA,
+        )) => "certificate_rejected",
+        Some(Error::AlertReceived(_)) => "client_alert",
+        Some(Error::PeerIncompatible(_) | Error::NoApplicationProtocol) => "incompatible",
+        Some(_) => "protocol",
+        None if err.kind() == io::ErrorKind::UnexpectedEof => "closed",
+        None => "io",
     }
 }
 
@@ -315,6 +446,47 @@ impl ConnectionCount {
 impl Drop for ConnectionCount {
     fn drop(&mut self) {
         self.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Open connections per source address, for `http.max_connections_per_ip`; an entry lives
+/// only while its source has a connection open, so the table is no bigger than the
+/// connections themselves.
+#[derive(Default)]
+struct PerSource(Mutex<HashMap<Source, usize>>);
+
+impl PerSource {
+    /// Counts a new connection from `source`, or `None` if it already has `max` open.
+    /// `exempt` sources (trusted proxies) are counted too, but never refused.
+    fn enter(self: &Arc<Self>, source: Source, max: usize, exempt: bool) -> Option<SourceCount> {
+        let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let count = open.entry(source).or_insert(0);
+        if *count >= max && !exempt {
+            return None;
+        }
+        *count += 1;
+        Some(SourceCount {
+            table: Arc::clone(self),
+            source,
+        })
+    }
+}
+
+/// One connection counted in [`PerSource`] until dropped.
+struct SourceCount {
+    table: Arc<PerSource>,
+    source: Source,
+}
+
+impl Drop for SourceCount {
+    fn drop(&mut self) {
+        let mut open = self.table.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = open.get_mut(&self.source) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.source);
+            }
+        }
     }
 }
 

@@ -22,8 +22,9 @@ pub fn install_hangup_handler() {
     drop(signal(SignalKind::hangup()).expect("installing a SIGHUP handler works"));
 }
 
-/// A future per SIGHUP: "reload your keys", as for nginx or HAProxy. Installed whether or
-/// not there is a keys file: SIGHUP's default action would end the process undrained.
+/// A future per SIGHUP: "reload your keys and certificate", as for nginx or HAProxy. Each
+/// call gets every SIGHUP. Installed whether or not there is a keys file: SIGHUP's default
+/// action would end the process undrained.
 pub fn hangups() -> Hangups {
     use tokio::signal::unix::{SignalKind, signal};
     Hangups(signal(SignalKind::hangup()).expect("installing a SIGHUP handler works"))
@@ -33,12 +34,11 @@ pub fn hangups() -> Hangups {
 pub struct Hangups(tokio::signal::unix::Signal);
 
 impl Hangups {
-    /// Resolves on the next SIGHUP.
+    /// Resolves on the next SIGHUP. Each listener says what it does about it.
     pub async fn next(&mut self) {
         if self.0.recv().await.is_none() {
             // The signal driver is gone: no more SIGHUPs will come.
             std::future::pending::<()>().await;
         }
-        tracing::info!("received SIGHUP");
     }
 }

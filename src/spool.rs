@@ -10,34 +10,61 @@
 //! ```
 //!
 //! Appends go to one writer thread that batches everything queued, writes it with one
-//! `write`, and makes it durable with one `fdatasync` (group commit): only then does each
-//! append return. Replay reads records from the cursor up to the last durable byte, and
-//! [`Spool::consume_through`] moves the cursor after the broker confirmed them; segments
-//! wholly behind the cursor are deleted. The cursor file is rewritten (not fsynced) as replay
-//! goes: after a crash it may be a little behind, which replays a few webhooks twice (the
-//! delivery guarantee is at-least-once anyway), never skips one.
+//! vectored `write` straight from the callers' buffers (a body is never copied into memory
+//! of the spool's own), and makes it durable with one `fdatasync` (group commit): only then
+//! does each append return. Replay reads records from the cursor up to the last durable
+//! byte, and [`Spool::consume_through`] moves the cursor once the broker confirmed them.
+//!
+//! The disk may fill up, and the spool must still work its way out:
+//! - a segment is deleted as soon as replay has passed its end, the one being written to
+//!   included (its records hold export keys), so a drained spool holds no segment at all;
+//! - a segment is created only when a write needs one, after consumed ones are deleted;
+//!   opening creates nothing and needs no free space;
+//! - the cursor is a fixed-size record overwritten in place, so saving it needs no free
+//!   space either. It is fsynced before segments are deleted and on close; in between it
+//!   survives a crash of the process but not a power loss, after which some webhooks are
+//!   replayed twice (the delivery guarantee is at-least-once), never skipped;
+//! - a failed write (ENOSPC, EIO, ...) makes the spool say it does not accept
+//!   ([`Spool::is_accepting`], [`Spool::write_error`]) until a write works again. Meanwhile
+//!   the writer tries a write of its own every second, so the spool recovers by itself
+//!   once space is freed, without a webhook (which a readiness-gated load balancer would
+//!   not send) having to prove it.
 //!
 //! On open, segments are checked record by record. A torn or corrupt record (power lost
 //! mid-write) ends its segment: it is reported and cut off, and startup goes on. A record
 //! damaged later, while the relay runs, stalls replay at that record with an error instead.
 
+use std::cmp::Ordering as Order;
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::io::{self, IoSlice, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 
 const MAGIC: &[u8; 8] = b"HHRSPL01";
+/// Where a segment's first record starts.
+const SEGMENT_HEADER: u64 = MAGIC.len() as u64;
 const RECORD_HEADER: u64 = 8;
 /// A new segment is started once the current one is this large.
 const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
 /// Appends taken into one write + fsync at most.
 const MAX_BATCH: usize = 1024;
+/// How often the writer tries a write of its own while writes fail.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// The largest such try: enough for a typical webhook, small enough to repeat every second.
+const MAX_PROBE_BYTES: u64 = 1024 * 1024;
+/// The probe's scratch file, deleted after each try.
+const PROBE_FILE: &str = "probe";
+
+/// The longest record read back; a longer length is taken for corruption. The config keeps
+/// `http.max_body_bytes` (a record is a body and a small header) well below it.
+pub const MAX_RECORD_BYTES: usize = 256 * 1024 * 1024;
 
 /// Why the spool could not keep a webhook.
 #[derive(Debug, thiserror::Error)]
@@ -101,15 +128,20 @@ struct Shared {
 
 struct State {
     cursor: Position,
+    cursor_file: CursorFile,
     /// Segment number → bytes of valid data in it.
     segments: BTreeMap<u64, u64>,
+    /// The segment the writer appends to, if it has one open.
+    active: Option<u64>,
     /// Records between cursor and committed.
     records: u64,
     /// Appends handed to the writer and not yet answered.
     in_flight: u64,
-    /// An append was refused for lack of space, and no segment has been deleted since (an
-    /// empty spool accepts anyway: see [`Spool::is_accepting`]).
+    /// An append was refused for lack of space under `spool.max_bytes`, and no segment has
+    /// been deleted since.
     full: bool,
+    /// Why the last write failed, until a write works again.
+    failure: Option<Arc<str>>,
 }
 
 impl State {
@@ -120,18 +152,45 @@ impl State {
 
 enum Command {
     Append(Append),
+    /// Replay has caught up: delete the segment being written to, if that is all it holds.
+    Wake,
     /// Finish what is queued, release the directory, and stop.
     Close(oneshot::Sender<()>),
 }
 
 struct Append {
-    payload: Bytes,
+    /// The record's payload, in pieces written one after the other.
+    parts: Vec<Bytes>,
     done: oneshot::Sender<Result<(), SpoolError>>,
 }
 
+impl Append {
+    fn len(&self) -> u64 {
+        self.parts.iter().map(|part| part.len() as u64).sum()
+    }
+}
+
+/// Counts an append as under way for [`Spool::is_drained`] until it is answered or dropped
+/// (a caller may give up on an append, and the count must not stay up for good).
+struct AppendInFlight<'a>(&'a Shared);
+
+impl<'a> AppendInFlight<'a> {
+    fn new(shared: &'a Shared) -> AppendInFlight<'a> {
+        shared.lock().in_flight += 1;
+        AppendInFlight(shared)
+    }
+}
+
+impl Drop for AppendInFlight<'_> {
+    fn drop(&mut self) {
+        self.0.lock().in_flight -= 1;
+    }
+}
+
 impl Spool {
-    /// Opens (or creates) the spool in `dir`, checks what an earlier run left, and starts the
-    /// writer thread.
+    /// Opens (or creates) the spool in `dir`, checks what an earlier run left, deletes what
+    /// was already replayed, and starts the writer thread. Needs no free space when the
+    /// directory exists: a spool on a full disk opens, and replay frees space.
     pub fn open(dir: &Path, max_bytes: u64) -> Result<(Spool, Recovery), OpenError> {
         let io_err = |cause| OpenError::Io {
             path: dir.to_owned(),
@@ -143,54 +202,64 @@ impl Spool {
             .mode(0o700)
             .create(dir)
             .map_err(io_err)?;
-        let lock = File::create(dir.join("lock")).map_err(io_err)?;
+        // Opened, not truncated or rewritten: after the first start this needs no space.
+        let lock = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(dir.join("lock"))
+            .map_err(io_err)?;
         if lock.try_lock().is_err() {
             return Err(OpenError::Locked(dir.to_owned()));
         }
+        // Left by a writer that stopped in the middle of a probe.
+        let _ = fs::remove_file(dir.join(PROBE_FILE));
+        let (cursor_file, saved) = CursorFile::open(dir);
+        let mut cursor = saved.unwrap_or_default();
 
         // One pass over every segment: check it, and count what is left behind the cursor.
         let mut recovery = Recovery::default();
         let mut segments = BTreeMap::new();
-        let mut scans = BTreeMap::new();
-        let saved = read_cursor(dir);
+        let mut last = cursor.segment;
         for (number, path) in list_segments(dir).map_err(io_err)? {
-            let from = saved
-                .filter(|c| c.segment == number)
-                .map_or(MAGIC.len() as u64, |c| c.offset);
+            last = last.max(number);
+            if number < cursor.segment {
+                // Replayed before; deleted below.
+                let len = fs::metadata(&path).map_err(io_err)?.len();
+                segments.insert(number, len);
+                continue;
+            }
+            let from = if number == cursor.segment {
+                cursor.offset
+            } else {
+                SEGMENT_HEADER
+            };
             let scan = scan_segment(&path, from).map_err(io_err)?;
             if scan.corrupt > 0 {
                 recovery.corrupt.push((path.clone(), scan.corrupt));
+            }
+            if scan.valid == 0 {
+                // Not even a whole header, so no record: nothing to keep.
+                fs::remove_file(&path).map_err(io_err)?;
+                continue;
+            }
+            if scan.corrupt > 0 {
+                // Shrinking needs no space.
                 truncate(&path, scan.valid).map_err(io_err)?;
             }
+            if number == cursor.segment {
+                cursor.offset = cursor.offset.clamp(SEGMENT_HEADER, scan.valid);
+                recovery.records += scan.records_from;
+            } else {
+                recovery.records += scan.records;
+            }
             segments.insert(number, scan.valid);
-            scans.insert(number, scan);
         }
-        let first = segments.keys().next().copied().unwrap_or(1);
-        let cursor = saved
-            .filter(|c| segments.get(&c.segment).is_some_and(|len| c.offset <= *len))
-            .unwrap_or(Position {
-                segment: first,
-                offset: MAGIC.len() as u64,
-            });
-        recovery.records = scans
-            .range(cursor.segment..)
-            .map(|(&number, scan)| {
-                if number == cursor.segment && saved == Some(cursor) {
-                    scan.records_from
-                } else {
-                    scan.records
-                }
-            })
-            .sum();
-
-        // Writes always go to a fresh segment: the old ones stay exactly as checked.
-        let active = segments.keys().next_back().map_or(1, |last| last + 1);
-        let file = create_segment(dir, active).map_err(io_err)?;
-        segments.insert(active, MAGIC.len() as u64);
-        let committed = Position {
-            segment: active,
-            offset: MAGIC.len() as u64,
-        };
+        // Replay may read every segment to its end: no writer is adding to any of them.
+        let committed = segments
+            .last_key_value()
+            .map_or(cursor, |(&segment, &offset)| Position { segment, offset });
         let shared = Arc::new(Shared {
             dir: dir.to_owned(),
             max_bytes,
@@ -198,20 +267,32 @@ impl Spool {
             syncs: AtomicU64::new(0),
             state: Mutex::new(State {
                 cursor,
+                cursor_file,
                 segments,
+                active: None,
                 records: recovery.records,
                 in_flight: 0,
                 full: false,
+                failure: None,
             }),
         });
         shared.delete_consumed_segments(&mut shared.lock());
 
         let (commands, rx) = mpsc::channel(4 * MAX_BATCH);
+        let clock = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(io_err)?;
         let writer = Writer {
             shared: Arc::clone(&shared),
-            file,
-            _lock: lock,
+            file: None,
             position: committed,
+            // Above every number seen and the cursor's: a new segment is never taken for
+            // one replay has passed.
+            next_segment: last + 1,
+            probe: None,
+            clock,
+            _lock: lock,
         };
         std::thread::Builder::new()
             .name("spool-writer".into())
@@ -220,24 +301,25 @@ impl Spool {
         Ok((Spool { shared, commands }, recovery))
     }
 
-    /// Appends `payload` and returns once it is on disk (fdatasync'd).
-    pub async fn append(&self, payload: Bytes) -> Result<(), SpoolError> {
+    /// Appends one record, made of `parts` one after the other, and returns once it is on
+    /// disk (fdatasync'd). The parts are written as they are, not copied.
+    pub async fn append(&self, parts: impl IntoIterator<Item = Bytes>) -> Result<(), SpoolError> {
+        let parts = parts.into_iter().collect();
         let (done, answer) = oneshot::channel();
-        self.shared.lock().in_flight += 1;
+        let _counted = AppendInFlight::new(&self.shared);
         let sent = self
             .commands
-            .send(Command::Append(Append { payload, done }))
+            .send(Command::Append(Append { parts, done }))
             .await;
-        let result = match sent {
+        match sent {
             Ok(()) => answer.await.unwrap_or(Err(SpoolError::Closed)),
             Err(_) => Err(SpoolError::Closed),
-        };
-        self.shared.lock().in_flight -= 1;
-        result
+        }
     }
 
-    /// Waits for queued appends to finish, then stops the writer and releases the directory.
-    /// Appends after this fail with [`SpoolError::Closed`].
+    /// Waits for queued appends to finish, deletes the segment being written to if replay
+    /// has passed all of it, saves the cursor, then stops the writer and releases the
+    /// directory. Appends after this fail with [`SpoolError::Closed`].
     pub async fn close(&self) {
         let (done, closed) = oneshot::channel();
         if self.commands.send(Command::Close(done)).await.is_ok() {
@@ -251,15 +333,16 @@ impl Spool {
         state.records == 0 && state.in_flight == 0
     }
 
-    /// False from the first append refused for lack of space until replay frees some.
-    ///
-    /// An empty spool always accepts: its space comes back only when the next append rotates
-    /// (see `Writer::rotate_if_needed`), and a readiness-gated load balancer would never send
-    /// that append. Derived here rather than by clearing `full` in `consume_through`, which a
-    /// refusal racing with the last consume could set again.
+    /// Whether the next webhook would be kept: false while the spool is full (until replay
+    /// deletes a segment) and while writes fail (until one works again).
     pub fn is_accepting(&self) -> bool {
         let state = self.shared.lock();
-        !state.full || state.records == 0
+        !state.full && state.failure.is_none()
+    }
+
+    /// Why writes fail, while they do.
+    pub fn write_error(&self) -> Option<Arc<str>> {
+        self.shared.lock().failure.clone()
     }
 
     /// Batches written and fdatasync'd so far.
@@ -293,20 +376,28 @@ impl Spool {
         }
     }
 
-    /// Reads up to `max` records from the cursor on, each with the position after it.
+    /// Reads records from the cursor on, each with the position after it: at most
+    /// `max_records`, and no more once `max_bytes` of payload are read (at least one record,
+    /// however large), so a batch of large webhooks does not fill memory.
     ///
     /// A record that cannot be read before the committed end was damaged on disk after it
     /// was written (or is over `read_record`'s size limit). Skipping it would let
     /// [`Spool::consume_through`] move past webhooks that were answered 202, so it is an
     /// [`io::ErrorKind::InvalidData`] error instead, once the records before it are returned:
     /// replay stalls there and says so.
-    pub fn read_batch(&self, max: usize) -> io::Result<Vec<(Bytes, Position)>> {
+    pub fn read_batch(
+        &self,
+        max_records: usize,
+        max_bytes: u64,
+    ) -> io::Result<Vec<(Bytes, Position)>> {
         let (cursor, segments) = {
             let state = self.shared.lock();
             (state.cursor, state.segments.clone())
         };
         let committed = *self.shared.committed.borrow();
         let mut batch = Vec::new();
+        let mut bytes = 0;
+        let full = |batch: &Vec<_>, bytes| batch.len() >= max_records || bytes >= max_bytes;
         for (number, start, end) in pending(&segments, cursor, committed) {
             let mut position = Position {
                 segment: number,
@@ -318,7 +409,7 @@ impl Spool {
             let mut file = File::open(segment_path(&self.shared.dir, number))?;
             file.seek(SeekFrom::Start(position.offset))?;
             let mut reader = io::BufReader::new(file);
-            while position.offset < end && batch.len() < max {
+            while position.offset < end && !full(&batch, bytes) {
                 let record = read_record(&mut reader)?.filter(|payload| {
                     position.offset + RECORD_HEADER + payload.len() as u64 <= end
                 });
@@ -338,9 +429,10 @@ impl Spool {
                     ));
                 };
                 position.offset += RECORD_HEADER + payload.len() as u64;
+                bytes += payload.len() as u64;
                 batch.push((Bytes::from(payload), position));
             }
-            if batch.len() >= max {
+            if full(&batch, bytes) {
                 break;
             }
         }
@@ -348,7 +440,7 @@ impl Spool {
     }
 
     /// Marks every record before `position` (as returned by [`Spool::read_batch`]) as
-    /// delivered, and deletes segments that are now wholly behind it.
+    /// delivered, and deletes segments replay has now passed.
     pub fn consume_through(&self, position: Position, records: u64) {
         let mut state = self.shared.lock();
         if position <= state.cursor {
@@ -356,10 +448,14 @@ impl Spool {
         }
         state.cursor = position;
         state.records = state.records.saturating_sub(records);
-        if let Err(err) = write_cursor(&self.shared.dir, position) {
-            tracing::warn!(error = %err, "failed to save the spool cursor; a restart may replay some webhooks twice");
-        }
+        state.cursor_file.save(position);
         self.shared.delete_consumed_segments(&mut state);
+        if state.records == 0 && state.active.is_some() {
+            // The segment being written to is replayed to its end; only the writer may delete
+            // it, and it should now rather than at the next append, which may be far off.
+            // A full queue means appends are coming, which makes deleting it moot.
+            let _ = self.commands.try_send(Command::Wake);
+        }
     }
 }
 
@@ -371,27 +467,40 @@ impl Shared {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Deletes every segment that holds nothing replay still needs, except the one the
+    /// writer has open.
     fn delete_consumed_segments(&self, state: &mut State) {
-        let behind: Vec<u64> = state
+        let cursor = state.cursor;
+        let consumed: Vec<u64> = state
             .segments
-            .range(..state.cursor.segment)
-            .map(|(&n, _)| n)
+            .iter()
+            .filter(|&(&number, &len)| {
+                Some(number) != state.active
+                    && match number.cmp(&cursor.segment) {
+                        Order::Less => true,
+                        Order::Equal => cursor.offset >= len,
+                        Order::Greater => len <= SEGMENT_HEADER,
+                    }
+            })
+            .map(|(&number, _)| number)
             .collect();
-        for number in behind {
+        if consumed.is_empty() {
+            return;
+        }
+        // The cursor reaches the disk before the records it covers leave it.
+        state.cursor_file.sync();
+        for number in consumed {
             let path = segment_path(&self.dir, number);
             match fs::remove_file(&path) {
-                Ok(()) => {
-                    state.segments.remove(&number);
-                    state.full = false;
-                }
-                Err(err) if err.kind() == io::ErrorKind::NotFound => {
-                    state.segments.remove(&number);
-                    state.full = false;
-                }
+                Ok(()) => {}
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
                 Err(err) => {
-                    tracing::warn!(path = %path.display(), error = %err, "failed to delete a replayed spool segment")
+                    tracing::warn!(path = %path.display(), error = %err, "failed to delete a replayed spool segment");
+                    continue;
                 }
             }
+            state.segments.remove(&number);
+            state.full = false;
         }
     }
 }
@@ -399,22 +508,38 @@ impl Shared {
 /// The one thread that writes: batches appends, writes them at once, fsyncs once.
 struct Writer {
     shared: Arc<Shared>,
-    file: File,
+    /// The segment being appended to. None until a write needs one, and again once it is
+    /// full or replay has caught up with it.
+    file: Option<File>,
+    /// End of the durable data in that segment.
     position: Position,
+    /// Number of the next segment to create.
+    next_segment: u64,
+    /// While writes fail: how much the next probe writes (the smallest record that could not
+    /// be written, up to [`MAX_PROBE_BYTES`]).
+    probe: Option<u64>,
+    /// Times the wait for commands while writes fail (tokio's channel has no blocking
+    /// receive with a timeout).
+    clock: tokio::runtime::Runtime,
     /// Held open while the writer runs: the directory lock.
     _lock: File,
 }
 
 impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Command>) {
-        let mut batch = Vec::with_capacity(MAX_BATCH);
-        let mut buffer = Vec::new();
-        let mut closing = None;
-        while let Some(command) = rx.blocking_recv() {
+        let mut batch = Vec::new();
+        loop {
+            let Some(command) = self.next_command(&mut rx) else {
+                // Every handle is gone, so nobody waits for a close.
+                self.finish();
+                return;
+            };
+            let mut closing = None;
             let mut next = Some(command);
             while let Some(command) = next.take() {
                 match command {
                     Command::Append(append) => batch.push(append),
+                    Command::Wake => {}
                     Command::Close(done) => {
                         closing = Some(done);
                         break;
@@ -424,10 +549,13 @@ impl Writer {
                     next = rx.try_recv().ok();
                 }
             }
-            if !batch.is_empty() {
-                self.write_batch(&mut batch, &mut buffer);
+            if batch.is_empty() {
+                self.probe();
+                self.retire_if_drained();
+            } else {
+                self.write_batch(&mut batch);
             }
-            if let Some(done) = closing.take() {
+            if let Some(done) = closing {
                 rx.close();
                 // Appends that raced with the close are refused, not left hanging.
                 while let Ok(command) = rx.try_recv() {
@@ -435,6 +563,7 @@ impl Writer {
                         let _ = append.done.send(Err(SpoolError::Closed));
                     }
                 }
+                self.finish();
                 drop(self);
                 let _ = done.send(());
                 return;
@@ -442,110 +571,282 @@ impl Writer {
         }
     }
 
-    fn write_batch(&mut self, batch: &mut Vec<Append>, buffer: &mut Vec<u8>) {
-        if let Err(err) = self.rotate_if_needed() {
-            let message = err.to_string();
-            for append in batch.drain(..) {
-                let _ = append
-                    .done
-                    .send(Err(io::Error::other(message.clone()).into()));
-            }
-            return;
+    /// The next command; while writes fail, a [`Command::Wake`] at least every
+    /// [`PROBE_EVERY`], to probe.
+    fn next_command(&self, rx: &mut mpsc::Receiver<Command>) -> Option<Command> {
+        if self.probe.is_none() {
+            return rx.blocking_recv();
         }
-        buffer.clear();
-        let mut accepted = Vec::with_capacity(batch.len());
-        let disk_bytes = self.shared.lock().disk_bytes();
-        for append in batch.drain(..) {
-            let size = RECORD_HEADER + append.payload.len() as u64;
-            if disk_bytes + buffer.len() as u64 + size > self.shared.max_bytes {
-                self.shared.lock().full = true;
-                let max_bytes = self.shared.max_bytes;
-                let _ = append.done.send(Err(SpoolError::Full { max_bytes }));
-                continue;
-            }
-            encode_record(&append.payload, buffer);
-            accepted.push(append);
+        // The timer is made inside `block_on`: it needs the runtime's context.
+        self.clock
+            .block_on(async { tokio::time::timeout(PROBE_EVERY, rx.recv()).await })
+            .unwrap_or(Some(Command::Wake))
+    }
+
+    fn write_batch(&mut self, batch: &mut Vec<Append>) {
+        // Space replay has freed goes back before any is taken.
+        self.retire_if_drained();
+        if self.file.is_some() && self.position.offset >= SEGMENT_BYTES {
+            // Kept for replay; the next write starts a new segment.
+            self.file = None;
+            self.shared.lock().active = None;
         }
+        let accepted = self.admit(batch);
         if accepted.is_empty() {
             return;
         }
-        let written = self
-            .file
-            .write_all(buffer)
-            .and_then(|()| self.file.sync_data());
-        match written {
-            Ok(()) => {
-                self.shared.syncs.fetch_add(1, Ordering::Relaxed);
-                self.position.offset += buffer.len() as u64;
-                {
-                    // Published under the lock that counts the records, so whoever sees them
-                    // counted can read them.
-                    let mut state = self.shared.lock();
-                    state.records += accepted.len() as u64;
-                    state
-                        .segments
-                        .insert(self.position.segment, self.position.offset);
-                    self.shared.committed.send_replace(self.position);
-                }
+        match self.write_records(&accepted) {
+            Ok(()) => self.committed(accepted),
+            Err(_) if accepted.len() > 1 => {
+                // A full disk may still hold some of them: each gets its own try, so none is
+                // refused that could have been kept.
                 for append in accepted {
-                    let _ = append.done.send(Ok(()));
+                    match self.write_records(std::slice::from_ref(&append)) {
+                        Ok(()) => self.committed(vec![append]),
+                        Err(err) => self.failed(append, &err),
+                    }
                 }
             }
             Err(err) => {
-                // Cut off whatever part of the batch reached the file, so the segment ends
-                // at the last durable record.
-                let _ = self.file.set_len(self.position.offset);
-                let _ = self.file.seek(SeekFrom::Start(self.position.offset));
-                let message = err.to_string();
                 for append in accepted {
-                    let _ = append
-                        .done
-                        .send(Err(io::Error::new(err.kind(), message.clone()).into()));
+                    self.failed(append, &err);
                 }
             }
         }
     }
 
-    /// Starts a new segment when the current one is large, or when replay has caught up
-    /// with it (so its space can be given back).
-    fn rotate_if_needed(&mut self) -> io::Result<()> {
-        let drained = {
-            let state = self.shared.lock();
-            state.cursor >= self.position
-        };
-        let header = MAGIC.len() as u64;
-        let large = self.position.offset >= SEGMENT_BYTES;
-        if !(large || (drained && self.position.offset > header)) {
-            return Ok(());
+    /// Counts `appends`, just written and synced, and tells their callers.
+    fn committed(&mut self, appends: Vec<Append>) {
+        self.shared.syncs.fetch_add(1, Ordering::Relaxed);
+        {
+            // Published under the lock that counts the records, so whoever sees them counted
+            // can read them.
+            let mut state = self.shared.lock();
+            state.records += appends.len() as u64;
+            state
+                .segments
+                .insert(self.position.segment, self.position.offset);
+            self.shared.committed.send_replace(self.position);
         }
-        let next = self.position.segment + 1;
-        self.file = create_segment(&self.shared.dir, next)?;
+        self.writes_work();
+        for append in appends {
+            let _ = append.done.send(Ok(()));
+        }
+    }
+
+    /// Tells the caller of `append` that it could not be written.
+    fn failed(&mut self, append: Append, err: &io::Error) {
+        self.writes_fail(err, RECORD_HEADER + append.len());
+        let err = io::Error::new(err.kind(), err.to_string());
+        let _ = append.done.send(Err(err.into()));
+    }
+
+    /// Answers the appends that do not fit under `spool.max_bytes` (or are too large to ever
+    /// be read back) and returns the rest.
+    fn admit(&mut self, batch: &mut Vec<Append>) -> Vec<Append> {
+        let max_bytes = self.shared.max_bytes;
+        // Decided under one lock with setting `full`, so a segment deleted meanwhile either
+        // counts here or clears `full` after.
+        let mut state = self.shared.lock();
+        let new_segment = if self.file.is_none() {
+            SEGMENT_HEADER
+        } else {
+            0
+        };
+        let mut bytes = state.disk_bytes() + new_segment;
+        let mut accepted = Vec::with_capacity(batch.len());
+        for append in batch.drain(..) {
+            let len = append.len();
+            if len > MAX_RECORD_BYTES as u64 {
+                let too_large = io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("a record of {len} bytes is over the spool's limit"),
+                );
+                let _ = append.done.send(Err(too_large.into()));
+                continue;
+            }
+            let size = RECORD_HEADER + len;
+            if bytes + size > max_bytes {
+                // Replay frees space only if something is waiting for it: a webhook too
+                // large for an empty spool does not make the spool refuse the rest.
+                if state.records > 0 || !accepted.is_empty() {
+                    if !state.full {
+                        tracing::warn!(
+                            max_bytes,
+                            "spool full (spool.max_bytes); refusing webhooks until replay frees space"
+                        );
+                    }
+                    state.full = true;
+                }
+                let _ = append.done.send(Err(SpoolError::Full { max_bytes }));
+                continue;
+            }
+            bytes += size;
+            accepted.push(append);
+        }
+        accepted
+    }
+
+    /// Writes `appends` as records at the end of the active segment (created first if there
+    /// is none) and makes them durable; on failure the segment is cut back to where it was.
+    fn write_records(&mut self, appends: &[Append]) -> io::Result<()> {
+        if self.file.is_none() {
+            self.start_segment()?;
+        }
+        let Some(file) = self.file.as_mut() else {
+            return Err(io::Error::other("no spool segment open"));
+        };
+        let headers: Vec<[u8; RECORD_HEADER as usize]> =
+            appends.iter().map(record_header).collect();
+        let mut slices = Vec::with_capacity(appends.len() * 3);
+        let mut total = 0;
+        for (header, append) in headers.iter().zip(appends) {
+            slices.push(IoSlice::new(header));
+            slices.extend(append.parts.iter().map(|part| IoSlice::new(part)));
+            total += RECORD_HEADER + append.len();
+        }
+        let written = write_all_vectored(file, &mut slices).and_then(|()| file.sync_data());
+        if let Err(err) = written {
+            // Cut off whatever part of the batch reached the file, so the segment ends at the
+            // last durable record. Should that fail too, the segment is left as it is (a scan
+            // at the next start cuts the tail) and the next write starts a new one.
+            let cut = file
+                .set_len(self.position.offset)
+                .and_then(|()| file.seek(SeekFrom::Start(self.position.offset)));
+            if cut.is_err() {
+                self.file = None;
+                self.shared.lock().active = None;
+            }
+            return Err(err);
+        }
+        self.position.offset += total;
+        Ok(())
+    }
+
+    /// Creates the next segment and makes it the one written to.
+    fn start_segment(&mut self) -> io::Result<()> {
+        let number = self.next_segment;
+        let file = create_segment(&self.shared.dir, number)?;
+        self.next_segment += 1;
+        self.file = Some(file);
         self.position = Position {
-            segment: next,
-            offset: header,
+            segment: number,
+            offset: SEGMENT_HEADER,
         };
         let mut state = self.shared.lock();
-        state.segments.insert(next, header);
-        if drained {
-            // Nothing in the old segments is waiting: move the cursor so they can go.
-            state.cursor = self.position;
-            let _ = write_cursor(&self.shared.dir, self.position);
-        }
+        state.segments.insert(number, SEGMENT_HEADER);
+        state.active = Some(number);
         self.shared.committed.send_replace(self.position);
-        self.shared.delete_consumed_segments(&mut state);
         Ok(())
+    }
+
+    /// Closes and deletes the segment being written to once replay has passed all of it.
+    fn retire_if_drained(&mut self) {
+        if self.file.is_none() {
+            return;
+        }
+        let mut state = self.shared.lock();
+        if state.records > 0 {
+            return;
+        }
+        self.file = None;
+        state.active = None;
+        self.shared.delete_consumed_segments(&mut state);
+    }
+
+    /// While writes fail, tries a write of the size that failed, outside the log.
+    fn probe(&mut self) {
+        let Some(bytes) = self.probe else {
+            return;
+        };
+        if probe_space(&self.shared.dir, bytes).is_ok() {
+            self.writes_work();
+        }
+    }
+
+    fn writes_fail(&mut self, err: &io::Error, size: u64) {
+        self.probe = Some(
+            self.probe
+                .unwrap_or(u64::MAX)
+                .min(size)
+                .min(MAX_PROBE_BYTES),
+        );
+        let mut state = self.shared.lock();
+        if state.failure.is_none() {
+            tracing::error!(
+                dir = %self.shared.dir.display(),
+                error = %err,
+                "spool write failed; webhooks that need the spool get 503 until a write works \
+                 again (tried every second)"
+            );
+        }
+        state.failure = Some(format!("write failed: {err}").into());
+    }
+
+    fn writes_work(&mut self) {
+        self.probe = None;
+        if self.shared.lock().failure.take().is_some() {
+            tracing::info!("spool writes work again; accepting webhooks into the spool");
+        }
+    }
+
+    /// On the way out: nothing replayed stays on disk, and the cursor is saved for good.
+    fn finish(&mut self) {
+        self.retire_if_drained();
+        self.shared.lock().cursor_file.sync();
     }
 }
 
-/// The longest record read back; a longer length is taken for corruption. The config keeps
-/// `http.max_body_bytes` (a record is a body and a small header) well below it.
-pub const MAX_RECORD_BYTES: usize = 256 * 1024 * 1024;
+/// `[u32 LE length][u32 LE CRC-32]` of the record `append` makes.
+fn record_header(append: &Append) -> [u8; RECORD_HEADER as usize] {
+    let mut crc = crc32fast::Hasher::new();
+    for part in &append.parts {
+        crc.update(part);
+    }
+    // `admit` refused anything over MAX_RECORD_BYTES, far below 4 GiB.
+    let len = u32::try_from(append.len()).unwrap_or(u32::MAX);
+    let mut header = [0u8; RECORD_HEADER as usize];
+    header[..4].copy_from_slice(&len.to_le_bytes());
+    header[4..].copy_from_slice(&crc.finalize().to_le_bytes());
+    header
+}
 
-fn encode_record(payload: &[u8], buffer: &mut Vec<u8>) {
-    let len = u32::try_from(payload.len()).expect("webhook bodies are far below 4 GiB");
-    buffer.extend_from_slice(&len.to_le_bytes());
-    buffer.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-    buffer.extend_from_slice(payload);
+/// `write_all` for several buffers (std's is not stable yet): `writev` may take only part.
+fn write_all_vectored(file: &mut File, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+    IoSlice::advance_slices(&mut slices, 0);
+    while !slices.is_empty() {
+        match file.write_vectored(slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to a scratch file, makes them durable, and deletes the file: whether the
+/// spool's filesystem takes a write that large now.
+fn probe_space(dir: &Path, bytes: u64) -> io::Result<()> {
+    static FILL: [u8; 64 * 1024] = [0xff; 64 * 1024];
+    let path = dir.join(PROBE_FILE);
+    let written = (|| {
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&path)?;
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(FILL.len() as u64);
+            file.write_all(&FILL[..n as usize])?;
+            left -= n;
+        }
+        file.sync_data()
+    })();
+    let _ = fs::remove_file(&path);
+    written
 }
 
 /// The next record, `None` at the end of the data or at a torn or corrupt record.
@@ -589,7 +890,7 @@ fn pending(
             let start = if number == cursor.segment {
                 cursor.offset
             } else {
-                MAGIC.len() as u64
+                SEGMENT_HEADER
             };
             let end = if number == committed.segment {
                 committed.offset
@@ -625,7 +926,7 @@ fn scan_segment(path: &Path, from: u64) -> io::Result<Scan> {
         return Ok(scan);
     }
     let mut reader = io::BufReader::new(file);
-    scan.valid = MAGIC.len() as u64;
+    scan.valid = SEGMENT_HEADER;
     while let Some(payload) = read_record(&mut reader)? {
         scan.records += 1;
         if scan.valid >= from {
@@ -638,12 +939,6 @@ fn scan_segment(path: &Path, from: u64) -> io::Result<Scan> {
 }
 
 fn truncate(path: &Path, len: u64) -> io::Result<()> {
-    if len == 0 {
-        // Not even a valid header: rewrite it so the segment is usable and empty.
-        let mut file = File::create(path)?;
-        file.write_all(MAGIC)?;
-        return file.sync_all();
-    }
     let file = OpenOptions::new().write(true).open(path)?;
     file.set_len(len)?;
     file.sync_all()
@@ -672,32 +967,127 @@ fn list_segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
 }
 
 fn create_segment(dir: &Path, number: u64) -> io::Result<File> {
-    let mut file = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(segment_path(dir, number))?;
-    file.write_all(MAGIC)?;
-    file.sync_all()?;
-    // The new file's directory entry must survive a crash too.
-    File::open(dir)?.sync_all()?;
-    Ok(file)
+    let path = segment_path(dir, number);
+    let created = (|| {
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&path)?;
+        file.write_all(MAGIC)?;
+        file.sync_all()?;
+        // The new file's directory entry must survive a crash too.
+        File::open(dir)?.sync_all()?;
+        Ok(file)
+    })();
+    if created.is_err() {
+        // Half a header, or none, on a full disk: not left behind.
+        let _ = fs::remove_file(&path);
+    }
+    created
 }
 
-fn read_cursor(dir: &Path) -> Option<Position> {
-    let text = fs::read_to_string(dir.join("cursor")).ok()?;
-    let (segment, offset) = text.trim().split_once(' ')?;
+/// The `cursor` file: where replay has got to, as one fixed-size record overwritten in place
+/// (`HHRCUR01`, segment and offset as u64 LE, CRC-32 of those 24 bytes as u32 LE), so that
+/// saving it needs no free space, and a torn write is noticed (replay then starts over from
+/// the oldest segment: duplicates, never a gap).
+struct CursorFile {
+    path: PathBuf,
+    file: Option<File>,
+    /// A save or sync failed and was logged; the next failures are not.
+    failing: bool,
+}
+
+const CURSOR_MAGIC: &[u8; 8] = b"HHRCUR01";
+const CURSOR_BYTES: usize = 28;
+
+impl CursorFile {
+    /// Opens the cursor file (creating it on the first start) and reads the saved position.
+    fn open(dir: &Path) -> (CursorFile, Option<Position>) {
+        let mut cursor = CursorFile {
+            path: dir.join("cursor"),
+            file: None,
+            failing: false,
+        };
+        let mut saved = None;
+        if let Some(file) = cursor.file() {
+            let mut bytes = [0u8; CURSOR_BYTES];
+            if file.read_exact_at(&mut bytes, 0).is_ok() {
+                saved = decode_cursor(&bytes);
+            }
+        }
+        if saved.is_none() {
+            // Takes the file's space now, while there is some: later saves overwrite it.
+            cursor.save(Position::default());
+        }
+        (cursor, saved)
+    }
+
+    fn file(&mut self) -> Option<&File> {
+        if self.file.is_none() {
+            let opened = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&self.path);
+            match opened {
+                Ok(file) => self.file = Some(file),
+                Err(err) => self.failed("open", &err),
+            }
+        }
+        self.file.as_ref()
+    }
+
+    fn save(&mut self, position: Position) {
+        let bytes = encode_cursor(position);
+        let Some(file) = self.file() else { return };
+        match file.write_all_at(&bytes, 0) {
+            Ok(()) => self.failing = false,
+            Err(err) => self.failed("save", &err),
+        }
+    }
+
+    fn sync(&mut self) {
+        let Some(file) = self.file() else { return };
+        if let Err(err) = file.sync_data() {
+            self.failed("sync", &err);
+        }
+    }
+
+    fn failed(&mut self, what: &str, err: &io::Error) {
+        if !self.failing {
+            tracing::warn!(
+                path = %self.path.display(),
+                error = %err,
+                "failed to {what} the spool cursor; a restart may replay webhooks already delivered"
+            );
+        }
+        self.failing = true;
+    }
+}
+
+fn encode_cursor(position: Position) -> [u8; CURSOR_BYTES] {
+    let mut bytes = [0u8; CURSOR_BYTES];
+    bytes[..8].copy_from_slice(CURSOR_MAGIC);
+    bytes[8..16].copy_from_slice(&position.segment.to_le_bytes());
+    bytes[16..24].copy_from_slice(&position.offset.to_le_bytes());
+    let crc = crc32fast::hash(&bytes[..24]);
+    bytes[24..].copy_from_slice(&crc.to_le_bytes());
+    bytes
+}
+
+fn decode_cursor(bytes: &[u8; CURSOR_BYTES]) -> Option<Position> {
+    let crc = u32::from_le_bytes(bytes[24..].try_into().ok()?);
+    if &bytes[..8] != CURSOR_MAGIC || crc32fast::hash(&bytes[..24]) != crc {
+        return None;
+    }
     Some(Position {
-        segment: segment.parse().ok()?,
-        offset: offset.parse().ok()?,
+        segment: u64::from_le_bytes(bytes[8..16].try_into().ok()?),
+        offset: u64::from_le_bytes(bytes[16..24].try_into().ok()?),
     })
-}
-
-fn write_cursor(dir: &Path, position: Position) -> io::Result<()> {
-    let tmp = dir.join("cursor.tmp");
-    fs::write(&tmp, format!("{} {}\n", position.segment, position.offset))?;
-    fs::rename(tmp, dir.join("cursor"))
 }
 
 #[cfg(test)]
@@ -729,15 +1119,34 @@ mod tests {
     async fn write_closed_spool(dir: &Path, n: usize) {
         let (spool, _) = Spool::open(dir, 1 << 20).unwrap();
         for p in payloads(n) {
-            spool.append(p).await.unwrap();
+            spool.append([p]).await.unwrap();
         }
         spool.close().await;
+    }
+
+    /// Polls `check` until it holds, for 10 s at most (the writer thread acts on its own).
+    async fn eventually(what: &str, check: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !check() {
+            assert!(std::time::Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The names in `dir`, sorted.
+    fn files(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
     }
 
     async fn drain_all(spool: &Spool) -> Vec<Bytes> {
         let mut all = Vec::new();
         loop {
-            let batch = spool.read_batch(7).unwrap();
+            let batch = spool.read_batch(7, u64::MAX).unwrap();
             let Some((_, last)) = batch.last() else {
                 return all;
             };
@@ -756,7 +1165,7 @@ mod tests {
             .into_iter()
             .map(|p| {
                 let spool = spool.clone();
-                async move { spool.append(p).await }
+                async move { spool.append([p]).await }
             })
             .collect();
         // Sequential appends keep order; the writer batches whatever is queued.
@@ -768,8 +1177,12 @@ mod tests {
         assert_eq!(drain_all(&spool).await, payloads(50));
         assert!(spool.is_drained());
         assert_eq!(spool.depth(), Depth::default());
-        // The next append starts a fresh segment and the drained one is deleted.
-        spool.append(Bytes::from_static(b"x")).await.unwrap();
+        // Replayed to the end: the segment goes at once, not at the next append.
+        eventually("the drained segment is deleted", || {
+            list_segments(&dir.0).unwrap().is_empty()
+        })
+        .await;
+        spool.append([Bytes::from_static(b"x")]).await.unwrap();
         assert_eq!(list_segments(&dir.0).unwrap().len(), 1);
     }
 
@@ -780,7 +1193,7 @@ mod tests {
         let mut handles = Vec::new();
         for p in payloads(200) {
             let spool = spool.clone();
-            handles.push(tokio::spawn(async move { spool.append(p).await }));
+            handles.push(tokio::spawn(async move { spool.append([p]).await }));
         }
         for handle in handles {
             handle.await.unwrap().unwrap();
@@ -804,9 +1217,9 @@ mod tests {
         {
             let (spool, _) = Spool::open(&dir.0, 1 << 20).unwrap();
             for p in payloads(10) {
-                spool.append(p).await.unwrap();
+                spool.append([p]).await.unwrap();
             }
-            let batch = spool.read_batch(3).unwrap();
+            let batch = spool.read_batch(3, u64::MAX).unwrap();
             spool.consume_through(batch[2].1, 3);
             spool.close().await;
         }
@@ -855,7 +1268,7 @@ mod tests {
         let (spool, recovery) = Spool::open(&dir.0, 1 << 20).unwrap();
         assert_eq!(recovery.records, 5);
         for p in payloads(10).split_off(5) {
-            spool.append(p).await.unwrap();
+            spool.append([p]).await.unwrap();
         }
         let (_, first) = list_segments(&dir.0).unwrap().remove(0);
         // Every payload here is 16 bytes: flip one inside the fourth record's payload.
@@ -876,7 +1289,7 @@ mod tests {
 
         let mut replayed = Vec::new();
         let err = loop {
-            match spool.read_batch(2) {
+            match spool.read_batch(2, u64::MAX) {
                 Ok(batch) => {
                     let Some((_, last)) = batch.last() else {
                         panic!("an empty batch with {:?} waiting", spool.depth());
@@ -896,7 +1309,7 @@ mod tests {
         assert_eq!(spool.depth().records, 7);
         assert!(!spool.is_drained());
         // And it stays stalled there rather than moving on.
-        assert!(spool.read_batch(2).is_err());
+        assert!(spool.read_batch(2, u64::MAX).is_err());
     }
 
     #[tokio::test]
@@ -905,7 +1318,7 @@ mod tests {
         let (spool, _) = Spool::open(&dir.0, 200).unwrap();
         let mut accepted = 0;
         let full = loop {
-            match spool.append(Bytes::from(vec![b'x'; 40])).await {
+            match spool.append([Bytes::from(vec![b'x'; 40])]).await {
                 Ok(()) => accepted += 1,
                 Err(err) => break err,
             }
@@ -917,10 +1330,18 @@ mod tests {
         assert!(accepted >= 3, "{accepted}");
         assert!(!spool.is_accepting());
         assert_eq!(drain_all(&spool).await.len(), accepted);
-        // Nothing is deleted until the next append rotates, but an empty spool must already
-        // say it accepts: a readiness-gated load balancer would never send that append.
-        assert!(spool.is_accepting());
-        spool.append(Bytes::from(vec![b'y'; 40])).await.unwrap();
+        // The drained segment is deleted without waiting for an append, which a
+        // readiness-gated load balancer would never send.
+        eventually("the spool accepts again", || spool.is_accepting()).await;
+        // And space replay freed is given back before a new segment takes any: the whole
+        // spool fits again.
+        for _ in 0..accepted {
+            spool.append([Bytes::from(vec![b'y'; 40])]).await.unwrap();
+        }
+        assert_eq!(drain_all(&spool).await.len(), accepted);
+        for _ in 0..accepted {
+            spool.append([Bytes::from(vec![b'z'; 40])]).await.unwrap();
+        }
         assert!(spool.is_accepting());
     }
 
@@ -928,10 +1349,10 @@ mod tests {
     async fn one_webhook_larger_than_the_spool_leaves_an_empty_spool_accepting() {
         let dir = TempDir::new();
         let (spool, _) = Spool::open(&dir.0, 200).unwrap();
-        let refused = spool.append(Bytes::from(vec![b'x'; 300])).await;
+        let refused = spool.append([Bytes::from(vec![b'x'; 300])]).await;
         assert!(matches!(refused, Err(SpoolError::Full { .. })));
         assert!(spool.is_accepting());
-        spool.append(Bytes::from(vec![b'y'; 40])).await.unwrap();
+        spool.append([Bytes::from(vec![b'y'; 40])]).await.unwrap();
     }
 
     #[tokio::test]
@@ -939,7 +1360,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = TempDir::new();
         let (spool, _) = Spool::open(&dir.0, 1 << 20).unwrap();
-        spool.append(Bytes::from_static(b"secret")).await.unwrap();
+        spool.append([Bytes::from_static(b"secret")]).await.unwrap();
         let mode = |path: &Path| fs::metadata(path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&dir.0), 0o700);
         for (_, segment) in list_segments(&dir.0).unwrap() {
@@ -957,5 +1378,137 @@ mod tests {
         ));
         _spool.close().await;
         assert!(Spool::open(&dir.0, 1 << 20).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_record_is_written_from_its_parts_as_one_payload() {
+        let dir = TempDir::new();
+        let (spool, _) = Spool::open(&dir.0, 1 << 20).unwrap();
+        let parts = [
+            Bytes::from_static(b"head:"),
+            Bytes::new(),
+            Bytes::from_static(b"body"),
+        ];
+        spool.append(parts).await.unwrap();
+        let batch = spool.read_batch(10, u64::MAX).unwrap();
+        assert_eq!(batch.len(), 1);
+        assert_eq!(batch[0].0, Bytes::from_static(b"head:body"));
+    }
+
+    #[tokio::test]
+    async fn a_batch_stops_at_its_byte_budget_but_holds_at_least_one_record() {
+        let dir = TempDir::new();
+        let (spool, _) = Spool::open(&dir.0, 1 << 20).unwrap();
+        for n in 0..5u8 {
+            spool.append([Bytes::from(vec![n; 100])]).await.unwrap();
+        }
+        assert_eq!(spool.read_batch(10, 250).unwrap().len(), 3);
+        assert_eq!(spool.read_batch(10, 1).unwrap().len(), 1);
+        assert_eq!(spool.read_batch(2, u64::MAX).unwrap().len(), 2);
+        assert_eq!(spool.read_batch(10, u64::MAX).unwrap().len(), 5);
+    }
+
+    #[tokio::test]
+    async fn an_append_given_up_on_does_not_leave_the_spool_undrained_for_good() {
+        let dir = TempDir::new();
+        let (spool, _) = Spool::open(&dir.0, 1 << 20).unwrap();
+        // Each append is polled once (handed to the writer, waiting for its fsync) and
+        // dropped, as when a caller's future is cancelled.
+        for p in payloads(20) {
+            let append = spool.append([p]);
+            futures_lite::pin!(append);
+            let _ = futures_lite::future::poll_once(&mut append).await;
+        }
+        // The writer still writes them; once they are replayed, nothing is under way.
+        eventually("the dropped appends are written", || {
+            spool.depth().records == 20
+        })
+        .await;
+        assert_eq!(drain_all(&spool).await.len(), 20);
+        assert!(
+            spool.is_drained(),
+            "an append dropped mid-way is still counted"
+        );
+    }
+
+    #[tokio::test]
+    async fn restarts_of_a_drained_spool_leave_no_file_behind() {
+        let dir = TempDir::new();
+        write_closed_spool(&dir.0, 3).await;
+        for _ in 0..3 {
+            let (spool, _) = Spool::open(&dir.0, 1 << 20).unwrap();
+            drain_all(&spool).await;
+            spool.close().await;
+            assert_eq!(files(&dir.0), ["cursor", "lock"]);
+        }
+        // Closing a spool with nothing in it deletes nothing it should keep either.
+        write_closed_spool(&dir.0, 2).await;
+        let (spool, recovery) = Spool::open(&dir.0, 1 << 20).unwrap();
+        assert_eq!(recovery.records, 2);
+        assert_eq!(drain_all(&spool).await, payloads(2));
+    }
+
+    #[tokio::test]
+    async fn the_cursor_is_overwritten_in_place_and_a_clean_restart_replays_nothing_twice() {
+        let dir = TempDir::new();
+        let (spool, _) = Spool::open(&dir.0, 1 << 20).unwrap();
+        for p in payloads(30) {
+            spool.append([p]).await.unwrap();
+        }
+        for _ in 0..10 {
+            let batch = spool.read_batch(2, u64::MAX).unwrap();
+            spool.consume_through(batch[1].1, 2);
+        }
+        spool.close().await;
+        let cursor = fs::metadata(dir.0.join("cursor")).unwrap();
+        assert_eq!(cursor.len(), CURSOR_BYTES as u64);
+        let (spool, recovery) = Spool::open(&dir.0, 1 << 20).unwrap();
+        assert_eq!(recovery.records, 10);
+        assert_eq!(drain_all(&spool).await, payloads(30)[20..].to_vec());
+    }
+
+    #[tokio::test]
+    async fn a_damaged_cursor_replays_from_the_oldest_segment_instead_of_skipping() {
+        let dir = TempDir::new();
+        let (spool, _) = Spool::open(&dir.0, 1 << 20).unwrap();
+        for p in payloads(5) {
+            spool.append([p]).await.unwrap();
+        }
+        let batch = spool.read_batch(2, u64::MAX).unwrap();
+        spool.consume_through(batch[1].1, 2);
+        spool.close().await;
+        // A torn write: half the new cursor over the old one.
+        let cursor = dir.0.join("cursor");
+        let mut bytes = fs::read(&cursor).unwrap();
+        bytes[12] ^= 0xff;
+        fs::write(&cursor, bytes).unwrap();
+        let (spool, recovery) = Spool::open(&dir.0, 1 << 20).unwrap();
+        assert_eq!(recovery.records, 5);
+        assert_eq!(drain_all(&spool).await, payloads(5));
+    }
+
+    #[tokio::test]
+    async fn segments_replay_passed_are_deleted_at_open_and_no_segment_is_created() {
+        let dir = TempDir::new();
+        write_closed_spool(&dir.0, 4).await;
+        // As a relay killed between saving the cursor and deleting the segment leaves it.
+        let (number, path) = list_segments(&dir.0).unwrap().remove(0);
+        let end = fs::metadata(&path).unwrap().len();
+        let passed = Position {
+            segment: number,
+            offset: end,
+        };
+        fs::write(dir.0.join("cursor"), encode_cursor(passed)).unwrap();
+        let (spool, recovery) = Spool::open(&dir.0, 1 << 20).unwrap();
+        assert_eq!(recovery.records, 0);
+        assert_eq!(files(&dir.0), ["cursor", "lock"]);
+        // The next segment is numbered past the cursor's, or its records would count as
+        // replayed already.
+        spool.append([Bytes::from_static(b"after")]).await.unwrap();
+        assert_eq!(list_segments(&dir.0).unwrap()[0].0, number + 1);
+        spool.close().await;
+        let (spool, recovery) = Spool::open(&dir.0, 1 << 20).unwrap();
+        assert_eq!(recovery.records, 1);
+        assert_eq!(drain_all(&spool).await, [Bytes::from_static(b"after")]);
     }
 }

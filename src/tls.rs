@@ -1,9 +1,13 @@
 //! Optional TLS termination with rustls (ring provider), for a relay on a plain VM without a
 //! load balancer in front. ALPN offers HTTP/2 and HTTP/1.1.
 //!
-//! The certificate and key are re-read when their files change (checked every ten seconds,
-//! e.g. after a certbot or cert-manager renewal); a pair that fails to load keeps the old one
-//! in use and is logged. New handshakes pick up the new pair; open connections keep theirs.
+//! A certificate and a key are used only as a pair that belongs together (the key's public
+//! key is the certificate's): a mismatch stops the relay at start. The files are re-read when
+//! they change (checked every ten seconds, e.g. after a certbot or cert-manager renewal) and
+//! on SIGHUP; a pair that fails to load or does not match keeps the old one in use, and is
+//! logged at error once it has not settled for a few seconds (certbot writes the key and the
+//! chain one after the other). New handshakes pick up the new pair; open connections keep
+//! theirs.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,6 +30,11 @@ pub enum TlsError {
     Certificate { path: PathBuf, reason: String },
     #[error("failed to read private key {path}: {reason}")]
     Key { path: PathBuf, reason: String },
+    #[error(
+        "the certificate in {cert} does not belong to the private key in {key} (their public \
+         keys differ): install the key that was issued with this certificate"
+    )]
+    Mismatch { cert: PathBuf, key: PathBuf },
     #[error("TLS setup failed: {0}")]
     Setup(#[from] rustls::Error),
 }
@@ -33,6 +42,8 @@ pub enum TlsError {
 /// The acceptor and what keeps its certificate fresh.
 pub struct Tls {
     pub acceptor: TlsAcceptor,
+    /// `tls.handshake_timeout_ms`.
+    pub handshake_timeout: Duration,
     certificate: Arc<Swap<CertifiedKey>>,
     cert_file: PathBuf,
     key_file: PathBuf,
@@ -40,7 +51,11 @@ pub struct Tls {
 }
 
 impl Tls {
-    pub fn load(cert_file: &Path, key_file: &Path) -> Result<Tls, TlsError> {
+    pub fn load(
+        cert_file: &Path,
+        key_file: &Path,
+        handshake_timeout: Duration,
+    ) -> Result<Tls, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let certificate = Arc::new(Swap::new(load_pair(&provider, cert_file, key_file)?));
         let resolver = Arc::new(Resolver(Arc::clone(&certificate)));
@@ -51,6 +66,7 @@ impl Tls {
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Tls {
             acceptor: TlsAcceptor::from(Arc::new(config)),
+            handshake_timeout,
             certificate,
             cert_file: cert_file.to_owned(),
             key_file: key_file.to_owned(),
@@ -74,7 +90,7 @@ impl Tls {
                 load_pair(&provider, &cert_file, &key_file).map_err(|err| err.to_string())
             }),
         };
-        reload.run(None, stop).await;
+        reload.run(Some(crate::signal::hangups()), stop).await;
     }
 }
 
@@ -86,6 +102,13 @@ impl ResolvesServerCert for Resolver {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.0.current())
     }
+}
+
+/// Loads `cert_file` and `key_file` as the relay would and checks that they belong together;
+/// returns how many certificates the chain holds. For `check-config`.
+pub fn check_pair(cert_file: &Path, key_file: &Path) -> Result<usize, TlsError> {
+    let provider = rustls::crypto::ring::default_provider();
+    Ok(load_pair(&provider, cert_file, key_file)?.cert.len())
 }
 
 fn load_pair(
@@ -109,9 +132,13 @@ fn load_pair(
         reason,
     };
     let key = PrivateKeyDer::from_pem_file(key_file).map_err(|err| key_error(err.to_string()))?;
-    let key = provider
-        .key_provider
-        .load_private_key(key)
-        .map_err(|err| key_error(err.to_string()))?;
-    Ok(CertifiedKey::new(chain, key))
+    // Also checks that the key's public key is the certificate's (when the key can tell).
+    CertifiedKey::from_der(chain, key, provider).map_err(|err| match err {
+        rustls::Error::InconsistentKeys(_) => TlsError::Mismatch {
+            cert: cert_file.to_owned(),
+            key: key_file.to_owned(),
+        },
+        rustls::Error::General(reason) => key_error(reason),
+        err => cert_error(err.to_string()),
+    })
 }

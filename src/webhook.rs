@@ -1,10 +1,14 @@
 //! One HTTP request in, one response out: routing, the bounded body, the envelope, the key,
 //! the event name, the publish, and the mapping of every failure to a status code.
 //!
-//! Checks run cheapest first, so garbage costs little: method and path, then the declared
-//! `Content-Length` (413 before a body byte is read), then the body under a size limit and a
-//! time limit, then the envelope, then the key, then the event name, and only then the broker.
+//! Checks run cheapest first, so garbage costs little: the `Host` header, method and path,
+//! then the declared `Content-Length` (413 before a body byte is read), then the body under a
+//! size limit and a time limit, then the in-flight cap, then the envelope, then the key
+//! (with its per-source budget of failures), then the event name, and only then the broker.
 //! A 202 is sent only once the broker has confirmed the message (or the spool fsynced it).
+//!
+//! Rejections are logged through [`RejectionLog`]: the first of each source and reason in
+//! full, the rest as one summary line per interval.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -15,18 +19,19 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode, Version};
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
-use tracing::Instrument;
+use tracing::{Instrument, Level};
 
-use crate::access::AccessPolicy;
+use crate::access::{AccessPolicy, KeyFailureBudget, Source};
 use crate::amqp::PublishError;
 use crate::auth::KeyStore;
 use crate::config::HttpConfig;
 use crate::delivery::{Delivery, DeliveryError, Outcome};
 use crate::envelope::{Envelope, EnvelopeError};
 use crate::message::Message;
+use crate::rejection_log::{RejectionLog, event_at};
 use crate::routing::{EventNameError, RoutingTemplate};
 use crate::spool::SpoolError;
 use crate::tracecontext::TraceContext;
@@ -41,12 +46,16 @@ pub struct App {
     /// Publishes run as tasks tracked here, so a client hanging up cannot cancel a publish
     /// already begun, and shutdown can wait for them.
     pub publishes: TaskTracker,
-    /// Permits for webhooks handled at once (`http.max_in_flight`).
+    /// Permits for webhooks handled at once (`http.max_in_flight`), taken once the body is in.
     pub in_flight: Semaphore,
     /// Whether `/metrics` is served here (not when it has a listener of its own).
     pub metrics_here: bool,
     /// Network rules of the webhook path.
     pub access: AccessPolicy,
+    /// Failed key checks left to each source before its wrong keys get 429.
+    pub key_failures: KeyFailureBudget,
+    /// Where rejections are logged, without letting a flood through.
+    pub rejections: Arc<RejectionLog>,
     /// `amqp.redact_export_key`.
     pub redact_export_key: bool,
     /// `auth.max_age_secs`, when on.
@@ -57,6 +66,9 @@ pub struct App {
 /// short, lowercase, and never echoing the body or the key.
 #[derive(Debug, thiserror::Error)]
 pub enum Rejection {
+    /// RFC 9112 §3.2: an HTTP/1.1 request has exactly one valid `Host` header.
+    #[error("{0}")]
+    BadHost(&'static str),
     #[error("not found")]
     NotFound,
     #[error("forbidden")]
@@ -77,6 +89,8 @@ pub enum Rejection {
     MissingKey,
     #[error("export_key is not valid")]
     WrongKey,
+    #[error("too many requests with a wrong export_key from this address, try again later")]
+    KeyFailuresLimited { retry_after_secs: u64 },
     #[error("time is missing or outside the accepted window")]
     Stale,
     #[error("event is missing or not a string")]
@@ -118,13 +132,15 @@ impl Rejection {
             Rejection::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Rejection::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Rejection::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            Rejection::BodyRead(_)
+            Rejection::BadHost(_)
+            | Rejection::BodyRead(_)
             | Rejection::Envelope(_)
             | Rejection::MissingEvent
             | Rejection::BadEvent(_) => StatusCode::BAD_REQUEST,
             Rejection::MissingKey | Rejection::WrongKey | Rejection::Stale => {
                 StatusCode::UNAUTHORIZED
             }
+            Rejection::KeyFailuresLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Rejection::Overloaded
             | Rejection::Unavailable(_)
             | Rejection::Unroutable(_)
@@ -138,6 +154,7 @@ impl Rejection {
     /// A stable, low-cardinality name for logs.
     pub fn reason(&self) -> &'static str {
         match self {
+            Rejection::BadHost(_) => "bad_host",
             Rejection::NotFound => "not_found",
             Rejection::Forbidden => "forbidden",
             Rejection::MethodNotAllowed { .. } => "method_not_allowed",
@@ -147,6 +164,7 @@ impl Rejection {
             Rejection::BodyRead(_) => "body_read",
             Rejection::Envelope(_) => "bad_json",
             Rejection::MissingKey | Rejection::WrongKey => "bad_key",
+            Rejection::KeyFailuresLimited { .. } => "rate_limited",
             Rejection::Stale => "stale",
             Rejection::MissingEvent | Rejection::BadEvent(_) => "bad_event",
             Rejection::Unavailable(_) => "broker_unavailable",
@@ -160,6 +178,45 @@ impl Rejection {
 
     fn is_server_side(&self) -> bool {
         self.status() == StatusCode::SERVICE_UNAVAILABLE
+    }
+
+    /// How loud its log line is. Error: a webhook that may be HireHop's was not kept. Warn:
+    /// something on the webhook path an operator may have to act on (a rotated key, a new
+    /// sender address, a flood, the in-flight cap). Debug: scanners and broken clients, which
+    /// HireHop never is (unknown paths, methods it does not use, a missing `Host`).
+    pub fn level(&self) -> Level {
+        match self {
+            Rejection::BadHost(_) | Rejection::NotFound | Rejection::MethodNotAllowed { .. } => {
+                Level::DEBUG
+            }
+            Rejection::Overloaded => Level::WARN,
+            _ if self.is_server_side() => Level::ERROR,
+            _ => Level::WARN,
+        }
+    }
+}
+
+/// RFC 9112 §3.2: a request with more than one `Host` header, or one whose value is not a
+/// host, is refused; so is an HTTP/1.1 request without one. HTTP/2 carries the authority in
+/// `:authority` instead, and HTTP/1.0 needs no `Host`.
+fn check_host(request: &Request<Incoming>) -> Result<(), Rejection> {
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (_, Some(_)) => Err(Rejection::BadHost("more than one Host header")),
+        (None, _) if request.version() == Version::HTTP_11 => {
+            Err(Rejection::BadHost("HTTP/1.1 request without a Host header"))
+        }
+        (None, _) => Ok(()),
+        // Empty is allowed: it is what a client sends when the URI has no authority.
+        (Some(host), _) if host.is_empty() => Ok(()),
+        (Some(host), _) => match host
+            .to_str()
+            .ok()
+            .map(str::parse::<hyper::http::uri::Authority>)
+        {
+            Some(Ok(authority)) if authority.as_str().find('@').is_none() => Ok(()),
+            _ => Err(Rejection::BadHost("Host header is not a valid host")),
+        },
     }
 }
 
@@ -186,14 +243,25 @@ pub async fn handle(
         event = tracing::field::Empty,
         company_id = tracing::field::Empty,
     );
-    let mut response = dispatch(&app, request, &request_id, trace, client)
-        .instrument(span.clone())
-        .await
-        .unwrap_or_else(|rejection| {
-            span.in_scope(|| log_rejection(&rejection));
-            app.delivery.metrics().rejection(rejection.reason());
-            rejection_response(&rejection, app.http.retry_after_secs)
-        });
+    let answer = match check_host(&request) {
+        Ok(()) => {
+            dispatch(&app, request, &request_id, trace, client)
+                .instrument(span.clone())
+                .await
+        }
+        Err(rejection) => Err(rejection),
+    };
+    let mut response = answer.unwrap_or_else(|rejection| {
+        let (reason, level) = (rejection.reason(), rejection.level());
+        if app
+            .rejections
+            .first(Source::of(client), reason, level, "requests")
+        {
+            span.in_scope(|| log_rejection(&rejection, level));
+        }
+        app.delivery.metrics().rejection(reason);
+        rejection_response(&rejection, app.http.retry_after_secs)
+    });
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("x-request-id", value);
     }
@@ -229,15 +297,7 @@ async fn dispatch(
             return Err(Rejection::Forbidden);
         }
         return match *method {
-            Method::POST => {
-                // Beyond the cap, answer at once instead of queueing without bound.
-                let _permit = app
-                    .in_flight
-                    .try_acquire()
-                    .map_err(|_| Rejection::Overloaded)?;
-                let _counted = app.delivery.metrics().in_flight();
-                accept(app, request, request_id, trace).await
-            }
+            Method::POST => accept(app, request, request_id, trace, client).await,
             Method::GET | Method::HEAD => Ok(text(
                 StatusCode::OK,
                 "hirehop-relay: POST HireHop webhooks to this URL\n",
@@ -264,10 +324,17 @@ pub async fn handle_metrics_listener(
     delivery: Delivery,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    Ok(match request.uri().path() {
-        "/metrics" => metrics(&delivery),
-        "/healthz" => alive(),
-        "/readyz" => readiness(&delivery),
+    if let Err(rejection) = check_host(&request) {
+        return Ok(rejection_response(&rejection, 0));
+    }
+    let path = request.uri().path();
+    Ok(match (path, request.method()) {
+        ("/metrics", &Method::GET | &Method::HEAD) => metrics(&delivery),
+        ("/healthz", &Method::GET | &Method::HEAD) => alive(),
+        ("/readyz", &Method::GET | &Method::HEAD) => readiness(&delivery),
+        ("/metrics" | "/healthz" | "/readyz", _) => {
+            rejection_response(&Rejection::MethodNotAllowed { allow: "GET, HEAD" }, 0)
+        }
         _ => rejection_response(&Rejection::NotFound, 0),
     })
 }
@@ -294,20 +361,42 @@ async fn accept(
     request: Request<Incoming>,
     request_id: &str,
     trace: TraceContext,
+    client: std::net::IpAddr,
 ) -> Result<Response<Full<Bytes>>, Rejection> {
     let received_at = SystemTime::now();
     let body = read_body(&app.http, request).await?;
+    // The in-flight permit is taken only now: a client that has not delivered its body holds
+    // no slot, so slow clients cannot starve HireHop. Bodies still being read are bounded by
+    // the connection caps, `http.max_body_bytes` and the body timeouts instead. Beyond the
+    // cap, answer at once instead of queueing without bound.
+    let _permit = app
+        .in_flight
+        .try_acquire()
+        .map_err(|_| Rejection::Overloaded)?;
+    let _counted = app.delivery.metrics().in_flight();
     let envelope = Envelope::parse(&body)?;
     let span = tracing::Span::current();
     if let Some(id) = envelope.company_id {
         span.record("company_id", id);
     }
-    let key = envelope
-        .export_key
-        .as_deref()
-        .ok_or(Rejection::MissingKey)?;
-    if !app.keys.current().verify(key, envelope.company_id) {
-        return Err(Rejection::WrongKey);
+    let verified = match envelope.export_key.as_deref() {
+        None => Err(Rejection::MissingKey),
+        Some(key) if !app.keys.current().verify(key, envelope.company_id) => {
+            Err(Rejection::WrongKey)
+        }
+        Some(_) => Ok(()),
+    };
+    if let Err(failure) = verified {
+        // Decided here, not before the body is read: the key is in the body, and a valid key
+        // must never be refused for what others behind the same address (a load balancer's)
+        // did. The budget cannot stop a guesser who ignores 429s; with keys of 12 letters and
+        // digits it does not need to. It keeps a flood cheap, visible and out of the log.
+        return Err(match app.key_failures.spend(Source::of(client)) {
+            Ok(()) => failure,
+            Err(wait) => Rejection::KeyFailuresLimited {
+                retry_after_secs: (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1),
+            },
+        });
     }
     if let Some(window) = app.max_age
         && !fresh(envelope.time.as_deref(), received_at, window)
@@ -423,14 +512,14 @@ fn join(mut chunks: Vec<Bytes>) -> Bytes {
     }
 }
 
-fn log_rejection(rejection: &Rejection) {
+fn log_rejection(rejection: &Rejection, level: Level) {
     let status = rejection.status().as_u16();
     let reason = rejection.reason();
     if rejection.is_server_side() {
         let source = std::error::Error::source(rejection).map(ToString::to_string);
-        tracing::error!(status, reason, error = %rejection, cause = source, "webhook not accepted");
+        event_at!(level, status, reason, error = %rejection, cause = source, "webhook not accepted");
     } else {
-        tracing::warn!(status, reason, error = %rejection, "request rejected");
+        event_at!(level, status, reason, error = %rejection, "request rejected");
     }
 }
 
@@ -441,6 +530,9 @@ fn rejection_response(rejection: &Rejection, retry_after_secs: u64) -> Response<
     match rejection {
         Rejection::MethodNotAllowed { allow } => {
             headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
+        Rejection::KeyFailuresLimited { retry_after_secs } => {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
         }
         _ if rejection.is_server_side() => {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
@@ -464,12 +556,15 @@ pub fn readiness(delivery: &Delivery) -> Response<Full<Bytes>> {
     if let Some(error) = &health.broker_error {
         body["broker_error"] = error.as_str().into();
     }
-    if let Some(spool) = health.spool {
+    if let Some(spool) = &health.spool {
         body["spool"] = serde_json::json!({
             "accepting": spool.accepting,
             "messages": spool.depth.records,
             "bytes": spool.depth.bytes,
         });
+        if let Some(error) = &spool.error {
+            body["spool"]["error"] = error.as_ref().into();
+        }
     }
     let status = if health.ready() {
         StatusCode::OK
@@ -498,4 +593,40 @@ fn with_type(
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_levels_follow_what_an_operator_must_do() {
+        // Scanners and broken clients: nothing to do.
+        for rejection in [
+            Rejection::NotFound,
+            Rejection::MethodNotAllowed { allow: "GET" },
+            Rejection::BadHost("more than one Host header"),
+        ] {
+            assert_eq!(rejection.level(), Level::DEBUG, "{rejection:?}");
+        }
+        // The webhook path: perhaps a rotated key or a new sender; the in-flight cap.
+        for rejection in [
+            Rejection::WrongKey,
+            Rejection::KeyFailuresLimited {
+                retry_after_secs: 2,
+            },
+            Rejection::Forbidden,
+            Rejection::BodyTimeout,
+            Rejection::Overloaded,
+        ] {
+            assert_eq!(rejection.level(), Level::WARN, "{rejection:?}");
+        }
+        // A webhook that was not kept.
+        let lost = Rejection::DeliveryAborted("panicked".into());
+        assert_eq!(lost.level(), Level::ERROR);
+        assert_eq!(
+            Rejection::Overloaded.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
 }

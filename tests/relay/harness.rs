@@ -249,6 +249,16 @@ pub fn request(method: Method, path: &str, body: impl Into<Bytes>) -> Request<Fu
         .unwrap()
 }
 
+/// A TCP connection to `addr` from `from`, one of this machine's 127.0.0.0/8 addresses: a
+/// client other than the test's usual 127.0.0.1, for the per-address limits.
+pub async fn connect_from(addr: SocketAddr, from: &str) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::new(from.parse().unwrap(), 0))
+        .unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
 /// Writes `bytes` as they are and returns the response head (status line and headers).
 pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
     let mut stream = TcpStream::connect(addr).await.unwrap();

@@ -96,7 +96,7 @@ async fn slow_bodies_get_408() {
 }
 
 #[tokio::test]
-async fn header_floods_invalid_utf8_and_json_bombs_are_refused_or_survived() {
+async fn header_floods_invalid_utf8_and_json_bombs_are_refused() {
     let relay = TestRelay::start().await;
     let mut flood = String::from("POST /webhooks/hirehop HTTP/1.1\r\nHost: x\r\n");
     for i in 0..10_000 {
@@ -120,11 +120,9 @@ async fn header_floods_invalid_utf8_and_json_bombs_are_refused_or_survived() {
         "]".repeat(depth)
     );
     let reply = relay.post(bomb).await;
-    assert!(
-        [StatusCode::ACCEPTED, StatusCode::BAD_REQUEST].contains(&reply.status),
-        "{:?}",
-        reply.status
-    );
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    let error = reply.json()["error"].as_str().unwrap().to_owned();
+    assert!(error.contains("recursion limit exceeded"), "{error}");
     still_accepts(&relay).await;
     relay.stop().await;
 }
@@ -132,9 +130,10 @@ async fn header_floods_invalid_utf8_and_json_bombs_are_refused_or_survived() {
 #[tokio::test]
 async fn many_idle_connections_do_not_stop_service() {
     let relay = TestRelay::start_with(&[("RELAY_HTTP__HEADER_READ_TIMEOUT_MS", "2000")]).await;
+    // From another address than the webhook's: one address gets http.max_connections_per_ip.
     let mut idle = Vec::new();
     for _ in 0..300 {
-        idle.push(tokio::net::TcpStream::connect(relay.addr).await.unwrap());
+        idle.push(harness::connect_from(relay.addr, "127.0.0.2").await);
     }
     still_accepts(&relay).await;
     drop(idle);
@@ -260,7 +259,7 @@ async fn memory_stays_bounded_under_abuse() {
     // Idle connections, oversized declarations, endless chunks and big bodies, at once.
     let mut idle = Vec::new();
     for _ in 0..500 {
-        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        idle.push(harness::connect_from(addr, "127.0.0.2").await);
     }
     let big = format!(
         r#"{{"event":"job.updated","export_key":"{KEY}","data":"{}"}}"#,
@@ -299,99 +298,6 @@ async fn memory_stays_bounded_under_abuse() {
     relay.terminate().await;
     let broker = crate::harness::broker().await;
     crate::harness::delete_topology(&broker.create_channel().await.unwrap(), &exchange).await;
-}
-
-/// A self-signed certificate for localhost, made with the `openssl` command.
-fn self_signed(dir: &std::path::Path, name: &str) -> Vec<u8> {
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let status = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-        ])
-        .args(["-nodes", "-days", "2", "-subj", &format!("/CN={name}")])
-        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
-        // An end-entity certificate: webpki refuses a CA certificate as a server's own.
-        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("the openssl command is installed (Debian package openssl)");
-    assert!(status.success());
-    std::fs::read(cert).unwrap()
-}
-
-/// Posts a webhook over TLS trusting only `root_pem`; returns the status and the protocol
-/// ALPN chose, or `None` if the server's certificate is not that one.
-async fn tls_post(
-    addr: std::net::SocketAddr,
-    root_pem: &[u8],
-) -> Option<(StatusCode, Option<Vec<u8>>)> {
-    use rustls_pki_types::pem::PemObject;
-    use tokio_rustls::rustls;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(root_pem) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(
-        rustls::crypto::ring::default_provider().into(),
-    )
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    let stream = connector.connect(name, tcp).await.ok()?;
-    let (_, session) = stream.get_ref();
-    let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
-    let authority = format!("https://localhost:{}", addr.port());
-    let status = crate::harness::post_h2(stream, &authority, "job.updated").await;
-    Some((status, alpn))
-}
-
-#[tokio::test]
-async fn tls_serves_h2_and_picks_up_a_renewed_certificate() {
-    let dir = std::env::temp_dir().join(format!("relay-tls-{}", uuid::Uuid::now_v7().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let first = self_signed(&dir, "first");
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let relay = TestRelay::start_with(&[
-        ("RELAY_TLS__CERT_FILE", &cert.to_string_lossy()),
-        ("RELAY_TLS__KEY_FILE", &key.to_string_lossy()),
-    ])
-    .await;
-    let (status, alpn) = tls_post(relay.addr, &first)
-        .await
-        .expect("the first certificate");
-    assert_eq!(status, StatusCode::ACCEPTED);
-    assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
-
-    // Renewal: new files in place; the relay notices within its check interval.
-    let second = self_signed(&dir, "second");
-    let deadline = Instant::now() + Duration::from_secs(40);
-    let status = loop {
-        if let Some((status, _)) = tls_post(relay.addr, &second).await {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the renewed certificate was never served"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    assert_eq!(status, StatusCode::ACCEPTED);
-    relay.stop().await;
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Waits (at most five seconds) for the relay to close `stream` without having sent

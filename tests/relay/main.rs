@@ -8,6 +8,10 @@
 //! Modules:
 //! - `harness`: starting relays (in-process or as the real binary), HTTP helpers, queues.
 //! - `hostile`: slow clients, header floods, garbage, network rules, redaction, replay window.
+//! - `memory`: bursts of 1 MiB webhooks into the spool, peak and resident memory against the
+//!   README's formula.
+//! - `tls`: HTTP/2 over ALPN, renewed and mismatched certificates, stalled handshakes against
+//!   the connection caps, plain HTTP to the TLS port.
 //! - `operate`: metrics, trace context, overload, keys reloaded on SIGHUP.
 //! - `proxy`: a TCP proxy between relay and broker that can cut, refuse and stall.
 //! - `local_cluster`: RabbitMQ nodes of a test's own (`deploy/rabbitmq/local-cluster.sh`).
@@ -26,10 +30,16 @@
 //! - `topology`: alternate exchange, returned messages, topology mismatches, a deleted
 //!   exchange declared again, `amqp.declare = false`.
 //! - `faults`: broker connection closed or cut; 503s, never hangs nor false 202s.
+//! - `full_disk`: the spool on a 2 MiB tmpfs that fills up: 503s and readiness that say why,
+//!   a restart on the full disk, recovery without a webhook, every 202 delivered once.
+//! - `floods`: a wrong-key flood and a slow-body attack from one source, while a legitimate
+//!   sender keeps getting 202s and the log stays short.
 //! - `scale`: two relays behind HAProxy, one killed under load.
 //! - `shutdown`: SIGTERM under load loses no accepted webhook and exits 0.
-//! - `spool`: broker out of reach, SIGKILL, torn spool tail, full spool, several broker URLs.
+//! - `spool`: broker out of reach, SIGKILL, torn spool tail, full spool, several broker URLs,
+//!   the spool replayed on SIGTERM.
 //! - `stall`: a broker that stops answering under load, held by the proxy.
+//! - `tmpfs`: a small real filesystem a test mounts (as root) and unmounts when done.
 
 mod accept;
 mod broker_faults;
@@ -38,9 +48,12 @@ mod confirms;
 mod deploy;
 mod docs;
 mod faults;
+mod floods;
+mod full_disk;
 mod harness;
 mod hostile;
 mod local_cluster;
+mod memory;
 mod operate;
 mod proxy;
 mod queues;
@@ -50,4 +63,6 @@ mod scale;
 mod shutdown;
 mod spool;
 mod stall;
+mod tls;
+mod tmpfs;
 mod topology;

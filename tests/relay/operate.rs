@@ -165,6 +165,16 @@ async fn metrics_can_move_off_the_webhook_port() {
     );
     let webhook_there = get(metrics_addr, "/webhooks/hirehop").await.unwrap();
     assert_eq!(webhook_there.status, StatusCode::NOT_FOUND);
+    // Only reads: anything else is 405 with the methods that are allowed.
+    for path in ["/metrics", "/healthz", "/readyz"] {
+        let reply = send(metrics_addr, request(Method::POST, path, "x"))
+            .await
+            .unwrap();
+        assert_eq!(reply.status, StatusCode::METHOD_NOT_ALLOWED, "{path}");
+        assert_eq!(reply.headers["allow"], "GET, HEAD", "{path}");
+    }
+    let head = crate::harness::raw(metrics_addr, b"GET /metrics HTTP/1.1\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
     relay.terminate().await;
     let broker = crate::harness::broker().await;
     crate::harness::delete_topology(&broker.create_channel().await.unwrap(), &exchange).await;

@@ -68,6 +68,29 @@ async fn bad_requests_get_their_status_and_publish_nothing() {
             StatusCode::BAD_REQUEST,
             "not valid JSON",
         ),
+        // 400: JSON that serde_json (and so many consumers) could not read.
+        (
+            post(format!(
+                r#"{{"event":"job.updated","export_key":"{KEY}","data":{{"NAME":"\udc00"}}}}"#
+            )),
+            StatusCode::BAD_REQUEST,
+            "lone leading surrogate in hex escape",
+        ),
+        (
+            post(format!(
+                r#"{{"event":"job.updated","export_key":"{KEY}","data":1e999999}}"#
+            )),
+            StatusCode::BAD_REQUEST,
+            "number out of range",
+        ),
+        (
+            post(format!(
+                r#"{{"event":"job.updated","export_key":"{KEY}","data":{}}}"#,
+                "9".repeat(900_000)
+            )),
+            StatusCode::BAD_REQUEST,
+            "number out of range",
+        ),
         (
             post(format!(
                 r#"{{"event":"job.updated","export_key":"{KEY}","company_id":"abc"}}"#
@@ -250,6 +273,57 @@ async fn body_that_never_finishes_gets_408() {
     stream.write_all(partial.as_bytes()).await.unwrap();
     let head = read_head(&mut stream).await;
     assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    relay
+        .assert_nothing_published_before_marker(&mut queue, "marker.event")
+        .await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_missing_or_doubled_host_is_400_on_http_1_1() {
+    let relay = TestRelay::start().await;
+    let mut queue = relay.queue("#").await;
+    let body = webhook_with("job.updated", KEY, 1);
+    let post = |host: &str| {
+        format!(
+            "POST /webhooks/hirehop HTTP/1.1\r\n{host}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    for (host, message) in [
+        ("", "HTTP/1.1 request without a Host header"),
+        ("Host: a\r\nHost: a\r\n", "more than one Host header"),
+        ("Host: a\r\nhost: b\r\n", "more than one Host header"),
+        (
+            "Host: user@relay.test\r\n",
+            "Host header is not a valid host",
+        ),
+        ("Host: a b\r\n", "Host header is not a valid host"),
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+        stream.write_all(post(host).as_bytes()).await.unwrap();
+        let head = read_head(&mut stream).await;
+        assert!(head.starts_with("HTTP/1.1 400"), "{host:?}: {head}");
+        let mut rest = vec![0; 200];
+        let n = tokio::io::AsyncReadExt::read(&mut stream, &mut rest)
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&rest[..n]);
+        assert!(text.contains(message), "{host:?}: {text}");
+    }
+    // HTTP/1.0 needs no Host; an empty one is what a client without an authority sends.
+    let head = raw(relay.addr, b"GET /healthz HTTP/1.0\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.0 200"), "{head}");
+    let head = raw(relay.addr, b"GET /healthz HTTP/1.1\r\nHost:\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // HTTP/2 carries the authority in :authority, without a Host header.
+    let stream = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    let authority = format!("http://{}", relay.addr);
+    assert_eq!(
+        crate::harness::post_h2(stream, &authority, "job.updated").await,
+        StatusCode::ACCEPTED
+    );
+    queue.next().await;
     relay
         .assert_nothing_published_before_marker(&mut queue, "marker.event")
         .await;

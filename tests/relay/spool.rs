@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hyper::{Method, StatusCode};
-use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
 
 use crate::harness::{
@@ -18,20 +18,24 @@ use crate::proxy::Proxy;
 
 /// A relay process's settings with its broker behind a proxy that refuses connections, and
 /// a spool directory the test names (so a restarted relay finds it again).
-struct Offline {
-    proxy: Proxy,
-    exchange: String,
-    dir: std::path::PathBuf,
+pub struct Offline {
+    pub proxy: Proxy,
+    pub exchange: String,
+    pub dir: std::path::PathBuf,
     dir_str: String,
     url: String,
 }
 
 impl Offline {
-    async fn start() -> Offline {
+    pub async fn start() -> Offline {
+        Self::start_in(spool_dir(&unique_exchange())).await
+    }
+
+    /// With the spool in `dir`.
+    pub async fn start_in(dir: std::path::PathBuf) -> Offline {
         let proxy = Proxy::start(broker_addr()).await;
         proxy.refuse(true);
         let exchange = unique_exchange();
-        let dir = spool_dir(&exchange);
         let url = via(&proxy);
         Offline {
             dir_str: dir.to_string_lossy().into_owned(),
@@ -42,28 +46,28 @@ impl Offline {
         }
     }
 
-    fn env(&self) -> Vec<(&str, &str)> {
+    pub fn env(&self) -> Vec<(&str, &str)> {
         let mut relay_env = env(&self.exchange, &self.url);
         relay_env.push(("RELAY_SPOOL__DIR", &self.dir_str));
         relay_env
     }
 
     /// Stops `relay` with SIGTERM (it must exit 0) and removes what the test left behind.
-    async fn finish(&self, relay: RelayProcess, channel: &lapin::Channel) {
+    pub async fn finish(&self, relay: RelayProcess, channel: &lapin::Channel) {
         relay.terminate().await;
         harness::delete_topology(channel, &self.exchange).await;
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
-async fn readyz(addr: std::net::SocketAddr) -> harness::Reply {
+pub async fn readyz(addr: std::net::SocketAddr) -> harness::Reply {
     send(addr, request(Method::GET, "/readyz", ""))
         .await
         .unwrap()
 }
 
 /// Polls `/readyz` until the broker shows as connected.
-async fn wait_broker_connected(addr: std::net::SocketAddr) {
+pub async fn wait_broker_connected(addr: std::net::SocketAddr) {
     let deadline = Instant::now() + PATIENCE;
     while readyz(addr).await.json()["broker"] != "connected" {
         assert!(
@@ -87,6 +91,45 @@ fn received_at(delivery: &lapin::message::Delivery) -> SystemTime {
 fn now_ms() -> SystemTime {
     let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
     UNIX_EPOCH + Duration::from_millis(u64::try_from(since.as_millis()).unwrap())
+}
+
+/// Every message now in `queue`, taken off it: their message ids, in order.
+pub async fn take_all(channel: &lapin::Channel, queue: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    let no_ack = BasicGetOptions { no_ack: true };
+    while let Some(message) = channel.basic_get(queue.into(), no_ack).await.unwrap() {
+        ids.push(message_id(&message.delivery));
+    }
+    ids
+}
+
+/// What reached the broker against what was answered 202.
+#[derive(Debug)]
+pub struct Count {
+    accepted: usize,
+    on_broker: usize,
+    missing: usize,
+    duplicates: usize,
+}
+
+impl Count {
+    /// Every webhook answered 202 is on the broker, nothing else is (not one that was
+    /// refused), and at most `duplicates` arrived twice.
+    pub fn assert_delivered(&self, duplicates: usize) {
+        assert_eq!(self.missing, 0, "{self:?}");
+        assert_eq!(self.on_broker, self.accepted + self.duplicates, "{self:?}");
+        assert!(self.duplicates <= duplicates, "{self:?}");
+    }
+}
+
+pub fn count(accepted: &[String], on_broker: &[String]) -> Count {
+    let unique: HashSet<&String> = on_broker.iter().collect();
+    Count {
+        accepted: accepted.len(),
+        on_broker: on_broker.len(),
+        missing: accepted.iter().filter(|id| !unique.contains(id)).count(),
+        duplicates: on_broker.len() - unique.len(),
+    }
 }
 
 #[tokio::test]
@@ -409,4 +452,69 @@ async fn topology_mismatch_found_after_serving_from_the_spool_stops_the_relay() 
     assert!(log.contains("PRECONDITION"), "{log}");
     assert!(log.contains(&format!("exchange {exchange}")), "{log}");
     harness::delete_topology(&channel, &exchange).await;
+}
+
+#[tokio::test]
+async fn sigterm_replays_the_spool_to_a_broker_that_just_came_back_before_exiting() {
+    let offline = Offline::start().await;
+    let mut relay_env = offline.env();
+    relay_env.push(("RELAY_AMQP__RECONNECT_MAX_BACKOFF_MS", "300"));
+    let relay = RelayProcess::spawn(&relay_env).await;
+    let posted = Arc::new(AtomicUsize::new(0));
+    let mut accepted = Vec::new();
+    for client in harness::post_until_gone(relay.addr(), 8, 40, &posted) {
+        accepted.extend(client.await.unwrap());
+    }
+    assert_eq!(accepted.len(), 320);
+    assert_eq!(readyz(relay.addr()).await.json()["spool"]["messages"], 320);
+
+    // The broker is back, and the relay is told to stop at once: before it has even
+    // reconnected, let alone replayed.
+    offline.proxy.refuse(false);
+    let log = relay.terminate().await;
+    assert!(log.contains("spool empty at shutdown"), "{log}");
+    let broker = harness::broker().await;
+    let channel = broker.create_channel().await.unwrap();
+    let unrouted = format!("{}.unrouted", offline.exchange);
+    let outcome = count(&accepted, &take_all(&channel, &unrouted).await);
+    eprintln!("replayed on SIGTERM: {outcome:?}");
+    outcome.assert_delivered(0);
+    harness::delete_topology(&channel, &offline.exchange).await;
+    let _ = std::fs::remove_dir_all(&offline.dir);
+}
+
+#[tokio::test]
+async fn sigterm_with_the_broker_away_says_what_stays_in_the_spool_for_the_next_start() {
+    let offline = Offline::start().await;
+    let mut relay_env = offline.env();
+    relay_env.push(("RELAY_SPOOL__SHUTDOWN_REPLAY_TIMEOUT_MS", "500"));
+    let relay = RelayProcess::spawn(&relay_env).await;
+    let posted = Arc::new(AtomicUsize::new(0));
+    let mut accepted = Vec::new();
+    for client in harness::post_until_gone(relay.addr(), 5, 10, &posted) {
+        accepted.extend(client.await.unwrap());
+    }
+    let stopping = Instant::now();
+    let log = relay.terminate().await;
+    // It tried for the time it was given, not for ever.
+    assert!(stopping.elapsed() < PATIENCE, "{:?}", stopping.elapsed());
+    let last = log
+        .lines()
+        .find(|line| line.contains("webhooks remain in the spool"))
+        .unwrap_or_else(|| panic!("no line about the spool left behind:\n{log}"));
+    assert!(last.contains("records=50"), "{last}");
+    assert!(last.contains("same spool.dir"), "{last}");
+
+    // The next start on the same directory delivers them.
+    offline.proxy.refuse(false);
+    let relay = RelayProcess::spawn(&relay_env).await;
+    wait_sample(relay.addr(), "hirehop_relay_spool_messages", "0", |n| {
+        n == 0.0
+    })
+    .await;
+    let broker = harness::broker().await;
+    let channel = broker.create_channel().await.unwrap();
+    let unrouted = format!("{}.unrouted", offline.exchange);
+    count(&accepted, &take_all(&channel, &unrouted).await).assert_delivered(0);
+    offline.finish(relay, &channel).await;
 }
