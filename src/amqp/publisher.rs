@@ -574,11 +574,7 @@ async fn supervise(inner: Arc<Inner>) {
                 }
                 Err(err) => {
                     if connected_once {
-                        tracing::error!(
-                            error = %err,
-                            attempt,
-                            "reconnecting to the broker failed; webhooks go to the spool"
-                        );
+                        tracing::error!(error = %err, attempt, "reconnecting to the broker failed");
                     } else {
                         tracing::warn!(error = %err, attempt, "broker not available yet");
                     }
@@ -614,13 +610,13 @@ async fn supervise(inner: Arc<Inner>) {
         inner.set_outage(None);
         inner.status.send_replace(Status::Connected);
 
-        let reason = match keep_healthy(&inner, &watch, &mut events).await {
+        let reason = match keep_healthy(&inner, &watch, heartbeat, &mut events).await {
             Lost::Closed => return,
             Lost::Failed(reason) => {
                 tracing::error!(
                     %url,
                     reason,
-                    "broker connection lost; webhooks go to the spool until it is back"
+                    "broker connection lost; publishing fails fast until it is back"
                 );
                 inner.set_outage(Some(Outage {
                     stalled: false,
@@ -633,9 +629,8 @@ async fn supervise(inner: Arc<Inner>) {
                 let reason = format!("the broker at {url} stopped answering: {how}");
                 tracing::error!(
                     %url,
-                    heartbeat_secs = heartbeat,
-                    "{reason}; webhooks go to the spool, and the relay abandons the connection \
-                     and moves to the next node"
+                    "{reason}; abandoning the connection for the next node (the webhooks that \
+                     waited on it are spooled, or get 503 without a spool)"
                 );
                 inner.set_outage(Some(Outage {
                     stalled: true,
@@ -655,6 +650,7 @@ async fn supervise(inner: Arc<Inner>) {
 async fn keep_healthy(
     inner: &Inner,
     watch: &StallWatch,
+    heartbeat_secs: u16,
     events: &mut Option<Boxed<Event>>,
 ) -> Lost {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -663,7 +659,7 @@ async fn keep_healthy(
         tokio::select! {
             () = inner.stop.cancelled() => return Lost::Closed,
             stall = watch.stalled() => return Lost::Stalled(format!(
-                "no confirm for {:.1?} with {} publishes waiting",
+                "no confirm for {:.1?}, publishes waiting: {}",
                 stall.silent_for, stall.waiting
             )),
             () = inner.trouble.notified() => {}
@@ -671,7 +667,9 @@ async fn keep_healthy(
             event = next_event(events) => {
                 if let Some(Event::Error(err)) = &event {
                     if matches!(err.kind(), lapin::ErrorKind::MissingHeartbeatError) {
-                        return Lost::Stalled("no heartbeat for two intervals".to_owned());
+                        return Lost::Stalled(format!(
+                            "nothing heard for two heartbeat intervals ({heartbeat_secs} s each)"
+                        ));
                     }
                     last_error = Some(err.to_string());
                 }

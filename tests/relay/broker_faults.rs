@@ -148,7 +148,15 @@ async fn a_frozen_node_under_load_costs_a_second_per_webhook_and_loses_none() {
     let node = LocalCluster::up(1);
     // An in-flight cap that webhooks waiting out the 5 s confirm timeout would overflow
     // (~1,000 at once at this rate): those would get 503.
-    let relay = TestRelay::start_on(&node.url(1), &[("RELAY_HTTP__MAX_IN_FLIGHT", "500")]).await;
+    // One address stands in for HireHop's several.
+    let relay = TestRelay::start_on(
+        &node.url(1),
+        &[
+            ("RELAY_HTTP__MAX_IN_FLIGHT", "500"),
+            ("RELAY_HTTP__MAX_CONNECTIONS_PER_IP", "4096"),
+        ],
+    )
+    .await;
     let mut queue = relay.queue("#").await;
     let stop = tokio_util::sync::CancellationToken::new();
     let load = tokio::spawn(open_loop(relay.addr, RATE, stop.clone()));

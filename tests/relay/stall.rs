@@ -107,6 +107,8 @@ async fn a_stalled_broker_under_load_costs_a_second_not_a_webhook() {
         &[
             ("RELAY_HTTP__MAX_IN_FLIGHT", "500"),
             ("RELAY_AMQP__STALL_TIMEOUT_MS", "1000"),
+            // One address stands in for HireHop's several.
+            ("RELAY_HTTP__MAX_CONNECTIONS_PER_IP", "4096"),
         ],
     )
     .await;
