@@ -350,7 +350,7 @@ pub struct AmqpConfig {
     /// How the routing key is built: `{event}` (the default), or with `{company_id}`, e.g.
     /// `{company_id}.{event}` so integrators serving several companies can bind per company.
     pub routing_key_template: String,
-    /// Queues declared (with their bindings) at startup and after every reconnect.
+    /// Queues declared (with their bindings) at the first connection.
     pub queues: Vec<QueueConfig>,
     /// Declare a durable queue per event name the first time it is seen, bound to exactly
     /// its routing key, before publishing it.
@@ -363,6 +363,14 @@ pub struct AmqpConfig {
     pub channels: usize,
     /// How long a publish may wait for the broker's confirm before the request gets 503.
     pub confirm_timeout_ms: u64,
+    /// How long the broker may stay silent (no confirm at all) while publishes wait on a
+    /// connection before the relay calls it stalled: waiting webhooks go to the spool, and
+    /// the connection is abandoned for the next node.
+    pub stall_timeout_ms: u64,
+    /// Declare the exchanges, queues and bindings at the first connection (and again if the
+    /// exchange is found gone). `false`: the broker's definitions own the topology and the
+    /// relay only checks that the exchange exists.
+    pub declare: bool,
     /// How long one connection attempt (TCP + AMQP handshake + topology) may take.
     pub connect_timeout_ms: u64,
     /// Ceiling of the exponential reconnect backoff.
@@ -395,6 +403,10 @@ pub struct QueueConfig {
     /// Redeliveries before a message is dead-lettered (`x-delivery-limit`, quorum only).
     #[serde(default)]
     pub delivery_limit: Option<u32>,
+    /// Replicas of a quorum queue (`x-quorum-initial-group-size`, quorum only); without it,
+    /// RabbitMQ 3.x puts one on every cluster node running when the queue is declared.
+    #[serde(default)]
+    pub initial_group_size: Option<u32>,
     /// `x-message-ttl`.
     #[serde(default)]
     pub message_ttl_ms: Option<u64>,
@@ -563,7 +575,7 @@ drain_timeout_ms = 10000
 retry_after_secs = 5
 max_in_flight = 1024
 max_connections = 4096
-max_connections_per_ip = 256
+max_connections_per_ip = 1024
 body_idle_timeout_ms = 10000
 max_headers = 100
 max_header_bytes = 16384
@@ -587,6 +599,8 @@ per_event_queue_prefix = "hirehop."
 per_event_queue_type = "quorum"
 channels = 4
 confirm_timeout_ms = 5000
+stall_timeout_ms = 1000
+declare = true
 connect_timeout_ms = 10000
 reconnect_max_backoff_ms = 30000
 frame_max_bytes = 8192
@@ -791,6 +805,7 @@ impl Config {
             ("http.body_idle_timeout_ms", self.http.body_idle_timeout_ms),
             ("tls.handshake_timeout_ms", self.tls.handshake_timeout_ms),
             ("amqp.confirm_timeout_ms", self.amqp.confirm_timeout_ms),
+            ("amqp.stall_timeout_ms", self.amqp.stall_timeout_ms),
             ("amqp.connect_timeout_ms", self.amqp.connect_timeout_ms),
             (
                 "amqp.reconnect_max_backoff_ms",
@@ -824,8 +839,21 @@ impl Config {
             if !url.starts_with("amqp://") && !url.starts_with("amqps://") {
                 return Err(invalid(key, "must start with amqp:// or amqps://"));
             }
-            if let Err(err) = url.parse::<lapin::uri::AMQPUri>() {
-                return Err(invalid(key, err));
+            match url.parse::<lapin::uri::AMQPUri>() {
+                Err(err) => return Err(invalid(key, err)),
+                // `amqp://host:5672/` names the vhost "", which no broker has; the default
+                // vhost "/" must be escaped.
+                Ok(uri) if uri.vhost.is_empty() => {
+                    return Err(invalid(
+                        key,
+                        format!(
+                            "{} names an empty vhost; the default vhost / is written %2f \
+                             (amqp://host:5672/%2f), or leave the path out",
+                            BrokerUrl::new(url)
+                        ),
+                    ));
+                }
+                Ok(_) => {}
             }
         }
         if self.spool.enabled && self.spool.max_bytes < 1024 * 1024 {
@@ -886,6 +914,27 @@ impl Config {
                     format!("queue {name}: delivery_limit needs type = \"quorum\""),
                 ));
             }
+            match queue.initial_group_size {
+                Some(_) if queue.kind != QueueType::Quorum => {
+                    return Err(invalid(
+                        "amqp.queues",
+                        format!("queue {name}: initial_group_size needs type = \"quorum\""),
+                    ));
+                }
+                Some(0) => {
+                    return Err(invalid(
+                        "amqp.queues",
+                        format!("queue {name}: initial_group_size must be at least 1"),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        if self.amqp.per_event_queues && !self.amqp.declare {
+            return Err(invalid(
+                "amqp.per_event_queues",
+                "declares a queue per event, so it needs amqp.declare = true",
+            ));
         }
         if self.amqp.per_event_queues && self.amqp.per_event_queue_prefix.len() > 64 {
             return Err(invalid(
@@ -970,6 +1019,9 @@ impl TlsConfig {
 impl AmqpConfig {
     pub fn confirm_timeout(&self) -> Duration {
         Duration::from_millis(self.confirm_timeout_ms)
+    }
+    pub fn stall_timeout(&self) -> Duration {
+        Duration::from_millis(self.stall_timeout_ms)
     }
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
@@ -1280,6 +1332,8 @@ mod tests {
             "amqp://guest:guest@127.0.0.1:5672/%2f"
         );
         assert_eq!(config.amqp.confirm_timeout(), Duration::from_secs(5));
+        assert_eq!(config.amqp.stall_timeout(), Duration::from_secs(1));
+        assert!(config.amqp.declare);
         assert_eq!(config.http.drain_timeout(), Duration::from_secs(10));
         assert_eq!(
             config.spool.shutdown_replay_timeout(),
@@ -1487,6 +1541,60 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_vhost_is_refused_with_the_way_to_write_the_default_one() {
+        for (name, url) in [
+            ("RELAY_AMQP__URL", "amqp://relay:hunter2@rabbit:5672/"),
+            (
+                "RELAY_AMQP__URLS",
+                "amqp://a:5672/%2f,amqp://relay:hunter2@b/",
+            ),
+        ] {
+            let err =
+                Config::load_from(None, env(&[("RELAY_AUTH__EXPORT_KEYS", "k"), (name, url)]))
+                    .unwrap_err()
+                    .to_string();
+            assert!(err.contains("empty vhost") && err.contains("%2f"), "{err}");
+            assert!(
+                err.contains("relay:***@") && !err.contains("hunter2"),
+                "{err}"
+            );
+        }
+        // No path at all is the default vhost.
+        let config = Config::load_from(
+            None,
+            env(&[
+                ("RELAY_AUTH__EXPORT_KEYS", "k"),
+                ("RELAY_AMQP__URL", "amqp://rabbit:5672"),
+            ]),
+        );
+        assert!(config.is_ok(), "{config:?}");
+    }
+
+    #[test]
+    fn per_event_queues_need_the_relay_to_declare() {
+        let err = Config::load_from(
+            None,
+            env(&[
+                ("RELAY_AUTH__EXPORT_KEYS", "k"),
+                ("RELAY_AMQP__DECLARE", "false"),
+                ("RELAY_AMQP__PER_EVENT_QUEUES", "true"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("invalid amqp.per_event_queues"), "{err}");
+        let config = Config::load_from(
+            None,
+            env(&[
+                ("RELAY_AUTH__EXPORT_KEYS", "k"),
+                ("RELAY_AMQP__DECLARE", "false"),
+            ]),
+        )
+        .unwrap();
+        assert!(!config.amqp.declare);
+    }
+
+    #[test]
     fn declared_queues_are_read_and_checked() {
         let file = write_file(
             r#"
@@ -1524,6 +1632,14 @@ mod tests {
             (
                 "name = \"q\"\ntype = \"classic\"\nbindings = [\"a\"]\ndelivery_limit = 3",
                 "delivery_limit needs type = \"quorum\"",
+            ),
+            (
+                "name = \"q\"\ntype = \"classic\"\nbindings = [\"a\"]\ninitial_group_size = 3",
+                "initial_group_size needs type = \"quorum\"",
+            ),
+            (
+                "name = \"q\"\nbindings = [\"a\"]\ninitial_group_size = 0",
+                "initial_group_size must be at least 1",
             ),
         ] {
             let file = write_file(&format!(
@@ -1564,7 +1680,7 @@ mod tests {
     #[test]
     fn edge_limits_have_defaults_and_refuse_zero() {
         let config = Config::load_from(None, env(&[("RELAY_AUTH__EXPORT_KEYS", "k")])).unwrap();
-        assert_eq!(config.http.max_connections_per_ip, 256);
+        assert_eq!(config.http.max_connections_per_ip, 1024);
         assert_eq!(config.http.key_failures_per_minute, 30);
         assert_eq!(config.http.key_failure_burst, 20);
         assert_eq!(config.tls.handshake_timeout(), Duration::from_secs(3));

@@ -55,6 +55,8 @@ pub struct Delivery {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Health {
     pub broker: BrokerState,
+    /// Why the broker is not `Connected`, for a person.
+    pub broker_error: Option<String>,
     pub spool: Option<SpoolHealth>,
 }
 
@@ -63,7 +65,21 @@ pub enum BrokerState {
     Connected,
     /// Connected, but publishing is blocked by a resource alarm.
     Blocked,
+    /// The broker stopped answering; the relay abandoned the connection and has no new one
+    /// yet.
+    Stalled,
     Disconnected,
+}
+
+impl BrokerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BrokerState::Connected => "connected",
+            BrokerState::Blocked => "blocked",
+            BrokerState::Stalled => "stalled",
+            BrokerState::Disconnected => "disconnected",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,6 +151,15 @@ impl Delivery {
                 Ok(()) => return Ok(Outcome::Confirmed),
                 // Unroutable would be unroutable again on replay: refuse it now instead.
                 Err(err) if err.is_permanent() => return Err(err.into()),
+                // The supervisor logs a stall or an outage once; a line per webhook would
+                // flood the log at the webhook rate.
+                Err(
+                    err @ (PublishError::Stalled(_)
+                    | PublishError::Blocked
+                    | PublishError::Unavailable),
+                ) => {
+                    tracing::debug!(error = %err, "broker did not confirm; spooling");
+                }
                 Err(err) => tracing::warn!(error = %err, "broker did not confirm; spooling"),
             }
         }
@@ -169,19 +194,25 @@ impl Delivery {
     }
 
     pub fn health(&self) -> Health {
-        let broker = if !self.publisher.is_ready() {
-            BrokerState::Disconnected
-        } else if self.publisher.is_blocked() {
-            BrokerState::Blocked
-        } else {
-            BrokerState::Connected
+        let (broker, broker_error) = match self.publisher.outage() {
+            Some(outage) if outage.stalled => (BrokerState::Stalled, Some(outage.reason)),
+            Some(outage) => (BrokerState::Disconnected, Some(outage.reason)),
+            None if self.publisher.is_blocked() => (
+                BrokerState::Blocked,
+                Some("the broker blocked publishing (a memory or disk alarm)".to_owned()),
+            ),
+            None => (BrokerState::Connected, None),
         };
         let spool = self.spool.as_ref().map(|spool| SpoolHealth {
             depth: spool.depth(),
             accepting: spool.is_accepting(),
             error: spool.write_error(),
         });
-        Health { broker, spool }
+        Health {
+            broker,
+            broker_error,
+            spool,
+        }
     }
 }
 
@@ -318,6 +349,7 @@ mod tests {
     fn health(broker: BrokerState, records: u64, accepting: bool) -> Health {
         Health {
             broker,
+            broker_error: None,
             spool: Some(SpoolHealth {
                 depth: Depth {
                     records,
@@ -340,11 +372,14 @@ mod tests {
         // Into the spool: fine while it accepts.
         assert_eq!(health(Disconnected, 3, true).status(), "degraded");
         assert_eq!(health(Blocked, 0, true).status(), "degraded");
+        assert_eq!(health(Stalled, 0, true).status(), "degraded");
+        assert!(!health(Stalled, 0, false).ready());
         // Behind a full spool, even with the broker up, the next webhook gets 503.
         assert_eq!(health(Connected, 3, false).status(), "unavailable");
         assert!(!health(Disconnected, 0, false).ready());
         let no_spool = Health {
             broker: Disconnected,
+            broker_error: None,
             spool: None,
         };
         assert_eq!(no_spool.status(), "unavailable");

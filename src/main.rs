@@ -521,7 +521,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .then(|| open_spool(&config))
         .transpose()?;
     let publisher = Publisher::start(config.amqp.clone());
-    // A topology the broker refuses (found at the first connection) stops the relay.
+    // A refusal that retrying cannot fix (a wrong login or vhost, a topology the broker will
+    // not take), met at the first connection, stops the relay.
     let fatal = Arc::new(OnceLock::new());
     if spool.is_some() {
         // With a spool, a 202 is possible before the broker answers: open the port now, so a
@@ -560,12 +561,18 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("failed to bind {}", config.http.listen))?;
     let metrics = Arc::new(Metrics::new(&config));
-    let delivery = Delivery::new(publisher, spool, metrics);
-    hirehop_relay::run(config, delivery, listener, shutdown.cancelled_owned())
-        .await
-        .context("cannot serve")?;
-    match Arc::into_inner(fatal).and_then(OnceLock::into_inner) {
-        Some(err) => Err(err).context("cannot set up the broker"),
+    let delivery = Delivery::new(publisher.clone(), spool, metrics);
+    let served = hirehop_relay::run(config, delivery, listener, shutdown.cancelled_owned()).await;
+    if served.is_err() {
+        // `run` closes the broker connection once it has served; when it could not start,
+        // close it here, before the runtime that lapin's I/O thread waits on goes away.
+        publisher.close().await;
+    }
+    served.context("cannot serve")?;
+    // Read, not taken: the task that set it may still hold its handle, and a refusal must
+    // never end in exit status 0.
+    match fatal.get() {
+        Some(err) => Err(err.clone()).context("cannot set up the broker"),
         None => Ok(()),
     }
 }
@@ -593,14 +600,17 @@ fn open_spool(config: &Config) -> anyhow::Result<Spool> {
 }
 
 fn init_logging(format: LogFormat) {
-    // lapin logs a returned message whole (body, so export key, included) at warn: keep it
-    // at error unless RUST_LOG names lapin explicitly. rustls logs what any TLS client can
-    // provoke (a refused renegotiation, a warning alert) at warn, a line each: keep it at
-    // error too; the relay counts failed handshakes itself, and logs them summarized.
+    // Libraries' own lines are kept out or down unless RUST_LOG names them. lapin: the relay
+    // reports every broker failure in its own words (what happened, to which node, where
+    // webhooks go meanwhile), while lapin's read as fatal when they are not ("Exponential
+    // backoff attempts exhausted, aborting recovery" after any failed attempt), and at warn it
+    // logs a returned message whole, body and so export key included. rustls logs what any
+    // TLS client can provoke (a refused renegotiation, a warning alert) at warn, a line each:
+    // keep it at error; the relay counts failed handshakes itself, and logs them summarized.
     let mut directives = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
-    for quiet in ["lapin", "rustls"] {
+    for (quiet, level) in [("lapin", "off"), ("rustls", "error")] {
         if !directives.contains(quiet) {
-            directives.push_str(&format!(",{quiet}=error"));
+            directives.push_str(&format!(",{quiet}={level}"));
         }
     }
     let filter = EnvFilter::new(directives);

@@ -73,6 +73,8 @@ pub const PUBLISH_OUTCOMES: &[&str] = &[
     "refused",
     "timeout",
     "unavailable",
+    "stalled",
+    "blocked",
     "error",
     "spooled",
     "spool_full",
@@ -191,6 +193,7 @@ pub struct Metrics {
     broker_connected: Gauge,
     broker_blocked: Gauge,
     reconnects: Counter,
+    stalls: Counter,
     spool_messages: Gauge,
     spool_bytes: Gauge,
     spool_accepting: Gauge,
@@ -304,6 +307,12 @@ impl Metrics {
             "Broker connections re-established after a loss",
             reconnects.clone(),
         );
+        let stalls = Counter::default();
+        registry.register(
+            "broker_stalls",
+            "Broker connections abandoned because the broker stopped answering",
+            stalls.clone(),
+        );
         let spool_messages = Gauge::default();
         registry.register(
             "spool_messages",
@@ -414,6 +423,7 @@ impl Metrics {
             broker_connected,
             broker_blocked,
             reconnects,
+            stalls,
             spool_messages,
             spool_bytes,
             spool_accepting,
@@ -501,16 +511,21 @@ impl Metrics {
         self.certificate_expiry.set(seconds);
     }
 
-    /// The exposition in `format`, with state gauges read from `health` and the publisher's
-    /// reconnect count.
-    pub fn render(&self, health: &Health, reconnects: u64, format: Format) -> String {
+    /// The exposition in `format`, with state gauges read from `health` and the counts the
+    /// publisher keeps.
+    pub fn render(&self, health: &Health, broker: BrokerCounts, format: Format) -> String {
         let _one_at_a_time = self.render.lock().unwrap_or_else(|p| p.into_inner());
-        self.broker_connected
-            .set(i64::from(health.broker != BrokerState::Disconnected));
+        self.broker_connected.set(i64::from(matches!(
+            health.broker,
+            BrokerState::Connected | BrokerState::Blocked
+        )));
         self.broker_blocked
             .set(i64::from(health.broker == BrokerState::Blocked));
         let counted = self.reconnects.get();
-        self.reconnects.inc_by(reconnects.saturating_sub(counted));
+        self.reconnects
+            .inc_by(broker.reconnects.saturating_sub(counted));
+        let counted = self.stalls.get();
+        self.stalls.inc_by(broker.stalls.saturating_sub(counted));
         let depth = health.spool.as_ref().map(|s| s.depth).unwrap_or_default();
         self.spool_messages
             .set(i64::try_from(depth.records).unwrap_or(i64::MAX));
@@ -534,6 +549,13 @@ impl Metrics {
         }
         text
     }
+}
+
+/// What the publisher counted since start, for [`Metrics::render`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BrokerCounts {
+    pub reconnects: u64,
+    pub stalls: u64,
 }
 
 /// See [`Metrics::in_flight`] and [`Metrics::connection`].
@@ -564,6 +586,7 @@ mod tests {
     fn connected() -> Health {
         Health {
             broker: BrokerState::Connected,
+            broker_error: None,
             spool: None,
         }
     }
@@ -575,7 +598,7 @@ mod tests {
             metrics.webhook(&format!("made.up.event{i}"));
         }
         metrics.webhook("made.up.event0");
-        let text = metrics.render(&connected(), 0, Format::OpenMetrics);
+        let text = metrics.render(&connected(), BrokerCounts::default(), Format::OpenMetrics);
         let series = text
             .lines()
             .filter(|l| l.starts_with("hirehop_relay_webhooks_total{"))
@@ -590,9 +613,14 @@ mod tests {
         let metrics = Metrics::new(&config(&[]));
         let health = Health {
             broker: BrokerState::Blocked,
+            broker_error: None,
             spool: None,
         };
-        let text = metrics.render(&health, 3, Format::OpenMetrics);
+        let counts = BrokerCounts {
+            reconnects: 3,
+            stalls: 2,
+        };
+        let text = metrics.render(&health, counts, Format::OpenMetrics);
         assert!(text.contains("hirehop_relay_broker_connected 1"), "{text}");
         assert!(text.contains("hirehop_relay_broker_blocked 1"), "{text}");
         assert!(text.contains("hirehop_relay_ready 0"), "{text}");
@@ -600,12 +628,20 @@ mod tests {
             text.contains("hirehop_relay_broker_reconnects_total 3"),
             "{text}"
         );
-        // Reading the same count again adds nothing.
         assert!(
-            metrics
-                .render(&health, 3, Format::OpenMetrics)
-                .contains("hirehop_relay_broker_reconnects_total 3")
+            text.contains("hirehop_relay_broker_stalls_total 2"),
+            "{text}"
         );
+        // Reading the same count again adds nothing.
+        let again = metrics.render(&health, counts, Format::OpenMetrics);
+        assert!(again.contains("hirehop_relay_broker_reconnects_total 3"));
+        assert!(again.contains("hirehop_relay_broker_stalls_total 2"));
+        let stalled = Health {
+            broker: BrokerState::Stalled,
+            ..health
+        };
+        let text = metrics.render(&stalled, counts, Format::OpenMetrics);
+        assert!(text.contains("hirehop_relay_broker_connected 0"), "{text}");
         assert!(
             text.contains("hirehop_relay_build_info{version=\""),
             "{text}"
@@ -615,14 +651,18 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"));
-        let text = metrics.render(&connected(), 3, Format::OpenMetrics);
+        let counts = BrokerCounts {
+            reconnects: 3,
+            stalls: 0,
+        };
+        let text = metrics.render(&connected(), counts, Format::OpenMetrics);
         assert!(text.contains("hirehop_relay_ready 1"), "{text}");
     }
 
     #[test]
     fn the_text_format_is_what_promtool_and_prometheus_0_0_4_expect() {
         let metrics = Metrics::new(&config(&[]));
-        let text = metrics.render(&connected(), 0, Format::Text);
+        let text = metrics.render(&connected(), BrokerCounts::default(), Format::Text);
         // Counters are described under the name their samples carry.
         assert!(
             text.contains("# TYPE hirehop_relay_rejections_total counter\n"),
@@ -640,7 +680,7 @@ mod tests {
     #[test]
     fn fixed_label_values_exist_at_zero_before_the_first_event() {
         let metrics = Metrics::new(&config(&[]));
-        let text = metrics.render(&connected(), 0, Format::Text);
+        let text = metrics.render(&connected(), BrokerCounts::default(), Format::Text);
         for reason in REJECTION_REASONS {
             let series = format!("hirehop_relay_rejections_total{{reason=\"{reason}\"}} 0\n");
             assert!(text.contains(&series), "no {series} in {text}");
@@ -660,6 +700,7 @@ mod tests {
         let with_spool = Metrics::new(&config(&[("RELAY_SPOOL__MAX_BYTES", "5000000")]));
         let health = Health {
             broker: BrokerState::Connected,
+            broker_error: None,
             spool: Some(crate::delivery::SpoolHealth {
                 depth: Depth {
                     records: 2,
@@ -669,7 +710,7 @@ mod tests {
                 error: None,
             }),
         };
-        let text = with_spool.render(&health, 0, Format::Text);
+        let text = with_spool.render(&health, BrokerCounts::default(), Format::Text);
         assert!(
             text.contains("hirehop_relay_spool_max_bytes 5000000\n"),
             "{text}"
@@ -679,7 +720,7 @@ mod tests {
         assert!(!text.contains("certificate_expiry"), "{text}");
 
         let without = Metrics::new(&config(&[("RELAY_SPOOL__ENABLED", "false")]));
-        let text = without.render(&connected(), 0, Format::Text);
+        let text = without.render(&connected(), BrokerCounts::default(), Format::Text);
         assert!(!text.contains("spool_max_bytes"), "{text}");
     }
 

@@ -28,7 +28,7 @@ use crate::access::{AccessPolicy, KeyFailureBudget, Source};
 use crate::amqp::PublishError;
 use crate::auth::KeyStore;
 use crate::config::HttpConfig;
-use crate::delivery::{BrokerState, Delivery, DeliveryError, Outcome};
+use crate::delivery::{Delivery, DeliveryError, Outcome};
 use crate::envelope::{Envelope, EnvelopeError};
 use crate::message::Message;
 use crate::metrics;
@@ -349,7 +349,10 @@ pub fn metrics<B>(delivery: &Delivery, request: &Request<B>) -> Response<Full<By
     let format = metrics::Format::negotiate(accept);
     let text = delivery.metrics().render(
         &delivery.health(),
-        delivery.publisher().reconnects(),
+        metrics::BrokerCounts {
+            reconnects: delivery.publisher().reconnects(),
+            stalls: delivery.publisher().stalls(),
+        },
         format,
     );
     with_type(StatusCode::OK, text, format.content_type())
@@ -551,12 +554,11 @@ pub fn alive() -> Response<Full<Bytes>> {
 /// the parts in the body; 503 otherwise.
 pub fn readiness(delivery: &Delivery) -> Response<Full<Bytes>> {
     let health = delivery.health();
-    let broker = match health.broker {
-        BrokerState::Connected => "connected",
-        BrokerState::Blocked => "blocked",
-        BrokerState::Disconnected => "disconnected",
-    };
-    let mut body = serde_json::json!({ "status": health.status(), "broker": broker });
+    let mut body =
+        serde_json::json!({ "status": health.status(), "broker": health.broker.as_str() });
+    if let Some(error) = &health.broker_error {
+        body["broker_error"] = error.as_str().into();
+    }
     if let Some(spool) = &health.spool {
         body["spool"] = serde_json::json!({
             "accepting": spool.accepting,

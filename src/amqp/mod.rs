@@ -1,9 +1,11 @@
 //! Everything that speaks AMQP. (Outside it, `config` only borrows lapin's URL parser to
 //! check broker URLs at load.)
 //!
-//! - [`publisher`]: the connection, confirm-mode channels, reconnects, publishing.
-//! - [`topology`]: the exchanges, queues and bindings the config describes, declared on
-//!   every (re)connect and printed by `hirehop-relay topology`.
+//! - [`publisher`]: publishing with confirms, and the supervisor that keeps a connection.
+//! - [`connect`]: one connection to one node: heartbeat, topology check, channels, refusals.
+//! - [`stall`]: telling a broker that stopped answering from a slow one.
+//! - [`topology`]: the exchanges, queues, bindings and history stream the config describes,
+//!   declared at the first connection and printed by `hirehop-relay topology`.
 //! - [`tail`]: a temporary queue that prints what arrives (`hirehop-relay tail`), or the
 //!   history stream from a point in time on (`tail --since`).
 //! - [`history`]: reading the history stream, with the filters the tools share.
@@ -11,18 +13,19 @@
 //! - [`requeue`]: moving messages from `<exchange>.unrouted` or a dead-letter queue back
 //!   through the exchange (`hirehop-relay requeue`).
 
+pub mod connect;
 pub mod history;
 pub mod publisher;
 pub mod replay;
 pub mod requeue;
+pub mod stall;
 pub mod tail;
 pub mod topology;
 
 use lapin::types::AMQPValue;
 
-pub use publisher::{
-    ConnectError, PublishError, Publisher, backoff, connect, declare_topology_once, properties,
-};
+pub use connect::{ConnectError, backoff, connect, declare_topology_once};
+pub use publisher::{Outage, PublishError, Publisher, properties};
 
 /// A connection named `name` to the first node of `config` that answers: for the tools.
 pub async fn connect_any(

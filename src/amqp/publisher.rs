@@ -5,38 +5,47 @@
 //! message with `mandatory` set and waits for *that* message's confirm; many confirms are in
 //! flight per channel at once and no lock is held across an await.
 //!
-//! The supervisor wakes on a connection event, on a failed publish or once a second, and
-//! repairs what it finds: closed channels on a live connection are re-opened, a dead
-//! connection is replaced (exponential backoff with jitter, topology declared again).
-//! Meanwhile [`Publisher::publish`] fails fast with [`PublishError::Unavailable`] instead of
-//! waiting, so a webhook is never held hostage by a broker outage.
+//! The supervisor wakes on a connection event, on a failed publish, on a stall, or once a
+//! second, and repairs what it finds: closed channels on a live connection are re-opened; a
+//! dead connection is replaced by one to the next node (exponential backoff with jitter); a
+//! stalled one (see [`stall`](crate::amqp::stall)) is abandoned at once, without waiting for a
+//! close handshake that a hung broker would never answer. Meanwhile [`Publisher::publish`]
+//! fails fast with [`PublishError::Unavailable`] instead of waiting, so a webhook is never
+//! held hostage by a broker outage, and [`Publisher::outage`] says why for `/readyz`.
 //!
-//! Topology, declared on every (re)connect before any channel publishes:
-//! - the durable topic exchange `amqp.exchange`, with `alternate-exchange` =
-//!   `<exchange>.unrouted` when `amqp.alternate_exchange` is on;
-//! - the durable fanout exchange `<exchange>.unrouted` and the durable queue of the same
-//!   name bound to it, which keep events nobody has bound a queue for yet;
-//! - with history on, the history stream and the fanout exchange `<exchange>.history` in
-//!   front of the topic exchange: messages are then published there.
+//! The topology is declared at the first connection and checked on later ones (see
+//! [`connect`](crate::amqp::connect)); a per-event queue is declared once per process, the
+//! first time its event is published, by one webhook while the others of that event wait.
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, UNIX_EPOCH};
 
 use futures_lite::StreamExt;
 use futures_lite::stream::Boxed;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event};
+use lapin::{BasicProperties, Channel, Confirmation, Event};
 use sha2::{Digest, Sha256};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, OnceCell, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::amqp::connect::{
+    ConnectError, Session, Topology, backoff, check_topology, open_session, reopen_channels,
+};
+use crate::amqp::stall::{Silence, Stall, StallWatch};
 use crate::amqp::{integer, long_string, topology};
-use crate::config::{AmqpConfig, BrokerUrl};
+use crate::config::AmqpConfig;
 use crate::message::Message;
+
+/// How often, with history on, the supervisor checks that `amqp.exchange` still exists.
+const TOPOLOGY_CHECK: Duration = Duration::from_secs(10);
+
+/// How long closing the connection at shutdown may wait for the broker's answer: a hung
+/// broker never gives one, and the process must still exit.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Why a message was not confirmed. Every variant means "not safely stored": the caller must
 /// not report the message as delivered.
@@ -46,6 +55,10 @@ pub enum PublishError {
     Unavailable,
     #[error("broker did not confirm within {0:?}")]
     Timeout(Duration),
+    #[error("broker stopped answering (silent for {:?} with publishes waiting)", .0.silent_for)]
+    Stalled(Stall),
+    #[error("broker blocked publishing (resource alarm)")]
+    Blocked,
     #[error("broker refused the message (nack)")]
     Nacked,
     #[error("broker returned the message as unroutable: {0}")]
@@ -58,36 +71,21 @@ pub enum PublishError {
     Failed(lapin::Error),
 }
 
-/// Why the broker could not be set up.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum ConnectError {
-    #[error("failed to connect to {url}: {cause}")]
-    Connect { url: String, cause: lapin::Error },
-    #[error("timed out after {timeout:?} connecting to {url}")]
-    Timeout { url: String, timeout: Duration },
-    #[error("failed to declare {what}: {cause}")]
-    Topology { what: String, cause: lapin::Error },
-    #[error("failed to open a publishing channel: {0}")]
-    Channel(lapin::Error),
-    #[error("shutdown requested while connecting to the broker")]
-    Cancelled,
-}
-
 impl PublishError {
     /// The outcome label for metrics.
     pub fn outcome(&self) -> &'static str {
         match self {
             PublishError::Unavailable => "unavailable",
             PublishError::Timeout(_) => "timeout",
+            PublishError::Stalled(_) => "stalled",
+            PublishError::Blocked => "blocked",
             PublishError::Nacked => "nack",
             PublishError::Returned(_) => "returned",
             PublishError::Refused(_) => "refused",
             PublishError::Failed(_) => "error",
         }
     }
-}
 
-impl PublishError {
     /// Whether publishing the same message again would fail the same way, so it must be
     /// refused now rather than spooled for a replay that can never succeed.
     pub fn is_permanent(&self) -> bool {
@@ -95,31 +93,15 @@ impl PublishError {
     }
 }
 
-impl ConnectError {
-    /// A declaration the broker refuses for what it is, not for a passing fault: an existing
-    /// exchange or queue with other arguments (PRECONDITION_FAILED), or no permission.
-    /// Retrying cannot fix it, so startup stops with the message instead.
-    fn is_fatal(&self) -> bool {
-        let ConnectError::Topology { cause, .. } = self else {
-            return false;
-        };
-        let lapin::ErrorKind::ProtocolError(err) = cause.kind() else {
-            return false;
-        };
-        match err.kind() {
-            AMQPErrorKind::Soft(
-                AMQPSoftError::PRECONDITIONFAILED | AMQPSoftError::ACCESSREFUSED,
-            ) => true,
-            // A queue type whose feature flag is off (streams on a broker upgraded to 3.9 or
-            // later without enabling its new feature flags): the broker answers so every time.
-            AMQPErrorKind::Hard(AMQPHardError::INTERNALERROR) => {
-                err.get_message().as_str().contains("feature flag")
-            }
-            _ => false,
-        }
-    }
+/// Why the relay has no broker connection it can publish on, for `/readyz` and the logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outage {
+    /// The last connection was abandoned because the broker stopped answering (rather than
+    /// failing, closing or refusing), and no new one is up yet.
+    pub stalled: bool,
+    /// What happened, for a person.
+    pub reason: String,
 }
-
 /// The AMQP properties and headers that make up the consumer contract (see README).
 pub fn properties(message: &Message) -> BasicProperties {
     let mut headers = FieldTable::default();
@@ -181,8 +163,15 @@ struct Inner {
     stop: CancellationToken,
     status: watch::Sender<Status>,
     reconnects: AtomicU64,
-    /// Routing keys whose per-event queue was declared on the current connection.
-    event_queues: Mutex<HashSet<String>>,
+    stalls: AtomicU64,
+    /// Whether the whole topology was declared (or, with `amqp.declare = false`, found)
+    /// once: later connections only check the exchange.
+    topology_ready: AtomicBool,
+    /// Per-event queues by routing key: declared once per process (until the topology has
+    /// to be declared again), by one publish while the others of that key wait for it.
+    event_queues: Mutex<HashMap<String, Arc<OnceCell<()>>>>,
+    /// Why there is no usable connection; `None` while connected.
+    outage: Mutex<Option<Outage>>,
 }
 
 /// Where the supervisor is, for [`Publisher::wait_connected`].
@@ -190,20 +179,8 @@ struct Inner {
 enum Status {
     Connecting,
     Connected,
-    /// The first connection found a topology the broker refuses for good.
+    /// The first connection met a refusal that retrying cannot fix.
     Fatal(Arc<ConnectError>),
-}
-
-/// One live connection and its publishing channels.
-struct Session {
-    connection: Arc<Connection>,
-    channels: Vec<Channel>,
-}
-
-impl Session {
-    fn healthy(&self) -> bool {
-        self.connection.status().connected() && self.channels.iter().all(|c| c.status().connected())
-    }
 }
 
 impl Publisher {
@@ -219,14 +196,20 @@ impl Publisher {
             stop: CancellationToken::new(),
             status: watch::channel(Status::Connecting).0,
             reconnects: AtomicU64::new(0),
-            event_queues: Mutex::new(HashSet::new()),
+            stalls: AtomicU64::new(0),
+            topology_ready: AtomicBool::new(false),
+            event_queues: Mutex::new(HashMap::new()),
+            outage: Mutex::new(Some(Outage {
+                stalled: false,
+                reason: "connecting to the broker".to_owned(),
+            })),
         });
         tokio::spawn(supervise(Arc::clone(&inner)));
         Publisher { inner }
     }
 
     /// Connects, declares the topology and opens the channels, retrying with backoff until it
-    /// works, `shutdown` fires, or the broker refuses the topology for good.
+    /// works, `shutdown` fires, or the broker refuses for good.
     pub async fn connect(
         config: AmqpConfig,
         shutdown: CancellationToken,
@@ -241,8 +224,8 @@ impl Publisher {
         }
     }
 
-    /// Waits for the first connection. Fails if the broker refuses the topology (fatal) or
-    /// `shutdown` fires first.
+    /// Waits for the first connection. Fails if the broker refuses for good (a wrong login
+    /// or vhost, a topology it will not take) or `shutdown` fires first.
     pub async fn wait_connected(&self, shutdown: CancellationToken) -> Result<(), ConnectError> {
         let mut status = self.inner.status.subscribe();
         let outcome = tokio::select! {
@@ -257,42 +240,65 @@ impl Publisher {
     }
 
     /// Publishes `message` and waits for the broker's confirm (bounded by
-    /// `amqp.confirm_timeout_ms`). `Ok` means the broker has taken responsibility for it.
+    /// `amqp.confirm_timeout_ms`, and cut short when the connection stalls). `Ok` means the
+    /// broker has taken responsibility for it.
     pub async fn publish(&self, message: &Message) -> Result<(), PublishError> {
-        let channel = self.channel().ok_or(PublishError::Unavailable)?;
-        let timeout = self.inner.config.confirm_timeout();
-        let confirmed = tokio::time::timeout(timeout, async {
-            let confirm = self.send(&channel, message).await?;
-            confirm.await.map_err(PublishError::Failed)
-        })
-        .await;
+        let deadline = Instant::now() + self.inner.config.confirm_timeout();
+        let (session, channel) = self.channel().ok_or(PublishError::Unavailable)?;
+        if self.inner.config.per_event_queues {
+            self.ensure_event_queue(&session, message.routing_key.as_str(), deadline)
+                .await?;
+        }
+        let blocked = || session.connection.status().blocked();
+        let since = Instant::now();
+        let sent = session
+            .stall
+            .send(since, deadline, self.send(&channel, message), blocked)
+            .await;
+        let confirmed = match sent {
+            Ok(Ok(confirm)) => {
+                session
+                    .stall
+                    .answer(since, deadline, confirm, blocked)
+                    .await
+            }
+            Ok(Err(err)) => Ok(Err(err)),
+            Err(silence) => Err(silence),
+        };
         self.outcome(confirmed)
     }
 
     /// Publishes `messages` in order on one channel (AMQP keeps a channel's order), all
     /// confirms in flight at once; one result per message, in the same order.
     pub async fn publish_batch(&self, messages: &[Message]) -> Vec<Result<(), PublishError>> {
-        let Some(channel) = self.channel() else {
+        let Some((session, channel)) = self.channel() else {
             return messages
                 .iter()
                 .map(|_| Err(PublishError::Unavailable))
                 .collect();
         };
-        let timeout = self.inner.config.confirm_timeout();
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = Instant::now() + self.inner.config.confirm_timeout();
+        let blocked = || session.connection.status().blocked();
         let mut confirms = Vec::with_capacity(messages.len());
         for message in messages {
-            let sent = tokio::time::timeout_at(deadline, self.send(&channel, message)).await;
-            confirms.push(sent);
+            let since = Instant::now();
+            let sent = session
+                .stall
+                .send(since, deadline, self.send(&channel, message), blocked)
+                .await;
+            confirms.push((since, sent));
         }
         let mut results = Vec::with_capacity(messages.len());
-        for sent in confirms {
+        for (since, sent) in confirms {
             let confirmed = match sent {
-                Ok(Ok(confirm)) => tokio::time::timeout_at(deadline, confirm)
-                    .await
-                    .map(|confirmed| confirmed.map_err(PublishError::Failed)),
+                Ok(Ok(confirm)) => {
+                    session
+                        .stall
+                        .answer(since, deadline, confirm, blocked)
+                        .await
+                }
                 Ok(Err(err)) => Ok(Err(err)),
-                Err(elapsed) => Err(elapsed),
+                Err(silence) => Err(silence),
             };
             results.push(self.outcome(confirmed));
         }
@@ -303,11 +309,7 @@ impl Publisher {
         &self,
         channel: &Channel,
         message: &Message,
-    ) -> Result<lapin::PublisherConfirm, PublishError> {
-        if self.inner.config.per_event_queues {
-            self.ensure_event_queue(message.routing_key.as_str())
-                .await?;
-        }
+    ) -> Result<lapin::PublisherConfirm, lapin::Error> {
         channel
             .basic_publish(
                 self.inner.exchange.clone(),
@@ -320,65 +322,76 @@ impl Publisher {
                 properties(message),
             )
             .await
-            .map_err(PublishError::Failed)
     }
 
-    /// Declares the per-event queue for `routing_key` unless done on this connection already,
-    /// so that no event is published with nobody to keep it.
-    async fn ensure_event_queue(&self, routing_key: &str) -> Result<(), PublishError> {
-        let known = |inner: &Inner| {
-            inner
+    /// Declares the per-event queue for `routing_key` unless it was declared already, so that
+    /// no event is published with nobody to keep it. One publish declares; the others of the
+    /// same key wait for it (until `deadline`), and publishes of other keys go on meanwhile.
+    async fn ensure_event_queue(
+        &self,
+        session: &Session,
+        routing_key: &str,
+        deadline: Instant,
+    ) -> Result<(), PublishError> {
+        let declared = Arc::clone(
+            self.inner
                 .event_queues
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .contains(routing_key)
-        };
-        if known(&self.inner) {
+                .entry(routing_key.to_owned())
+                .or_default(),
+        );
+        if declared.initialized() {
             return Ok(());
         }
+        let declaring = declared.get_or_try_init(|| self.declare_event_queue(session, routing_key));
+        tokio::select! {
+            declared = tokio::time::timeout_at(deadline, declaring) => match declared {
+                Ok(declared) => declared.map(drop),
+                Err(_) => Err(PublishError::Timeout(self.inner.config.confirm_timeout())),
+            },
+            stall = session.stall.stalled() => Err(PublishError::Stalled(stall)),
+        }
+    }
+
+    async fn declare_event_queue(
+        &self,
+        session: &Session,
+        routing_key: &str,
+    ) -> Result<(), PublishError> {
         // On a channel of its own: a refused declaration closes its channel, and the
-        // publishing channel carries other webhooks' confirms.
-        let Some(session) = self.current() else {
-            return Err(PublishError::Unavailable);
-        };
-        let declaring = session
+        // publishing channels carry other webhooks' confirms.
+        let channel = session
             .connection
             .create_channel()
             .await
             .map_err(PublishError::Failed)?;
         let declared =
-            topology::declare_event_queue(&self.inner.config, &declaring, routing_key).await;
-        let _ = declaring.close(200, "declared".into()).await;
-        match declared {
-            Ok(()) => {
-                self.inner
-                    .event_queues
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(routing_key.to_owned());
-                Ok(())
-            }
-            Err(err) => {
-                tracing::error!(error = %err, "failed to declare a per-event queue");
-                match err {
-                    _ if err.is_fatal() => Err(PublishError::Refused(err.to_string())),
-                    ConnectError::Topology { cause, .. } | ConnectError::Channel(cause) => {
-                        Err(PublishError::Failed(cause))
-                    }
-                    _ => Err(PublishError::Unavailable),
+            topology::declare_event_queue(&self.inner.config, &channel, routing_key).await;
+        let _ = channel.close(200, "declared".into()).await;
+        declared.map_err(|err| {
+            tracing::error!(error = %err, "failed to declare a per-event queue");
+            match err {
+                _ if err.is_fatal() => PublishError::Refused(err.to_string()),
+                ConnectError::Topology { cause, .. } | ConnectError::Channel(cause) => {
+                    PublishError::Failed(cause)
                 }
+                _ => PublishError::Unavailable,
             }
-        }
+        })
     }
 
     fn outcome(
         &self,
-        confirmed: Result<Result<Confirmation, PublishError>, tokio::time::error::Elapsed>,
+        confirmed: Result<Result<Confirmation, lapin::Error>, Silence>,
     ) -> Result<(), PublishError> {
-        let timeout = self.inner.config.confirm_timeout();
         let result = match confirmed {
-            Err(_) => Err(PublishError::Timeout(timeout)),
-            Ok(Err(err)) => Err(err),
+            Err(Silence::Deadline) => {
+                Err(PublishError::Timeout(self.inner.config.confirm_timeout()))
+            }
+            Err(Silence::Stalled(stall)) => Err(PublishError::Stalled(stall)),
+            Err(Silence::Blocked) => Err(PublishError::Blocked),
+            Ok(Err(err)) => Err(PublishError::Failed(err)),
             Ok(Ok(Confirmation::Ack(None))) => Ok(()),
             Ok(Ok(Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)))) => {
                 Err(PublishError::Returned(returned.reply_text.to_string()))
@@ -387,20 +400,55 @@ impl Publisher {
             // Every channel is put in confirm mode before it is handed out.
             Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::Nacked),
         };
-        if matches!(result, Err(PublishError::Failed(_))) {
+        if matches!(
+            result,
+            Err(PublishError::Failed(_) | PublishError::Stalled(_))
+        ) {
             self.inner.trouble.notify_one();
         }
         result
     }
 
-    /// Whether the connection and every publishing channel are open right now.
+    /// Whether the connection and every publishing channel are open right now, and the
+    /// broker has not stalled.
     pub fn is_ready(&self) -> bool {
         self.current().is_some_and(|session| session.healthy())
+    }
+
+    /// Why there is no connection to publish on right now; `None` while [`Self::is_ready`].
+    pub fn outage(&self) -> Option<Outage> {
+        if let Some(session) = self.current() {
+            if session.healthy() {
+                return None;
+            }
+            // Noticed, and the supervisor not yet woken: say so already.
+            if session.stall.is_stalled() {
+                return Some(Outage {
+                    stalled: true,
+                    reason: format!("the broker at {} stopped answering", session.url),
+                });
+            }
+        }
+        let outage = self
+            .inner
+            .outage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        Some(outage.unwrap_or_else(|| Outage {
+            stalled: false,
+            reason: "re-opening publishing channels".to_owned(),
+        }))
     }
 
     /// Connections re-established after a loss, since start.
     pub fn reconnects(&self) -> u64 {
         self.inner.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// Connections abandoned because the broker stopped answering, since start.
+    pub fn stalls(&self) -> u64 {
+        self.inner.stalls.load(Ordering::Relaxed)
     }
 
     /// Whether the broker has blocked publishing (`connection.blocked`: a memory or disk
@@ -410,7 +458,8 @@ impl Publisher {
             .is_some_and(|session| session.connection.status().blocked())
     }
 
-    /// Stops the supervisor and closes the connection cleanly.
+    /// Stops the supervisor and closes the connection, waiting a little for the broker's
+    /// answer.
     pub async fn close(&self) {
         self.inner.stop.cancel();
         let session = self
@@ -420,10 +469,20 @@ impl Publisher {
             .map(|mut s| s.take())
             .ok()
             .flatten();
-        if let Some(session) = session
-            && let Err(err) = session.connection.close(200, "shutdown".into()).await
+        let Some(session) = session else {
+            return;
+        };
+        match tokio::time::timeout(CLOSE_WAIT, session.connection.close(200, "shutdown".into()))
+            .await
         {
-            tracing::warn!(error = %err, "failed to close the broker connection cleanly");
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "failed to close the broker connection cleanly");
+            }
+            Err(_) => tracing::warn!(
+                url = %session.url,
+                "the broker did not answer the connection close in {CLOSE_WAIT:?}; leaving it"
+            ),
         }
     }
 
@@ -431,16 +490,54 @@ impl Publisher {
         self.inner.session.read().ok()?.clone()
     }
 
-    fn channel(&self) -> Option<Channel> {
+    /// The session and one of its open channels, round-robin.
+    fn channel(&self) -> Option<(Arc<Session>, Channel)> {
         let session = self.current()?;
+        if session.stall.is_stalled() {
+            return None;
+        }
         let n = session.channels.len();
         let start = self.inner.next_channel.fetch_add(1, Ordering::Relaxed);
         // Skip a channel that died; the supervisor is replacing it.
-        (0..n)
+        let channel = (0..n)
             .map(|i| &session.channels[(start + i) % n])
             .find(|c| c.status().connected())
-            .cloned()
+            .cloned()?;
+        Some((session, channel))
     }
+}
+
+impl Inner {
+    fn set_outage(&self, outage: Option<Outage>) {
+        *self.outage.lock().unwrap_or_else(|p| p.into_inner()) = outage;
+    }
+
+    /// Puts `session` in use (or none), and forgets the per-event queues when it had to
+    /// declare the whole topology: the broker had lost it.
+    fn store(&self, session: Option<Session>) {
+        if session.as_ref().is_some_and(|s| s.declared) {
+            self.topology_ready.store(true, Ordering::Relaxed);
+            self.event_queues
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+        }
+        if let Ok(mut slot) = self.session.write() {
+            // The old session is dropped, not closed: closing waits for the broker's answer,
+            // and a hung broker never gives one. lapin closes it when the last handle goes.
+            *slot = session.map(Arc::new);
+        }
+    }
+}
+
+/// Why [`keep_healthy`] gave up a connection.
+enum Lost {
+    /// The publisher is closed.
+    Closed,
+    /// The broker stopped answering; the reason says how that showed.
+    Stalled(String),
+    /// The connection failed or was closed.
+    Failed(String),
 }
 
 /// Connects, then keeps the session healthy, until the publisher is closed.
@@ -448,6 +545,8 @@ async fn supervise(inner: Arc<Inner>) {
     let nodes = inner.config.nodes();
     let mut node = 0;
     let mut connected_once = false;
+    // Why the last connection was given up, while no new one is up.
+    let mut stalled: Option<String> = None;
     loop {
         let mut attempt = 0;
         let session = loop {
@@ -461,22 +560,42 @@ async fn supervise(inner: Arc<Inner>) {
             }
             attempt += 1;
             let url = nodes[node % nodes.len()];
-            match open_session(&inner.config, url).await {
+            let topology = if inner.topology_ready.load(Ordering::Relaxed) {
+                Topology::Check
+            } else {
+                Topology::Declare
+            };
+            match open_session(&inner.config, url, topology).await {
                 Ok(session) => break session,
                 Err(err) if err.is_fatal() && !connected_once => {
+                    inner.set_outage(Some(Outage {
+                        stalled: false,
+                        reason: err.to_string(),
+                    }));
                     inner.status.send_replace(Status::Fatal(Arc::new(err)));
                     return;
                 }
-                Err(err) if connected_once => {
-                    tracing::error!(error = %err, attempt, "reconnecting to the broker failed");
+                Err(err) => {
+                    if connected_once {
+                        tracing::error!(error = %err, attempt, "reconnecting to the broker failed");
+                    } else {
+                        tracing::warn!(error = %err, attempt, "broker not available yet");
+                    }
+                    let reason = match &stalled {
+                        Some(stall) => format!("{stall}; reconnecting failed: {err}"),
+                        None => err.to_string(),
+                    };
+                    inner.set_outage(Some(Outage {
+                        stalled: stalled.is_some(),
+                        reason,
+                    }));
                 }
-                Err(err) => tracing::warn!(error = %err, attempt, "broker not available yet"),
             }
             // Another node of the cluster may be up.
             node += 1;
         };
         tracing::info!(
-            url = %nodes[node % nodes.len()],
+            url = %session.url,
             exchange = %inner.config.exchange,
             channels = session.channels.len(),
             "{}",
@@ -487,49 +606,126 @@ async fn supervise(inner: Arc<Inner>) {
         }
         connected_once = true;
         let mut events = Some(session.connection.events_listener().boxed());
-        store(&inner, Some(session));
+        let url = session.url.clone();
+        let heartbeat = session.connection.configuration().heartbeat();
+        let watch = Arc::clone(&session.stall);
+        inner.store(Some(session));
+        inner.set_outage(None);
         inner.status.send_replace(Status::Connected);
 
-        if !keep_healthy(&inner, &mut events).await {
-            return;
-        }
-        tracing::error!("broker connection lost; publishing fails fast until it is back");
-        store(&inner, None);
+        let reason = match keep_healthy(&inner, &watch, heartbeat, &mut events).await {
+            Lost::Closed => return,
+            Lost::Failed(reason) => {
+                tracing::error!(
+                    %url,
+                    reason,
+                    "broker connection lost; publishing fails fast until it is back"
+                );
+                inner.set_outage(Some(Outage {
+                    stalled: false,
+                    reason: format!("the connection to {url} was lost: {reason}"),
+                }));
+                None
+            }
+            Lost::Stalled(how) => {
+                inner.stalls.fetch_add(1, Ordering::Relaxed);
+                let reason = format!("the broker at {url} stopped answering: {how}");
+                tracing::error!(
+                    %url,
+                    "{reason}; abandoning the connection for the next node (the webhooks that \
+                     waited on it are spooled, or get 503 without a spool)"
+                );
+                inner.set_outage(Some(Outage {
+                    stalled: true,
+                    reason: reason.clone(),
+                }));
+                Some(reason)
+            }
+        };
+        stalled = reason;
+        inner.store(None);
         node += 1;
     }
 }
 
-/// Watches the live session and repairs closed channels; returns `true` when the connection
-/// is lost, `false` when the publisher is closed.
-async fn keep_healthy(inner: &Inner, events: &mut Option<Boxed<Event>>) -> bool {
+/// Watches the live session and repairs closed channels, until the connection is lost or
+/// stalls, or the publisher is closed.
+async fn keep_healthy(
+    inner: &Inner,
+    watch: &StallWatch,
+    heartbeat_secs: u16,
+    events: &mut Option<Boxed<Event>>,
+) -> Lost {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // With history on, every publish reaches the stream through the fanout in front of the
+    // exchange, so a deleted `amqp.exchange` fails no publish: look for it now and then.
+    let mut topology_check = tokio::time::interval(TOPOLOGY_CHECK);
+    topology_check.reset();
+    let mut last_error = None;
     loop {
         tokio::select! {
-            () = inner.stop.cancelled() => return false,
+            () = inner.stop.cancelled() => return Lost::Closed,
+            _ = topology_check.tick(), if inner.config.history.enabled => {
+                check_topology_now(inner).await;
+                continue;
+            }
+            stall = watch.stalled() => return Lost::Stalled(format!(
+                "no confirm for {:.1?}, publishes waiting: {}",
+                stall.silent_for, stall.waiting
+            )),
             () = inner.trouble.notified() => {}
             _ = tick.tick() => {}
-            event = next_event(events) => log_event(event),
+            event = next_event(events) => {
+                if let Some(Event::Error(err)) = &event {
+                    if matches!(err.kind(), lapin::ErrorKind::MissingHeartbeatError) {
+                        return Lost::Stalled(format!(
+                            "nothing heard for two heartbeat intervals ({heartbeat_secs} s each)"
+                        ));
+                    }
+                    last_error = Some(err.to_string());
+                }
+                log_event(event);
+            }
         }
         let Some(session) = inner.session.read().ok().and_then(|s| s.clone()) else {
-            return true;
+            return Lost::Failed("the connection was dropped".to_owned());
         };
-        if session.healthy() {
+        if session.healthy() || session.stall.is_stalled() {
+            // A stall is taken at the top of the loop.
             continue;
         }
         if !session.connection.status().connected() {
-            return true;
+            return Lost::Failed(last_error.unwrap_or_else(|| "the connection closed".to_owned()));
         }
-        match reopen_channels(&inner.config, &session).await {
-            Ok(repaired) => {
+        let timeout = inner.config.connect_timeout();
+        match tokio::time::timeout(timeout, reopen_channels(&inner.config, &session)).await {
+            Ok(Ok(repaired)) => {
                 tracing::info!("re-opened closed publishing channels");
-                store(inner, Some(repaired));
+                inner.store(Some(repaired));
             }
-            Err(err) => {
-                tracing::error!(error = %err, "failed to re-open publishing channels");
-                let _ = session.connection.close(320, "reconnecting".into()).await;
-                return true;
+            Ok(Err(err)) => {
+                return Lost::Failed(format!("failed to re-open publishing channels: {err}"));
+            }
+            Err(_) => {
+                return Lost::Failed(format!(
+                    "re-opening publishing channels took longer than {timeout:?}"
+                ));
             }
         }
+    }
+}
+
+/// See [`keep_healthy`]. Bounded like a connection attempt: a hung node must not hold the
+/// supervisor, which has a stall to notice.
+async fn check_topology_now(inner: &Inner) {
+    let Some(session) = inner.session.read().ok().and_then(|s| s.clone()) else {
+        return;
+    };
+    let timeout = inner.config.connect_timeout();
+    match tokio::time::timeout(timeout, check_topology(&inner.config, &session)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(err)) => tracing::warn!(error = %err, "failed to check the broker's topology"),
+        Err(_) => tracing::warn!(?timeout, "checking the broker's topology timed out"),
     }
 }
 
@@ -558,154 +754,11 @@ fn log_event(event: Option<Event>) {
     }
 }
 
-fn store(inner: &Inner, session: Option<Session>) {
-    // A new connection may meet a broker that lost non-replicated queues: declare again.
-    inner
-        .event_queues
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clear();
-    if let Ok(mut slot) = inner.session.write() {
-        *slot = session.map(Arc::new);
-    }
-}
-
-/// A connection to `node` named `name` (shown in the management UI and `rabbitmqctl
-/// list_connections`), within `amqp.connect_timeout_ms`, with the relay's frame size.
-pub async fn connect(
-    config: &AmqpConfig,
-    node: &BrokerUrl,
-    name: String,
-) -> Result<Connection, ConnectError> {
-    let url = node.to_string();
-    let timeout = config.connect_timeout();
-    let properties = ConnectionProperties::default().with_connection_name(name.into());
-    let connecting = async {
-        match node.expose().parse::<lapin::uri::AMQPUri>() {
-            Ok(mut uri) => {
-                // lapin sizes its buffers by the frame size: RabbitMQ's 128 KiB default costs
-                // memory a webhook never uses. A `frame_max` in the URL wins.
-                uri.query.frame_max.get_or_insert(config.frame_max_bytes);
-                Connection::connect_uri(uri, properties).await
-            }
-            // Validated at load; let lapin report it if it still does not parse.
-            Err(_) => Connection::connect(node.expose(), properties).await,
-        }
-    };
-    match tokio::time::timeout(timeout, connecting).await {
-        Ok(connected) => connected.map_err(|cause| ConnectError::Connect { url, cause }),
-        Err(_) => Err(ConnectError::Timeout { url, timeout }),
-    }
-}
-
-/// Connection, topology and channels, all within `amqp.connect_timeout_ms`.
-async fn open_session(config: &AmqpConfig, node: &BrokerUrl) -> Result<Session, ConnectError> {
-    let url = node.to_string();
-    let timeout = config.connect_timeout();
-    tokio::time::timeout(timeout, async {
-        let name = format!(
-            "hirehop-relay exchange={} pid={}",
-            config.exchange,
-            std::process::id()
-        );
-        let connection = connect(config, node, name).await?;
-        topology::declare(config, &connection).await?;
-        let mut channels = Vec::with_capacity(config.channels);
-        for _ in 0..config.channels {
-            channels.push(open_channel(&connection).await?);
-        }
-        Ok(Session {
-            connection: Arc::new(connection),
-            channels,
-        })
-    })
-    .await
-    .unwrap_or(Err(ConnectError::Timeout { url, timeout }))
-}
-
-async fn open_channel(connection: &Connection) -> Result<Channel, ConnectError> {
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(ConnectError::Channel)?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(ConnectError::Channel)?;
-    Ok(channel)
-}
-
-async fn reopen_channels(config: &AmqpConfig, old: &Session) -> Result<Session, ConnectError> {
-    // A channel dies of a channel-level error, e.g. the exchange was deleted: declare again.
-    topology::declare(config, &old.connection).await?;
-    let mut channels = Vec::with_capacity(old.channels.len());
-    for channel in &old.channels {
-        if channel.status().connected() {
-            channels.push(channel.clone());
-        } else {
-            channels.push(open_channel(&old.connection).await?);
-        }
-    }
-    Ok(Session {
-        connection: Arc::clone(&old.connection),
-        channels,
-    })
-}
-
-/// Connects to the first node that answers, declares the topology, and disconnects: for
-/// `hirehop-relay topology --apply`.
-pub async fn declare_topology_once(config: &AmqpConfig) -> Result<(), ConnectError> {
-    let mut last = None;
-    for node in config.nodes() {
-        match open_session(config, node).await {
-            Ok(session) => {
-                let _ = session
-                    .connection
-                    .close(200, "topology declared".into())
-                    .await;
-                return Ok(());
-            }
-            Err(err) if err.is_fatal() => return Err(err),
-            Err(err) => last = Some(err),
-        }
-    }
-    Err(last.unwrap_or(ConnectError::Cancelled))
-}
-
-/// Exponential backoff from 100 ms up to `max`, with jitter between half and all of the
-/// step, so many relays losing the same broker do not reconnect in lockstep.
-pub fn backoff(attempt: u32, max: Duration) -> Duration {
-    let step = Duration::from_millis(100)
-        .saturating_mul(2u32.saturating_pow(attempt.min(20)))
-        .min(max);
-    let half = step / 2;
-    half + half.mul_f64(fastrand::f64())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::routing::RoutingKey;
     use bytes::Bytes;
-
-    #[test]
-    fn backoff_grows_exponentially_within_jitter_and_is_capped() {
-        let max = Duration::from_secs(30);
-        for attempt in 0..40 {
-            let nominal = Duration::from_millis(100)
-                .saturating_mul(2u32.saturating_pow(attempt.min(20)))
-                .min(max);
-            for _ in 0..20 {
-                let delay = backoff(attempt, max);
-                assert!(
-                    delay >= nominal / 2 && delay <= nominal,
-                    "{attempt}: {delay:?}"
-                );
-            }
-        }
-        assert!(backoff(100, max) <= max);
-        assert!(backoff(0, max) <= Duration::from_millis(100));
-    }
 
     #[test]
     fn properties_carry_the_consumer_contract() {

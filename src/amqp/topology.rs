@@ -1,6 +1,6 @@
-//! The exchanges, queues and bindings the config describes: declared on every (re)connect
-//! before any channel publishes, declared on demand for per-event queues, and printed by
-//! `hirehop-relay topology` and `check-config`.
+//! The exchanges, queues and bindings the config describes: declared at the first connection
+//! before any channel publishes (with `amqp.declare`), checked passively on every other, declared
+//! on demand for per-event queues, and printed by `hirehop-relay topology` and `check-config`.
 //!
 //! - the durable topic exchange `amqp.exchange`, with `alternate-exchange` =
 //!   `<exchange>.unrouted` when `amqp.alternate_exchange` is on;
@@ -17,9 +17,11 @@ use std::fmt::Write as _;
 use lapin::options::{
     ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
 
+use crate::amqp::connect::protocol_error;
 use crate::amqp::{ConnectError, integer, long_string};
 use crate::config::{AmqpConfig, QueueConfig, QueueType};
 
@@ -152,6 +154,59 @@ fn max_age_argument(age: std::time::Duration) -> String {
         )
 }
 
+/// The first exchange the relay publishes through that does not exist, asked passively (a
+/// declaration that creates nothing and compares nothing): `amqp.exchange`, and with history
+/// on the fanout `<exchange>.history` in front of it. `None` when both are there.
+pub async fn missing_exchange(
+    config: &AmqpConfig,
+    connection: &Connection,
+) -> Result<Option<String>, ConnectError> {
+    let mut names = vec![config.exchange.clone()];
+    if config.history.enabled {
+        names.push(config.history_name());
+    }
+    for name in names {
+        if !exchange_exists(&name, connection).await? {
+            return Ok(Some(name));
+        }
+    }
+    Ok(None)
+}
+
+/// Whether exchange `name` exists, on a channel of its own: the broker closes the channel
+/// when it does not.
+async fn exchange_exists(name: &str, connection: &Connection) -> Result<bool, ConnectError> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(ConnectError::Channel)?;
+    let passive = ExchangeDeclareOptions {
+        passive: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    let checked = channel
+        .exchange_declare(
+            name.into(),
+            lapin::ExchangeKind::Topic,
+            passive,
+            FieldTable::default(),
+        )
+        .await;
+    match checked {
+        Ok(()) => {
+            let _ = channel.close(200, "exchange checked".into()).await;
+            Ok(true)
+        }
+        Err(cause) => match protocol_error(&cause) {
+            Some(AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)) => Ok(false),
+            _ => Err(ConnectError::Topology {
+                what: format!("exchange {name} (passive check)"),
+                cause,
+            }),
+        },
+    }
+}
+
 /// The per-event queue for `routing_key`: `<per_event_queue_prefix><routing key>`, bound to
 /// exactly that key.
 pub fn event_queue_name(config: &AmqpConfig, routing_key: &str) -> String {
@@ -180,6 +235,12 @@ fn queue_arguments(queue: &QueueConfig) -> FieldTable {
     let mut arguments = typed(queue.kind);
     if let Some(dlx) = &queue.dead_letter_exchange {
         arguments.insert("x-dead-letter-exchange".into(), long_string(dlx));
+    }
+    if let Some(size) = queue.initial_group_size {
+        arguments.insert(
+            "x-quorum-initial-group-size".into(),
+            AMQPValue::LongLongInt(size.into()),
+        );
     }
     if let Some(limit) = queue.delivery_limit {
         arguments.insert(
@@ -245,6 +306,13 @@ pub fn describe(config: &AmqpConfig) -> String {
     } else {
         String::new()
     };
+    if !config.declare {
+        let _ = writeln!(
+            out,
+            "(amqp.declare = false: the broker's definitions create these; the relay only checks \
+             that the exchange exists)"
+        );
+    }
     let _ = writeln!(out, "exchange {} (topic, durable{ae})", config.exchange);
     if config.alternate_exchange {
         let unrouted = config.unrouted_name();

@@ -8,6 +8,7 @@ use lapin::types::AMQPValue;
 
 use crate::harness::{PATIENCE, TestRelay, message_id, request, webhook};
 use crate::local_cluster::LocalCluster;
+use crate::stall::{Sent, expect_on_broker, open_loop, wait_readyz};
 
 /// Raises a memory alarm on `node` by lowering its high watermark; the alarm ends when this
 /// is dropped (before the node is).
@@ -135,4 +136,78 @@ async fn the_local_cluster_script_joins_freezes_kills_and_restarts_nodes() {
     assert_eq!(running(2), both, "node 1 did not rejoin");
     let ping = cluster.cli(1, "rabbitmq-diagnostics", &["-q", "ping"]);
     assert!(ping.contains("succeeded"), "{ping}");
+}
+
+/// The broker process frozen (SIGSTOP) for 15 s under 200 webhooks/s: its connections stay
+/// open and it answers nothing. The relay notices within about a second, answers every
+/// webhook from the spool within about a second, and loses none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_node_under_load_costs_a_second_per_webhook_and_loses_none() {
+    const RATE: u32 = 200;
+    const FROZEN: Duration = Duration::from_secs(15);
+    let node = LocalCluster::up(1);
+    // An in-flight cap that webhooks waiting out the 5 s confirm timeout would overflow
+    // (~1,000 at once at this rate): those would get 503.
+    // One address stands in for HireHop's several.
+    let relay = TestRelay::start_on(
+        &node.url(1),
+        &[
+            ("RELAY_HTTP__MAX_IN_FLIGHT", "500"),
+            ("RELAY_HTTP__MAX_CONNECTIONS_PER_IP", "4096"),
+        ],
+    )
+    .await;
+    let mut queue = relay.queue("#").await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let load = tokio::spawn(open_loop(relay.addr, RATE, stop.clone()));
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let frozen_at = Instant::now();
+    node.freeze(1);
+    wait_readyz(relay.addr, "said the broker stalled", |body| {
+        body["broker"] == "stalled" && body["status"] == "degraded"
+    })
+    .await;
+    let noticed = frozen_at.elapsed();
+    tokio::time::sleep(FROZEN.saturating_sub(frozen_at.elapsed())).await;
+    node.thaw(1);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.cancel();
+    let sent = load.await.unwrap();
+
+    let refused: Vec<&Sent> = sent
+        .iter()
+        .filter(|s| s.status != StatusCode::ACCEPTED)
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "{} not accepted: {refused:?}",
+        refused.len()
+    );
+    let slowest = sent.iter().map(|s| s.took).max().unwrap();
+    assert!(
+        slowest < Duration::from_millis(2500),
+        "slowest answer {slowest:?}"
+    );
+    assert!(
+        noticed < Duration::from_secs(3),
+        "/readyz said stalled after {noticed:?}"
+    );
+    let duplicates = expect_on_broker(&mut queue, &sent).await;
+    let before_noticed = sent
+        .iter()
+        .filter(|s| s.spooled && s.started < frozen_at + noticed)
+        .count();
+    eprintln!(
+        "frozen node: {} requests at {RATE}/s, {} spooled, /readyz said stalled after \
+         {noticed:?}, slowest answer {slowest:?}, {duplicates} duplicates (bound \
+         {before_noticed})",
+        sent.len(),
+        sent.iter().filter(|s| s.spooled).count(),
+    );
+    assert!(
+        duplicates <= before_noticed,
+        "{duplicates} duplicates, more than the {before_noticed} spooled before the stall was noticed"
+    );
+    relay.stop().await;
 }

@@ -409,7 +409,12 @@ impl TestRelay {
     ) -> TestRelay {
         let broker = broker_at(test_url).await;
         let channel = broker.create_channel().await.unwrap();
-        let exchange = unique_exchange();
+        // An exchange of the test's own, unless the test chose one (it declared something
+        // for it first).
+        let exchange = overrides
+            .iter()
+            .find(|(key, _)| *key == "RELAY_AMQP__EXCHANGE")
+            .map_or_else(unique_exchange, |(_, name)| (*name).to_owned());
         let config = test_config(&exchange, amqp_url, file, overrides);
         let publisher = Publisher::start(config.amqp.clone());
         if wait_for_broker {

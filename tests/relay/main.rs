@@ -19,7 +19,9 @@
 //!   broker: a memory alarm, a frozen node.
 //! - `cli`: `--help`, the commands' options, startup errors that name the setting and follow
 //!   `log.format`.
-//! - `confirms`: a confirm that does not come in time; many confirms in flight on one channel.
+//! - `cluster`: a three-node cluster under load while a node is killed, drained, alarmed or
+//!   frozen: every 202 on the cluster, no other answer.
+//! - `confirms`: a broker that stops confirming; many confirms in flight on one channel.
 //! - `deploy`: the deploy files run for real: the documented nginx in front of a relay,
 //!   certbot's deploy hook.
 //! - `docs`: every code block of the docs run (shell, TOML, the consumer examples), or marked.
@@ -27,8 +29,10 @@
 //!   real Prometheus scraping live relays and a RabbitMQ node; `status`.
 //! - `accept`: what a 202 means: the body byte for byte, the properties, the headers.
 //! - `queues`: declared and per-event queues, routing templates, `send`, `tail`, `topology`.
+//! - `refused`: a wrong password, a missing or empty vhost: the binary stops and says why.
 //! - `reject`: every 4xx, and that none of them publishes anything.
-//! - `topology`: alternate exchange, returned messages, topology mismatches.
+//! - `topology`: alternate exchange, returned messages, topology mismatches, a deleted
+//!   exchange declared again, `amqp.declare = false`.
 //! - `history`: the history stream, `replay`, `requeue` and `tail --since`.
 //! - `faults`: broker connection closed or cut; 503s, never hangs nor false 202s.
 //! - `full_disk`: the spool on a 2 MiB tmpfs that fills up: 503s and readiness that say why,
@@ -39,11 +43,13 @@
 //! - `shutdown`: SIGTERM under load loses no accepted webhook and exits 0.
 //! - `spool`: broker out of reach, SIGKILL, torn spool tail, full spool, several broker URLs,
 //!   the spool replayed on SIGTERM.
+//! - `stall`: a broker that stops answering under load, held by the proxy.
 //! - `tmpfs`: a small real filesystem a test mounts (as root) and unmounts when done.
 
 mod accept;
 mod broker_faults;
 mod cli;
+mod cluster;
 mod confirms;
 mod deploy;
 mod docs;
@@ -59,10 +65,12 @@ mod monitoring;
 mod operate;
 mod proxy;
 mod queues;
+mod refused;
 mod reject;
 mod scale;
 mod shutdown;
 mod spool;
+mod stall;
 mod tls;
 mod tmpfs;
 mod topology;

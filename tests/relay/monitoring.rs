@@ -554,7 +554,7 @@ async fn prometheus_evaluates_every_rule_and_dashboard_query_against_live_relays
     for group in groups.as_array().unwrap() {
         rules.extend(group["rules"].as_array().unwrap().iter().cloned());
     }
-    assert_eq!(rules.len(), 18, "the rules in {}", rules.len());
+    assert_eq!(rules.len(), 19, "the rules in {}", rules.len());
     for rule in &rules {
         let name = rule["name"].as_str().unwrap();
         assert_eq!(rule["health"], "ok", "{name}: {rule}");

@@ -240,6 +240,7 @@ async fn overload_is_answered_fast_while_accepted_requests_complete() {
             &[
                 ("RELAY_HTTP__MAX_IN_FLIGHT", "2"),
                 ("RELAY_AMQP__CONFIRM_TIMEOUT_MS", "10000"),
+                ("RELAY_AMQP__STALL_TIMEOUT_MS", "10000"),
                 ("RELAY_SPOOL__ENABLED", "false"),
             ],
         )

@@ -49,6 +49,8 @@ async fn sigterm_lets_requests_in_flight_finish_with_202_and_exits_0() {
     // No spool: a 202 can only mean the broker confirmed it.
     relay_env.push(("RELAY_SPOOL__ENABLED", "false"));
     relay_env.push(("RELAY_AMQP__CONFIRM_TIMEOUT_MS", "10000"));
+    // The held publishes are a slow broker here, not a stalled one.
+    relay_env.push(("RELAY_AMQP__STALL_TIMEOUT_MS", "10000"));
     let mut relay = RelayProcess::spawn(&relay_env).await;
     relay.wait_for("connected to the broker").await;
     let broker = harness::broker().await;

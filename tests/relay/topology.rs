@@ -88,3 +88,158 @@ async fn topology_mismatch_stops_startup_with_a_clear_message() {
     assert!(message.contains("PRECONDITION"), "{message}");
     harness::delete_topology(&channel, &exchange).await;
 }
+
+/// Whether `exchange` exists, asked passively on a channel of its own.
+async fn exchange_exists(broker: &lapin::Connection, exchange: &str) -> bool {
+    let channel = broker.create_channel().await.unwrap();
+    let passive = ExchangeDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    channel
+        .exchange_declare(
+            exchange.into(),
+            lapin::ExchangeKind::Topic,
+            passive,
+            FieldTable::default(),
+        )
+        .await
+        .is_ok()
+}
+
+#[tokio::test]
+async fn a_publish_to_an_exchange_deleted_meanwhile_declares_the_topology_again() {
+    let kept = format!("kept-{}", uuid::Uuid::now_v7().simple());
+    let file =
+        format!("[[amqp.queues]]\nname = \"{kept}\"\ntype = \"classic\"\nbindings = [\"#\"]\n");
+    // Without the history's fanout in front, a publish to the missing exchange fails.
+    let relay = TestRelay::start_with_file(&file, &[("RELAY_HISTORY__ENABLED", "false")]).await;
+    let broker = harness::broker().await;
+    let channel = broker.create_channel().await.unwrap();
+    let mut queue = harness::TestQueue::consume(&broker, &kept).await;
+    channel
+        .exchange_delete(relay.exchange.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    // The broker closes the publishing channel (no such exchange): the webhook is spooled,
+    // the relay finds the exchange gone, declares everything again, and replays.
+    let reply = relay.post(webhook("job.updated")).await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{reply:?}");
+    assert_eq!(message_id(&queue.next().await), reply.message_id());
+    assert!(exchange_exists(&broker, &relay.exchange).await);
+    relay.stop().await;
+    let _ = channel
+        .queue_delete(kept.as_str().into(), Default::default())
+        .await;
+}
+
+/// With history on, every publish reaches the stream through the fanout in front of the
+/// exchange, so none fails when the exchange is deleted: the relay looks for it every 10 s.
+#[tokio::test]
+async fn with_history_on_a_deleted_exchange_is_found_and_declared_again() {
+    let kept = format!("kept-{}", uuid::Uuid::now_v7().simple());
+    let file =
+        format!("[[amqp.queues]]\nname = \"{kept}\"\ntype = \"classic\"\nbindings = [\"#\"]\n");
+    let relay = TestRelay::start_with_file(&file, &[]).await;
+    let broker = harness::broker().await;
+    let channel = broker.create_channel().await.unwrap();
+    channel
+        .exchange_delete(relay.exchange.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(25);
+    while !exchange_exists(&broker, &relay.exchange).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the relay never declared the deleted exchange again"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let mut queue = harness::TestQueue::consume(&broker, &kept).await;
+    let reply = relay.post(webhook("job.updated")).await;
+    assert_eq!(reply.json()["status"], "accepted", "{reply:?}");
+    assert_eq!(message_id(&queue.next().await), reply.message_id());
+    relay.stop().await;
+    let _ = channel
+        .queue_delete(kept.as_str().into(), Default::default())
+        .await;
+}
+
+#[tokio::test]
+async fn with_declare_off_the_relay_needs_the_exchange_and_declares_nothing() {
+    let broker = harness::broker().await;
+    let channel = broker.create_channel().await.unwrap();
+    let exchange = harness::unique_exchange();
+    let env = |exchange: &str| -> std::collections::HashMap<String, String> {
+        [
+            ("RELAY_AMQP__URL", harness::amqp_url()),
+            ("RELAY_AMQP__EXCHANGE", exchange.to_owned()),
+            ("RELAY_AMQP__DECLARE", "false".to_owned()),
+            ("RELAY_HISTORY__ENABLED", "false".to_owned()),
+            ("RELAY_AUTH__EXPORT_KEYS", "k".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    };
+    // No exchange yet: a configuration error, said at once.
+    let config = hirehop_relay::config::Config::load_from(None, Some(env(&exchange))).unwrap();
+    let result = tokio::time::timeout(
+        harness::PATIENCE,
+        hirehop_relay::amqp::Publisher::connect(config.amqp, CancellationToken::new()),
+    )
+    .await
+    .expect("a missing exchange fails at once instead of retrying");
+    let Err(err) = result else {
+        panic!("startup must fail without the exchange");
+    };
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!("exchange {exchange} does not exist"))
+            && message.contains("amqp.declare"),
+        "{message}"
+    );
+
+    // The broker's definitions made it (here: the test, as a plain topic exchange, which
+    // the relay would have declared otherwise): the relay publishes to it and declares
+    // nothing of its own.
+    channel
+        .exchange_declare(
+            exchange.as_str().into(),
+            lapin::ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut queue = harness::catch_all(&broker, &exchange).await;
+    // With history on, the history's fanout is needed too, and named.
+    let mut with_history = env(&exchange);
+    with_history.remove("RELAY_HISTORY__ENABLED");
+    let config = hirehop_relay::config::Config::load_from(None, Some(with_history)).unwrap();
+    let err = hirehop_relay::amqp::Publisher::connect(config.amqp, CancellationToken::new())
+        .await
+        .err()
+        .expect("startup fails without the history's exchange");
+    assert!(
+        err.to_string()
+            .contains(&format!("exchange {exchange}.history does not exist")),
+        "{err}"
+    );
+
+    let relay = TestRelay::start_with(&[
+        ("RELAY_AMQP__EXCHANGE", &exchange),
+        ("RELAY_AMQP__DECLARE", "false"),
+        ("RELAY_HISTORY__ENABLED", "false"),
+    ])
+    .await;
+    let reply = relay.post(webhook("job.updated")).await;
+    assert_eq!(reply.json()["status"], "accepted", "{reply:?}");
+    assert_eq!(message_id(&queue.next().await), reply.message_id());
+    assert!(!exchange_exists(&broker, &format!("{exchange}.unrouted")).await);
+    relay.stop().await;
+    harness::delete_topology(&channel, &exchange).await;
+}

@@ -1,0 +1,333 @@
+//! Opening a broker connection to one node: the settings the relay adds to its URL, the
+//! topology it needs before publishing, the confirm-mode channels; and what the broker's
+//! refusals mean.
+//!
+//! The topology is declared in full once per process (the first connection), or again when
+//! the exchange turns out to be gone. Every other connection only checks passively that the
+//! exchange is there: a passive check is answered by the node the relay talks to, whereas a
+//! declaration (`queue.bind` above all) waits for every cluster member, and a hung member
+//! would make reconnecting to a healthy node time out.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::ConfirmSelectOptions;
+use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+use lapin::{Channel, Connection, ConnectionProperties};
+
+use crate::amqp::stall::StallWatch;
+use crate::amqp::topology;
+use crate::config::{AmqpConfig, BrokerUrl};
+
+/// The heartbeat the relay asks for when the URL names none (`?heartbeat=N` wins), in
+/// seconds. A broker that hangs while no publish waits on it is noticed after two missed
+/// intervals: 10 s, instead of the 120 s of RabbitMQ's default 60 s. RabbitMQ advises 5 to
+/// 20 s: shorter ones cause false alarms on busy hosts. While publishes wait, the stall
+/// watch notices a hang much sooner (`amqp.stall_timeout_ms`).
+pub const HEARTBEAT_SECS: u16 = 5;
+
+/// Why a connection to the broker could not be set up.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ConnectError {
+    #[error("failed to connect to {url}: {cause}")]
+    Connect { url: String, cause: lapin::Error },
+    #[error(
+        "the broker at {url} refused the login ({cause}): check the user and password in \
+         amqp.url or amqp.urls, that the user exists (rabbitmqctl list_users), and that it may \
+         connect from this host (the guest user only from localhost)"
+    )]
+    LoginRefused { url: String, cause: lapin::Error },
+    #[error(
+        "the broker at {url} refused vhost {vhost:?} ({cause}): create it (rabbitmqctl \
+         add_vhost {vhost}) and let the user in (rabbitmqctl set_permissions -p {vhost} USER \
+         ...), or fix the vhost in amqp.url or amqp.urls (the default vhost / is written %2f)"
+    )]
+    VhostRefused {
+        url: String,
+        vhost: String,
+        cause: lapin::Error,
+    },
+    #[error("timed out after {timeout:?} connecting to {url}")]
+    Timeout { url: String, timeout: Duration },
+    #[error("failed to declare {what}: {cause}")]
+    Topology { what: String, cause: lapin::Error },
+    #[error(
+        "exchange {exchange} does not exist on {url}: with amqp.declare = false the broker's \
+         definitions must create it (see deploy/rabbitmq/definitions.json), or set \
+         amqp.declare = true"
+    )]
+    ExchangeMissing { url: String, exchange: String },
+    #[error("failed to open a publishing channel: {0}")]
+    Channel(lapin::Error),
+    #[error("shutdown requested while connecting to the broker")]
+    Cancelled,
+}
+
+impl ConnectError {
+    /// A refusal for what the configuration says, not for a passing fault: a wrong login or
+    /// vhost, a topology the broker will not take (an object that exists with other
+    /// arguments: PRECONDITION_FAILED; no permission: ACCESS_REFUSED), or a missing exchange
+    /// the relay may not declare. Retrying cannot fix it, so startup stops with the message.
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            ConnectError::LoginRefused { .. }
+            | ConnectError::VhostRefused { .. }
+            | ConnectError::ExchangeMissing { .. } => true,
+            ConnectError::Topology { cause, .. } => match protocol_error(cause) {
+                Some(AMQPErrorKind::Soft(
+                    AMQPSoftError::PRECONDITIONFAILED | AMQPSoftError::ACCESSREFUSED,
+                )) => true,
+                // A queue type whose feature flag is off (streams on a broker upgraded to 3.9
+                // or later without enabling its new feature flags): the broker answers so
+                // every time.
+                Some(AMQPErrorKind::Hard(AMQPHardError::INTERNALERROR)) => {
+                    cause.to_string().contains("feature flag")
+                }
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+}
+
+/// The AMQP error code of a broker's refusal, if `err` is one.
+pub(crate) fn protocol_error(err: &lapin::Error) -> Option<&AMQPErrorKind> {
+    match err.kind() {
+        lapin::ErrorKind::ProtocolError(err) => Some(err.kind()),
+        _ => None,
+    }
+}
+
+/// A connection to `node` named `name` (shown in the management UI and `rabbitmqctl
+/// list_connections`), within `amqp.connect_timeout_ms`, with the relay's frame size and
+/// heartbeat unless the URL sets them.
+pub async fn connect(
+    config: &AmqpConfig,
+    node: &BrokerUrl,
+    name: String,
+) -> Result<Connection, ConnectError> {
+    let url = node.to_string();
+    let timeout = config.connect_timeout();
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    let mut vhost = String::new();
+    let connecting = async {
+        match node.expose().parse::<lapin::uri::AMQPUri>() {
+            Ok(mut uri) => {
+                // lapin sizes its buffers by the frame size: RabbitMQ's 128 KiB default costs
+                // memory a webhook never uses.
+                uri.query.frame_max.get_or_insert(config.frame_max_bytes);
+                uri.query.heartbeat.get_or_insert(HEARTBEAT_SECS);
+                vhost.clone_from(&uri.vhost);
+                Connection::connect_uri(uri, properties).await
+            }
+            // Validated at load; let lapin report it if it still does not parse.
+            Err(_) => Connection::connect(node.expose(), properties).await,
+        }
+    };
+    let cause = match tokio::time::timeout(timeout, connecting).await {
+        Ok(Ok(connection)) => return Ok(connection),
+        Ok(Err(cause)) => cause,
+        Err(_) => return Err(ConnectError::Timeout { url, timeout }),
+    };
+    Err(match protocol_error(&cause) {
+        Some(AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)) => {
+            ConnectError::LoginRefused { url, cause }
+        }
+        Some(AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)) => {
+            ConnectError::VhostRefused { url, vhost, cause }
+        }
+        _ => ConnectError::Connect { url, cause },
+    })
+}
+
+/// What a new connection does about the topology.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Topology {
+    /// Declare all of it (with `amqp.declare`; else check that the exchange exists).
+    Declare,
+    /// Check passively that the exchange exists, and declare everything only if it is gone.
+    Check,
+}
+
+/// One live connection, its publishing channels, and its stall watch.
+pub(crate) struct Session {
+    pub connection: Arc<Connection>,
+    pub channels: Vec<Channel>,
+    /// The node, password redacted.
+    pub url: String,
+    pub stall: Arc<StallWatch>,
+    /// Whether this connection declared the whole topology.
+    pub declared: bool,
+}
+
+impl Session {
+    /// The connection and every channel are open, and the broker has not stalled.
+    pub fn healthy(&self) -> bool {
+        !self.stall.is_stalled()
+            && self.connection.status().connected()
+            && self.channels.iter().all(|c| c.status().connected())
+    }
+}
+
+/// Connection, topology and channels, all within `amqp.connect_timeout_ms`.
+pub(crate) async fn open_session(
+    config: &AmqpConfig,
+    node: &BrokerUrl,
+    topology: Topology,
+) -> Result<Session, ConnectError> {
+    let url = node.to_string();
+    let timeout = config.connect_timeout();
+    tokio::time::timeout(timeout, async {
+        let name = format!(
+            "hirehop-relay exchange={} pid={}",
+            config.exchange,
+            std::process::id()
+        );
+        let connection = connect(config, node, name).await?;
+        let declared = ensure_topology(config, &connection, &url, topology).await?;
+        let mut channels = Vec::with_capacity(config.channels);
+        for _ in 0..config.channels {
+            channels.push(open_channel(&connection).await?);
+        }
+        Ok(Session {
+            connection: Arc::new(connection),
+            channels,
+            url: url.clone(),
+            stall: Arc::new(StallWatch::new(config.stall_timeout())),
+            declared,
+        })
+    })
+    .await
+    .unwrap_or(Err(ConnectError::Timeout { url, timeout }))
+}
+
+/// Declares or checks the topology; true if it declared all of it.
+async fn ensure_topology(
+    config: &AmqpConfig,
+    connection: &Connection,
+    url: &str,
+    topology: Topology,
+) -> Result<bool, ConnectError> {
+    if topology == Topology::Check || !config.declare {
+        let Some(missing) = topology::missing_exchange(config, connection).await? else {
+            return Ok(false);
+        };
+        if !config.declare {
+            return Err(ConnectError::ExchangeMissing {
+                url: url.to_owned(),
+                exchange: missing,
+            });
+        }
+        tracing::warn!(
+            exchange = %missing,
+            url,
+            "the exchange is gone from the broker; declaring the topology again"
+        );
+    }
+    topology::declare(config, connection).await?;
+    Ok(true)
+}
+
+async fn open_channel(connection: &Connection) -> Result<Channel, ConnectError> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(ConnectError::Channel)?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(ConnectError::Channel)?;
+    Ok(channel)
+}
+
+/// Checks passively that the exchanges the relay publishes through exist, and declares the
+/// topology again (with `amqp.declare`) if one is gone; true if it declared.
+pub(crate) async fn check_topology(
+    config: &AmqpConfig,
+    session: &Session,
+) -> Result<bool, ConnectError> {
+    ensure_topology(config, &session.connection, &session.url, Topology::Check).await
+}
+
+/// The same connection with its closed channels re-opened. A channel dies of a
+/// channel-level error, e.g. a publish to an exchange that was deleted: so the exchange is
+/// checked first, and the topology declared again if it is gone.
+pub(crate) async fn reopen_channels(
+    config: &AmqpConfig,
+    old: &Session,
+) -> Result<Session, ConnectError> {
+    let declared = ensure_topology(config, &old.connection, &old.url, Topology::Check).await?;
+    let mut channels = Vec::with_capacity(old.channels.len());
+    for channel in &old.channels {
+        if channel.status().connected() {
+            channels.push(channel.clone());
+        } else {
+            channels.push(open_channel(&old.connection).await?);
+        }
+    }
+    Ok(Session {
+        connection: Arc::clone(&old.connection),
+        channels,
+        url: old.url.clone(),
+        stall: Arc::clone(&old.stall),
+        declared,
+    })
+}
+
+/// Connects to the first node that answers, declares the topology, and disconnects: for
+/// `hirehop-relay topology --apply` (which declares whatever `amqp.declare` says).
+pub async fn declare_topology_once(config: &AmqpConfig) -> Result<(), ConnectError> {
+    let config = AmqpConfig {
+        declare: true,
+        ..config.clone()
+    };
+    let mut last = None;
+    for node in config.nodes() {
+        match open_session(&config, node, Topology::Declare).await {
+            Ok(session) => {
+                let _ = session
+                    .connection
+                    .close(200, "topology declared".into())
+                    .await;
+                return Ok(());
+            }
+            Err(err) if err.is_fatal() => return Err(err),
+            Err(err) => last = Some(err),
+        }
+    }
+    Err(last.unwrap_or(ConnectError::Cancelled))
+}
+
+/// Exponential backoff from 100 ms up to `max`, with jitter between half and all of the
+/// step, so many relays losing the same broker do not reconnect in lockstep.
+pub fn backoff(attempt: u32, max: Duration) -> Duration {
+    let step = Duration::from_millis(100)
+        .saturating_mul(2u32.saturating_pow(attempt.min(20)))
+        .min(max);
+    let half = step / 2;
+    half + half.mul_f64(fastrand::f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_exponentially_within_jitter_and_is_capped() {
+        let max = Duration::from_secs(30);
+        for attempt in 0..40 {
+            let nominal = Duration::from_millis(100)
+                .saturating_mul(2u32.saturating_pow(attempt.min(20)))
+                .min(max);
+            for _ in 0..20 {
+                let delay = backoff(attempt, max);
+                assert!(
+                    delay >= nominal / 2 && delay <= nominal,
+                    "{attempt}: {delay:?}"
+                );
+            }
+        }
+        assert!(backoff(100, max) <= max);
+        assert!(backoff(0, max) <= Duration::from_millis(100));
+    }
+}

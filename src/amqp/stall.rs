@@ -1,0 +1,338 @@
+//! Telling a broker that stopped answering from one that is slow: the stall watch of one
+//! connection.
+//!
+//! A hung broker (a GC pause, a stuck disk, a frozen VM, a network that drops packets instead
+//! of resetting) keeps its TCP connection open and simply stops answering, so nothing fails:
+//! publishes wait for confirms that do not come. The watch calls a connection stalled when
+//! a publish has waited `amqp.stall_timeout_ms` and the broker has answered nothing on that
+//! connection since the publish was handed to it. A broker that is slow but alive keeps
+//! confirming *something* (confirms come in batches, as its disk commits), so a long queue
+//! of publishes behind a slow commit is not a stall; a broker that blocked publishing
+//! (`connection.blocked`: a resource alarm) has said why it is silent, so neither is that,
+//! though a publish waiting on it gives up after the threshold all the same (its webhook goes
+//! to the spool) instead of holding its request until the alarm clears.
+//!
+//! The oldest waiting publish is the first to see the silence; it marks the connection
+//! stalled, which fails every other publish waiting on it at once (their webhooks go to the
+//! spool) and wakes the supervisor, which abandons the connection. An idle connection has no
+//! publish to notice anything: the heartbeat covers that case (see `connect`).
+
+use std::future::Future;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// What the broker has answered on one connection, and whether it stopped.
+pub(crate) struct StallWatch {
+    threshold: Duration,
+    opened: Instant,
+    /// When the broker last answered a publish on this connection, in µs since `opened`.
+    last_answer_us: AtomicU64,
+    /// Publishes waiting for the broker on this connection right now.
+    waiting: AtomicUsize,
+    stalled: CancellationToken,
+    stall: OnceLock<Stall>,
+}
+
+/// A stall as it was noticed, for the log and `/readyz`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stall {
+    /// How long the broker had been silent with a publish waiting.
+    pub silent_for: Duration,
+    /// Publishes that were waiting on the connection when the stall was noticed: each went
+    /// to the spool and may reach the broker twice.
+    pub waiting: usize,
+}
+
+/// Why waiting for the broker ended without an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Silence {
+    /// The deadline of the publish passed first.
+    Deadline,
+    /// The broker has blocked publishing (a resource alarm) and did not answer within the
+    /// threshold. The connection is not stalled.
+    Blocked,
+    /// The connection is stalled (noticed by this wait or another).
+    Stalled(Stall),
+}
+
+impl StallWatch {
+    pub(crate) fn new(threshold: Duration) -> StallWatch {
+        StallWatch {
+            threshold,
+            opened: Instant::now(),
+            last_answer_us: AtomicU64::new(0),
+            waiting: AtomicUsize::new(0),
+            stalled: CancellationToken::new(),
+            stall: OnceLock::new(),
+        }
+    }
+
+    pub(crate) fn is_stalled(&self) -> bool {
+        self.stalled.is_cancelled()
+    }
+
+    /// Resolves once the connection is called stalled.
+    pub(crate) async fn stalled(&self) -> Stall {
+        self.stalled.cancelled().await;
+        self.stall.get().copied().unwrap_or(Stall {
+            silent_for: self.threshold,
+            waiting: 0,
+        })
+    }
+
+    /// Waits for `answer`, the broker's answer to a publish handed to it at `since` (its
+    /// confirm), until `deadline`. Gives up at once when the connection is stalled, and calls
+    /// it stalled when the broker answers nothing for the threshold after `since`. `blocked`
+    /// says whether the broker has blocked publishing, which explains a silence: the wait
+    /// then ends after the threshold without calling the connection stalled.
+    pub(crate) async fn answer<T, E>(
+        &self,
+        since: Instant,
+        deadline: Instant,
+        answer: impl Future<Output = Result<T, E>>,
+        blocked: impl Fn() -> bool,
+    ) -> Result<Result<T, E>, Silence> {
+        self.wait(since, deadline, answer, blocked, true).await
+    }
+
+    /// As [`Self::answer`], for handing the publish over (`basic.publish`), which can wait on
+    /// a full socket. Its end is not an answer from the broker.
+    pub(crate) async fn send<T, E>(
+        &self,
+        since: Instant,
+        deadline: Instant,
+        sending: impl Future<Output = Result<T, E>>,
+        blocked: impl Fn() -> bool,
+    ) -> Result<Result<T, E>, Silence> {
+        self.wait(since, deadline, sending, blocked, false).await
+    }
+
+    async fn wait<T, E>(
+        &self,
+        since: Instant,
+        deadline: Instant,
+        answer: impl Future<Output = Result<T, E>>,
+        blocked: impl Fn() -> bool,
+        is_answer: bool,
+    ) -> Result<Result<T, E>, Silence> {
+        if let Some(stall) = self.stall.get().copied() {
+            return Err(Silence::Stalled(stall));
+        }
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let _waiting = Waiting(&self.waiting);
+        tokio::pin!(answer);
+        loop {
+            let check = (since.max(self.last_answer()) + self.threshold).min(deadline);
+            tokio::select! {
+                // An answer that is already there wins over a timer that fired with it.
+                biased;
+                answered = &mut answer => {
+                    if is_answer {
+                        self.answered();
+                    }
+                    return Ok(answered);
+                }
+                stall = self.stalled() => return Err(Silence::Stalled(stall)),
+                () = tokio::time::sleep_until(check) => {}
+            }
+            let now = Instant::now();
+            let silent_for = now - since.max(self.last_answer());
+            let silent_throughout = since >= self.last_answer();
+            if (silent_for >= self.threshold || now >= deadline) && blocked() {
+                return Err(Silence::Blocked);
+            }
+            // A deadline shorter than the threshold still proves a silence that long.
+            if silent_for >= self.threshold || (now >= deadline && silent_throughout) {
+                return Err(Silence::Stalled(self.call_stalled(silent_for)));
+            }
+            if now >= deadline {
+                return Err(Silence::Deadline);
+            }
+        }
+    }
+
+    /// Marks the connection stalled (once): every wait on it ends now.
+    fn call_stalled(&self, silent_for: Duration) -> Stall {
+        let stall = *self.stall.get_or_init(|| Stall {
+            silent_for,
+            waiting: self.waiting.load(Ordering::Relaxed),
+        });
+        self.stalled.cancel();
+        stall
+    }
+
+    fn answered(&self) {
+        let us = u64::try_from(self.opened.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.last_answer_us.fetch_max(us, Ordering::Relaxed);
+    }
+
+    fn last_answer(&self) -> Instant {
+        self.opened + Duration::from_micros(self.last_answer_us.load(Ordering::Relaxed))
+    }
+}
+
+/// Counts one wait for as long as it lasts, however it ends (dropped included).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+
+    const THRESHOLD: Duration = Duration::from_millis(1000);
+    const LONG: Duration = Duration::from_secs(5);
+
+    fn never() -> impl Future<Output = Result<(), ()>> {
+        std::future::pending()
+    }
+
+    async fn after(delay: Duration) -> Result<(), ()> {
+        tokio::time::sleep(delay).await;
+        Ok(())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silence_past_the_threshold_is_a_stall_that_ends_every_wait() {
+        let watch = Arc::new(StallWatch::new(THRESHOLD));
+        let start = Instant::now();
+        // A later publish waits too; it must end when the first one notices.
+        let later = {
+            let watch = Arc::clone(&watch);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let since = Instant::now();
+                (
+                    watch.answer(since, since + LONG, never(), || false).await,
+                    since.elapsed(),
+                )
+            })
+        };
+        let first = watch.answer(start, start + LONG, never(), || false).await;
+        assert_eq!(start.elapsed(), THRESHOLD);
+        let Err(Silence::Stalled(stall)) = first else {
+            panic!("{first:?}");
+        };
+        assert_eq!(stall.silent_for, THRESHOLD);
+        assert_eq!(stall.waiting, 2);
+        let (second, waited) = later.await.unwrap();
+        assert_eq!(second, Err(Silence::Stalled(stall)));
+        assert_eq!(waited, Duration::from_millis(700));
+        assert!(watch.is_stalled());
+        // A publish that comes after the stall does not wait at all.
+        let now = Instant::now();
+        assert!(matches!(
+            watch
+                .answer(now, now + LONG, after(Duration::ZERO), || false)
+                .await,
+            Err(Silence::Stalled(_))
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_broker_that_keeps_answering_is_not_stalled() {
+        let watch = Arc::new(StallWatch::new(THRESHOLD));
+        let start = Instant::now();
+        // Publishes every 200 ms, answered every 500 ms from 0.8 s on: a backlog grows, and
+        // the later ones wait up to 3.5 s, far over the threshold, but the broker is never
+        // silent for that long.
+        let answers: Vec<_> = (0..10u32)
+            .map(|i| {
+                let watch = Arc::clone(&watch);
+                tokio::spawn(async move {
+                    let since = start + Duration::from_millis(200) * i;
+                    tokio::time::sleep_until(since).await;
+                    let answered_at = start + Duration::from_millis(800 + 500 * u64::from(i));
+                    let answer = async move {
+                        tokio::time::sleep_until(answered_at).await;
+                        Ok::<_, ()>(())
+                    };
+                    watch.answer(since, since + LONG, answer, || false).await
+                })
+            })
+            .collect();
+        for answer in answers {
+            assert_eq!(answer.await.unwrap(), Ok(Ok(())));
+        }
+        assert!(!watch.is_stalled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_blocked_broker_is_silent_for_a_reason_and_not_waited_out() {
+        let watch = StallWatch::new(THRESHOLD);
+        let blocked = AtomicBool::new(true);
+        let start = Instant::now();
+        let waited = watch
+            .answer(start, start + LONG, never(), || {
+                blocked.load(Ordering::SeqCst)
+            })
+            .await;
+        assert_eq!(waited, Err(Silence::Blocked));
+        assert_eq!(start.elapsed(), THRESHOLD);
+        assert!(!watch.is_stalled());
+        // Once the alarm clears, publishes are answered as before.
+        blocked.store(false, Ordering::SeqCst);
+        let now = Instant::now();
+        let answered = watch
+            .answer(now, now + LONG, after(Duration::from_millis(200)), || false)
+            .await;
+        assert_eq!(answered, Ok(Ok(())));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn handing_publishes_over_is_not_an_answer() {
+        let watch = Arc::new(StallWatch::new(THRESHOLD));
+        let start = Instant::now();
+        // A hung broker's socket still takes bytes for a while: sends keep completing.
+        let sends = {
+            let watch = Arc::clone(&watch);
+            tokio::spawn(async move {
+                for _ in 0..9 {
+                    let since = Instant::now();
+                    let sent = after(Duration::from_millis(100));
+                    let _ = watch.send(since, since + LONG, sent, || false).await;
+                }
+            })
+        };
+        let waited = watch.answer(start, start + LONG, never(), || false).await;
+        assert!(matches!(waited, Err(Silence::Stalled(_))), "{waited:?}");
+        assert_eq!(start.elapsed(), THRESHOLD);
+        sends.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_before_the_threshold_with_no_answer_is_a_stall_too() {
+        let watch = StallWatch::new(Duration::from_secs(10));
+        let start = Instant::now();
+        let waited = watch.answer(start, start + LONG, never(), || false).await;
+        assert!(matches!(waited, Err(Silence::Stalled(s)) if s.silent_for == LONG));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_after_answers_to_others_is_only_a_deadline() {
+        let watch = Arc::new(StallWatch::new(Duration::from_secs(10)));
+        let start = Instant::now();
+        let other = {
+            let watch = Arc::clone(&watch);
+            tokio::spawn(async move {
+                let answer = after(Duration::from_secs(1));
+                watch.answer(start, start + LONG, answer, || false).await
+            })
+        };
+        let waited = watch.answer(start, start + LONG, never(), || false).await;
+        assert_eq!(waited, Err(Silence::Deadline));
+        assert_eq!(other.await.unwrap(), Ok(Ok(())));
+        assert!(!watch.is_stalled());
+    }
+}
