@@ -129,7 +129,10 @@ start_node() {
 await_node() {
   local n=$1
   if ! ctl "$n" wait "$(pid_file "$n")" --timeout "$wait_secs" >/dev/null; then
-    die "node $(node_name "$n") did not start; its log: $dir/log/$(node_name "$n").log"
+    local log=$dir/log/$(node_name "$n").log
+    echo "the end of $log:" >&2
+    tail -n 40 "$log" >&2 2>/dev/null || true
+    die "node $(node_name "$n") did not start within ${wait_secs}s"
   fi
 }
 
