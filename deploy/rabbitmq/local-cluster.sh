@@ -37,6 +37,8 @@ nodes=${CLUSTER_NODES:-3}
 base_port=${CLUSTER_PORT:-5681}
 dir=${CLUSTER_DIR:-${TMPDIR:-/tmp}/hirehop-relay-cluster-$name}
 wait_secs=120
+# A node or CLI tool that crashes writes its dump here, not into the working directory.
+export ERL_CRASH_DUMP=$dir/erl_crash.dump
 
 if [[ -z ${RABBITMQ_BIN:-} ]]; then
   if [[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]]; then
