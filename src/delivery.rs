@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::amqp::{PublishError, Publisher, backoff};
 use crate::message::Message;
 use crate::metrics::Metrics;
-use crate::spool::{Depth, Spool, SpoolError};
+use crate::spool::{Spool, SpoolError};
 
 /// The most webhooks replayed per batch (and confirms in flight during replay).
 const REPLAY_BATCH: usize = 256;
@@ -49,71 +49,6 @@ pub struct Delivery {
     publisher: Publisher,
     spool: Option<Spool>,
     metrics: Arc<Metrics>,
-}
-
-/// The parts `/readyz` reports.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Health {
-    pub broker: BrokerState,
-    /// Why the broker is not `Connected`, for a person.
-    pub broker_error: Option<String>,
-    pub spool: Option<SpoolHealth>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BrokerState {
-    Connected,
-    /// Connected, but publishing is blocked by a resource alarm.
-    Blocked,
-    /// The broker stopped answering; the relay abandoned the connection and has no new one
-    /// yet.
-    Stalled,
-    Disconnected,
-}
-
-impl BrokerState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BrokerState::Connected => "connected",
-            BrokerState::Blocked => "blocked",
-            BrokerState::Stalled => "stalled",
-            BrokerState::Disconnected => "disconnected",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SpoolHealth {
-    pub depth: Depth,
-    /// False while the spool is full or its writes fail.
-    pub accepting: bool,
-    /// Why writes fail, while they do.
-    pub error: Option<Arc<str>>,
-}
-
-impl Health {
-    /// Safe to send webhooks here: they go straight to a confirming broker, or the spool
-    /// takes them. While the spool is not empty, webhooks queue behind it, so then only the
-    /// spool's state counts.
-    pub fn ready(&self) -> bool {
-        let behind_spool = self.spool.as_ref().is_some_and(|s| s.depth.records > 0);
-        let direct = self.broker == BrokerState::Connected && !behind_spool;
-        direct || self.spool.as_ref().is_some_and(|s| s.accepting)
-    }
-
-    /// `ok`; `degraded` (accepting, but into the spool, or the spool is still draining, or
-    /// it could not take a webhook the broker failed to confirm); or `unavailable`.
-    pub fn status(&self) -> &'static str {
-        let spool_ok = self
-            .spool
-            .as_ref()
-            .is_none_or(|s| s.depth.records == 0 && s.accepting);
-        match (self.broker, self.ready()) {
-            (_, false) => "unavailable",
-            (BrokerState::Connected, true) if spool_ok => "ok",
-            (_, true) => "degraded",
-        }
-    }
 }
 
 impl Delivery {
@@ -191,28 +126,6 @@ impl Delivery {
             Err(err) => self.metrics.publish(err.outcome()),
         }
         result
-    }
-
-    pub fn health(&self) -> Health {
-        let (broker, broker_error) = match self.publisher.outage() {
-            Some(outage) if outage.stalled => (BrokerState::Stalled, Some(outage.reason)),
-            Some(outage) => (BrokerState::Disconnected, Some(outage.reason)),
-            None if self.publisher.is_blocked() => (
-                BrokerState::Blocked,
-                Some("the broker blocked publishing (a memory or disk alarm)".to_owned()),
-            ),
-            None => (BrokerState::Connected, None),
-        };
-        let spool = self.spool.as_ref().map(|spool| SpoolHealth {
-            depth: spool.depth(),
-            accepting: spool.is_accepting(),
-            error: spool.write_error(),
-        });
-        Health {
-            broker,
-            broker_error,
-            spool,
-        }
     }
 }
 
@@ -340,48 +253,4 @@ async fn replay_batch(
         tracing::error!(%event, error = %err, "replay of a spooled webhook failed; will retry");
     }
     Ok(prefix == batch.len())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn health(broker: BrokerState, records: u64, accepting: bool) -> Health {
-        Health {
-            broker,
-            broker_error: None,
-            spool: Some(SpoolHealth {
-                depth: Depth {
-                    records,
-                    bytes: records * 100,
-                },
-                accepting,
-                error: None,
-            }),
-        }
-    }
-
-    #[test]
-    fn readiness_follows_where_the_next_webhook_would_go() {
-        use BrokerState::*;
-        // Straight to a confirming broker.
-        assert_eq!(health(Connected, 0, true).status(), "ok");
-        // A spool that cannot take a webhook is a warning while the broker confirms.
-        assert!(health(Connected, 0, false).ready());
-        assert_eq!(health(Connected, 0, false).status(), "degraded");
-        // Into the spool: fine while it accepts.
-        assert_eq!(health(Disconnected, 3, true).status(), "degraded");
-        assert_eq!(health(Blocked, 0, true).status(), "degraded");
-        assert_eq!(health(Stalled, 0, true).status(), "degraded");
-        assert!(!health(Stalled, 0, false).ready());
-        // Behind a full spool, even with the broker up, the next webhook gets 503.
-        assert_eq!(health(Connected, 3, false).status(), "unavailable");
-        assert!(!health(Disconnected, 0, false).ready());
-        let no_spool = Health {
-            broker: Disconnected,
-            broker_error: None,
-            spool: None,
-        };
-        assert_eq!(no_spool.status(), "unavailable");
-    }
 }

@@ -24,7 +24,8 @@
 //!    is sent once it is fsynced on disk; [`delivery::replay`] drains the spool later.
 //!
 //! Around it: [`config`] loads everything once at startup; [`signal`] turns SIGTERM/SIGINT
-//! into the shutdown future that [`run`] takes, and SIGHUP into key reloads; [`metrics`]
+//! into the shutdown future that [`run`] takes, and SIGHUP into key reloads; [`health`] says
+//! whether a webhook sent now would be kept (`/readyz`, on both listeners); [`metrics`]
 //! counts what happens; [`rejection_log`] logs what strangers cause without letting a flood
 //! into the log; [`tracecontext`] carries W3C trace context into the message;
 //! [`send`], [`status`], [`amqp::tail`], [`amqp::replay`] and [`amqp::requeue`] are the
@@ -38,6 +39,7 @@ pub mod auth;
 pub mod config;
 pub mod delivery;
 pub mod envelope;
+pub mod health;
 pub mod message;
 pub mod metrics;
 pub mod rejection_log;

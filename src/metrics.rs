@@ -27,7 +27,7 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 use crate::config::Config;
-use crate::delivery::{BrokerState, Health};
+use crate::health::{BrokerState, Health};
 
 /// Every `reason` of `hirehop_relay_rejections_total`: what
 /// [`Rejection::reason`](crate::webhook::Rejection::reason) gives.
@@ -701,7 +701,7 @@ mod tests {
         let health = Health {
             broker: BrokerState::Connected,
             broker_error: None,
-            spool: Some(crate::delivery::SpoolHealth {
+            spool: Some(crate::health::SpoolHealth {
                 depth: Depth {
                     records: 2,
                     bytes: 300,

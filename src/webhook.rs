@@ -30,6 +30,7 @@ use crate::auth::KeyStore;
 use crate::config::HttpConfig;
 use crate::delivery::{Delivery, DeliveryError, Outcome};
 use crate::envelope::{Envelope, EnvelopeError};
+use crate::health::{Health, Probe};
 use crate::message::Message;
 use crate::metrics;
 use crate::rejection_log::{RejectionLog, event_at};
@@ -274,13 +275,60 @@ pub async fn handle(
 
 /// The `route` label: a fixed set, whatever path a client invents.
 fn route_name(app: &App, path: &str) -> &'static str {
-    match path {
-        _ if path == app.http.path => "webhook",
-        "/healthz" => "healthz",
-        "/readyz" => "readyz",
-        "/metrics" if app.metrics_here => "metrics",
-        _ => "other",
+    if path == app.http.path {
+        return "webhook";
     }
+    Endpoint::at(path, app.metrics_here).map_or("other", Endpoint::route)
+}
+
+/// What both listeners serve besides webhooks: the health probes, and `/metrics` where it
+/// is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Probe(Probe),
+    Metrics,
+}
+
+impl Endpoint {
+    fn at(path: &str, metrics_here: bool) -> Option<Endpoint> {
+        match path {
+            "/metrics" if metrics_here => Some(Endpoint::Metrics),
+            _ => Probe::at(path).map(Endpoint::Probe),
+        }
+    }
+
+    fn route(self) -> &'static str {
+        match self {
+            Endpoint::Probe(Probe::Liveness) => "healthz",
+            Endpoint::Probe(Probe::Readiness) => "readyz",
+            Endpoint::Metrics => "metrics",
+        }
+    }
+}
+
+/// Any path but the webhook's, answered alike on both listeners: an [`Endpoint`] to `GET`
+/// and `HEAD`, anything else a rejection.
+fn endpoint<B>(
+    request: &Request<B>,
+    delivery: &Delivery,
+    metrics_here: bool,
+) -> Result<Response<Full<Bytes>>, Rejection> {
+    let endpoint = Endpoint::at(request.uri().path(), metrics_here).ok_or(Rejection::NotFound)?;
+    if !matches!(*request.method(), Method::GET | Method::HEAD) {
+        return Err(Rejection::MethodNotAllowed { allow: "GET, HEAD" });
+    }
+    Ok(match endpoint {
+        Endpoint::Probe(probe) => {
+            let (status, body) = probe.answer(|| health(delivery));
+            json_response(status, body)
+        }
+        Endpoint::Metrics => metrics(delivery, request),
+    })
+}
+
+/// The broker connection and the spool, as they are now.
+fn health(delivery: &Delivery) -> Health {
+    Health::of(delivery.publisher(), delivery.spool())
 }
 
 async fn dispatch(
@@ -308,15 +356,7 @@ async fn dispatch(
             }),
         };
     }
-    match (route_name(app, path), method) {
-        ("healthz", &Method::GET | &Method::HEAD) => Ok(alive()),
-        ("readyz", &Method::GET | &Method::HEAD) => Ok(readiness(&app.delivery)),
-        ("metrics", &Method::GET | &Method::HEAD) => Ok(metrics(&app.delivery, &request)),
-        ("healthz" | "readyz" | "metrics", _) => {
-            Err(Rejection::MethodNotAllowed { allow: "GET, HEAD" })
-        }
-        _ => Err(Rejection::NotFound),
-    }
+    endpoint(&request, &app.delivery, app.metrics_here)
 }
 
 /// The service of the `metrics.listen` listener: `/metrics` and the health endpoints (for
@@ -325,30 +365,19 @@ pub async fn handle_metrics_listener(
     delivery: Delivery,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    if let Err(rejection) = check_host(&request) {
-        return Ok(rejection_response(&rejection, 0));
-    }
-    let path = request.uri().path();
-    Ok(match (path, request.method()) {
-        ("/metrics", &Method::GET | &Method::HEAD) => metrics(&delivery, &request),
-        ("/healthz", &Method::GET | &Method::HEAD) => alive(),
-        ("/readyz", &Method::GET | &Method::HEAD) => readiness(&delivery),
-        ("/metrics" | "/healthz" | "/readyz", _) => {
-            rejection_response(&Rejection::MethodNotAllowed { allow: "GET, HEAD" }, 0)
-        }
-        _ => rejection_response(&Rejection::NotFound, 0),
-    })
+    let answer = check_host(&request).and_then(|()| endpoint(&request, &delivery, true));
+    Ok(answer.unwrap_or_else(|rejection| rejection_response(&rejection, 0)))
 }
 
 /// `GET /metrics` (on whichever listener serves it), in the format the scraper asks for.
-pub fn metrics<B>(delivery: &Delivery, request: &Request<B>) -> Response<Full<Bytes>> {
+fn metrics<B>(delivery: &Delivery, request: &Request<B>) -> Response<Full<Bytes>> {
     let accept = request
         .headers()
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok());
     let format = metrics::Format::negotiate(accept);
     let text = delivery.metrics().render(
-        &delivery.health(),
+        &health(delivery),
         metrics::BrokerCounts {
             reconnects: delivery.publisher().reconnects(),
             stalls: delivery.publisher().stalls(),
@@ -543,38 +572,6 @@ fn rejection_response(rejection: &Rejection, retry_after_secs: u64) -> Response<
         _ => {}
     }
     response
-}
-
-/// The process answers, so it is alive.
-pub fn alive() -> Response<Full<Bytes>> {
-    json_response(StatusCode::OK, r#"{"status":"ok"}"#.to_owned())
-}
-
-/// 200 while a webhook sent here would be kept (broker confirming, or spool accepting), with
-/// the parts in the body; 503 otherwise.
-pub fn readiness(delivery: &Delivery) -> Response<Full<Bytes>> {
-    let health = delivery.health();
-    let mut body =
-        serde_json::json!({ "status": health.status(), "broker": health.broker.as_str() });
-    if let Some(error) = &health.broker_error {
-        body["broker_error"] = error.as_str().into();
-    }
-    if let Some(spool) = &health.spool {
-        body["spool"] = serde_json::json!({
-            "accepting": spool.accepting,
-            "messages": spool.depth.records,
-            "bytes": spool.depth.bytes,
-        });
-        if let Some(error) = &spool.error {
-            body["spool"]["error"] = error.as_ref().into();
-        }
-    }
-    let status = if health.ready() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    json_response(status, body.to_string())
 }
 
 fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {

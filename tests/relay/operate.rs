@@ -159,14 +159,14 @@ async fn metrics_can_move_off_the_webhook_port() {
     let metrics = get(metrics_addr, "/metrics").await.unwrap();
     assert_eq!(metrics.status, StatusCode::OK);
     assert!(String::from_utf8_lossy(&metrics.body).contains("hirehop_relay_build_info"));
-    assert_eq!(
-        get(metrics_addr, "/healthz").await.unwrap().status,
-        StatusCode::OK
-    );
-    assert_eq!(
-        get(metrics_addr, "/readyz").await.unwrap().status,
-        StatusCode::OK
-    );
+    // The probes answer there as on the webhook port, bodies included.
+    for path in ["/healthz", "/readyz"] {
+        let there = get(metrics_addr, path).await.unwrap();
+        let here = get(relay.addr(), path).await.unwrap();
+        assert_eq!(there.status, StatusCode::OK, "{path}");
+        assert_eq!(there.headers["content-type"], "application/json", "{path}");
+        assert_eq!(there.json(), here.json(), "{path}");
+    }
     let webhook_there = get(metrics_addr, "/webhooks/hirehop").await.unwrap();
     assert_eq!(webhook_there.status, StatusCode::NOT_FOUND);
     // Only reads: anything else is 405 with the methods that are allowed.
