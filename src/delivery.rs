@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::amqp::{PublishError, Publisher, backoff};
 use crate::message::Message;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, PublishOutcome};
 use crate::spool::{Spool, SpoolError};
 
 /// The most webhooks replayed per batch (and confirms in flight during replay).
@@ -101,13 +101,13 @@ impl Delivery {
         let record = message.encode().map_err(SpoolError::Io)?;
         match spool.append(record).await {
             Ok(()) => {
-                self.metrics.publish("spooled");
+                self.metrics.publish(PublishOutcome::spooled);
                 Ok(Outcome::Spooled)
             }
             Err(err) => {
                 let outcome = match err {
-                    SpoolError::Full { .. } => "spool_full",
-                    _ => "spool_error",
+                    SpoolError::Full { .. } => PublishOutcome::spool_full,
+                    _ => PublishOutcome::spool_error,
                 };
                 self.metrics.publish(outcome);
                 Err(err.into())
@@ -121,11 +121,25 @@ impl Delivery {
         match &result {
             Ok(()) => {
                 self.metrics.confirm_latency(started.elapsed());
-                self.metrics.publish("ack");
+                self.metrics.publish(PublishOutcome::ack);
             }
-            Err(err) => self.metrics.publish(err.outcome()),
+            Err(err) => self.metrics.publish(outcome(err)),
         }
         result
+    }
+}
+
+/// How a publish that was not confirmed counts in `hirehop_relay_publishes_total`.
+fn outcome(err: &PublishError) -> PublishOutcome {
+    match err {
+        PublishError::Unavailable => PublishOutcome::unavailable,
+        PublishError::Timeout(_) => PublishOutcome::timeout,
+        PublishError::Stalled(_) => PublishOutcome::stalled,
+        PublishError::Blocked => PublishOutcome::blocked,
+        PublishError::Nacked => PublishOutcome::nack,
+        PublishError::Returned(_) => PublishOutcome::returned,
+        PublishError::Refused(_) => PublishOutcome::refused,
+        PublishError::Failed(_) => PublishOutcome::error,
     }
 }
 

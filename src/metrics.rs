@@ -6,12 +6,18 @@
 //! ones (later names fold into `other`, and only authenticated webhooks count, so a stranger
 //! cannot grow the series). Never a key, a body or a peer address.
 //!
-//! The label values of fixed sets (rejection reasons, delivery outcomes, connection error
-//! kinds) exist at zero from the start: a series that first appears at 1 shows no increase
-//! to `rate()` or `increase()`, so an alert on the first `spool_full` would never fire.
+//! A label of a fixed set of values takes an enum of those values ([`Route`],
+//! [`RejectionReason`], [`PublishOutcome`], [`ConnectionErrorKind`], [`TlsFailure`]), each
+//! value written once, in `labels.rs`. Those of rejection reasons, delivery outcomes,
+//! connection error kinds and TLS failures exist at zero from the start: a series that first
+//! appears at 1 shows no increase to `rate()` or `increase()`, so an alert on the first
+//! `spool_full` would never fire.
 
+mod labels;
 #[cfg(target_os = "linux")]
 mod process;
+
+pub use labels::{ConnectionErrorKind, PublishOutcome, RejectionReason, Route, TlsFailure};
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -28,82 +34,6 @@ use prometheus_client::registry::Registry;
 
 use crate::config::Config;
 use crate::health::{BrokerState, Health};
-
-/// Every `reason` of `hirehop_relay_rejections_total`: what
-/// [`Rejection::reason`](crate::webhook::Rejection::reason) gives.
-pub const REJECTION_REASONS: &[&str] = &[
-    "bad_host",
-    "not_found",
-    "forbidden",
-    "method_not_allowed",
-    "overloaded",
-    "too_large",
-    "body_timeout",
-    "body_read",
-    "bad_json",
-    "bad_key",
-    "rate_limited",
-    "stale",
-    "bad_event",
-    "broker_unavailable",
-    "unroutable",
-    "queue_refused",
-    "spool_full",
-    "spool_failed",
-    "delivery_aborted",
-];
-
-/// The reasons among [`REJECTION_REASONS`] answered with 503: a webhook the relay could not
-/// keep, which HireHop never sends again.
-pub const REFUSAL_REASONS: &[&str] = &[
-    "overloaded",
-    "broker_unavailable",
-    "unroutable",
-    "queue_refused",
-    "spool_full",
-    "spool_failed",
-    "delivery_aborted",
-];
-
-/// Every `outcome` of `hirehop_relay_publishes_total`.
-pub const PUBLISH_OUTCOMES: &[&str] = &[
-    "ack",
-    "nack",
-    "returned",
-    "refused",
-    "timeout",
-    "unavailable",
-    "stalled",
-    "blocked",
-    "error",
-    "spooled",
-    "spool_full",
-    "spool_error",
-];
-
-/// Every `kind` of `hirehop_relay_connection_errors_total`.
-pub const CONNECTION_ERROR_KINDS: &[&str] = &[
-    "header_timeout",
-    "headers_too_large",
-    "bad_request",
-    "tls_handshake",
-    "over_limit",
-    "over_ip_limit",
-    "io",
-];
-
-/// Every `reason` of `hirehop_relay_tls_handshake_failures_total`.
-pub const TLS_HANDSHAKE_FAILURES: &[&str] = &[
-    "timeout",
-    "plain_http",
-    "not_tls",
-    "certificate_rejected",
-    "client_alert",
-    "incompatible",
-    "protocol",
-    "closed",
-    "io",
-];
 
 /// How `/metrics` is written: chosen per scrape by [`Format::negotiate`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,28 +80,33 @@ impl Format {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    route: &'static str,
+    route: Route,
     status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
-    route: &'static str,
+    route: Route,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ReasonLabels {
-    reason: &'static str,
+struct RejectionLabels {
+    reason: RejectionReason,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
-    outcome: &'static str,
+    outcome: PublishOutcome,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
-    kind: &'static str,
+    kind: ConnectionErrorKind,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TlsFailureLabels {
+    reason: TlsFailure,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -186,7 +121,7 @@ pub struct Metrics {
     request_seconds: Family<RouteLabels, Histogram>,
     in_flight: Gauge,
     connections: Gauge,
-    rejections: Family<ReasonLabels, Counter>,
+    rejections: Family<RejectionLabels, Counter>,
     publishes: Family<OutcomeLabels, Counter>,
     confirm_seconds: Histogram,
     webhooks: Family<EventLabels, Counter>,
@@ -200,7 +135,7 @@ pub struct Metrics {
     replayed: Counter,
     replay_failures: Counter,
     connection_errors: Family<KindLabels, Counter>,
-    tls_handshake_failures: Family<ReasonLabels, Counter>,
+    tls_handshake_failures: Family<TlsFailureLabels, Counter>,
     events: EventNames,
     /// One scrape at a time: state gauges are refreshed, then everything encoded.
     render: Mutex<()>,
@@ -227,6 +162,12 @@ impl EventNames {
         }
         "other".to_owned()
     }
+}
+
+/// `values` as a help text lists them: `a, b, c`.
+fn listed<L: Copy>(values: &[L], as_str: fn(L) -> &'static str) -> String {
+    let names: Vec<&str> = values.iter().map(|&value| as_str(value)).collect();
+    names.join(", ")
 }
 
 fn latency_histogram() -> Histogram {
@@ -265,7 +206,7 @@ impl Metrics {
             "Connections open now, on the webhook port and the metrics listener",
             connections.clone(),
         );
-        let rejections = Family::<ReasonLabels, Counter>::default();
+        let rejections = Family::<RejectionLabels, Counter>::default();
         registry.register(
             "rejections",
             "Requests not accepted, by reason",
@@ -274,7 +215,10 @@ impl Metrics {
         let publishes = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "publishes",
-            "Webhook deliveries by outcome (ack, nack, returned, refused, timeout, unavailable, error, spooled, spool_full, spool_error)",
+            format!(
+                "Webhook deliveries by outcome ({})",
+                listed(PublishOutcome::ALL, PublishOutcome::as_str)
+            ),
             publishes.clone(),
         );
         let confirm_seconds = latency_histogram();
@@ -346,13 +290,19 @@ impl Metrics {
         let connection_errors = Family::<KindLabels, Counter>::default();
         registry.register(
             "connection_errors",
-            "Connections ended early, by kind (header_timeout, headers_too_large, bad_request, tls_handshake, over_limit, over_ip_limit, io)",
+            format!(
+                "Connections ended early, by kind ({})",
+                listed(ConnectionErrorKind::ALL, ConnectionErrorKind::as_str)
+            ),
             connection_errors.clone(),
         );
-        let tls_handshake_failures = Family::<ReasonLabels, Counter>::default();
+        let tls_handshake_failures = Family::<TlsFailureLabels, Counter>::default();
         registry.register(
             "tls_handshake_failures",
-            "TLS handshakes that failed, by reason (timeout, plain_http, not_tls, certificate_rejected, client_alert, incompatible, protocol, closed, io)",
+            format!(
+                "TLS handshakes that failed, by reason ({})",
+                listed(TlsFailure::ALL, TlsFailure::as_str)
+            ),
             tls_handshake_failures.clone(),
         );
         registry.register(
@@ -388,23 +338,25 @@ impl Metrics {
                 certificate_expiry.clone(),
             );
         }
-        for &reason in REJECTION_REASONS {
-            rejections.get_or_create(&ReasonLabels { reason }).inc_by(0);
+        for &reason in RejectionReason::ALL {
+            rejections
+                .get_or_create(&RejectionLabels { reason })
+                .inc_by(0);
         }
-        for &outcome in PUBLISH_OUTCOMES {
+        for &outcome in PublishOutcome::ALL {
             publishes
                 .get_or_create(&OutcomeLabels { outcome })
                 .inc_by(0);
         }
-        for &kind in CONNECTION_ERROR_KINDS {
+        for &kind in ConnectionErrorKind::ALL {
             connection_errors
                 .get_or_create(&KindLabels { kind })
                 .inc_by(0);
         }
         if config.tls.cert_file.is_some() {
-            for &reason in TLS_HANDSHAKE_FAILURES {
+            for &reason in TlsFailure::ALL {
                 tls_handshake_failures
-                    .get_or_create(&ReasonLabels { reason })
+                    .get_or_create(&TlsFailureLabels { reason })
                     .inc_by(0);
             }
         }
@@ -441,7 +393,7 @@ impl Metrics {
         }
     }
 
-    pub fn request(&self, route: &'static str, status: u16, elapsed: Duration) {
+    pub fn request(&self, route: Route, status: u16, elapsed: Duration) {
         self.requests
             .get_or_create(&RequestLabels { route, status })
             .inc();
@@ -462,13 +414,13 @@ impl Metrics {
         InFlight(&self.connections)
     }
 
-    pub fn rejection(&self, reason: &'static str) {
+    pub fn rejection(&self, reason: RejectionReason) {
         self.rejections
-            .get_or_create(&ReasonLabels { reason })
+            .get_or_create(&RejectionLabels { reason })
             .inc();
     }
 
-    pub fn publish(&self, outcome: &'static str) {
+    pub fn publish(&self, outcome: PublishOutcome) {
         self.publishes
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
@@ -483,15 +435,15 @@ impl Metrics {
         self.webhooks.get_or_create(&EventLabels { event }).inc();
     }
 
-    pub fn connection_error(&self, kind: &'static str) {
+    pub fn connection_error(&self, kind: ConnectionErrorKind) {
         self.connection_errors
             .get_or_create(&KindLabels { kind })
             .inc();
     }
 
-    pub fn tls_handshake_failure(&self, reason: &'static str) {
+    pub fn tls_handshake_failure(&self, reason: TlsFailure) {
         self.tls_handshake_failures
-            .get_or_create(&ReasonLabels { reason })
+            .get_or_create(&TlsFailureLabels { reason })
             .inc();
     }
 
@@ -572,9 +524,7 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
-    use crate::amqp::PublishError;
-    use crate::spool::{Depth, SpoolError};
-    use crate::webhook::Rejection;
+    use crate::spool::Depth;
 
     fn config(env: &[(&str, &str)]) -> Config {
         let mut map: HashMap<String, String> =
@@ -681,15 +631,15 @@ mod tests {
     fn fixed_label_values_exist_at_zero_before_the_first_event() {
         let metrics = Metrics::new(&config(&[]));
         let text = metrics.render(&connected(), BrokerCounts::default(), Format::Text);
-        for reason in REJECTION_REASONS {
+        for reason in RejectionReason::ALL.iter().map(|r| r.as_str()) {
             let series = format!("hirehop_relay_rejections_total{{reason=\"{reason}\"}} 0\n");
             assert!(text.contains(&series), "no {series} in {text}");
         }
-        for outcome in PUBLISH_OUTCOMES {
+        for outcome in PublishOutcome::ALL.iter().map(|o| o.as_str()) {
             let series = format!("hirehop_relay_publishes_total{{outcome=\"{outcome}\"}} 0\n");
             assert!(text.contains(&series), "no {series} in {text}");
         }
-        for kind in CONNECTION_ERROR_KINDS {
+        for kind in ConnectionErrorKind::ALL.iter().map(|k| k.as_str()) {
             let series = format!("hirehop_relay_connection_errors_total{{kind=\"{kind}\"}} 0\n");
             assert!(text.contains(&series), "no {series} in {text}");
         }
@@ -748,76 +698,5 @@ mod tests {
         );
         assert_eq!(Format::negotiate(Some("application/json")), Format::Text);
         assert_eq!(Format::negotiate(Some(",;;q=,")), Format::Text);
-    }
-
-    /// One rejection of every kind. The `match` has no wildcard, so a new variant does not
-    /// compile until it is added here, and so to the checks below.
-    fn every_rejection() -> Vec<Rejection> {
-        let all = vec![
-            Rejection::BadHost("no host"),
-            Rejection::NotFound,
-            Rejection::Forbidden,
-            Rejection::MethodNotAllowed { allow: "GET" },
-            Rejection::Overloaded,
-            Rejection::TooLarge { limit: 1 },
-            Rejection::BodyTimeout,
-            Rejection::BodyRead("reset".into()),
-            Rejection::Envelope(crate::envelope::EnvelopeError::NotAnObject),
-            Rejection::MissingKey,
-            Rejection::WrongKey,
-            Rejection::KeyFailuresLimited {
-                retry_after_secs: 1,
-            },
-            Rejection::Stale,
-            Rejection::MissingEvent,
-            Rejection::BadEvent(crate::routing::EventNameError::Empty),
-            Rejection::Unavailable(PublishError::Unavailable),
-            Rejection::Unroutable(PublishError::Returned("NO_ROUTE".into())),
-            Rejection::QueueRefused(PublishError::Refused("no".into())),
-            Rejection::SpoolFull(SpoolError::Full { max_bytes: 1 }),
-            Rejection::SpoolFailed(SpoolError::Closed),
-            Rejection::DeliveryAborted("panic".into()),
-        ];
-        for rejection in &all {
-            match rejection {
-                Rejection::BadHost(_)
-                | Rejection::NotFound
-                | Rejection::Forbidden
-                | Rejection::MethodNotAllowed { .. }
-                | Rejection::Overloaded
-                | Rejection::TooLarge { .. }
-                | Rejection::BodyTimeout
-                | Rejection::BodyRead(_)
-                | Rejection::Envelope(_)
-                | Rejection::MissingKey
-                | Rejection::WrongKey
-                | Rejection::KeyFailuresLimited { .. }
-                | Rejection::Stale
-                | Rejection::MissingEvent
-                | Rejection::BadEvent(_)
-                | Rejection::Unavailable(_)
-                | Rejection::Unroutable(_)
-                | Rejection::QueueRefused(_)
-                | Rejection::SpoolFull(_)
-                | Rejection::SpoolFailed(_)
-                | Rejection::DeliveryAborted(_) => {}
-            }
-        }
-        all
-    }
-
-    #[test]
-    fn reason_lists_match_the_rejections() {
-        let all = every_rejection();
-        let reasons: HashSet<&str> = all.iter().map(Rejection::reason).collect();
-        let listed: HashSet<&str> = REJECTION_REASONS.iter().copied().collect();
-        assert_eq!(reasons, listed, "REJECTION_REASONS");
-        let refusals: HashSet<&str> = all
-            .iter()
-            .filter(|r| r.status() == hyper::StatusCode::SERVICE_UNAVAILABLE)
-            .map(Rejection::reason)
-            .collect();
-        let listed: HashSet<&str> = REFUSAL_REASONS.iter().copied().collect();
-        assert_eq!(refusals, listed, "REFUSAL_REASONS");
     }
 }

@@ -31,7 +31,7 @@ use tracing::Level;
 
 use crate::access::Source;
 use crate::config::HttpConfig;
-use crate::metrics::Metrics;
+use crate::metrics::{ConnectionErrorKind as Kind, Metrics, TlsFailure};
 use crate::rejection_log::RejectionLog;
 use crate::tls::Tls;
 
@@ -103,8 +103,9 @@ pub async fn serve<H, F>(
         else {
             // One client may not take the whole table: closed at once, before any TLS or
             // HTTP work, so it costs no more than the accept.
-            metrics.connection_error("over_ip_limit");
-            if rejections.first(source, "over_ip_limit", Level::WARN, "connections") {
+            metrics.connection_error(Kind::over_ip_limit);
+            let reason = Kind::over_ip_limit.as_str();
+            if rejections.first(source, reason, Level::WARN, "connections") {
                 tracing::warn!(
                     %peer,
                     max = http.max_connections_per_ip,
@@ -131,10 +132,11 @@ pub async fn serve<H, F>(
             // Over the cap: one quick 503 and the connection is closed, instead of holding
             // memory for it. The whole connection gets one header read timeout, since on
             // HTTP/2 a client could otherwise keep asking on it.
-            if rejections.first(source, "over_limit", Level::WARN, "connections") {
+            let reason = Kind::over_limit.as_str();
+            if rejections.first(source, reason, Level::WARN, "connections") {
                 tracing::warn!(%peer, max = http.max_connections, "too many connections; refusing new ones");
             }
-            metrics.connection_error("over_limit");
+            metrics.connection_error(Kind::over_limit);
             let refuse = move |_, request: Request<Incoming>| async move {
                 Ok::<_, Infallible>(busy(request.version(), retry_after_secs))
             };
@@ -200,11 +202,11 @@ impl Connection {
                 Ok(Ok(0)) => {} // Closed without a word.
                 Ok(Ok(_)) => self.serve(stream, handler).await,
                 Ok(Err(err)) => {
-                    self.metrics.connection_error("io");
+                    self.metrics.connection_error(Kind::io);
                     tracing::debug!(peer = %self.peer, error = %err, "connection failed");
                 }
                 Err(_) => {
-                    self.metrics.connection_error("header_timeout");
+                    self.metrics.connection_error(Kind::header_timeout);
                     tracing::debug!(peer = %self.peer, "client sent nothing in time");
                 }
             }
@@ -218,45 +220,46 @@ impl Connection {
             () = self.stop.cancelled() => return,
         };
         let (failure, error) = match hello {
-            Err(_) => ("timeout", None),
-            Ok(Err(err)) => ("io", Some(err)),
+            Err(_) => (TlsFailure::timeout, None),
+            Ok(Err(err)) => (TlsFailure::io, Some(err)),
             Ok(Ok(None)) => return, // Closed without a word.
             // A TLS record of type handshake.
             Ok(Ok(Some(0x16))) => {
                 match tokio::time::timeout_at(deadline, tls.acceptor.accept(stream)).await {
                     Ok(Ok(stream)) => return self.serve(stream, handler).await,
                     Ok(Err(err)) => (handshake_failure(&err), Some(err)),
-                    Err(_) => ("timeout", None),
+                    Err(_) => (TlsFailure::timeout, None),
                 }
             }
             // A request line (`GET /`, `POST /`, ...): someone forgot the s in https.
             Ok(Ok(Some(byte))) if byte.is_ascii_uppercase() => {
-                self.handshake_failed("plain_http", None);
+                self.handshake_failed(TlsFailure::plain_http, None);
                 return answer_plain_http(stream, deadline).await;
             }
-            Ok(Ok(Some(_))) => ("not_tls", None),
+            Ok(Ok(Some(_))) => (TlsFailure::not_tls, None),
         };
         self.handshake_failed(failure, error);
     }
 
     /// Counts a failed handshake, and logs it through the rejection log.
-    fn handshake_failed(&self, failure: &'static str, error: Option<io::Error>) {
-        self.metrics.connection_error("tls_handshake");
+    fn handshake_failed(&self, failure: TlsFailure, error: Option<io::Error>) {
+        self.metrics.connection_error(Kind::tls_handshake);
         self.metrics.tls_handshake_failure(failure);
         let source = Source::of(self.peer.ip());
         // Clients that refuse the certificate are the operator's business (an expired or
         // wrong certificate); every other failure is the client's, and logs at debug.
-        let level = if failure == "certificate_rejected" {
+        let level = if failure == TlsFailure::certificate_rejected {
             Level::WARN
         } else {
             Level::DEBUG
         };
+        let reason = failure.as_str();
         if self
             .rejections
-            .first(source, failure, level, "TLS handshakes")
+            .first(source, reason, level, "TLS handshakes")
         {
             let error = error.map(|err| err.to_string());
-            crate::rejection_log::event_at!(level, peer = %self.peer, reason = failure, error, "TLS handshake failed");
+            crate::rejection_log::event_at!(level, peer = %self.peer, reason, error, "TLS handshake failed");
         }
     }
 
@@ -291,7 +294,7 @@ impl Connection {
             () = idle(&activity, self.timeout) => {
                 // hyper closes an idle HTTP/1 connection itself at about this time, but not
                 // an HTTP/2 one, nor one whose protocol it is still detecting.
-                self.metrics.connection_error("header_timeout");
+                self.metrics.connection_error(Kind::header_timeout);
                 tracing::debug!(%peer, "connection idle for the header read timeout; closing it");
                 connection.as_mut().graceful_shutdown();
                 // A client that ignores the GOAWAY is cut off one timeout later.
@@ -302,13 +305,13 @@ impl Connection {
         if let Err(err) = result {
             let kind = match err.downcast_ref::<hyper::Error>() {
                 // Slow-loris: headers not sent in time (or an idle keep-alive connection).
-                Some(err) if err.is_timeout() => "header_timeout",
-                Some(err) if err.is_parse_too_large() => "headers_too_large",
-                Some(err) if err.is_parse() => "bad_request",
-                _ => "io",
+                Some(err) if err.is_timeout() => Kind::header_timeout,
+                Some(err) if err.is_parse_too_large() => Kind::headers_too_large,
+                Some(err) if err.is_parse() => Kind::bad_request,
+                _ => Kind::io,
             };
             self.metrics.connection_error(kind);
-            tracing::debug!(%peer, error = %err, kind, "connection ended with an error");
+            tracing::debug!(%peer, error = %err, kind = kind.as_str(), "connection ended with an error");
         }
     }
 }
@@ -347,7 +350,7 @@ async fn answer_plain_http(mut stream: TcpStream, deadline: tokio::time::Instant
 }
 
 /// The `tls_handshake_failures_total` reason of a failed handshake.
-fn handshake_failure(err: &io::Error) -> &'static str {
+fn handshake_failure(err: &io::Error) -> TlsFailure {
     use tokio_rustls::rustls::{AlertDescription, Error};
     match err.get_ref().and_then(|e| e.downcast_ref::<Error>()) {
         Some(Error::AlertReceived(
@@ -357,12 +360,12 @@ fn handshake_failure(err: &io::Error) -> &'static str {
             | AlertDescription::CertificateExpired
             | AlertDescription::CertificateUnknown
             | AlertDescription::UnknownCA,
-        )) => "certificate_rejected",
-        Some(Error::AlertReceived(_)) => "client_alert",
-        Some(Error::PeerIncompatible(_) | Error::NoApplicationProtocol) => "incompatible",
-        Some(_) => "protocol",
-        None if err.kind() == io::ErrorKind::UnexpectedEof => "closed",
-        None => "io",
+        )) => TlsFailure::certificate_rejected,
+        Some(Error::AlertReceived(_)) => TlsFailure::client_alert,
+        Some(Error::PeerIncompatible(_) | Error::NoApplicationProtocol) => TlsFailure::incompatible,
+        Some(_) => TlsFailure::protocol,
+        None if err.kind() == io::ErrorKind::UnexpectedEof => TlsFailure::closed,
+        None => TlsFailure::io,
     }
 }
 

@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::metrics::REFUSAL_REASONS;
+use crate::metrics::{ConnectionErrorKind, PublishOutcome, RejectionReason};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
@@ -144,12 +144,11 @@ fn summarize(url: &str, ready: bool, readiness: &Value, metrics: &str) -> Status
         match sample.name {
             "hirehop_relay_build_info" => status.version = Some(label("version").to_owned()),
             "hirehop_relay_webhooks_total" => status.accepted.add(label("event"), sample.value),
-            "hirehop_relay_publishes_total" if label("outcome") == "ack" => {
-                status.confirmed = sample.value as u64;
-            }
-            "hirehop_relay_publishes_total" if label("outcome") == "spooled" => {
-                status.spooled = sample.value as u64;
-            }
+            "hirehop_relay_publishes_total" => match PublishOutcome::parse(label("outcome")) {
+                Some(PublishOutcome::ack) => status.confirmed = sample.value as u64,
+                Some(PublishOutcome::spooled) => status.spooled = sample.value as u64,
+                _ => {}
+            },
             "hirehop_relay_spool_replayed_total" => status.replayed = sample.value as u64,
             "hirehop_relay_spool_max_bytes" => {
                 if let Some(spool) = &mut status.spool {
@@ -158,18 +157,20 @@ fn summarize(url: &str, ready: bool, readiness: &Value, metrics: &str) -> Status
             }
             "hirehop_relay_rejections_total" => {
                 let reason = label("reason");
-                if REFUSAL_REASONS.contains(&reason) {
+                if RejectionReason::parse(reason).is_some_and(RejectionReason::is_refusal) {
                     status.refused.add(reason, sample.value);
                 } else {
                     status.rejected.add(reason, sample.value);
                 }
             }
-            "hirehop_relay_connection_errors_total"
-                if matches!(label("kind"), "over_limit" | "over_ip_limit") =>
-            {
-                status
-                    .refused
-                    .add(&format!("connection_{}", label("kind")), sample.value);
+            "hirehop_relay_connection_errors_total" => {
+                use ConnectionErrorKind as Kind;
+                if let Some(kind @ (Kind::over_limit | Kind::over_ip_limit)) =
+                    Kind::parse(label("kind"))
+                {
+                    let refused = format!("connection_{}", kind.as_str());
+                    status.refused.add(&refused, sample.value);
+                }
             }
             _ => {}
         }

@@ -32,7 +32,7 @@ use crate::delivery::{Delivery, DeliveryError, Outcome};
 use crate::envelope::{Envelope, EnvelopeError};
 use crate::health::{Health, Probe};
 use crate::message::Message;
-use crate::metrics;
+use crate::metrics::{self, RejectionReason, Route};
 use crate::rejection_log::{RejectionLog, event_at};
 use crate::routing::{EventNameError, RoutingTemplate};
 use crate::spool::SpoolError;
@@ -153,28 +153,29 @@ impl Rejection {
         }
     }
 
-    /// A stable, low-cardinality name for logs.
-    pub fn reason(&self) -> &'static str {
+    /// A stable, low-cardinality name for logs and metrics.
+    pub fn reason(&self) -> RejectionReason {
+        use RejectionReason as R;
         match self {
-            Rejection::BadHost(_) => "bad_host",
-            Rejection::NotFound => "not_found",
-            Rejection::Forbidden => "forbidden",
-            Rejection::MethodNotAllowed { .. } => "method_not_allowed",
-            Rejection::Overloaded => "overloaded",
-            Rejection::TooLarge { .. } => "too_large",
-            Rejection::BodyTimeout => "body_timeout",
-            Rejection::BodyRead(_) => "body_read",
-            Rejection::Envelope(_) => "bad_json",
-            Rejection::MissingKey | Rejection::WrongKey => "bad_key",
-            Rejection::KeyFailuresLimited { .. } => "rate_limited",
-            Rejection::Stale => "stale",
-            Rejection::MissingEvent | Rejection::BadEvent(_) => "bad_event",
-            Rejection::Unavailable(_) => "broker_unavailable",
-            Rejection::Unroutable(_) => "unroutable",
-            Rejection::QueueRefused(_) => "queue_refused",
-            Rejection::SpoolFull(_) => "spool_full",
-            Rejection::SpoolFailed(_) => "spool_failed",
-            Rejection::DeliveryAborted(_) => "delivery_aborted",
+            Rejection::BadHost(_) => R::bad_host,
+            Rejection::NotFound => R::not_found,
+            Rejection::Forbidden => R::forbidden,
+            Rejection::MethodNotAllowed { .. } => R::method_not_allowed,
+            Rejection::Overloaded => R::overloaded,
+            Rejection::TooLarge { .. } => R::too_large,
+            Rejection::BodyTimeout => R::body_timeout,
+            Rejection::BodyRead(_) => R::body_read,
+            Rejection::Envelope(_) => R::bad_json,
+            Rejection::MissingKey | Rejection::WrongKey => R::bad_key,
+            Rejection::KeyFailuresLimited { .. } => R::rate_limited,
+            Rejection::Stale => R::stale,
+            Rejection::MissingEvent | Rejection::BadEvent(_) => R::bad_event,
+            Rejection::Unavailable(_) => R::broker_unavailable,
+            Rejection::Unroutable(_) => R::unroutable,
+            Rejection::QueueRefused(_) => R::queue_refused,
+            Rejection::SpoolFull(_) => R::spool_full,
+            Rejection::SpoolFailed(_) => R::spool_failed,
+            Rejection::DeliveryAborted(_) => R::delivery_aborted,
         }
     }
 
@@ -232,7 +233,7 @@ pub async fn handle(
     // Time-ordered, so message ids sort by arrival; doubles as the request id in logs.
     let request_id = uuid::Uuid::now_v7().to_string();
     let trace = TraceContext::from_headers(request.headers());
-    let route = route_name(&app, request.uri().path());
+    let route = route_of(&app, request.uri().path());
     let client = app.access.client_ip(peer.ip(), request.headers());
     let span = tracing::info_span!(
         "request",
@@ -257,7 +258,7 @@ pub async fn handle(
         let (reason, level) = (rejection.reason(), rejection.level());
         if app
             .rejections
-            .first(Source::of(client), reason, level, "requests")
+            .first(Source::of(client), reason.as_str(), level, "requests")
         {
             span.in_scope(|| log_rejection(&rejection, level));
         }
@@ -274,11 +275,11 @@ pub async fn handle(
 }
 
 /// The `route` label: a fixed set, whatever path a client invents.
-fn route_name(app: &App, path: &str) -> &'static str {
+fn route_of(app: &App, path: &str) -> Route {
     if path == app.http.path {
-        return "webhook";
+        return Route::webhook;
     }
-    Endpoint::at(path, app.metrics_here).map_or("other", Endpoint::route)
+    Endpoint::at(path, app.metrics_here).map_or(Route::other, Endpoint::route)
 }
 
 /// What both listeners serve besides webhooks: the health probes, and `/metrics` where it
@@ -297,11 +298,11 @@ impl Endpoint {
         }
     }
 
-    fn route(self) -> &'static str {
+    fn route(self) -> Route {
         match self {
-            Endpoint::Probe(Probe::Liveness) => "healthz",
-            Endpoint::Probe(Probe::Readiness) => "readyz",
-            Endpoint::Metrics => "metrics",
+            Endpoint::Probe(Probe::Liveness) => Route::healthz,
+            Endpoint::Probe(Probe::Readiness) => Route::readyz,
+            Endpoint::Metrics => Route::metrics,
         }
     }
 }
@@ -546,7 +547,7 @@ fn join(mut chunks: Vec<Bytes>) -> Bytes {
 
 fn log_rejection(rejection: &Rejection, level: Level) {
     let status = rejection.status().as_u16();
-    let reason = rejection.reason();
+    let reason = rejection.reason().as_str();
     if rejection.is_server_side() {
         let source = std::error::Error::source(rejection).map(ToString::to_string);
         event_at!(level, status, reason, error = %rejection, cause = source, "webhook not accepted");
@@ -597,6 +598,8 @@ fn with_type(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     use super::*;
 
     #[test]
@@ -628,5 +631,76 @@ mod tests {
             Rejection::Overloaded.status(),
             StatusCode::SERVICE_UNAVAILABLE
         );
+    }
+
+    /// One rejection of every kind. The `match` has no wildcard, so a new variant does not
+    /// compile until it is added here, and so to the checks below.
+    fn every_rejection() -> Vec<Rejection> {
+        let all = vec![
+            Rejection::BadHost("no host"),
+            Rejection::NotFound,
+            Rejection::Forbidden,
+            Rejection::MethodNotAllowed { allow: "GET" },
+            Rejection::Overloaded,
+            Rejection::TooLarge { limit: 1 },
+            Rejection::BodyTimeout,
+            Rejection::BodyRead("reset".into()),
+            Rejection::Envelope(EnvelopeError::NotAnObject),
+            Rejection::MissingKey,
+            Rejection::WrongKey,
+            Rejection::KeyFailuresLimited {
+                retry_after_secs: 1,
+            },
+            Rejection::Stale,
+            Rejection::MissingEvent,
+            Rejection::BadEvent(EventNameError::Empty),
+            Rejection::Unavailable(PublishError::Unavailable),
+            Rejection::Unroutable(PublishError::Returned("NO_ROUTE".into())),
+            Rejection::QueueRefused(PublishError::Refused("no".into())),
+            Rejection::SpoolFull(SpoolError::Full { max_bytes: 1 }),
+            Rejection::SpoolFailed(SpoolError::Closed),
+            Rejection::DeliveryAborted("panic".into()),
+        ];
+        for rejection in &all {
+            match rejection {
+                Rejection::BadHost(_)
+                | Rejection::NotFound
+                | Rejection::Forbidden
+                | Rejection::MethodNotAllowed { .. }
+                | Rejection::Overloaded
+                | Rejection::TooLarge { .. }
+                | Rejection::BodyTimeout
+                | Rejection::BodyRead(_)
+                | Rejection::Envelope(_)
+                | Rejection::MissingKey
+                | Rejection::WrongKey
+                | Rejection::KeyFailuresLimited { .. }
+                | Rejection::Stale
+                | Rejection::MissingEvent
+                | Rejection::BadEvent(_)
+                | Rejection::Unavailable(_)
+                | Rejection::Unroutable(_)
+                | Rejection::QueueRefused(_)
+                | Rejection::SpoolFull(_)
+                | Rejection::SpoolFailed(_)
+                | Rejection::DeliveryAborted(_) => {}
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn every_reason_is_a_rejections_and_refusals_are_the_503s() {
+        let all = every_rejection();
+        let reasons: HashSet<RejectionReason> = all.iter().map(Rejection::reason).collect();
+        let listed: HashSet<RejectionReason> = RejectionReason::ALL.iter().copied().collect();
+        assert_eq!(reasons, listed, "a reason no rejection gives");
+        for rejection in &all {
+            assert_eq!(
+                rejection.reason().is_refusal(),
+                rejection.status() == StatusCode::SERVICE_UNAVAILABLE,
+                "{rejection:?}"
+            );
+        }
     }
 }

@@ -11,6 +11,9 @@
 //!   changed on one side only, or a key the code no longer has, fails here. The fields of
 //!   `[[amqp.queues]]` and `[[auth.companies]]` entries are found by loading the example
 //!   entries of `deploy/relay.toml`.
+//! - The metrics reference (the table of `docs/operating.md` whose columns are `metric`,
+//!   `type`, `labels`, `what`) lists, for each label of a fixed set of values, exactly the
+//!   values the code exports.
 //! - The README shows, once, the test command `.ci/run` runs.
 //! - Every relative link and `#anchor` in every markdown file resolves, and every repository
 //!   path written as code (`src/...`, `tests/...`, `deploy/...`) exists.
@@ -18,11 +21,14 @@
 //! Only the library's public API is used, so moving code inside `src/` does not touch this
 //! test.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use hirehop_relay::config::Config;
+use hirehop_relay::metrics::{
+    ConnectionErrorKind, PublishOutcome, RejectionReason, Route, TlsFailure,
+};
 use pulldown_cmark::{Event, Options, Parser, Tag, TagEnd};
 use serde_json::Value;
 
@@ -167,12 +173,20 @@ enum Documented {
     Words(String),
 }
 
-/// The cells of every table row in `text` whose header is `key | env var | default | meaning`,
-/// each cell as its code spans and text.
+/// The rows of every table in `text` whose header is `key | env var | default | meaning`.
 fn reference_rows(text: &str) -> Vec<Row> {
+    table_rows(text, &["key", "env var", "default", "meaning"])
+        .iter()
+        .map(|cells| row(cells))
+        .collect()
+}
+
+/// The body rows of every table in `text` whose header is `header`, each cell as its code
+/// spans and text.
+fn table_rows<'a>(text: &'a str, header: &[&str]) -> Vec<Vec<Vec<Event<'a>>>> {
     let mut rows = Vec::new();
     let mut cells: Vec<Vec<Event>> = Vec::new();
-    let mut in_reference = false;
+    let mut in_table = false;
     let mut in_head = false;
     for event in Parser::new_ext(text, Options::ENABLE_TABLES) {
         match event {
@@ -182,15 +196,15 @@ fn reference_rows(text: &str) -> Vec<Row> {
             }
             Event::End(TagEnd::TableHead) => {
                 in_head = false;
-                let header: Vec<String> = cells.iter().map(|cell| plain(cell)).collect();
-                in_reference = header == ["key", "env var", "default", "meaning"];
+                let found: Vec<String> = cells.iter().map(|cell| plain(cell)).collect();
+                in_table = found == header;
             }
             Event::Start(Tag::TableRow) => cells.clear(),
             Event::Start(Tag::TableCell) => cells.push(Vec::new()),
-            Event::End(TagEnd::TableRow) if in_reference && !in_head => {
-                rows.push(row(&cells));
+            Event::End(TagEnd::TableRow) if in_table && !in_head => {
+                rows.push(std::mem::take(&mut cells));
             }
-            Event::End(TagEnd::Table) => in_reference = false,
+            Event::End(TagEnd::Table) => in_table = false,
             Event::Code(_) | Event::Text(_) => {
                 if let Some(cell) = cells.last_mut() {
                     cell.push(event);
@@ -862,6 +876,78 @@ fn normalize(path: &Path) -> PathBuf {
         }
     }
     normal
+}
+
+// The metrics reference.
+
+/// The label values a metric's row documents: the code spans of its `what` cell written as
+/// values (lowercase words joined by `_`: not a setting such as `http.max_connections_per_ip`),
+/// other than the names of its labels.
+fn documented_values(rows: &[Vec<Vec<Event>>], metric: &str) -> BTreeSet<String> {
+    let cells = rows
+        .iter()
+        .find(|cells| code(&cells[0]).as_deref() == Some(metric))
+        .unwrap_or_else(|| panic!("{REFERENCE}: no row for the metric {metric}"));
+    let spans = |cell: &[Event]| -> Vec<String> {
+        cell.iter()
+            .filter_map(|event| match event {
+                Event::Code(text) => Some(text.to_string()),
+                _ => None,
+            })
+            .collect()
+    };
+    let labels = spans(&cells[2]);
+    spans(&cells[3])
+        .into_iter()
+        .filter(|span| span.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+        .filter(|span| !labels.contains(span))
+        .collect()
+}
+
+/// What the docs say each `reason`, `outcome`, `kind` or `route` can be is what the code
+/// exports: a value added to a label's enum fails here until the docs show it.
+/// The values of a label, as exported.
+fn exported<L: Copy>(values: &[L], as_str: fn(L) -> &'static str) -> BTreeSet<String> {
+    values
+        .iter()
+        .map(|&value| as_str(value).to_owned())
+        .collect()
+}
+
+/// What the docs say each `route`, `reason`, `outcome` or `kind` can be is what the code
+/// exports: a value added to a label's enum fails here until the docs show it.
+#[test]
+fn the_metrics_reference_lists_every_label_value_the_code_exports() {
+    let reference = read(REFERENCE);
+    let rows = table_rows(&reference, &["metric", "type", "labels", "what"]);
+    for (metric, values) in [
+        (
+            "hirehop_relay_http_requests_total",
+            exported(Route::ALL, Route::as_str),
+        ),
+        (
+            "hirehop_relay_rejections_total",
+            exported(RejectionReason::ALL, RejectionReason::as_str),
+        ),
+        (
+            "hirehop_relay_publishes_total",
+            exported(PublishOutcome::ALL, PublishOutcome::as_str),
+        ),
+        (
+            "hirehop_relay_connection_errors_total",
+            exported(ConnectionErrorKind::ALL, ConnectionErrorKind::as_str),
+        ),
+        (
+            "hirehop_relay_tls_handshake_failures_total",
+            exported(TlsFailure::ALL, TlsFailure::as_str),
+        ),
+    ] {
+        assert_eq!(
+            documented_values(&rows, metric),
+            values,
+            "{REFERENCE}: the label values of {metric}"
+        );
+    }
 }
 
 // CI's test command.

@@ -72,20 +72,6 @@ pub enum PublishError {
 }
 
 impl PublishError {
-    /// The outcome label for metrics.
-    pub fn outcome(&self) -> &'static str {
-        match self {
-            PublishError::Unavailable => "unavailable",
-            PublishError::Timeout(_) => "timeout",
-            PublishError::Stalled(_) => "stalled",
-            PublishError::Blocked => "blocked",
-            PublishError::Nacked => "nack",
-            PublishError::Returned(_) => "returned",
-            PublishError::Refused(_) => "refused",
-            PublishError::Failed(_) => "error",
-        }
-    }
-
     /// Whether publishing the same message again would fail the same way, so it must be
     /// refused now rather than spooled for a replay that can never succeed.
     pub fn is_permanent(&self) -> bool {
