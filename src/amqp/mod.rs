@@ -2,7 +2,8 @@
 //! check broker URLs at load.)
 //!
 //! - [`publisher`]: publishing with confirms, and the supervisor that keeps a connection.
-//! - [`connect`]: one connection to one node: heartbeat, topology check, channels, refusals.
+//! - [`connect`]: which node to try next, and one connection to it: heartbeat, topology
+//!   check, channels, refusals, close.
 //! - [`stall`]: telling a broker that stopped answering from a slow one.
 //! - [`topology`]: the exchanges, queues, bindings and history stream the config describes,
 //!   declared at the first connection and printed by `hirehop-relay topology`.
@@ -24,23 +25,8 @@ pub mod topology;
 
 use lapin::types::AMQPValue;
 
-pub use connect::{ConnectError, backoff, connect, declare_topology_once};
+pub use connect::{ConnectError, backoff, connect, connect_any, declare_topology_once};
 pub use publisher::{Outage, PublishError, Publisher, properties};
-
-/// A connection named `name` to the first node of `config` that answers: for the tools.
-pub async fn connect_any(
-    config: &crate::config::AmqpConfig,
-    name: &str,
-) -> Result<lapin::Connection, ConnectError> {
-    let mut last = None;
-    for node in config.nodes() {
-        match connect(config, node, name.to_owned()).await {
-            Ok(connection) => return Ok(connection),
-            Err(err) => last = Some(err),
-        }
-    }
-    Err(last.expect("config has at least one broker URL"))
-}
 
 /// An AMQP string (header or argument value).
 fn long_string(s: &str) -> AMQPValue {

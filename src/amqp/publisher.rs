@@ -33,7 +33,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::connect::{
-    ConnectError, Session, Topology, backoff, check_topology, open_session, reopen_channels,
+    ConnectError, Nodes, Session, Topology, backoff, check_topology, open_session, reopen_channels,
 };
 use crate::amqp::stall::{Silence, Stall, StallWatch};
 use crate::amqp::{integer, long_string, topology};
@@ -42,10 +42,6 @@ use crate::message::Message;
 
 /// How often, with history on, the supervisor checks that `amqp.exchange` still exists.
 const TOPOLOGY_CHECK: Duration = Duration::from_secs(10);
-
-/// How long closing the connection at shutdown may wait for the broker's answer: a hung
-/// broker never gives one, and the process must still exit.
-const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Why a message was not confirmed. Every variant means "not safely stored": the caller must
 /// not report the message as delivered.
@@ -469,20 +465,8 @@ impl Publisher {
             .map(|mut s| s.take())
             .ok()
             .flatten();
-        let Some(session) = session else {
-            return;
-        };
-        match tokio::time::timeout(CLOSE_WAIT, session.connection.close(200, "shutdown".into()))
-            .await
-        {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => {
-                tracing::warn!(error = %err, "failed to close the broker connection cleanly");
-            }
-            Err(_) => tracing::warn!(
-                url = %session.url,
-                "the broker did not answer the connection close in {CLOSE_WAIT:?}; leaving it"
-            ),
+        if let Some(session) = session {
+            session.close("shutdown").await;
         }
     }
 
@@ -542,8 +526,7 @@ enum Lost {
 
 /// Connects, then keeps the session healthy, until the publisher is closed.
 async fn supervise(inner: Arc<Inner>) {
-    let nodes = inner.config.nodes();
-    let mut node = 0;
+    let mut nodes = Nodes::new(&inner.config);
     let mut connected_once = false;
     // Why the last connection was given up, while no new one is up.
     let mut stalled: Option<String> = None;
@@ -559,7 +542,9 @@ async fn supervise(inner: Arc<Inner>) {
                 }
             }
             attempt += 1;
-            let url = nodes[node % nodes.len()];
+            // Each attempt goes to the node after the last one tried: another node of the
+            // cluster may be up.
+            let url = nodes.next();
             let topology = if inner.topology_ready.load(Ordering::Relaxed) {
                 Topology::Check
             } else {
@@ -591,8 +576,6 @@ async fn supervise(inner: Arc<Inner>) {
                     }));
                 }
             }
-            // Another node of the cluster may be up.
-            node += 1;
         };
         tracing::info!(
             url = %session.url,
@@ -644,7 +627,6 @@ async fn supervise(inner: Arc<Inner>) {
         };
         stalled = reason;
         inner.store(None);
-        node += 1;
     }
 }
 
