@@ -2,9 +2,9 @@
 //! URL, the topology it needs before publishing, the confirm-mode channels; what the broker's
 //! refusals mean; and closing it again.
 //!
-//! Every caller that looks for a node that answers goes through [`Nodes`]: the tools and
-//! `topology --apply` try each node once ([`Nodes::try_each`]), the publisher's supervisor
-//! goes round them for as long as the relay runs ([`Nodes::next`]).
+//! Every caller that looks for a node that answers goes through `Nodes`: the tools and
+//! `topology --apply` try each node once (`Nodes::try_each`), the publisher's supervisor goes
+//! round them for as long as the relay runs (`Nodes::next`).
 //!
 //! The topology is declared in full once per process (the first connection), or again when
 //! the exchange turns out to be gone. Every other connection only checks passively that the

@@ -2,7 +2,9 @@
 //! check broker URLs at load.)
 //!
 //! - [`publisher`]: publishing with confirms, and the supervisor that keeps a connection.
-//! - [`connect`]: which node to try next, and one connection to it: heartbeat, topology
+//! - [`properties`](mod@properties): the properties and headers of a published webhook, the consumer
+//!   contract (`docs/consumers.md`).
+//! - [`connect`](mod@connect): which node to try next, and one connection to it: heartbeat, topology
 //!   check, channels, refusals, close.
 //! - [`stall`]: telling a broker that stopped answering from a slow one.
 //! - [`topology`]: the exchanges, queues, bindings and history stream the config describes,
@@ -16,6 +18,7 @@
 
 pub mod connect;
 pub mod history;
+pub mod properties;
 pub mod publisher;
 pub mod replay;
 pub mod requeue;
@@ -26,7 +29,8 @@ pub mod topology;
 use lapin::types::AMQPValue;
 
 pub use connect::{ConnectError, backoff, connect, connect_any, declare_topology_once};
-pub use publisher::{Outage, PublishError, Publisher, properties};
+pub use properties::properties;
+pub use publisher::{Outage, PublishError, Publisher};
 
 /// An AMQP string (header or argument value).
 fn long_string(s: &str) -> AMQPValue {

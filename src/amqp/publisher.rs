@@ -14,20 +14,19 @@
 //! held hostage by a broker outage, and [`Publisher::outage`] says why for `/readyz`.
 //!
 //! The topology is declared at the first connection and checked on later ones (see
-//! [`connect`](crate::amqp::connect)); a per-event queue is declared once per process, the
+//! [`connect`](mod@crate::amqp::connect)); a per-event queue is declared once per process, the
 //! first time its event is published, by one webhook while the others of that event wait.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures_lite::StreamExt;
 use futures_lite::stream::Boxed;
 use lapin::options::BasicPublishOptions;
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Event};
-use sha2::{Digest, Sha256};
+use lapin::types::ShortString;
+use lapin::{Channel, Confirmation, Event};
 use tokio::sync::{Notify, OnceCell, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -35,8 +34,9 @@ use tokio_util::sync::CancellationToken;
 use crate::amqp::connect::{
     ConnectError, Nodes, Session, Topology, backoff, check_topology, open_session, reopen_channels,
 };
+use crate::amqp::properties::properties;
 use crate::amqp::stall::{Silence, Stall, StallWatch};
-use crate::amqp::{integer, long_string, topology};
+use crate::amqp::topology;
 use crate::config::AmqpConfig;
 use crate::message::Message;
 
@@ -98,51 +98,6 @@ pub struct Outage {
     /// What happened, for a person.
     pub reason: String,
 }
-/// The AMQP properties and headers that make up the consumer contract (see README).
-pub fn properties(message: &Message) -> BasicProperties {
-    let mut headers = FieldTable::default();
-    headers.insert("event".into(), long_string(&message.event));
-    if let Some(id) = message.company_id {
-        headers.insert("company_id".into(), integer(id));
-    }
-    if let Some(id) = message.user_id {
-        headers.insert("user_id".into(), integer(id));
-    }
-    // Strings made here are moved in, not copied again.
-    let received_at = humantime::format_rfc3339_millis(message.received_at).to_string();
-    headers.insert(
-        "received_at".into(),
-        AMQPValue::LongString(received_at.into()),
-    );
-    let body_sha256 = hex::encode(Sha256::digest(&message.body));
-    headers.insert(
-        "body_sha256".into(),
-        AMQPValue::LongString(body_sha256.into()),
-    );
-    if message.replayed {
-        headers.insert("replayed".into(), AMQPValue::Boolean(true));
-    }
-    if !message.traceparent.is_empty() {
-        headers.insert("traceparent".into(), long_string(&message.traceparent));
-    }
-    if let Some(state) = &message.tracestate {
-        headers.insert("tracestate".into(), long_string(state));
-    }
-    let timestamp = message
-        .received_at
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_delivery_mode(2) // persistent
-        .with_message_id(message.message_id.as_str().into())
-        .with_timestamp(timestamp)
-        .with_app_id("hirehop-relay".into())
-        // The event name fits: it passed the 255-byte routing key check.
-        .with_type(message.event.as_str().into())
-        .with_headers(headers)
-}
-
 /// Handle to the broker; cheap to clone.
 #[derive(Clone)]
 pub struct Publisher {
@@ -733,49 +688,5 @@ fn log_event(event: Option<Event>) {
         Some(Event::ConnectionUnblocked) => tracing::info!("broker unblocked publishing"),
         Some(_) => {}
         None => tracing::debug!("broker connection event stream ended"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::routing::RoutingKey;
-    use bytes::Bytes;
-
-    #[test]
-    fn properties_carry_the_consumer_contract() {
-        let received_at = UNIX_EPOCH + Duration::from_millis(1_648_540_242_123);
-        let message = Message {
-            routing_key: RoutingKey::new("", "job.updated").unwrap(),
-            event: "job.updated".into(),
-            body: Bytes::from_static(b"{}"),
-            message_id: "id-1".into(),
-            company_id: Some(1),
-            user_id: None,
-            received_at,
-            replayed: false,
-            traceparent: String::new(),
-            tracestate: None,
-        };
-        let props = properties(&message);
-        assert_eq!(props.delivery_mode(), &Some(2));
-        assert_eq!(props.timestamp(), &Some(1_648_540_242));
-        assert_eq!(
-            props.kind().as_ref().map(|s| s.as_str()),
-            Some("job.updated")
-        );
-        let headers = props.headers().as_ref().unwrap().inner();
-        assert_eq!(
-            headers.get("received_at"),
-            Some(&long_string("2022-03-29T07:50:42.123Z"))
-        );
-        assert_eq!(headers.get("company_id"), Some(&AMQPValue::LongLongInt(1)));
-        assert!(!headers.contains_key("user_id"));
-        assert_eq!(
-            headers.get("body_sha256"),
-            Some(&long_string(
-                "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
-            ))
-        );
     }
 }
