@@ -13,11 +13,13 @@
 //! fails fast with [`PublishError::Unavailable`] instead of waiting, so a webhook is never
 //! held hostage by a broker outage, and [`Publisher::outage`] says why for `/readyz`.
 //!
-//! The topology is declared at the first connection and checked on later ones (see
-//! [`connect`](mod@crate::amqp::connect)); a per-event queue is declared once per process, the
-//! first time its event is published, by one webhook while the others of that event wait.
+//! What it leaves to others: opening a connection to a node, and which node is next
+//! ([`connect`](mod@crate::amqp::connect), which also declares the topology at the first
+//! connection and checks it on later ones); the message's properties
+//! ([`properties`](mod@crate::amqp::properties)); per-event queues, which a publish waits for
+//! ([`topology`](crate::amqp::topology)); telling a stall from a slow broker
+//! ([`stall`](crate::amqp::stall)).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -27,7 +29,7 @@ use futures_lite::stream::Boxed;
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
 use lapin::{Channel, Confirmation, Event};
-use tokio::sync::{Notify, OnceCell, watch};
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -36,7 +38,7 @@ use crate::amqp::connect::{
 };
 use crate::amqp::properties::properties;
 use crate::amqp::stall::{Silence, Stall, StallWatch};
-use crate::amqp::topology;
+use crate::amqp::topology::EventQueues;
 use crate::config::AmqpConfig;
 use crate::message::Message;
 
@@ -118,9 +120,8 @@ struct Inner {
     /// Whether the whole topology was declared (or, with `amqp.declare = false`, found)
     /// once: later connections only check the exchange.
     topology_ready: AtomicBool,
-    /// Per-event queues by routing key: declared once per process (until the topology has
-    /// to be declared again), by one publish while the others of that key wait for it.
-    event_queues: Mutex<HashMap<String, Arc<OnceCell<()>>>>,
+    /// The per-event queues declared so far.
+    event_queues: EventQueues,
     /// Why there is no usable connection; `None` while connected.
     outage: Mutex<Option<Outage>>,
 }
@@ -149,7 +150,7 @@ impl Publisher {
             reconnects: AtomicU64::new(0),
             stalls: AtomicU64::new(0),
             topology_ready: AtomicBool::new(false),
-            event_queues: Mutex::new(HashMap::new()),
+            event_queues: EventQueues::default(),
             outage: Mutex::new(Some(Outage {
                 stalled: false,
                 reason: "connecting to the broker".to_owned(),
@@ -276,60 +277,30 @@ impl Publisher {
     }
 
     /// Declares the per-event queue for `routing_key` unless it was declared already, so that
-    /// no event is published with nobody to keep it. One publish declares; the others of the
-    /// same key wait for it (until `deadline`), and publishes of other keys go on meanwhile.
+    /// no event is published with nobody to keep it; waits at most until `deadline`, and not
+    /// past a stall.
     async fn ensure_event_queue(
         &self,
         session: &Session,
         routing_key: &str,
         deadline: Instant,
     ) -> Result<(), PublishError> {
-        let declared = Arc::clone(
-            self.inner
-                .event_queues
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(routing_key.to_owned())
-                .or_default(),
-        );
-        if declared.initialized() {
+        let Inner {
+            config,
+            event_queues,
+            ..
+        } = &*self.inner;
+        let Some(declaring) = event_queues.declaration(config, &session.connection, routing_key)
+        else {
             return Ok(());
-        }
-        let declaring = declared.get_or_try_init(|| self.declare_event_queue(session, routing_key));
+        };
         tokio::select! {
             declared = tokio::time::timeout_at(deadline, declaring) => match declared {
-                Ok(declared) => declared.map(drop),
-                Err(_) => Err(PublishError::Timeout(self.inner.config.confirm_timeout())),
+                Ok(declared) => declared.map_err(refused_event_queue),
+                Err(_) => Err(PublishError::Timeout(config.confirm_timeout())),
             },
             stall = session.stall.stalled() => Err(PublishError::Stalled(stall)),
         }
-    }
-
-    async fn declare_event_queue(
-        &self,
-        session: &Session,
-        routing_key: &str,
-    ) -> Result<(), PublishError> {
-        // On a channel of its own: a refused declaration closes its channel, and the
-        // publishing channels carry other webhooks' confirms.
-        let channel = session
-            .connection
-            .create_channel()
-            .await
-            .map_err(PublishError::Failed)?;
-        let declared =
-            topology::declare_event_queue(&self.inner.config, &channel, routing_key).await;
-        let _ = channel.close(200, "declared".into()).await;
-        declared.map_err(|err| {
-            tracing::error!(error = %err, "failed to declare a per-event queue");
-            match err {
-                _ if err.is_fatal() => PublishError::Refused(err.to_string()),
-                ConnectError::Topology { cause, .. } | ConnectError::Channel(cause) => {
-                    PublishError::Failed(cause)
-                }
-                _ => PublishError::Unavailable,
-            }
-        })
     }
 
     fn outcome(
@@ -446,6 +417,18 @@ impl Publisher {
     }
 }
 
+/// What a per-event queue that could not be declared means for the publish that needs it.
+fn refused_event_queue(err: ConnectError) -> PublishError {
+    tracing::error!(error = %err, "failed to declare a per-event queue");
+    match err {
+        _ if err.is_fatal() => PublishError::Refused(err.to_string()),
+        ConnectError::Topology { cause, .. } | ConnectError::Channel(cause) => {
+            PublishError::Failed(cause)
+        }
+        _ => PublishError::Unavailable,
+    }
+}
+
 impl Inner {
     fn set_outage(&self, outage: Option<Outage>) {
         *self.outage.lock().unwrap_or_else(|p| p.into_inner()) = outage;
@@ -456,10 +439,7 @@ impl Inner {
     fn store(&self, session: Option<Session>) {
         if session.as_ref().is_some_and(|s| s.declared) {
             self.topology_ready.store(true, Ordering::Relaxed);
-            self.event_queues
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clear();
+            self.event_queues.forget();
         }
         if let Ok(mut slot) = self.session.write() {
             // The old session is dropped, not closed: closing waits for the broker's answer,
