@@ -30,11 +30,13 @@ use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
 use lapin::{Channel, Confirmation, Event};
 use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::connect::{
-    ConnectError, Nodes, Session, Topology, backoff, check_topology, open_session, reopen_channels,
+    CLOSE_WAIT, ConnectError, Nodes, Session, Topology, backoff, check_topology, open_session,
+    reopen_channels,
 };
 use crate::amqp::properties::properties;
 use crate::amqp::stall::{Silence, Stall, StallWatch};
@@ -100,10 +102,13 @@ pub struct Outage {
     /// What happened, for a person.
     pub reason: String,
 }
+
 /// Handle to the broker; cheap to clone.
 #[derive(Clone)]
 pub struct Publisher {
     inner: Arc<Inner>,
+    /// The supervisor task, until [`Publisher::close`] has waited for it to end.
+    supervisor: Arc<tokio::sync::Mutex<Option<JoinHandle<()>>>>,
 }
 
 struct Inner {
@@ -156,8 +161,11 @@ impl Publisher {
                 reason: "connecting to the broker".to_owned(),
             })),
         });
-        tokio::spawn(supervise(Arc::clone(&inner)));
-        Publisher { inner }
+        let supervisor = tokio::spawn(supervise(Arc::clone(&inner)));
+        Publisher {
+            inner,
+            supervisor: Arc::new(tokio::sync::Mutex::new(Some(supervisor))),
+        }
     }
 
     /// Connects, declares the topology and opens the channels, retrying with backoff until it
@@ -381,17 +389,32 @@ impl Publisher {
     }
 
     /// Stops the supervisor and closes the connection, waiting a little for the broker's
-    /// answer.
+    /// answer; returns once the publisher holds no connection any more.
+    ///
+    /// Why it waits for the supervisor: lapin runs each connection on a thread of its own that
+    /// borrows the tokio runtime. A connection still open, or still being opened, when the
+    /// runtime goes away makes that thread panic, which prints over the relay's last words
+    /// on stderr (the reason it could not start, say). So a connection attempt under way is
+    /// not cut short, which would leave a half-open connection behind: the supervisor lets it
+    /// finish (within `amqp.connect_timeout_ms`), closes what it got and ends.
     pub async fn close(&self) {
         self.inner.stop.cancel();
-        let session = self
-            .inner
-            .session
-            .write()
-            .map(|mut s| s.take())
-            .ok()
-            .flatten();
-        if let Some(session) = session {
+        // Held until the supervisor has ended, so that every caller returns only then.
+        let mut supervisor = self.supervisor.lock().await;
+        if let Some(task) = supervisor.take() {
+            let ceiling = self.inner.config.connect_timeout() + CLOSE_WAIT;
+            match tokio::time::timeout(ceiling, task).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    tracing::error!(error = %err, "the broker connection's supervisor failed")
+                }
+                Err(_) => tracing::warn!(
+                    "the broker connection's supervisor did not stop within {ceiling:?}; leaving it"
+                ),
+            }
+        }
+        // The supervisor closed its session as it ended, unless it failed or ran late.
+        if let Some(session) = self.inner.take_session() {
             session.close("shutdown").await;
         }
     }
@@ -434,6 +457,11 @@ impl Inner {
         *self.outage.lock().unwrap_or_else(|p| p.into_inner()) = outage;
     }
 
+    /// Takes the session out of use, to close it.
+    fn take_session(&self) -> Option<Arc<Session>> {
+        self.session.write().ok()?.take()
+    }
+
     /// Puts `session` in use (or none), and forgets the per-event queues when it had to
     /// declare the whole topology: the broker had lost it.
     fn store(&self, session: Option<Session>) {
@@ -459,7 +487,8 @@ enum Lost {
     Failed(String),
 }
 
-/// Connects, then keeps the session healthy, until the publisher is closed.
+/// Connects, then keeps the session healthy, until the publisher is closed; then closes the
+/// session, or the one an attempt under way opens (see [`Publisher::close`]).
 async fn supervise(inner: Arc<Inner>) {
     let mut nodes = Nodes::new(&inner.config);
     let mut connected_once = false;
@@ -468,6 +497,9 @@ async fn supervise(inner: Arc<Inner>) {
     loop {
         let mut attempt = 0;
         let session = loop {
+            if inner.stop.is_cancelled() {
+                return;
+            }
             // The very first attempt goes at once; every other waits its backoff.
             if attempt > 0 || connected_once {
                 let delay = backoff(attempt, inner.config.reconnect_max_backoff());
@@ -485,7 +517,13 @@ async fn supervise(inner: Arc<Inner>) {
             } else {
                 Topology::Declare
             };
+            // Not raced against `stop`: dropping the attempt would leave a half-open
+            // connection to lapin's thread. It takes `amqp.connect_timeout_ms` at most.
             match open_session(&inner.config, url, topology).await {
+                Ok(session) if inner.stop.is_cancelled() => {
+                    session.close("shutdown").await;
+                    return;
+                }
                 Ok(session) => break session,
                 Err(err) if err.is_fatal() && !connected_once => {
                     inner.set_outage(Some(Outage {
@@ -532,7 +570,12 @@ async fn supervise(inner: Arc<Inner>) {
         inner.status.send_replace(Status::Connected);
 
         let reason = match keep_healthy(&inner, &watch, heartbeat, &mut events).await {
-            Lost::Closed => return,
+            Lost::Closed => {
+                if let Some(session) = inner.take_session() {
+                    session.close("shutdown").await;
+                }
+                return;
+            }
             Lost::Failed(reason) => {
                 tracing::error!(
                     %url,
@@ -583,7 +626,12 @@ async fn keep_healthy(
         tokio::select! {
             () = inner.stop.cancelled() => return Lost::Closed,
             _ = topology_check.tick(), if inner.config.history.enabled => {
-                check_topology_now(inner).await;
+                // Cut short by `stop`: the connection stays in place, for the supervisor to
+                // close.
+                tokio::select! {
+                    () = check_topology_now(inner) => {}
+                    () = inner.stop.cancelled() => return Lost::Closed,
+                }
                 continue;
             }
             stall = watch.stalled() => return Lost::Stalled(format!(
@@ -615,7 +663,11 @@ async fn keep_healthy(
             return Lost::Failed(last_error.unwrap_or_else(|| "the connection closed".to_owned()));
         }
         let timeout = inner.config.connect_timeout();
-        match tokio::time::timeout(timeout, reopen_channels(&inner.config, &session)).await {
+        let reopened = tokio::select! {
+            reopened = tokio::time::timeout(timeout, reopen_channels(&inner.config, &session)) => reopened,
+            () = inner.stop.cancelled() => return Lost::Closed,
+        };
+        match reopened {
             Ok(Ok(repaired)) => {
                 tracing::info!("re-opened closed publishing channels");
                 inner.store(Some(repaired));
