@@ -375,7 +375,92 @@ pub fn backoff(attempt: u32, max: Duration) -> Duration {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
+    use crate::config::Config;
+
+    /// A config naming the nodes `a`, `b` and `c`.
+    fn three_nodes() -> AmqpConfig {
+        let urls = "amqp://u:p@a:5672/%2f,amqp://u:p@b:5672/%2f,amqp://u:p@c:5672/%2f";
+        let env = [("RELAY_AUTH__EXPORT_KEYS", "k"), ("RELAY_AMQP__URLS", urls)]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        Config::load_from(None, Some(HashMap::from(env)))
+            .unwrap()
+            .amqp
+    }
+
+    fn host(node: &BrokerUrl) -> String {
+        node.to_string()
+            .split_once('@')
+            .and_then(|(_, rest)| rest.split_once(':'))
+            .map(|(host, _)| host.to_owned())
+            .unwrap()
+    }
+
+    #[test]
+    fn nodes_go_round_from_the_first() {
+        let config = three_nodes();
+        let mut nodes = Nodes::new(&config);
+        let order: Vec<String> = (0..5).map(|_| host(nodes.next())).collect();
+        assert_eq!(order, ["a", "b", "c", "a", "b"]);
+    }
+
+    #[tokio::test]
+    async fn each_node_is_tried_until_one_answers_and_a_refusal_ends_the_round() {
+        let config = three_nodes();
+        let timeout = |node: &BrokerUrl| ConnectError::Timeout {
+            url: node.to_string(),
+            timeout: Duration::from_secs(1),
+        };
+        let refusal = |node: &BrokerUrl| ConnectError::ExchangeMissing {
+            url: node.to_string(),
+            exchange: "x".to_owned(),
+        };
+
+        let mut tried = Vec::new();
+        let answered = Nodes::new(&config)
+            .try_each(|node| {
+                tried.push(host(node));
+                let answer = if host(node) == "b" {
+                    Ok(host(node))
+                } else {
+                    Err(timeout(node))
+                };
+                async move { answer }
+            })
+            .await;
+        assert_eq!(answered.unwrap(), "b");
+        assert_eq!(tried, ["a", "b"]);
+
+        let mut tried = Vec::new();
+        let err = Nodes::new(&config)
+            .try_each(|node| {
+                tried.push(host(node));
+                let answer: Result<(), _> = Err(if host(node) == "b" {
+                    refusal(node)
+                } else {
+                    timeout(node)
+                });
+                async move { answer }
+            })
+            .await
+            .unwrap_err();
+        assert!(err.is_fatal(), "{err}");
+        assert_eq!(tried, ["a", "b"]);
+
+        let err = Nodes::new(&config)
+            .try_each(|node| {
+                let answer: Result<(), _> = Err(timeout(node));
+                async move { answer }
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("@c:5672"),
+            "the last node's error: {err}"
+        );
+    }
 
     #[test]
     fn backoff_grows_exponentially_within_jitter_and_is_capped() {
