@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::routing::RoutingKey;
 
-/// Everything the publisher needs to build the AMQP message (see the README's consumer
-/// contract); the body is the request body, byte for byte.
+/// Everything the publisher needs to build the AMQP message (the consumer contract:
+/// `docs/consumers.md`, "The message"); the body is the request body, byte for byte.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
     pub routing_key: RoutingKey,

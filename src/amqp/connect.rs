@@ -1,6 +1,10 @@
-//! Opening a broker connection to one node: the settings the relay adds to its URL, the
-//! topology it needs before publishing, the confirm-mode channels; and what the broker's
-//! refusals mean.
+//! Opening a broker connection: which node to try next, the settings the relay adds to its
+//! URL, the topology it needs before publishing, the confirm-mode channels; what the broker's
+//! refusals mean; and closing it again.
+//!
+//! Every caller that looks for a node that answers goes through `Nodes`: the tools and
+//! `topology --apply` try each node once (`Nodes::try_each`), the publisher's supervisor goes
+//! round them for as long as the relay runs (`Nodes::next`).
 //!
 //! The topology is declared in full once per process (the first connection), or again when
 //! the exchange turns out to be gone. Every other connection only checks passively that the
@@ -25,6 +29,10 @@ use crate::config::{AmqpConfig, BrokerUrl};
 /// 20 s: shorter ones cause false alarms on busy hosts. While publishes wait, the stall
 /// watch notices a hang much sooner (`amqp.stall_timeout_ms`).
 pub const HEARTBEAT_SECS: u16 = 5;
+
+/// How long closing a connection may wait for the broker's answer: a hung broker never gives
+/// one, and the process must still exit.
+pub(crate) const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Why a connection to the broker could not be set up.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -98,6 +106,57 @@ pub(crate) fn protocol_error(err: &lapin::Error) -> Option<&AMQPErrorKind> {
     }
 }
 
+/// The broker's nodes in the order they are tried: `amqp.urls` (or `amqp.url`) from the
+/// first on, then round again.
+pub(crate) struct Nodes<'a> {
+    nodes: Vec<&'a BrokerUrl>,
+    next: usize,
+}
+
+impl<'a> Nodes<'a> {
+    pub fn new(config: &'a AmqpConfig) -> Nodes<'a> {
+        Nodes {
+            nodes: config.nodes(),
+            next: 0,
+        }
+    }
+
+    /// The node to try now; the next call gives the one after it.
+    pub fn next(&mut self) -> &'a BrokerUrl {
+        let node = self.nodes[self.next % self.nodes.len()];
+        self.next += 1;
+        node
+    }
+
+    /// `attempt` on each node in turn, until one succeeds. A refusal that retrying cannot fix
+    /// ends it at once: the nodes of a cluster share users, vhosts and definitions, so the
+    /// next would refuse the same way.
+    pub async fn try_each<T, F>(
+        &mut self,
+        mut attempt: impl FnMut(&'a BrokerUrl) -> F,
+    ) -> Result<T, ConnectError>
+    where
+        F: Future<Output = Result<T, ConnectError>>,
+    {
+        let mut last = None;
+        for _ in 0..self.nodes.len() {
+            match attempt(self.next()).await {
+                Ok(done) => return Ok(done),
+                Err(err) if err.is_fatal() => return Err(err),
+                Err(err) => last = Some(err),
+            }
+        }
+        Err(last.expect("config has at least one broker URL"))
+    }
+}
+
+/// A connection named `name` to the first node of `config` that answers: for the tools.
+pub async fn connect_any(config: &AmqpConfig, name: &str) -> Result<Connection, ConnectError> {
+    Nodes::new(config)
+        .try_each(|node| connect(config, node, name.to_owned()))
+        .await
+}
+
 /// A connection to `node` named `name` (shown in the management UI and `rabbitmqctl
 /// list_connections`), within `amqp.connect_timeout_ms`, with the relay's frame size and
 /// heartbeat unless the URL sets them.
@@ -166,6 +225,22 @@ impl Session {
         !self.stall.is_stalled()
             && self.connection.status().connected()
             && self.channels.iter().all(|c| c.status().connected())
+    }
+
+    /// Closes the connection, waiting at most [`CLOSE_WAIT`] for the broker's answer.
+    pub async fn close(&self, reason: &str) {
+        match tokio::time::timeout(CLOSE_WAIT, self.connection.close(200, reason.into())).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::warn!(
+                url = %self.url,
+                error = %err,
+                "failed to close the broker connection cleanly"
+            ),
+            Err(_) => tracing::warn!(
+                url = %self.url,
+                "the broker did not answer the connection close in {CLOSE_WAIT:?}; leaving it"
+            ),
+        }
     }
 }
 
@@ -281,21 +356,11 @@ pub async fn declare_topology_once(config: &AmqpConfig) -> Result<(), ConnectErr
         declare: true,
         ..config.clone()
     };
-    let mut last = None;
-    for node in config.nodes() {
-        match open_session(&config, node, Topology::Declare).await {
-            Ok(session) => {
-                let _ = session
-                    .connection
-                    .close(200, "topology declared".into())
-                    .await;
-                return Ok(());
-            }
-            Err(err) if err.is_fatal() => return Err(err),
-            Err(err) => last = Some(err),
-        }
-    }
-    Err(last.unwrap_or(ConnectError::Cancelled))
+    let session = Nodes::new(&config)
+        .try_each(|node| open_session(&config, node, Topology::Declare))
+        .await?;
+    session.close("topology declared").await;
+    Ok(())
 }
 
 /// Exponential backoff from 100 ms up to `max`, with jitter between half and all of the
@@ -310,7 +375,92 @@ pub fn backoff(attempt: u32, max: Duration) -> Duration {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
+    use crate::config::Config;
+
+    /// A config naming the nodes `a`, `b` and `c`.
+    fn three_nodes() -> AmqpConfig {
+        let urls = "amqp://u:p@a:5672/%2f,amqp://u:p@b:5672/%2f,amqp://u:p@c:5672/%2f";
+        let env = [("RELAY_AUTH__EXPORT_KEYS", "k"), ("RELAY_AMQP__URLS", urls)]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        Config::load_from(None, Some(HashMap::from(env)))
+            .unwrap()
+            .amqp
+    }
+
+    fn host(node: &BrokerUrl) -> String {
+        node.to_string()
+            .split_once('@')
+            .and_then(|(_, rest)| rest.split_once(':'))
+            .map(|(host, _)| host.to_owned())
+            .unwrap()
+    }
+
+    #[test]
+    fn nodes_go_round_from_the_first() {
+        let config = three_nodes();
+        let mut nodes = Nodes::new(&config);
+        let order: Vec<String> = (0..5).map(|_| host(nodes.next())).collect();
+        assert_eq!(order, ["a", "b", "c", "a", "b"]);
+    }
+
+    #[tokio::test]
+    async fn each_node_is_tried_until_one_answers_and_a_refusal_ends_the_round() {
+        let config = three_nodes();
+        let timeout = |node: &BrokerUrl| ConnectError::Timeout {
+            url: node.to_string(),
+            timeout: Duration::from_secs(1),
+        };
+        let refusal = |node: &BrokerUrl| ConnectError::ExchangeMissing {
+            url: node.to_string(),
+            exchange: "x".to_owned(),
+        };
+
+        let mut tried = Vec::new();
+        let answered = Nodes::new(&config)
+            .try_each(|node| {
+                tried.push(host(node));
+                let answer = if host(node) == "b" {
+                    Ok(host(node))
+                } else {
+                    Err(timeout(node))
+                };
+                async move { answer }
+            })
+            .await;
+        assert_eq!(answered.unwrap(), "b");
+        assert_eq!(tried, ["a", "b"]);
+
+        let mut tried = Vec::new();
+        let err = Nodes::new(&config)
+            .try_each(|node| {
+                tried.push(host(node));
+                let answer: Result<(), _> = Err(if host(node) == "b" {
+                    refusal(node)
+                } else {
+                    timeout(node)
+                });
+                async move { answer }
+            })
+            .await
+            .unwrap_err();
+        assert!(err.is_fatal(), "{err}");
+        assert_eq!(tried, ["a", "b"]);
+
+        let err = Nodes::new(&config)
+            .try_each(|node| {
+                let answer: Result<(), _> = Err(timeout(node));
+                async move { answer }
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("@c:5672"),
+            "the last node's error: {err}"
+        );
+    }
 
     #[test]
     fn backoff_grows_exponentially_within_jitter_and_is_capped() {

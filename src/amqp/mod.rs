@@ -2,7 +2,10 @@
 //! check broker URLs at load.)
 //!
 //! - [`publisher`]: publishing with confirms, and the supervisor that keeps a connection.
-//! - [`connect`]: one connection to one node: heartbeat, topology check, channels, refusals.
+//! - [`properties`](mod@properties): the properties and headers of a published webhook, the consumer
+//!   contract (`docs/consumers.md`).
+//! - [`connect`](mod@connect): which node to try next, and one connection to it: heartbeat, topology
+//!   check, channels, refusals, close.
 //! - [`stall`]: telling a broker that stopped answering from a slow one.
 //! - [`topology`]: the exchanges, queues, bindings and history stream the config describes,
 //!   declared at the first connection and printed by `hirehop-relay topology`.
@@ -15,6 +18,7 @@
 
 pub mod connect;
 pub mod history;
+pub mod properties;
 pub mod publisher;
 pub mod replay;
 pub mod requeue;
@@ -24,23 +28,9 @@ pub mod topology;
 
 use lapin::types::AMQPValue;
 
-pub use connect::{ConnectError, backoff, connect, declare_topology_once};
-pub use publisher::{Outage, PublishError, Publisher, properties};
-
-/// A connection named `name` to the first node of `config` that answers: for the tools.
-pub async fn connect_any(
-    config: &crate::config::AmqpConfig,
-    name: &str,
-) -> Result<lapin::Connection, ConnectError> {
-    let mut last = None;
-    for node in config.nodes() {
-        match connect(config, node, name.to_owned()).await {
-            Ok(connection) => return Ok(connection),
-            Err(err) => last = Some(err),
-        }
-    }
-    Err(last.expect("config has at least one broker URL"))
-}
+pub use connect::{ConnectError, backoff, connect, connect_any, declare_topology_once};
+pub use properties::properties;
+pub use publisher::{Outage, PublishError, Publisher};
 
 /// An AMQP string (header or argument value).
 fn long_string(s: &str) -> AMQPValue {

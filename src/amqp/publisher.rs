@@ -13,39 +13,39 @@
 //! fails fast with [`PublishError::Unavailable`] instead of waiting, so a webhook is never
 //! held hostage by a broker outage, and [`Publisher::outage`] says why for `/readyz`.
 //!
-//! The topology is declared at the first connection and checked on later ones (see
-//! [`connect`](crate::amqp::connect)); a per-event queue is declared once per process, the
-//! first time its event is published, by one webhook while the others of that event wait.
+//! What it leaves to others: opening a connection to a node, and which node is next
+//! ([`connect`](mod@crate::amqp::connect), which also declares the topology at the first
+//! connection and checks it on later ones); the message's properties
+//! ([`properties`](mod@crate::amqp::properties)); per-event queues, which a publish waits for
+//! ([`topology`](crate::amqp::topology)); telling a stall from a slow broker
+//! ([`stall`](crate::amqp::stall)).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures_lite::StreamExt;
 use futures_lite::stream::Boxed;
 use lapin::options::BasicPublishOptions;
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Event};
-use sha2::{Digest, Sha256};
-use tokio::sync::{Notify, OnceCell, watch};
+use lapin::types::ShortString;
+use lapin::{Channel, Confirmation, Event};
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::connect::{
-    ConnectError, Session, Topology, backoff, check_topology, open_session, reopen_channels,
+    CLOSE_WAIT, ConnectError, Nodes, Session, Topology, backoff, check_topology, open_session,
+    reopen_channels,
 };
+use crate::amqp::properties::properties;
 use crate::amqp::stall::{Silence, Stall, StallWatch};
-use crate::amqp::{integer, long_string, topology};
+use crate::amqp::topology::EventQueues;
 use crate::config::AmqpConfig;
 use crate::message::Message;
 
 /// How often, with history on, the supervisor checks that `amqp.exchange` still exists.
 const TOPOLOGY_CHECK: Duration = Duration::from_secs(10);
-
-/// How long closing the connection at shutdown may wait for the broker's answer: a hung
-/// broker never gives one, and the process must still exit.
-const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Why a message was not confirmed. Every variant means "not safely stored": the caller must
 /// not report the message as delivered.
@@ -88,55 +88,13 @@ pub struct Outage {
     /// What happened, for a person.
     pub reason: String,
 }
-/// The AMQP properties and headers that make up the consumer contract (see README).
-pub fn properties(message: &Message) -> BasicProperties {
-    let mut headers = FieldTable::default();
-    headers.insert("event".into(), long_string(&message.event));
-    if let Some(id) = message.company_id {
-        headers.insert("company_id".into(), integer(id));
-    }
-    if let Some(id) = message.user_id {
-        headers.insert("user_id".into(), integer(id));
-    }
-    // Strings made here are moved in, not copied again.
-    let received_at = humantime::format_rfc3339_millis(message.received_at).to_string();
-    headers.insert(
-        "received_at".into(),
-        AMQPValue::LongString(received_at.into()),
-    );
-    let body_sha256 = hex::encode(Sha256::digest(&message.body));
-    headers.insert(
-        "body_sha256".into(),
-        AMQPValue::LongString(body_sha256.into()),
-    );
-    if message.replayed {
-        headers.insert("replayed".into(), AMQPValue::Boolean(true));
-    }
-    if !message.traceparent.is_empty() {
-        headers.insert("traceparent".into(), long_string(&message.traceparent));
-    }
-    if let Some(state) = &message.tracestate {
-        headers.insert("tracestate".into(), long_string(state));
-    }
-    let timestamp = message
-        .received_at
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_delivery_mode(2) // persistent
-        .with_message_id(message.message_id.as_str().into())
-        .with_timestamp(timestamp)
-        .with_app_id("hirehop-relay".into())
-        // The event name fits: it passed the 255-byte routing key check.
-        .with_type(message.event.as_str().into())
-        .with_headers(headers)
-}
 
 /// Handle to the broker; cheap to clone.
 #[derive(Clone)]
 pub struct Publisher {
     inner: Arc<Inner>,
+    /// The supervisor task, until [`Publisher::close`] has waited for it to end.
+    supervisor: Arc<tokio::sync::Mutex<Option<JoinHandle<()>>>>,
 }
 
 struct Inner {
@@ -153,9 +111,8 @@ struct Inner {
     /// Whether the whole topology was declared (or, with `amqp.declare = false`, found)
     /// once: later connections only check the exchange.
     topology_ready: AtomicBool,
-    /// Per-event queues by routing key: declared once per process (until the topology has
-    /// to be declared again), by one publish while the others of that key wait for it.
-    event_queues: Mutex<HashMap<String, Arc<OnceCell<()>>>>,
+    /// The per-event queues declared so far.
+    event_queues: EventQueues,
     /// Why there is no usable connection; `None` while connected.
     outage: Mutex<Option<Outage>>,
 }
@@ -184,14 +141,17 @@ impl Publisher {
             reconnects: AtomicU64::new(0),
             stalls: AtomicU64::new(0),
             topology_ready: AtomicBool::new(false),
-            event_queues: Mutex::new(HashMap::new()),
+            event_queues: EventQueues::default(),
             outage: Mutex::new(Some(Outage {
                 stalled: false,
                 reason: "connecting to the broker".to_owned(),
             })),
         });
-        tokio::spawn(supervise(Arc::clone(&inner)));
-        Publisher { inner }
+        let supervisor = tokio::spawn(supervise(Arc::clone(&inner)));
+        Publisher {
+            inner,
+            supervisor: Arc::new(tokio::sync::Mutex::new(Some(supervisor))),
+        }
     }
 
     /// Connects, declares the topology and opens the channels, retrying with backoff until it
@@ -311,60 +271,30 @@ impl Publisher {
     }
 
     /// Declares the per-event queue for `routing_key` unless it was declared already, so that
-    /// no event is published with nobody to keep it. One publish declares; the others of the
-    /// same key wait for it (until `deadline`), and publishes of other keys go on meanwhile.
+    /// no event is published with nobody to keep it; waits at most until `deadline`, and not
+    /// past a stall.
     async fn ensure_event_queue(
         &self,
         session: &Session,
         routing_key: &str,
         deadline: Instant,
     ) -> Result<(), PublishError> {
-        let declared = Arc::clone(
-            self.inner
-                .event_queues
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(routing_key.to_owned())
-                .or_default(),
-        );
-        if declared.initialized() {
+        let Inner {
+            config,
+            event_queues,
+            ..
+        } = &*self.inner;
+        let Some(declaring) = event_queues.declaration(config, &session.connection, routing_key)
+        else {
             return Ok(());
-        }
-        let declaring = declared.get_or_try_init(|| self.declare_event_queue(session, routing_key));
+        };
         tokio::select! {
             declared = tokio::time::timeout_at(deadline, declaring) => match declared {
-                Ok(declared) => declared.map(drop),
-                Err(_) => Err(PublishError::Timeout(self.inner.config.confirm_timeout())),
+                Ok(declared) => declared.map_err(refused_event_queue),
+                Err(_) => Err(PublishError::Timeout(config.confirm_timeout())),
             },
             stall = session.stall.stalled() => Err(PublishError::Stalled(stall)),
         }
-    }
-
-    async fn declare_event_queue(
-        &self,
-        session: &Session,
-        routing_key: &str,
-    ) -> Result<(), PublishError> {
-        // On a channel of its own: a refused declaration closes its channel, and the
-        // publishing channels carry other webhooks' confirms.
-        let channel = session
-            .connection
-            .create_channel()
-            .await
-            .map_err(PublishError::Failed)?;
-        let declared =
-            topology::declare_event_queue(&self.inner.config, &channel, routing_key).await;
-        let _ = channel.close(200, "declared".into()).await;
-        declared.map_err(|err| {
-            tracing::error!(error = %err, "failed to declare a per-event queue");
-            match err {
-                _ if err.is_fatal() => PublishError::Refused(err.to_string()),
-                ConnectError::Topology { cause, .. } | ConnectError::Channel(cause) => {
-                    PublishError::Failed(cause)
-                }
-                _ => PublishError::Unavailable,
-            }
-        })
     }
 
     fn outcome(
@@ -445,30 +375,33 @@ impl Publisher {
     }
 
     /// Stops the supervisor and closes the connection, waiting a little for the broker's
-    /// answer.
+    /// answer; returns once the publisher holds no connection any more.
+    ///
+    /// Why it waits for the supervisor: lapin runs each connection on a thread of its own that
+    /// borrows the tokio runtime. A connection still open, or still being opened, when the
+    /// runtime goes away makes that thread panic, which prints over the relay's last words
+    /// on stderr (the reason it could not start, say). So a connection attempt under way is
+    /// not cut short, which would leave a half-open connection behind: the supervisor lets it
+    /// finish (within `amqp.connect_timeout_ms`), closes what it got and ends.
     pub async fn close(&self) {
         self.inner.stop.cancel();
-        let session = self
-            .inner
-            .session
-            .write()
-            .map(|mut s| s.take())
-            .ok()
-            .flatten();
-        let Some(session) = session else {
-            return;
-        };
-        match tokio::time::timeout(CLOSE_WAIT, session.connection.close(200, "shutdown".into()))
-            .await
-        {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => {
-                tracing::warn!(error = %err, "failed to close the broker connection cleanly");
+        // Held until the supervisor has ended, so that every caller returns only then.
+        let mut supervisor = self.supervisor.lock().await;
+        if let Some(task) = supervisor.take() {
+            let ceiling = self.inner.config.connect_timeout() + CLOSE_WAIT;
+            match tokio::time::timeout(ceiling, task).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    tracing::error!(error = %err, "the broker connection's supervisor failed")
+                }
+                Err(_) => tracing::warn!(
+                    "the broker connection's supervisor did not stop within {ceiling:?}; leaving it"
+                ),
             }
-            Err(_) => tracing::warn!(
-                url = %session.url,
-                "the broker did not answer the connection close in {CLOSE_WAIT:?}; leaving it"
-            ),
+        }
+        // The supervisor closed its session as it ended, unless it failed or ran late.
+        if let Some(session) = self.inner.take_session() {
+            session.close("shutdown").await;
         }
     }
 
@@ -493,9 +426,26 @@ impl Publisher {
     }
 }
 
+/// What a per-event queue that could not be declared means for the publish that needs it.
+fn refused_event_queue(err: ConnectError) -> PublishError {
+    tracing::error!(error = %err, "failed to declare a per-event queue");
+    match err {
+        _ if err.is_fatal() => PublishError::Refused(err.to_string()),
+        ConnectError::Topology { cause, .. } | ConnectError::Channel(cause) => {
+            PublishError::Failed(cause)
+        }
+        _ => PublishError::Unavailable,
+    }
+}
+
 impl Inner {
     fn set_outage(&self, outage: Option<Outage>) {
         *self.outage.lock().unwrap_or_else(|p| p.into_inner()) = outage;
+    }
+
+    /// Takes the session out of use, to close it.
+    fn take_session(&self) -> Option<Arc<Session>> {
+        self.session.write().ok()?.take()
     }
 
     /// Puts `session` in use (or none), and forgets the per-event queues when it had to
@@ -503,10 +453,7 @@ impl Inner {
     fn store(&self, session: Option<Session>) {
         if session.as_ref().is_some_and(|s| s.declared) {
             self.topology_ready.store(true, Ordering::Relaxed);
-            self.event_queues
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clear();
+            self.event_queues.forget();
         }
         if let Ok(mut slot) = self.session.write() {
             // The old session is dropped, not closed: closing waits for the broker's answer,
@@ -526,16 +473,19 @@ enum Lost {
     Failed(String),
 }
 
-/// Connects, then keeps the session healthy, until the publisher is closed.
+/// Connects, then keeps the session healthy, until the publisher is closed; then closes the
+/// session, or the one an attempt under way opens (see [`Publisher::close`]).
 async fn supervise(inner: Arc<Inner>) {
-    let nodes = inner.config.nodes();
-    let mut node = 0;
+    let mut nodes = Nodes::new(&inner.config);
     let mut connected_once = false;
     // Why the last connection was given up, while no new one is up.
     let mut stalled: Option<String> = None;
     loop {
         let mut attempt = 0;
         let session = loop {
+            if inner.stop.is_cancelled() {
+                return;
+            }
             // The very first attempt goes at once; every other waits its backoff.
             if attempt > 0 || connected_once {
                 let delay = backoff(attempt, inner.config.reconnect_max_backoff());
@@ -545,13 +495,21 @@ async fn supervise(inner: Arc<Inner>) {
                 }
             }
             attempt += 1;
-            let url = nodes[node % nodes.len()];
+            // Each attempt goes to the node after the last one tried: another node of the
+            // cluster may be up.
+            let url = nodes.next();
             let topology = if inner.topology_ready.load(Ordering::Relaxed) {
                 Topology::Check
             } else {
                 Topology::Declare
             };
+            // Not raced against `stop`: dropping the attempt would leave a half-open
+            // connection to lapin's thread. It takes `amqp.connect_timeout_ms` at most.
             match open_session(&inner.config, url, topology).await {
+                Ok(session) if inner.stop.is_cancelled() => {
+                    session.close("shutdown").await;
+                    return;
+                }
                 Ok(session) => break session,
                 Err(err) if err.is_fatal() && !connected_once => {
                     inner.set_outage(Some(Outage {
@@ -577,8 +535,6 @@ async fn supervise(inner: Arc<Inner>) {
                     }));
                 }
             }
-            // Another node of the cluster may be up.
-            node += 1;
         };
         tracing::info!(
             url = %session.url,
@@ -600,7 +556,12 @@ async fn supervise(inner: Arc<Inner>) {
         inner.status.send_replace(Status::Connected);
 
         let reason = match keep_healthy(&inner, &watch, heartbeat, &mut events).await {
-            Lost::Closed => return,
+            Lost::Closed => {
+                if let Some(session) = inner.take_session() {
+                    session.close("shutdown").await;
+                }
+                return;
+            }
             Lost::Failed(reason) => {
                 tracing::error!(
                     %url,
@@ -630,7 +591,6 @@ async fn supervise(inner: Arc<Inner>) {
         };
         stalled = reason;
         inner.store(None);
-        node += 1;
     }
 }
 
@@ -652,7 +612,12 @@ async fn keep_healthy(
         tokio::select! {
             () = inner.stop.cancelled() => return Lost::Closed,
             _ = topology_check.tick(), if inner.config.history.enabled => {
-                check_topology_now(inner).await;
+                // Cut short by `stop`: the connection stays in place, for the supervisor to
+                // close.
+                tokio::select! {
+                    () = check_topology_now(inner) => {}
+                    () = inner.stop.cancelled() => return Lost::Closed,
+                }
                 continue;
             }
             stall = watch.stalled() => return Lost::Stalled(format!(
@@ -684,7 +649,11 @@ async fn keep_healthy(
             return Lost::Failed(last_error.unwrap_or_else(|| "the connection closed".to_owned()));
         }
         let timeout = inner.config.connect_timeout();
-        match tokio::time::timeout(timeout, reopen_channels(&inner.config, &session)).await {
+        let reopened = tokio::select! {
+            reopened = tokio::time::timeout(timeout, reopen_channels(&inner.config, &session)) => reopened,
+            () = inner.stop.cancelled() => return Lost::Closed,
+        };
+        match reopened {
             Ok(Ok(repaired)) => {
                 tracing::info!("re-opened closed publishing channels");
                 inner.store(Some(repaired));
@@ -737,49 +706,5 @@ fn log_event(event: Option<Event>) {
         Some(Event::ConnectionUnblocked) => tracing::info!("broker unblocked publishing"),
         Some(_) => {}
         None => tracing::debug!("broker connection event stream ended"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::routing::RoutingKey;
-    use bytes::Bytes;
-
-    #[test]
-    fn properties_carry_the_consumer_contract() {
-        let received_at = UNIX_EPOCH + Duration::from_millis(1_648_540_242_123);
-        let message = Message {
-            routing_key: RoutingKey::new("", "job.updated").unwrap(),
-            event: "job.updated".into(),
-            body: Bytes::from_static(b"{}"),
-            message_id: "id-1".into(),
-            company_id: Some(1),
-            user_id: None,
-            received_at,
-            replayed: false,
-            traceparent: String::new(),
-            tracestate: None,
-        };
-        let props = properties(&message);
-        assert_eq!(props.delivery_mode(), &Some(2));
-        assert_eq!(props.timestamp(), &Some(1_648_540_242));
-        assert_eq!(
-            props.kind().as_ref().map(|s| s.as_str()),
-            Some("job.updated")
-        );
-        let headers = props.headers().as_ref().unwrap().inner();
-        assert_eq!(
-            headers.get("received_at"),
-            Some(&long_string("2022-03-29T07:50:42.123Z"))
-        );
-        assert_eq!(headers.get("company_id"), Some(&AMQPValue::LongLongInt(1)));
-        assert!(!headers.contains_key("user_id"));
-        assert_eq!(
-            headers.get("body_sha256"),
-            Some(&long_string(
-                "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
-            ))
-        );
     }
 }

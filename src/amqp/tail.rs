@@ -48,15 +48,22 @@ pub async fn tail(
     json_lines: bool,
     out: &mut impl Write,
 ) -> Result<(), TailError> {
-    if let Some(since) = since {
-        let pattern = TopicPattern::parse(pattern).map_err(|cause| TailError::Pattern {
-            pattern: pattern.to_owned(),
-            cause,
-        })?;
-        let connection = connect_any(config, "hirehop-relay tail").await?;
+    // The history is matched here against each routing key, so its pattern is checked here,
+    // before connecting; a live tail hands the pattern to the broker's binding.
+    let history = match since {
+        Some(since) => {
+            let parsed = TopicPattern::parse(pattern).map_err(|cause| TailError::Pattern {
+                pattern: pattern.to_owned(),
+                cause,
+            })?;
+            Some((parsed, since))
+        }
+        None => None,
+    };
+    let connection = connect_any(config, "hirehop-relay tail").await?;
+    if let Some((pattern, since)) = history {
         return tail_history(&connection, config, &pattern, since, json_lines, out).await;
     }
-    let connection = connect_any(config, "hirehop-relay tail").await?;
     let channel = connection
         .create_channel()
         .await

@@ -12,7 +12,9 @@
 //! - with `history.enabled`, the history stream `<exchange>.history` and the fanout exchange
 //!   of the same name that the relay then publishes to (why: `declare_history`).
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
 
 use lapin::options::{
     ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
@@ -20,6 +22,7 @@ use lapin::options::{
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
+use tokio::sync::OnceCell;
 
 use crate::amqp::connect::protocol_error;
 use crate::amqp::{ConnectError, integer, long_string};
@@ -213,15 +216,71 @@ pub fn event_queue_name(config: &AmqpConfig, routing_key: &str) -> String {
     format!("{}{routing_key}", config.per_event_queue_prefix)
 }
 
-/// Declares the per-event queue for `routing_key` and binds it.
-pub async fn declare_event_queue(
+/// The per-event queues declared so far (`amqp.per_event_queues`), by routing key. Each is
+/// declared once per process, the first time its event is published, by one publish while
+/// the others of that key wait for it; publishes of other keys go on meanwhile. They are
+/// forgotten when the whole topology had to be declared again: the broker had lost it.
+#[derive(Default)]
+pub(crate) struct EventQueues {
+    declared: Mutex<HashMap<String, Arc<OnceCell<()>>>>,
+}
+
+impl EventQueues {
+    /// The declaration of the queue for `routing_key`, to await (a failed one is tried again
+    /// by the next publish of that key); `None` when it was declared already.
+    pub fn declaration<'a>(
+        &self,
+        config: &'a AmqpConfig,
+        connection: &'a Connection,
+        routing_key: &'a str,
+    ) -> Option<impl Future<Output = Result<(), ConnectError>> + use<'a>> {
+        let declared = Arc::clone(
+            self.declared
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(routing_key.to_owned())
+                .or_default(),
+        );
+        if declared.initialized() {
+            return None;
+        }
+        Some(async move {
+            declared
+                .get_or_try_init(|| declare_event_queue(config, connection, routing_key))
+                .await
+                .map(drop)
+        })
+    }
+
+    /// Forgets every queue declared so far, so each is declared again when next needed.
+    pub fn forget(&self) {
+        self.declared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+}
+
+/// Declares the per-event queue for `routing_key` and binds it, on a channel of its own: a
+/// refused declaration closes its channel, and the publishing channels carry other webhooks'
+/// confirms.
+async fn declare_event_queue(
     config: &AmqpConfig,
-    channel: &Channel,
+    connection: &Connection,
     routing_key: &str,
 ) -> Result<(), ConnectError> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(ConnectError::Channel)?;
     let name = event_queue_name(config, routing_key);
-    declare_queue(channel, &name, &typed(config.per_event_queue_type)).await?;
-    bind(channel, &name, &config.exchange, routing_key).await
+    let declared = async {
+        declare_queue(&channel, &name, &typed(config.per_event_queue_type)).await?;
+        bind(&channel, &name, &config.exchange, routing_key).await
+    }
+    .await;
+    let _ = channel.close(200, "declared".into()).await;
+    declared
 }
 
 /// The arguments of a queue the relay declares with only its type set.
