@@ -128,7 +128,10 @@ pub async fn run(
         ))
     });
     let keys = Arc::new(KeyStore::new(
-        config.keyring().expect("the config was validated at load"),
+        config
+            .auth
+            .keyring()
+            .expect("the config was validated at load"),
     ));
     spawn_key_reloads(&config, &keys, stopping.clone());
     if let Some(tls) = &tls {
@@ -270,7 +273,7 @@ fn spawn_key_reloads(config: &Config, keys: &Arc<KeyStore>, stop: CancellationTo
         what: "export keys",
         files: vec![path],
         every: Duration::from_secs(2),
-        load: Box::new(move || match config.keyring() {
+        load: Box::new(move || match config.auth.keyring() {
             Ok(keyring) if keyring.is_empty() => Err("it would leave no export key".to_owned()),
             Ok(keyring) => Ok(keyring),
             Err(err) => Err(err.to_string()),
