@@ -127,12 +127,7 @@ pub async fn run(
             finish_replay.clone(),
         ))
     });
-    let keys = Arc::new(KeyStore::new(
-        config
-            .auth
-            .keyring()
-            .expect("the config was validated at load"),
-    ));
+    let keys = Arc::new(KeyStore::new(config.keyring().clone()));
     spawn_key_reloads(&config, &keys, stopping.clone());
     if let Some(tls) = &tls {
         let (tls, stop) = (Arc::clone(tls), stopping.clone());
@@ -150,10 +145,7 @@ pub async fn run(
     });
     let app = Arc::new(App {
         keys,
-        routing: config
-            .amqp
-            .routing_template()
-            .expect("the config was validated at load"),
+        routing: config.routing().clone(),
         http: config.http.clone(),
         delivery: delivery.clone(),
         publishes: TaskTracker::new(),
@@ -267,13 +259,13 @@ fn spawn_key_reloads(config: &Config, keys: &Arc<KeyStore>, stop: CancellationTo
         });
         return;
     };
-    let config = config.clone();
+    let auth = config.auth.clone();
     let reload = Reload {
         value: Arc::clone(keys),
         what: "export keys",
         files: vec![path],
         every: Duration::from_secs(2),
-        load: Box::new(move || match config.auth.keyring() {
+        load: Box::new(move || match auth.read_keyring() {
             Ok(keyring) if keyring.is_empty() => Err("it would leave no export key".to_owned()),
             Ok(keyring) => Ok(keyring),
             Err(err) => Err(err.to_string()),

@@ -15,7 +15,7 @@ use hirehop_relay::amqp::replay::{self, Target};
 use hirehop_relay::amqp::requeue;
 use hirehop_relay::amqp::tail::tail;
 use hirehop_relay::amqp::{ConnectError, Publisher, declare_topology_once, topology};
-use hirehop_relay::config::{Config, LogFormat};
+use hirehop_relay::config::{AmqpConfig, Config, LogFormat};
 use hirehop_relay::delivery::Delivery;
 use hirehop_relay::metrics::Metrics;
 use hirehop_relay::routing::TopicPattern;
@@ -247,16 +247,12 @@ fn run(command: Command, file: Option<PathBuf>) -> anyhow::Result<()> {
         return runtime()?.block_on(status(url, *json));
     }
     let file = file.as_deref();
-    let config = match command {
-        Command::Tail { .. }
-        | Command::Topology { .. }
-        | Command::Replay { .. }
-        | Command::Requeue { .. } => Config::load_for_tools(file),
-        _ => Config::load(file),
-    }
-    .context("invalid configuration")?;
+    let load = || Config::load(file).context("invalid configuration");
+    // The tools read the broker side only, and need no export key.
+    let load_for_tools = || Config::load_for_tools(file).context("invalid configuration");
     match command {
         Command::CheckConfig { .. } => {
+            let config = load()?;
             print!("{}", config.to_redacted_toml());
             println!("\n# topology");
             for line in topology::describe(&config.amqp).lines() {
@@ -276,10 +272,11 @@ fn run(command: Command, file: Option<PathBuf>) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Topology { apply, .. } => {
-            print!("{}", topology::describe(&config.amqp));
+            let amqp = load_for_tools()?;
+            print!("{}", topology::describe(&amqp));
             if apply {
                 runtime()?
-                    .block_on(declare_topology_once(&config.amqp))
+                    .block_on(declare_topology_once(&amqp))
                     .context("failed to declare the topology")?;
                 eprintln!("declared");
             }
@@ -291,11 +288,12 @@ fn run(command: Command, file: Option<PathBuf>) -> anyhow::Result<()> {
             since,
             ..
         } => {
+            let amqp = load_for_tools()?;
             let mut out = std::io::stdout().lock();
             runtime()?
                 .block_on(async {
                     tokio::select! {
-                        result = tail(&config.amqp, &pattern, since, json, &mut out) => result,
+                        result = tail(&amqp, &pattern, since, json, &mut out) => result,
                         _ = hirehop_relay::signal::shutdown() => Ok(()),
                     }
                 })
@@ -333,33 +331,35 @@ fn run(command: Command, file: Option<PathBuf>) -> anyhow::Result<()> {
                 target,
                 dry_run,
             };
-            run_replay(&config, &request)
+            run_replay(&load_for_tools()?, &request)
         }
         Command::Requeue {
             from, event, limit, ..
         } => {
+            let amqp = load_for_tools()?;
             let request = requeue::Request {
-                from: from.unwrap_or_else(|| config.amqp.unrouted_name()),
+                from: from.unwrap_or_else(|| amqp.unrouted_name()),
                 event,
                 limit,
             };
             let mut progress = Progress::new();
             let outcome = runtime()?
                 .block_on(requeue::requeue(
-                    &config.amqp,
+                    &amqp,
                     &request,
                     &mut |counts| progress.show(&counts.progress_line()),
                     stop_signal(),
                 ))
                 .context("requeue failed")?;
             progress.finish();
-            print!("{}", outcome.counts.report(&request.from, &config.amqp));
+            print!("{}", outcome.counts.report(&request.from, &amqp));
             match outcome.error {
                 Some(err) => Err(err).context("requeue stopped early"),
                 None => Ok(()),
             }
         }
         Command::Serve { .. } => {
+            let config = load()?;
             init_logging(config.log.format);
             runtime()?.block_on(serve(config))
         }
@@ -367,11 +367,11 @@ fn run(command: Command, file: Option<PathBuf>) -> anyhow::Result<()> {
     }
 }
 
-fn run_replay(config: &Config, request: &replay::Request) -> anyhow::Result<()> {
+fn run_replay(amqp: &AmqpConfig, request: &replay::Request) -> anyhow::Result<()> {
     let mut progress = Progress::new();
     let outcome = runtime()?
         .block_on(replay::replay(
-            &config.amqp,
+            amqp,
             request,
             &mut |counts| progress.show(&counts.progress_line()),
             stop_signal(),

@@ -167,7 +167,8 @@ impl Overflow {
 }
 
 impl AmqpConfig {
-    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks the section, and builds the routing template it describes.
+    pub(super) fn validate(&self) -> Result<RoutingTemplate, ConfigError> {
         nonzero(&[
             ("amqp.confirm_timeout_ms", self.confirm_timeout_ms),
             ("amqp.stall_timeout_ms", self.stall_timeout_ms),
@@ -193,8 +194,7 @@ impl AmqpConfig {
         }
         self.validate_urls()?;
         self.validate_queues()?;
-        self.routing_template()?;
-        Ok(())
+        self.routing_template()
     }
 
     fn validate_urls(&self) -> Result<(), ConfigError> {
@@ -309,7 +309,7 @@ impl AmqpConfig {
     /// How routing keys are built: `routing_key_prefix`, then `routing_key_template`, keys
     /// kept short enough for a per-event queue's name when those are on. An error if the
     /// three leave no room for an event name.
-    pub fn routing_template(&self) -> Result<RoutingTemplate, ConfigError> {
+    fn routing_template(&self) -> Result<RoutingTemplate, ConfigError> {
         routing::check_prefix(&self.routing_key_prefix)
             .map_err(|err| invalid("amqp.routing_key_prefix", err.to_string()))?;
         let room = if self.per_event_queues {
@@ -627,7 +627,11 @@ mod tests {
             ])
         };
         let config = Config::load_from(None, settings("false")).unwrap();
-        assert!(config.amqp.routing_template().is_ok());
+        let key = config
+            .routing()
+            .routing_key("job.updated", Some(7))
+            .unwrap();
+        assert_eq!(key.as_str(), format!("{prefix}7.job.updated"));
         let err = Config::load_from(None, settings("true"))
             .unwrap_err()
             .to_string();

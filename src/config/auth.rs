@@ -42,8 +42,8 @@ pub struct CompanyKeys {
 }
 
 impl AuthConfig {
-    /// The keys file is not read here but by [`AuthConfig::keyring`], for the relay only: the
-    /// tools never verify a key and must not need one.
+    /// The keys file is not read here but by [`AuthConfig::read_keyring`], for the relay
+    /// only: the tools never verify a key and must not need one.
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         for company in &self.companies {
             if company.export_keys.is_empty() {
@@ -57,8 +57,8 @@ impl AuthConfig {
     }
 
     /// The configured keys, with those of `export_keys_file` (read now), ready for
-    /// verification.
-    pub fn keyring(&self) -> Result<Keyring, ConfigError> {
+    /// verification: once at load, then by each reload of the file.
+    pub fn read_keyring(&self) -> Result<Keyring, ConfigError> {
         let mut any = self.export_keys.clone();
         let mut companies: Vec<(u64, Vec<ExportKey>)> = self
             .companies
@@ -114,9 +114,22 @@ mod tests {
     fn only_the_relay_reads_the_keys_file() {
         let settings = env(&[("RELAY_AUTH__EXPORT_KEYS_FILE", "/nonexistent/keys.toml")]);
         // What `load_for_tools` does: `tail` and `topology` never verify a key.
-        assert!(Config::load_unchecked_keys(None, settings.clone()).is_ok());
+        assert!(crate::config::read(None, settings.clone()).is_ok());
         let err = Config::load_from(None, settings).unwrap_err().to_string();
         assert!(err.contains("auth.export_keys_file"), "{err}");
+    }
+
+    #[test]
+    fn the_keys_file_is_read_at_load_and_again_only_by_a_reload() {
+        let file = write_file("# one key for every company\nfile-key\n");
+        let path = file.path().to_string_lossy().into_owned();
+        let config =
+            Config::load_from(None, env(&[("RELAY_AUTH__EXPORT_KEYS_FILE", &path)])).unwrap();
+        // Gone between load and serving (a relay without a spool waits for the broker).
+        drop(file);
+        assert!(config.keyring().verify("file-key", Some(1)));
+        let reload = config.auth.read_keyring().unwrap_err().to_string();
+        assert!(reload.contains("failed to read keys file"), "{reload}");
     }
 
     #[test]
@@ -134,7 +147,7 @@ mod tests {
             env(&[("RELAY_AUTH__EXPORT_KEYS", "0012, abc123 ,,true")]),
         )
         .unwrap();
-        let keyring = config.auth.keyring().unwrap();
+        let keyring = config.keyring();
         for key in ["0012", "abc123", "true"] {
             assert!(keyring.verify(key, None), "{key} should be accepted");
         }
@@ -153,7 +166,7 @@ mod tests {
             "#,
         );
         let config = Config::load_from(Some(file.path()), env(&[])).unwrap();
-        let keyring = config.auth.keyring().unwrap();
+        let keyring = config.keyring();
         assert!(keyring.verify("file-key", Some(1)));
         assert!(keyring.verify("old7", Some(7)));
         assert!(keyring.verify("new7", Some(7)));
@@ -184,11 +197,8 @@ mod tests {
         let file = write_file(
             "[auth]\nexport_keys = [\" a \"]\n[[auth.companies]]\ncompany_id = 1\nexport_keys = [\" b \"]\n",
         );
-        let keys = Config::load_from(Some(file.path()), env(&[]))
-            .unwrap()
-            .auth
-            .keyring()
-            .unwrap();
+        let keys = Config::load_from(Some(file.path()), env(&[])).unwrap();
+        let keys = keys.keyring();
         assert!(keys.verify("a", Some(2)));
         assert!(keys.verify("b", Some(1)));
     }

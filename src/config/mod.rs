@@ -28,6 +28,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::auth::Keyring;
+use crate::routing::RoutingTemplate;
+
 pub use amqp::{AmqpConfig, BrokerUrl, Overflow, QueueConfig, QueueType};
 pub use auth::{AuthConfig, CompanyKeys};
 pub use history::HistoryConfig;
@@ -92,9 +95,10 @@ fn nonzero(settings: &[(&'static str, u64)]) -> Result<(), ConfigError> {
     }
 }
 
-/// The whole configuration of one relay process.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+/// The whole configuration of one relay process, validated: only [`Config::load`] and
+/// [`Config::load_from`] make one. Besides the sections as configured, it holds what is
+/// built from them once, at load, for the relay to use as it is.
+#[derive(Debug, Clone, Serialize)]
 pub struct Config {
     pub http: HttpConfig,
     pub amqp: AmqpConfig,
@@ -104,6 +108,51 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub log: LogConfig,
     pub history: HistoryConfig,
+    /// How routing keys are built, from the `amqp.routing_key_*` settings.
+    #[serde(skip)]
+    routing: RoutingTemplate,
+    /// The keys of `auth`, the keys file's included, as read at load.
+    #[serde(skip)]
+    keyring: Keyring,
+}
+
+/// What the defaults, the file and the environment say, section by section: not yet
+/// validated, and never seen outside this module.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Sections {
+    http: HttpConfig,
+    amqp: AmqpConfig,
+    auth: AuthConfig,
+    spool: SpoolConfig,
+    tls: TlsConfig,
+    metrics: MetricsConfig,
+    log: LogConfig,
+    history: HistoryConfig,
+}
+
+/// The sections, each validated, and the routing they describe: all the relay needs but its
+/// keys, and everything the tools need.
+struct Validated {
+    sections: Sections,
+    routing: RoutingTemplate,
+}
+
+impl Sections {
+    /// Checks each section; builds once what the checks build anyway.
+    fn validate(mut self) -> Result<Validated, ConfigError> {
+        self.http.validate()?;
+        self.tls.validate()?;
+        let routing = self.amqp.validate()?;
+        self.spool.validate()?;
+        self.history.validate()?;
+        self.auth.validate()?;
+        self.amqp.history = self.history.clone();
+        Ok(Validated {
+            sections: self,
+            routing,
+        })
+    }
 }
 
 /// The defaults of every section, as TOML: the single source of truth for every default
@@ -120,7 +169,8 @@ const DEFAULTS: [&str; 8] = [
 ];
 
 impl Config {
-    /// Loads defaults, then `file` if given, then the process environment.
+    /// Loads defaults, then `file` if given, then the process environment, and reads the
+    /// keys file if one is set.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
         Self::load_from(file, None)
     }
@@ -131,48 +181,33 @@ impl Config {
         file: Option<&Path>,
         env: Option<HashMap<String, String>>,
     ) -> Result<Config, ConfigError> {
-        let config = Self::load_unchecked_keys(file, env)?;
-        if config.auth.keyring()?.is_empty() {
+        let Validated {
+            sections: s,
+            routing,
+        } = read(file, env)?;
+        let keyring = s.auth.read_keyring()?;
+        if keyring.is_empty() {
             return Err(ConfigError::NoExportKey);
         }
-        Ok(config)
+        Ok(Config {
+            http: s.http,
+            amqp: s.amqp,
+            auth: s.auth,
+            spool: s.spool,
+            tls: s.tls,
+            metrics: s.metrics,
+            log: s.log,
+            history: s.history,
+            routing,
+            keyring,
+        })
     }
 
-    /// Loads and validates everything but the presence of an export key: for the tools
-    /// (`tail`, `topology`) that never verify one.
-    pub fn load_for_tools(file: Option<&Path>) -> Result<Config, ConfigError> {
-        Self::load_unchecked_keys(file, None)
-    }
-
-    fn load_unchecked_keys(
-        file: Option<&Path>,
-        env: Option<HashMap<String, String>>,
-    ) -> Result<Config, ConfigError> {
-        let mut builder = config::Config::builder();
-        for defaults in DEFAULTS {
-            builder =
-                builder.add_source(config::File::from_str(defaults, config::FileFormat::Toml));
-        }
-        if let Some(path) = file {
-            file::check_keys(path)?;
-            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
-        }
-        let env = match env {
-            Some(env) => env,
-            None => env::process_environment()?,
-        };
-        let env = env::relay_variables(env)?;
-        let loaded = builder
-            .add_source(env::source(env.clone()))
-            .build()
-            .and_then(config::Config::try_deserialize::<Config>)
-            .map_err(ConfigError::from)
-            .and_then(|mut config| {
-                config.validate()?;
-                config.amqp.history = config.history.clone();
-                Ok(config)
-            });
-        loaded.map_err(|err| locate(err, file, &env))
+    /// The broker side of the configuration, for the tools (`tail`, `topology`, `replay`,
+    /// `requeue`): everything is loaded and validated, but no export key is needed and the
+    /// keys file is not read, since the tools never verify a key.
+    pub fn load_for_tools(file: Option<&Path>) -> Result<AmqpConfig, ConfigError> {
+        Ok(read(file, None)?.sections.amqp)
     }
 
     /// The log format asked for by `RELAY_LOG__FORMAT` or the file's `log.format`, read on
@@ -182,13 +217,17 @@ impl Config {
         LogFormat::hint(file)
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
-        self.http.validate()?;
-        self.tls.validate()?;
-        self.amqp.validate()?;
-        self.spool.validate()?;
-        self.history.validate()?;
-        self.auth.validate()
+    /// How routing keys are built: `amqp.routing_key_prefix`, then
+    /// `amqp.routing_key_template`, short enough for a per-event queue's name.
+    pub fn routing(&self) -> &RoutingTemplate {
+        &self.routing
+    }
+
+    /// The export keys as read at load, the keys file's included. The relay starts with
+    /// these whenever it gets to serve; later changes of the file come through reloads
+    /// ([`AuthConfig::read_keyring`]).
+    pub fn keyring(&self) -> &Keyring {
+        &self.keyring
     }
 
     /// The effective configuration as TOML, with every secret redacted.
@@ -197,6 +236,34 @@ impl Config {
         // so plain serialization is already safe to print.
         toml::to_string_pretty(self).unwrap_or_else(|err| format!("# cannot render: {err}\n"))
     }
+}
+
+/// Defaults, then `file` if given, then `env` (the process environment if `None`): read into
+/// the sections and validated; an error names where the bad value came from.
+fn read(
+    file: Option<&Path>,
+    env: Option<HashMap<String, String>>,
+) -> Result<Validated, ConfigError> {
+    let mut builder = config::Config::builder();
+    for defaults in DEFAULTS {
+        builder = builder.add_source(config::File::from_str(defaults, config::FileFormat::Toml));
+    }
+    if let Some(path) = file {
+        file::check_keys(path)?;
+        builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+    }
+    let env = match env {
+        Some(env) => env,
+        None => env::process_environment()?,
+    };
+    let env = env::relay_variables(env)?;
+    builder
+        .add_source(env::source(env.clone()))
+        .build()
+        .and_then(config::Config::try_deserialize::<Sections>)
+        .map_err(ConfigError::from)
+        .and_then(Sections::validate)
+        .map_err(|err| locate(err, file, &env))
 }
 
 /// Names the variable or file a bad value came from: the loader's errors name only the key.

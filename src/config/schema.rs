@@ -4,13 +4,13 @@
 use serde::de::{self, Deserialize, Deserializer, Visitor};
 
 use super::{
-    AmqpConfig, AuthConfig, CompanyKeys, Config, HistoryConfig, HttpConfig, LogConfig,
-    MetricsConfig, QueueConfig, SpoolConfig, TlsConfig,
+    AmqpConfig, AuthConfig, CompanyKeys, HistoryConfig, HttpConfig, LogConfig, MetricsConfig,
+    QueueConfig, Sections, SpoolConfig, TlsConfig,
 };
 
 /// The sections: `http`, `amqp`, ...
 pub(super) fn sections() -> &'static [&'static str] {
-    fields::<Config>()
+    fields::<Sections>()
 }
 
 /// The settings of `section`, if there is such a section.
