@@ -1,11 +1,11 @@
-//! The process edge: command line, logging, configuration, signals; then [`hirehop_relay::run`].
+//! The process edge: command line, logging, configuration, signals; then
+//! [`hirehop_relay::run`], or one of the tools.
 
 #![forbid(unsafe_code)]
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
@@ -14,13 +14,10 @@ use hirehop_relay::amqp::history::{Filter, Start, point_in_time};
 use hirehop_relay::amqp::replay::{self, Target};
 use hirehop_relay::amqp::requeue;
 use hirehop_relay::amqp::tail::tail;
-use hirehop_relay::amqp::{ConnectError, Publisher, declare_topology_once, topology};
+use hirehop_relay::amqp::{declare_topology_once, topology};
 use hirehop_relay::config::{AmqpConfig, Config, LogFormat};
-use hirehop_relay::delivery::Delivery;
-use hirehop_relay::metrics::Metrics;
 use hirehop_relay::routing::TopicPattern;
 use hirehop_relay::send::Sample;
-use hirehop_relay::spool::Spool;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -514,89 +511,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             tracing::info!(signal, "received shutdown signal");
         }
     });
-
-    let spool = config
-        .spool
-        .enabled
-        .then(|| open_spool(&config))
-        .transpose()?;
-    let publisher = Publisher::start(config.amqp.clone());
-    // A refusal that retrying cannot fix (a wrong login or vhost, a topology the broker will
-    // not take), met at the first connection, stops the relay.
-    let fatal = Arc::new(OnceLock::new());
-    if spool.is_some() {
-        // With a spool, a 202 is possible before the broker answers: open the port now, so a
-        // relay restarted during a broker outage keeps webhooks instead of refusing them.
-        tokio::spawn({
-            let (publisher, shutdown, fatal) =
-                (publisher.clone(), shutdown.clone(), Arc::clone(&fatal));
-            async move {
-                if let Err(err) = publisher.wait_connected(shutdown.clone()).await
-                    && !matches!(err, ConnectError::Cancelled)
-                {
-                    tracing::error!(error = %err, "cannot set up the broker; stopping");
-                    let _ = fatal.set(err);
-                    shutdown.cancel();
-                }
-            }
-        });
-    } else {
-        // Without one, the port opens only once the broker can confirm.
-        tracing::info!(
-            listen = %config.http.listen,
-            "spool.enabled = false: the webhook port stays closed until the broker answers \
-             (without a spool only the broker's confirm can keep a webhook)"
-        );
-        match publisher.wait_connected(shutdown.clone()).await {
-            Ok(()) => {}
-            Err(ConnectError::Cancelled) => {
-                publisher.close().await;
-                return Ok(());
-            }
-            Err(err) => return Err(err).context("cannot set up the broker"),
-        }
-    }
-
-    let listener = tokio::net::TcpListener::bind(config.http.listen)
-        .await
-        .with_context(|| format!("failed to bind {}", config.http.listen))?;
-    let metrics = Arc::new(Metrics::new(&config));
-    let delivery = Delivery::new(publisher.clone(), spool, metrics);
-    let served = hirehop_relay::run(config, delivery, listener, shutdown.cancelled_owned()).await;
-    if served.is_err() {
-        // `run` closes the broker connection once it has served; when it could not start,
-        // close it here, before the runtime that lapin's I/O thread waits on goes away.
-        publisher.close().await;
-    }
-    served.context("cannot serve")?;
-    // Read, not taken: the task that set it may still hold its handle, and a refusal must
-    // never end in exit status 0.
-    match fatal.get() {
-        Some(err) => Err(err.clone()).context("cannot set up the broker"),
-        None => Ok(()),
-    }
-}
-
-/// Opens the spool and reports what an earlier run left in it.
-fn open_spool(config: &Config) -> anyhow::Result<Spool> {
-    let dir = &config.spool.dir;
-    let (spool, recovery) = Spool::open(dir, config.spool.max_bytes)
-        .context("cannot open the spool (set spool.dir, or spool.enabled = false)")?;
-    for (segment, bytes) in &recovery.corrupt {
-        tracing::error!(
-            segment = %segment.display(),
-            bytes,
-            "spool segment had a torn or corrupt tail (e.g. power loss mid-write); cut it off"
-        );
-    }
-    if recovery.records > 0 {
-        tracing::info!(
-            records = recovery.records,
-            "spool holds webhooks from an earlier run; they will be replayed"
-        );
-    }
-    tracing::info!(dir = %dir.display(), max_bytes = config.spool.max_bytes, "spool ready");
-    Ok(spool)
+    Ok(hirehop_relay::run(config, shutdown).await?)
 }
 
 fn init_logging(format: LogFormat) {
