@@ -35,33 +35,44 @@
 //!
 //! Around it: [`signal`] also turns SIGHUP into reloads of the keys file and the TLS pair
 //! ([`reload`]); [`health`] says whether a webhook sent now would be kept (`/readyz`, on both
-//! listeners); [`metrics`] counts what happens; [`rejection_log`] logs what strangers cause without letting a flood
-//! into the log; [`tracecontext`] carries W3C trace context into the message;
-//! [`send`], [`status`], [`amqp::tail`], [`amqp::replay`] and [`amqp::requeue`] are the
-//! `send`, `status`, `tail`, `replay` and `requeue` tools.
+//! listeners); [`metrics`] counts what happens; [`rejection_log`] logs what strangers cause
+//! without letting a flood into the log; [`tracecontext`] carries W3C trace context into the
+//! message; [`send`], [`status`], [`amqp::tail`], [`amqp::replay`] and [`amqp::requeue`] are
+//! the `send`, `status`, `tail`, `replay` and `requeue` tools.
 
 #![forbid(unsafe_code)]
+// The tour above links to the private modules it describes: `cargo doc
+// --document-private-items` renders them.
+#![allow(rustdoc::private_intra_doc_links)]
 
-pub mod access;
+// What the binary, the tests and the benchmark use: the configuration and the relay (below),
+// the tools, the types they build messages and filters from, and the metrics' label values
+// (which the docs test compares with the metrics reference).
 pub mod amqp;
-pub mod auth;
 pub mod config;
-pub mod delivery;
 pub mod envelope;
-pub mod health;
 pub mod message;
 pub mod metrics;
-pub mod rejection_log;
-pub mod reload;
 pub mod routing;
 pub mod send;
-pub mod server;
 pub mod signal;
-pub mod spool;
 pub mod status;
-pub mod tls;
 pub mod tracecontext;
-pub mod webhook;
+
+// The relay's insides.
+mod access;
+mod auth;
+mod delivery;
+mod health;
+mod rejection_log;
+mod reload;
+mod server;
+mod spool;
+mod tls;
+mod webhook;
+
+/// For `check-config`: reads a certificate and key as the relay will (see [`tls`]).
+pub use tls::check_pair as check_tls_pair;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -79,6 +90,15 @@ use crate::rejection_log::RejectionLog;
 use crate::reload::Reload;
 use crate::spool::Spool;
 use crate::webhook::App;
+
+/// Runs the relay `config` describes until `shutdown` is cancelled: [`Relay::start`], then
+/// [`Relay::run`]. `main` calls this; tests that need the address in between call the two.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+    match Relay::start(config, shutdown).await? {
+        Some(relay) => relay.run().await,
+        None => Ok(()),
+    }
+}
 
 /// Why the relay could not start, or stopped on an error. Each says what failed; the causes
 /// follow as its [`source`](std::error::Error::source)s.
@@ -110,15 +130,6 @@ pub enum ServeError {
         addr: SocketAddr,
         cause: std::io::Error,
     },
-}
-
-/// Runs the relay `config` describes until `shutdown` is cancelled: [`Relay::start`], then
-/// [`Relay::run`]. `main` calls this; tests that need the address in between call the two.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
-    match Relay::start(config, shutdown).await? {
-        Some(relay) => relay.run().await,
-        None => Ok(()),
-    }
 }
 
 /// A relay whose webhook port is bound: its spool open, its publisher started.

@@ -258,7 +258,7 @@ fn run(command: Command, file: Option<PathBuf>) -> anyhow::Result<()> {
             if let (Some(cert), Some(key)) = (&config.tls.cert_file, &config.tls.key_file) {
                 // Read as the relay will read them: a missing file, or a pair that does not
                 // belong together, fails here instead of at the next start.
-                let chain = hirehop_relay::tls::check_pair(cert, key)
+                let chain = hirehop_relay::check_tls_pair(cert, key)
                     .context("invalid TLS certificate or key")?;
                 println!(
                     "\n# tls: {} ({chain} certificate(s)) matches {}",

@@ -58,7 +58,7 @@ impl AuthConfig {
 
     /// The configured keys, with those of `export_keys_file` (read now), ready for
     /// verification: once at load, then by each reload of the file.
-    pub fn read_keyring(&self) -> Result<Keyring, ConfigError> {
+    pub(crate) fn read_keyring(&self) -> Result<Keyring, ConfigError> {
         let mut any = self.export_keys.clone();
         let mut companies: Vec<(u64, Vec<ExportKey>)> = self
             .companies

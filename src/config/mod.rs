@@ -6,8 +6,10 @@
 //! raw string where a `SocketAddr`, a `Duration` or an [`ExportKey`] belongs.
 //!
 //! One file per section (`http`, `amqp`, `auth`, `spool`, `tls`, `metrics`, `log`,
-//! `history`), each with its settings' docs, defaults, rules and tests; [`env`] and [`file`]
-//! check that every variable and key names a setting, [`schema`] knows the settings' names.
+//! `history`), each with its settings' docs, defaults, rules and tests. [`env`](mod@env) and
+//! [`file`](mod@file) check that every variable and key names a setting; [`schema`] knows the
+//! settings' names. Loading reads the sections, validates each, and keeps what validation
+//! built (the routing template, the keys) in the [`Config`] the relay runs with.
 //!
 //! [`ExportKey`]: crate::auth::ExportKey
 
@@ -219,14 +221,14 @@ impl Config {
 
     /// How routing keys are built: `amqp.routing_key_prefix`, then
     /// `amqp.routing_key_template`, short enough for a per-event queue's name.
-    pub fn routing(&self) -> &RoutingTemplate {
+    pub(crate) fn routing(&self) -> &RoutingTemplate {
         &self.routing
     }
 
     /// The export keys as read at load, the keys file's included. The relay starts with
     /// these whenever it gets to serve; later changes of the file come through reloads
     /// ([`AuthConfig::read_keyring`]).
-    pub fn keyring(&self) -> &Keyring {
+    pub(crate) fn keyring(&self) -> &Keyring {
         &self.keyring
     }
 
