@@ -23,79 +23,269 @@
 //!    (down, blocked, nack, timeout), the message goes to the [`spool`] instead and the 202
 //!    is sent once it is fsynced on disk; [`delivery::replay`] drains the spool later.
 //!
-//! Around it: [`config`] loads everything once at startup; [`signal`] turns SIGTERM/SIGINT
-//! into the shutdown future that [`run`] takes, and SIGHUP into key reloads; [`health`] says
-//! whether a webhook sent now would be kept (`/readyz`, on both listeners); [`metrics`]
-//! counts what happens; [`rejection_log`] logs what strangers cause without letting a flood
-//! into the log; [`tracecontext`] carries W3C trace context into the message;
-//! [`send`], [`status`], [`amqp::tail`], [`amqp::replay`] and [`amqp::requeue`] are the
-//! `send`, `status`, `tail`, `replay` and `requeue` tools.
+//! # The process
+//! [`config`] reads and validates everything once, at load, into a [`config::Config`]; the
+//! keys and the routing template are built there. [`run`] builds the relay from it:
+//! [`Relay::start`] opens the [`spool`], starts the [`amqp`] publisher and binds the
+//! webhook port (at once with a spool; without one, only once the broker is set up), and
+//! [`Relay::run`] serves until shutdown, then stops in order. A refusal of the broker that
+//! retrying cannot fix stops the relay with [`RunError::Broker`]. `main` parses the command
+//! line, sets up logging, turns SIGTERM/SIGINT ([`signal`]) into the shutdown token and calls
+//! [`run`], or one of the tools.
+//!
+//! Around it: [`signal`] also turns SIGHUP into reloads of the keys file and the TLS pair
+//! ([`reload`]); [`health`] says whether a webhook sent now would be kept (`/readyz`, on both
+//! listeners); [`metrics`] counts what happens; [`rejection_log`] logs what strangers cause
+//! without letting a flood into the log; [`tracecontext`] carries W3C trace context into the
+//! message; [`send`], [`status`], [`amqp::tail`], [`amqp::replay`] and [`amqp::requeue`] are
+//! the `send`, `status`, `tail`, `replay` and `requeue` tools.
 
 #![forbid(unsafe_code)]
+// The tour above links to the private modules it describes: `cargo doc
+// --document-private-items` renders them.
+#![allow(rustdoc::private_intra_doc_links)]
 
-pub mod access;
+// What the binary, the tests and the benchmark use: the configuration and the relay (below),
+// the tools, the types they build messages and filters from, and the metrics' label values
+// (which the docs test compares with the metrics reference).
 pub mod amqp;
-pub mod auth;
 pub mod config;
-pub mod delivery;
 pub mod envelope;
-pub mod health;
 pub mod message;
 pub mod metrics;
-pub mod rejection_log;
-pub mod reload;
 pub mod routing;
 pub mod send;
-pub mod server;
 pub mod signal;
-pub mod spool;
 pub mod status;
-pub mod tls;
 pub mod tracecontext;
-pub mod webhook;
 
-use std::future::Future;
-use std::sync::Arc;
+// The relay's insides.
+mod access;
+mod auth;
+mod delivery;
+mod health;
+mod rejection_log;
+mod reload;
+mod server;
+mod spool;
+mod tls;
+mod webhook;
+
+/// For `check-config`: reads a certificate and key as the relay will (see [`tls`]).
+pub use tls::check_pair as check_tls_pair;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::access::{AccessPolicy, KeyFailureBudget};
+use crate::amqp::{ConnectError, Publisher};
 use crate::auth::KeyStore;
 use crate::config::Config;
 use crate::delivery::Delivery;
+use crate::metrics::Metrics;
 use crate::rejection_log::RejectionLog;
 use crate::reload::Reload;
+use crate::spool::Spool;
 use crate::webhook::App;
 
-/// Why [`run`] could not serve.
+/// Runs the relay `config` describes until `shutdown` is cancelled: [`Relay::start`], then
+/// [`Relay::run`]. `main` calls this; tests that need the address in between call the two.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+    match Relay::start(config, shutdown).await? {
+        Some(relay) => relay.run().await,
+        None => Ok(()),
+    }
+}
+
+/// Why the relay could not start, or stopped on an error. Each says what failed; the causes
+/// follow as its [`source`](std::error::Error::source)s.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    #[error("cannot open the spool (set spool.dir, or spool.enabled = false)")]
+    Spool(#[source] spool::OpenError),
+    /// A refusal that retrying cannot fix (a wrong login or vhost, a topology the broker
+    /// will not take), met at the first connection.
+    #[error("cannot set up the broker")]
+    Broker(#[source] ConnectError),
+    #[error("failed to bind {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        cause: std::io::Error,
+    },
+    #[error("cannot serve")]
+    Serve(#[source] ServeError),
+}
+
+/// Why the listeners could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error("failed to bind metrics.listen {addr}: {cause}")]
     MetricsBind {
-        addr: std::net::SocketAddr,
+        addr: SocketAddr,
         cause: std::io::Error,
     },
 }
 
-/// Serves webhooks on `listener`, delivering through `delivery` (the broker, and the spool
-/// if enabled), until `shutdown` resolves; then drains in-flight requests, waits for
-/// deliveries still under way, lets replay empty the spool for up to
-/// `spool.shutdown_replay_timeout_ms`, and closes the spool and the broker connection.
-///
-/// Production passes the configured address and [`signal::shutdown`]; tests pass
-/// `127.0.0.1:0` and a oneshot.
-pub async fn run(
+/// A relay whose webhook port is bound: its spool open, its publisher started.
+pub struct Relay {
     config: Config,
     delivery: Delivery,
     listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), RunError> {
+    /// Cancelled by the caller's shutdown, or by a refusal of the broker (`fatal`).
+    stop: CancellationToken,
+    /// The refusal that stopped a relay already serving (with a spool, it serves before the
+    /// broker answers).
+    fatal: Arc<OnceLock<ConnectError>>,
+}
+
+impl Relay {
+    /// Opens the spool, starts the publisher, and binds `http.listen`: at once with a spool
+    /// (a 202 is possible before the broker answers, so a relay restarted during a broker
+    /// outage keeps webhooks instead of refusing them); without one, only once the broker is
+    /// set up, since then only its confirm can keep a webhook. `None` when `shutdown` came
+    /// first.
+    pub async fn start(
+        config: Config,
+        shutdown: CancellationToken,
+    ) -> Result<Option<Relay>, RunError> {
+        let stop = shutdown.child_token();
+        let spool = config
+            .spool
+            .enabled
+            .then(|| open_spool(&config))
+            .transpose()
+            .map_err(RunError::Spool)?;
+        let publisher = Publisher::start(config.amqp.clone());
+        let fatal = Arc::new(OnceLock::new());
+        if spool.is_some() {
+            tokio::spawn({
+                let (publisher, stop, fatal) =
+                    (publisher.clone(), stop.clone(), Arc::clone(&fatal));
+                async move {
+                    if let Err(err) = publisher.wait_connected(stop.clone()).await
+                        && !matches!(err, ConnectError::Cancelled)
+                    {
+                        tracing::error!(error = %err, "cannot set up the broker; stopping");
+                        let _ = fatal.set(err);
+                        stop.cancel();
+                    }
+                }
+            });
+        } else {
+            tracing::info!(
+                listen = %config.http.listen,
+                "spool.enabled = false: the webhook port stays closed until the broker answers \
+                 (without a spool only the broker's confirm can keep a webhook)"
+            );
+            match publisher.wait_connected(stop.clone()).await {
+                Ok(()) => {}
+                Err(ConnectError::Cancelled) => {
+                    publisher.close().await;
+                    return Ok(None);
+                }
+                Err(err) => {
+                    publisher.close().await;
+                    return Err(RunError::Broker(err));
+                }
+            }
+        }
+        let addr = config.http.listen;
+        let listener = match TcpListener::bind(addr).await {
+            Ok(listener) => listener,
+            Err(cause) => {
+                publisher.close().await;
+                return Err(RunError::Bind { addr, cause });
+            }
+        };
+        let metrics = Arc::new(Metrics::new(&config));
+        Ok(Some(Relay {
+            delivery: Delivery::new(publisher, spool, metrics),
+            config,
+            listener,
+            stop,
+            fatal,
+        }))
+    }
+
+    /// The address the webhook port is bound to (`http.listen`, with the port chosen when it
+    /// asks for port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Waits until the broker is set up (which [`Relay::start`] does not, with a spool): for
+    /// tests that want their first webhooks confirmed rather than spooled.
+    pub async fn wait_connected(&self) -> Result<(), RunError> {
+        let publisher = self.delivery.publisher();
+        publisher
+            .wait_connected(self.stop.clone())
+            .await
+            .map_err(RunError::Broker)
+    }
+
+    /// Serves webhooks until shutdown; then drains in-flight requests, waits for
+    /// deliveries still under way, lets replay empty the spool for up to
+    /// `spool.shutdown_replay_timeout_ms`, and closes the spool and the broker connection.
+    /// An error if the broker refused the relay for good meanwhile.
+    pub async fn run(self) -> Result<(), RunError> {
+        let Relay {
+            config,
+            delivery,
+            listener,
+            stop,
+            fatal,
+        } = self;
+        let publisher = delivery.publisher().clone();
+        if let Err(err) = serve(&config, delivery, listener, stop).await {
+            // `serve` closes the broker connection once it has served; when it could not
+            // start, close it here, before the runtime that lapin's I/O thread waits on goes
+            // away.
+            publisher.close().await;
+            return Err(RunError::Serve(err));
+        }
+        // Read, not taken: the task that set it may still hold its handle, and a refusal must
+        // never end in exit status 0.
+        match fatal.get() {
+            Some(err) => Err(RunError::Broker(err.clone())),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Opens the spool and reports what an earlier run left in it.
+fn open_spool(config: &Config) -> Result<Spool, spool::OpenError> {
+    let dir = &config.spool.dir;
+    let (spool, recovery) = Spool::open(dir, config.spool.max_bytes)?;
+    for (segment, bytes) in &recovery.corrupt {
+        tracing::error!(
+            segment = %segment.display(),
+            bytes,
+            "spool segment had a torn or corrupt tail (e.g. power loss mid-write); cut it off"
+        );
+    }
+    if recovery.records > 0 {
+        tracing::info!(
+            records = recovery.records,
+            "spool holds webhooks from an earlier run; they will be replayed"
+        );
+    }
+    tracing::info!(dir = %dir.display(), max_bytes = config.spool.max_bytes, "spool ready");
+    Ok(spool)
+}
+
+/// Serves webhooks on `listener` until `stop`, then shuts down in order (see [`Relay::run`]).
+async fn serve(
+    config: &Config,
+    delivery: Delivery,
+    listener: TcpListener,
+    stop: CancellationToken,
+) -> Result<(), ServeError> {
     let tls = match (&config.tls.cert_file, &config.tls.key_file) {
         (Some(cert), Some(key)) => Some(Arc::new(tls::Tls::load(
             cert,
@@ -108,7 +298,7 @@ pub async fn run(
         Some(addr) => Some(
             TcpListener::bind(addr)
                 .await
-                .map_err(|cause| RunError::MetricsBind { addr, cause })?,
+                .map_err(|cause| ServeError::MetricsBind { addr, cause })?,
         ),
         None => None,
     };
@@ -127,10 +317,8 @@ pub async fn run(
             finish_replay.clone(),
         ))
     });
-    let keys = Arc::new(KeyStore::new(
-        config.keyring().expect("the config was validated at load"),
-    ));
-    spawn_key_reloads(&config, &keys, stopping.clone());
+    let keys = Arc::new(KeyStore::new(config.keyring().clone()));
+    spawn_key_reloads(config, &keys, stopping.clone());
     if let Some(tls) = &tls {
         let (tls, stop) = (Arc::clone(tls), stopping.clone());
         let metrics = Arc::clone(delivery.metrics());
@@ -143,33 +331,14 @@ pub async fn run(
     };
     let metrics_server = metrics_listener.map(|listener| {
         let rejections = Arc::clone(&rejections);
-        spawn_metrics_server(listener, &config, &delivery, rejections, stopping.clone())
+        spawn_metrics_server(listener, config, &delivery, rejections, stopping.clone())
     });
-    let app = Arc::new(App {
+    let app = Arc::new(App::new(
+        config,
         keys,
-        routing: config
-            .amqp
-            .routing_template()
-            .expect("the config was validated at load"),
-        http: config.http.clone(),
-        delivery: delivery.clone(),
-        publishes: TaskTracker::new(),
-        in_flight: Semaphore::new(config.http.max_in_flight),
-        metrics_here: config.metrics.listen.is_none(),
-        access: AccessPolicy::new(
-            config.http.allow_from.clone(),
-            config.http.trusted_proxies.clone(),
-            config.http.forwarded_header,
-        ),
-        key_failures: KeyFailureBudget::new(
-            config.http.key_failures_per_minute,
-            config.http.key_failure_burst,
-        ),
-        rejections: Arc::clone(&rejections),
-        redact_export_key: config.amqp.redact_export_key,
-        max_age: (config.auth.max_age_secs > 0)
-            .then(|| std::time::Duration::from_secs(config.auth.max_age_secs)),
-    });
+        delivery.clone(),
+        Arc::clone(&rejections),
+    ));
     {
         // Sources whose budget refilled are forgotten, so the table holds recent ones only.
         let (app, stop) = (Arc::clone(&app), stopping.clone());
@@ -195,7 +364,7 @@ pub async fn run(
         metrics,
         Arc::clone(&rejections),
         handler,
-        shutdown,
+        stop.cancelled(),
     )
     .await;
     stopping.cancel();
@@ -264,13 +433,13 @@ fn spawn_key_reloads(config: &Config, keys: &Arc<KeyStore>, stop: CancellationTo
         });
         return;
     };
-    let config = config.clone();
+    let auth = config.auth.clone();
     let reload = Reload {
         value: Arc::clone(keys),
         what: "export keys",
         files: vec![path],
         every: Duration::from_secs(2),
-        load: Box::new(move || match config.keyring() {
+        load: Box::new(move || match auth.read_keyring() {
             Ok(keyring) if keyring.is_empty() => Err("it would leave no export key".to_owned()),
             Ok(keyring) => Ok(keyring),
             Err(err) => Err(err.to_string()),

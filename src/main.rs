@@ -1,11 +1,11 @@
-//! The process edge: command line, logging, configuration, signals; then [`hirehop_relay::run`].
+//! The process edge: command line, logging, configuration, signals; then
+//! [`hirehop_relay::run`], or one of the tools.
 
 #![forbid(unsafe_code)]
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
@@ -14,13 +14,10 @@ use hirehop_relay::amqp::history::{Filter, Start, point_in_time};
 use hirehop_relay::amqp::replay::{self, Target};
 use hirehop_relay::amqp::requeue;
 use hirehop_relay::amqp::tail::tail;
-use hirehop_relay::amqp::{ConnectError, Publisher, declare_topology_once, topology};
-use hirehop_relay::config::{Config, LogFormat};
-use hirehop_relay::delivery::Delivery;
-use hirehop_relay::metrics::Metrics;
+use hirehop_relay::amqp::{declare_topology_once, topology};
+use hirehop_relay::config::{AmqpConfig, Config, LogFormat};
 use hirehop_relay::routing::TopicPattern;
 use hirehop_relay::send::Sample;
-use hirehop_relay::spool::Spool;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -247,16 +244,12 @@ fn run(command: Command, file: Option<PathBuf>) -> anyhow::Result<()> {
         return runtime()?.block_on(status(url, *json));
     }
     let file = file.as_deref();
-    let config = match command {
-        Command::Tail { .. }
-        | Command::Topology { .. }
-        | Command::Replay { .. }
-        | Command::Requeue { .. } => Config::load_for_tools(file),
-        _ => Config::load(file),
-    }
-    .context("invalid configuration")?;
+    let load = || Config::load(file).context("invalid configuration");
+    // The tools read the broker side only, and need no export key.
+    let load_for_tools = || Config::load_for_tools(file).context("invalid configuration");
     match command {
         Command::CheckConfig { .. } => {
+            let config = load()?;
             print!("{}", config.to_redacted_toml());
             println!("\n# topology");
             for line in topology::describe(&config.amqp).lines() {
@@ -265,7 +258,7 @@ fn run(command: Command, file: Option<PathBuf>) -> anyhow::Result<()> {
             if let (Some(cert), Some(key)) = (&config.tls.cert_file, &config.tls.key_file) {
                 // Read as the relay will read them: a missing file, or a pair that does not
                 // belong together, fails here instead of at the next start.
-                let chain = hirehop_relay::tls::check_pair(cert, key)
+                let chain = hirehop_relay::check_tls_pair(cert, key)
                     .context("invalid TLS certificate or key")?;
                 println!(
                     "\n# tls: {} ({chain} certificate(s)) matches {}",
@@ -276,10 +269,11 @@ fn run(command: Command, file: Option<PathBuf>) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Topology { apply, .. } => {
-            print!("{}", topology::describe(&config.amqp));
+            let amqp = load_for_tools()?;
+            print!("{}", topology::describe(&amqp));
             if apply {
                 runtime()?
-                    .block_on(declare_topology_once(&config.amqp))
+                    .block_on(declare_topology_once(&amqp))
                     .context("failed to declare the topology")?;
                 eprintln!("declared");
             }
@@ -291,11 +285,12 @@ fn run(command: Command, file: Option<PathBuf>) -> anyhow::Result<()> {
             since,
             ..
         } => {
+            let amqp = load_for_tools()?;
             let mut out = std::io::stdout().lock();
             runtime()?
                 .block_on(async {
                     tokio::select! {
-                        result = tail(&config.amqp, &pattern, since, json, &mut out) => result,
+                        result = tail(&amqp, &pattern, since, json, &mut out) => result,
                         _ = hirehop_relay::signal::shutdown() => Ok(()),
                     }
                 })
@@ -333,33 +328,35 @@ fn run(command: Command, file: Option<PathBuf>) -> anyhow::Result<()> {
                 target,
                 dry_run,
             };
-            run_replay(&config, &request)
+            run_replay(&load_for_tools()?, &request)
         }
         Command::Requeue {
             from, event, limit, ..
         } => {
+            let amqp = load_for_tools()?;
             let request = requeue::Request {
-                from: from.unwrap_or_else(|| config.amqp.unrouted_name()),
+                from: from.unwrap_or_else(|| amqp.unrouted_name()),
                 event,
                 limit,
             };
             let mut progress = Progress::new();
             let outcome = runtime()?
                 .block_on(requeue::requeue(
-                    &config.amqp,
+                    &amqp,
                     &request,
                     &mut |counts| progress.show(&counts.progress_line()),
                     stop_signal(),
                 ))
                 .context("requeue failed")?;
             progress.finish();
-            print!("{}", outcome.counts.report(&request.from, &config.amqp));
+            print!("{}", outcome.counts.report(&request.from, &amqp));
             match outcome.error {
                 Some(err) => Err(err).context("requeue stopped early"),
                 None => Ok(()),
             }
         }
         Command::Serve { .. } => {
+            let config = load()?;
             init_logging(config.log.format);
             runtime()?.block_on(serve(config))
         }
@@ -367,11 +364,11 @@ fn run(command: Command, file: Option<PathBuf>) -> anyhow::Result<()> {
     }
 }
 
-fn run_replay(config: &Config, request: &replay::Request) -> anyhow::Result<()> {
+fn run_replay(amqp: &AmqpConfig, request: &replay::Request) -> anyhow::Result<()> {
     let mut progress = Progress::new();
     let outcome = runtime()?
         .block_on(replay::replay(
-            &config.amqp,
+            amqp,
             request,
             &mut |counts| progress.show(&counts.progress_line()),
             stop_signal(),
@@ -514,89 +511,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             tracing::info!(signal, "received shutdown signal");
         }
     });
-
-    let spool = config
-        .spool
-        .enabled
-        .then(|| open_spool(&config))
-        .transpose()?;
-    let publisher = Publisher::start(config.amqp.clone());
-    // A refusal that retrying cannot fix (a wrong login or vhost, a topology the broker will
-    // not take), met at the first connection, stops the relay.
-    let fatal = Arc::new(OnceLock::new());
-    if spool.is_some() {
-        // With a spool, a 202 is possible before the broker answers: open the port now, so a
-        // relay restarted during a broker outage keeps webhooks instead of refusing them.
-        tokio::spawn({
-            let (publisher, shutdown, fatal) =
-                (publisher.clone(), shutdown.clone(), Arc::clone(&fatal));
-            async move {
-                if let Err(err) = publisher.wait_connected(shutdown.clone()).await
-                    && !matches!(err, ConnectError::Cancelled)
-                {
-                    tracing::error!(error = %err, "cannot set up the broker; stopping");
-                    let _ = fatal.set(err);
-                    shutdown.cancel();
-                }
-            }
-        });
-    } else {
-        // Without one, the port opens only once the broker can confirm.
-        tracing::info!(
-            listen = %config.http.listen,
-            "spool.enabled = false: the webhook port stays closed until the broker answers \
-             (without a spool only the broker's confirm can keep a webhook)"
-        );
-        match publisher.wait_connected(shutdown.clone()).await {
-            Ok(()) => {}
-            Err(ConnectError::Cancelled) => {
-                publisher.close().await;
-                return Ok(());
-            }
-            Err(err) => return Err(err).context("cannot set up the broker"),
-        }
-    }
-
-    let listener = tokio::net::TcpListener::bind(config.http.listen)
-        .await
-        .with_context(|| format!("failed to bind {}", config.http.listen))?;
-    let metrics = Arc::new(Metrics::new(&config));
-    let delivery = Delivery::new(publisher.clone(), spool, metrics);
-    let served = hirehop_relay::run(config, delivery, listener, shutdown.cancelled_owned()).await;
-    if served.is_err() {
-        // `run` closes the broker connection once it has served; when it could not start,
-        // close it here, before the runtime that lapin's I/O thread waits on goes away.
-        publisher.close().await;
-    }
-    served.context("cannot serve")?;
-    // Read, not taken: the task that set it may still hold its handle, and a refusal must
-    // never end in exit status 0.
-    match fatal.get() {
-        Some(err) => Err(err.clone()).context("cannot set up the broker"),
-        None => Ok(()),
-    }
-}
-
-/// Opens the spool and reports what an earlier run left in it.
-fn open_spool(config: &Config) -> anyhow::Result<Spool> {
-    let dir = &config.spool.dir;
-    let (spool, recovery) = Spool::open(dir, config.spool.max_bytes)
-        .context("cannot open the spool (set spool.dir, or spool.enabled = false)")?;
-    for (segment, bytes) in &recovery.corrupt {
-        tracing::error!(
-            segment = %segment.display(),
-            bytes,
-            "spool segment had a torn or corrupt tail (e.g. power loss mid-write); cut it off"
-        );
-    }
-    if recovery.records > 0 {
-        tracing::info!(
-            records = recovery.records,
-            "spool holds webhooks from an earlier run; they will be replayed"
-        );
-    }
-    tracing::info!(dir = %dir.display(), max_bytes = config.spool.max_bytes, "spool ready");
-    Ok(spool)
+    Ok(hirehop_relay::run(config, shutdown).await?)
 }
 
 fn init_logging(format: LogFormat) {

@@ -27,7 +27,7 @@ use tracing::{Instrument, Level};
 use crate::access::{AccessPolicy, KeyFailureBudget, Source};
 use crate::amqp::PublishError;
 use crate::auth::KeyStore;
-use crate::config::HttpConfig;
+use crate::config::{Config, HttpConfig};
 use crate::delivery::{Delivery, DeliveryError, Outcome};
 use crate::envelope::{Envelope, EnvelopeError};
 use crate::health::{Health, Probe};
@@ -62,6 +62,40 @@ pub struct App {
     pub redact_export_key: bool,
     /// `auth.max_age_secs`, when on.
     pub max_age: Option<Duration>,
+}
+
+impl App {
+    /// The handlers' shared state, from the validated `config` and the keys in use.
+    pub fn new(
+        config: &Config,
+        keys: Arc<KeyStore>,
+        delivery: Delivery,
+        rejections: Arc<RejectionLog>,
+    ) -> App {
+        let http = &config.http;
+        App {
+            keys,
+            routing: config.routing().clone(),
+            http: http.clone(),
+            delivery,
+            publishes: TaskTracker::new(),
+            in_flight: Semaphore::new(http.max_in_flight),
+            metrics_here: config.metrics.listen.is_none(),
+            access: AccessPolicy::new(
+                http.allow_from.clone(),
+                http.trusted_proxies.clone(),
+                http.forwarded_header,
+            ),
+            key_failures: KeyFailureBudget::new(
+                http.key_failures_per_minute,
+                http.key_failure_burst,
+            ),
+            rejections,
+            redact_export_key: config.amqp.redact_export_key,
+            max_age: (config.auth.max_age_secs > 0)
+                .then(|| Duration::from_secs(config.auth.max_age_secs)),
+        }
+    }
 }
 
 /// Every way a request can fail, and the status it gets. Messages are sent to the client:

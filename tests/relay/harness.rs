@@ -9,11 +9,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_lite::StreamExt;
-use hirehop_relay::amqp::Publisher;
+use hirehop_relay::Relay;
 use hirehop_relay::config::Config;
-use hirehop_relay::delivery::Delivery;
-use hirehop_relay::metrics::Metrics;
-use hirehop_relay::spool::Spool;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -23,8 +20,8 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -338,7 +335,7 @@ pub struct TestRelay {
     pub addr: SocketAddr,
     pub exchange: String,
     pub config: Config,
-    shutdown: Option<oneshot::Sender<()>>,
+    shutdown: CancellationToken,
     task: Option<JoinHandle<Result<(), hirehop_relay::RunError>>>,
     broker: lapin::Connection,
     channel: lapin::Channel,
@@ -416,36 +413,26 @@ impl TestRelay {
             .find(|(key, _)| *key == "RELAY_AMQP__EXCHANGE")
             .map_or_else(unique_exchange, |(_, name)| (*name).to_owned());
         let config = test_config(&exchange, amqp_url, file, overrides);
-        let publisher = Publisher::start(config.amqp.clone());
+        // What `main` runs, in two steps for the address in between.
+        let shutdown = CancellationToken::new();
+        let relay = tokio::time::timeout(PATIENCE, Relay::start(config.clone(), shutdown.clone()))
+            .await
+            .expect("the relay starts in time")
+            .expect("the relay starts")
+            .expect("the relay was not shut down");
         if wait_for_broker {
-            tokio::time::timeout(PATIENCE, publisher.wait_connected(CancellationToken::new()))
+            tokio::time::timeout(PATIENCE, relay.wait_connected())
                 .await
                 .expect("the relay connects to the broker in time")
                 .expect("the relay sets up the broker");
         }
-        let spool = config.spool.enabled.then(|| {
-            Spool::open(&config.spool.dir, config.spool.max_bytes)
-                .expect("the test spool opens")
-                .0
-        });
-        let metrics = Arc::new(Metrics::new(&config));
-        let delivery = Delivery::new(publisher, spool, metrics);
-        let listener = TcpListener::bind(config.http.listen).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(hirehop_relay::run(
-            config.clone(),
-            delivery,
-            listener,
-            async {
-                let _ = rx.await;
-            },
-        ));
+        let addr = relay.local_addr().unwrap();
+        let task = tokio::spawn(relay.run());
         TestRelay {
             addr,
             exchange,
             config,
-            shutdown: Some(tx),
+            shutdown,
             task: Some(task),
             broker,
             channel,
@@ -514,9 +501,7 @@ impl TestRelay {
 
     /// Graceful shutdown, then removal of what the relay declared.
     pub async fn stop(mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
+        self.shutdown.cancel();
         if let Some(task) = self.task.take() {
             tokio::time::timeout(PATIENCE, task)
                 .await

@@ -9,8 +9,8 @@ use hyper::{Method, StatusCode};
 use lapin::types::AMQPValue;
 
 use crate::harness::{
-    KEY, PATIENCE, RelayProcess, TestRelay, broker_addr, env, message_id, request, sample, scrape,
-    send, unique_exchange, wait_sample, webhook, webhook_with,
+    KEY, PATIENCE, RelayProcess, TestRelay, addr_in, broker_addr, env, message_id, request, sample,
+    scrape, send, unique_exchange, wait_sample, webhook, webhook_with,
 };
 use crate::proxy::Proxy;
 
@@ -325,6 +325,41 @@ fn replace_file(path: &std::path::Path, contents: &str) {
     let staged = path.with_extension("staged");
     std::fs::write(&staged, contents).unwrap();
     std::fs::rename(&staged, path).unwrap();
+}
+
+/// Without a spool the port opens only once the broker answers, which can be long after the
+/// configuration was loaded: the relay serves with the keys it read at load, whatever became
+/// of the keys file meanwhile (it used to read the file again there, and panic).
+#[tokio::test]
+async fn keys_read_at_load_serve_even_if_the_keys_file_goes_while_the_broker_is_away() {
+    let exchange = unique_exchange();
+    let keys = std::env::temp_dir().join(format!("{exchange}.keys"));
+    std::fs::write(&keys, "key-from-file\n").unwrap();
+    let keys_str = keys.to_string_lossy().into_owned();
+    let proxy = Proxy::start(broker_addr()).await;
+    proxy.refuse(true);
+    let url = crate::harness::via(&proxy);
+    let mut relay_env: Vec<(&str, &str)> = env(&exchange, &url)
+        .into_iter()
+        .filter(|(k, _)| *k != "RELAY_AUTH__EXPORT_KEYS")
+        .collect();
+    relay_env.push(("RELAY_AUTH__EXPORT_KEYS_FILE", &keys_str));
+    relay_env.push(("RELAY_SPOOL__ENABLED", "false"));
+    let mut relay = RelayProcess::start(&[], &relay_env);
+    relay.wait_for("broker not available yet").await;
+    std::fs::remove_file(&keys).unwrap();
+    proxy.refuse(false);
+    let addr = addr_in(&relay.wait_for("listening").await);
+    let req = request(
+        Method::POST,
+        "/webhooks/hirehop",
+        webhook_with("job.updated", "key-from-file", 1),
+    );
+    let reply = send(addr, req).await.expect("the relay answers");
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{reply:?}");
+    relay.terminate().await;
+    let broker = crate::harness::broker().await;
+    crate::harness::delete_topology(&broker.create_channel().await.unwrap(), &exchange).await;
 }
 
 #[tokio::test]

@@ -44,12 +44,9 @@ async fn returned_message_is_503_never_202() {
     relay.stop().await;
 }
 
-#[tokio::test]
-async fn topology_mismatch_stops_startup_with_a_clear_message() {
-    let broker = harness::broker().await;
-    let channel = broker.create_channel().await.unwrap();
+/// An exchange someone created by hand, without the alternate exchange the relay declares.
+async fn exchange_made_by_hand(channel: &lapin::Channel) -> String {
     let exchange = format!("relay-test-mismatch-{}", uuid::Uuid::now_v7().simple());
-    // Someone created the exchange by hand, without the alternate exchange.
     channel
         .exchange_declare(
             exchange.as_str().into(),
@@ -62,6 +59,14 @@ async fn topology_mismatch_stops_startup_with_a_clear_message() {
         )
         .await
         .unwrap();
+    exchange
+}
+
+#[tokio::test]
+async fn topology_mismatch_stops_startup_with_a_clear_message() {
+    let broker = harness::broker().await;
+    let channel = broker.create_channel().await.unwrap();
+    let exchange = exchange_made_by_hand(&channel).await;
     let env: std::collections::HashMap<String, String> = [
         ("RELAY_AMQP__URL", harness::amqp_url()),
         ("RELAY_AMQP__EXCHANGE", exchange.clone()),
@@ -87,6 +92,47 @@ async fn topology_mismatch_stops_startup_with_a_clear_message() {
     );
     assert!(message.contains("PRECONDITION"), "{message}");
     harness::delete_topology(&channel, &exchange).await;
+}
+
+/// The refusal stops the relay as `main` runs it: with a spool the port opens first and the
+/// relay stops once the broker refuses; without one it stops before opening the port.
+#[tokio::test]
+async fn a_topology_the_broker_refuses_stops_the_relay_with_or_without_a_spool() {
+    let broker = harness::broker().await;
+    let channel = broker.create_channel().await.unwrap();
+    let exchange = exchange_made_by_hand(&channel).await;
+    let spool_dir = harness::spool_dir(&exchange);
+    for spool in ["true", "false"] {
+        let env = [
+            ("RELAY_HTTP__LISTEN", "127.0.0.1:0".to_owned()),
+            ("RELAY_AMQP__URL", harness::amqp_url()),
+            ("RELAY_AMQP__EXCHANGE", exchange.clone()),
+            ("RELAY_AUTH__EXPORT_KEYS", "k".to_owned()),
+            ("RELAY_SPOOL__ENABLED", spool.to_owned()),
+            ("RELAY_SPOOL__DIR", spool_dir.to_string_lossy().into_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let config = hirehop_relay::config::Config::load_from(None, Some(env)).unwrap();
+        let stopped = tokio::time::timeout(
+            harness::PATIENCE,
+            hirehop_relay::run(config, CancellationToken::new()),
+        )
+        .await
+        .expect("a refusal stops the relay instead of retrying");
+        let err = stopped.expect_err("the relay must not run on a topology the broker refuses");
+        assert_eq!(err.to_string(), "cannot set up the broker", "spool {spool}");
+        let cause = std::error::Error::source(&err)
+            .expect("the refusal")
+            .to_string();
+        assert!(
+            cause.contains(&format!("exchange {exchange}")) && cause.contains("PRECONDITION"),
+            "spool {spool}: {cause}"
+        );
+    }
+    harness::delete_topology(&channel, &exchange).await;
+    let _ = std::fs::remove_dir_all(spool_dir);
 }
 
 /// Whether `exchange` exists, asked passively on a channel of its own.
