@@ -6,7 +6,11 @@
 //! `HIREHOP_TEST_AMQP_URL`; when it cannot be reached the tests fail and say how to start it.
 //!
 //! Modules:
-//! - `harness`: starting relays (in-process or as the real binary), HTTP helpers, queues.
+//! - `harness`: `eventually` (the one way to wait), starting relays (in-process with
+//!   `TestRelay::builder`, or the real binary), HTTP helpers, queues, and `TestExchange`, which
+//!   deletes what a test declared when it drops, a failed test's too.
+//! - `load`: an open-loop load, as HireHop sends, and what of it reached the broker.
+//! - `offline`: a relay process whose broker is out of reach, with a spool the test names.
 //! - `hostile`: slow clients, header floods, garbage, network rules, redaction, replay window.
 //! - `memory`: bursts of 1 MiB webhooks into the spool, peak and resident memory against the
 //!   README's formula.
@@ -59,9 +63,11 @@ mod full_disk;
 mod harness;
 mod history;
 mod hostile;
+mod load;
 mod local_cluster;
 mod memory;
 mod monitoring;
+mod offline;
 mod operate;
 mod proxy;
 mod queues;

@@ -3,13 +3,15 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
 
 use hyper::{Method, StatusCode};
 
-use crate::harness::{self, PATIENCE, RelayProcess, env, request, send, unique_exchange, webhook};
+use crate::harness::{
+    self, PATIENCE, RelayProcess, env, eventually, request, send, unique_exchange, webhook,
+};
 
 /// HAProxy in the foreground, balancing over `backends` and checking their `/readyz`.
 struct Haproxy {
@@ -45,24 +47,18 @@ impl Haproxy {
             .arg("-db")
             .arg("-f")
             .arg(&path)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .expect("haproxy is installed (Debian package haproxy)");
-        // Ready once it forwards a request.
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let reply = send(addr, request(Method::GET, "/healthz", "")).await;
-            if reply.is_ok_and(|r| r.status == StatusCode::OK) {
-                break;
+        eventually("haproxy to forward a request", PATIENCE, || async {
+            match send(addr, request(Method::GET, "/healthz", "")).await {
+                Ok(reply) if reply.status == StatusCode::OK => Ok(()),
+                other => Err(other),
             }
-            assert!(
-                Instant::now() < deadline,
-                "haproxy never forwarded a request"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await;
         Haproxy {
             _child: child,
             addr,
@@ -136,5 +132,4 @@ async fn two_relays_behind_a_load_balancer_survive_losing_one() {
     drop(lb);
     first.exit().await;
     second.terminate().await;
-    harness::delete_topology(&broker.create_channel().await.unwrap(), &exchange).await;
 }
