@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,11 +23,12 @@ struct Haproxy {
 
 impl Haproxy {
     async fn start(backends: &[SocketAddr]) -> Haproxy {
-        // A free port for HAProxy to bind: taken from the kernel, then released.
-        let addr = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        // HAProxy's port is bound here, on a port the kernel picks, and handed to HAProxy as
+        // its standard input (`bind fd@0`). Never released between choosing and using it, it
+        // cannot be taken meanwhile by another test's listener (which would then answer in
+        // HAProxy's place).
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
         let servers: String = backends
             .iter()
             .enumerate()
@@ -36,7 +38,7 @@ impl Haproxy {
             "global\n  maxconn 1024\n\
              defaults\n  mode http\n  timeout connect 1s\n  timeout client 10s\n  \
              timeout server 10s\n  retries 2\n  option redispatch\n\
-             frontend webhooks\n  bind {addr}\n  default_backend relays\n\
+             frontend webhooks\n  bind fd@0\n  default_backend relays\n\
              backend relays\n  balance roundrobin\n  option httpchk GET /readyz\n  \
              http-check expect status 200\n  default-server inter 100ms fall 1 rise 1\n{servers}"
         );
@@ -47,6 +49,7 @@ impl Haproxy {
             .arg("-db")
             .arg("-f")
             .arg(&path)
+            .stdin(Stdio::from(OwnedFd::from(listener)))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
