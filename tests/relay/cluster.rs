@@ -2,7 +2,7 @@
 //! and a quorum queue, under an open-loop load while a node fails: killed, drained, alarmed,
 //! frozen. Each fault counts the 202s against what the cluster holds (by `message_id`), the
 //! answers that were not 202 (there must be none) and the duplicates, and prints a line of
-//! the table the README quotes.
+//! the table in deploy/rabbitmq/README.md (On a RabbitMQ cluster).
 //!
 //! One cluster serves every fault, one after the other (a fault is never injected while
 //! another runs), and each fault leaves the cluster whole again.

@@ -383,7 +383,8 @@ async fn node_consumers_handle_dedupe_and_dead_letter() {
 
 #[tokio::test]
 async fn the_rust_example_consumer_handles_dedupe_and_dead_letter() {
-    // Built by cargo as the README says to run it; the examples are not built for `--test`.
+    // Built by cargo as docs/consumers.md says to run it; the examples are not built for
+    // `--test`.
     // In a user's environment, not the one cargo gives tests (its CARGO_* variables would
     // make this build's artifacts differ from those of a `cargo build` in a shell, so each
     // would rebuild what the other built).
@@ -414,7 +415,7 @@ async fn the_rust_example_consumer_handles_dedupe_and_dead_letter() {
 
 /// How a consumer is told its queue.
 enum Launch {
-    /// `QUEUE` in the environment (the README's consumers).
+    /// `QUEUE` in the environment (the consumers of docs/consumers.md).
     EnvQueue,
     /// `QUEUE BINDING` as arguments (`examples/consumer.rs`).
     QueueArgument,

@@ -13,7 +13,7 @@
 //! - `offline`: a relay process whose broker is out of reach, with a spool the test names.
 //! - `hostile`: slow clients, header floods, garbage, network rules, redaction, replay window.
 //! - `memory`: bursts of 1 MiB webhooks into the spool, peak and resident memory against the
-//!   README's formula.
+//!   formula in docs/operating.md (Memory).
 //! - `tls`: HTTP/2 over ALPN, renewed and mismatched certificates, stalled handshakes against
 //!   the connection caps, plain HTTP to the TLS port.
 //! - `operate`: metrics, trace context, overload, keys reloaded on SIGHUP.

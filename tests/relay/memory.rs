@@ -1,6 +1,6 @@
 //! Memory while spooling: bursts of large webhooks with the broker out of reach, measured on
-//! the real binary (`VmHWM` and `VmRSS` in `/proc/PID/status`) against the README's formula
-//! (Operations → Memory).
+//! the real binary (`VmHWM` and `VmRSS` in `/proc/PID/status`) against the formula in
+//! docs/operating.md (Memory).
 
 use hyper::{Method, StatusCode};
 
@@ -11,7 +11,7 @@ use crate::tmpfs::Tmpfs;
 const MIB: u64 = 1024 * 1024;
 const MAX_IN_FLIGHT: u64 = 64;
 const MAX_BODY_BYTES: u64 = MIB;
-/// The README's formula: the binary and its runtime at rest, a replay batch, and slack.
+/// The formula's constant: the binary and its runtime at rest, a replay batch, and slack.
 const BASE: u64 = 24 * MIB;
 /// Bodies held at the peak, in units of `max_in_flight × max_body_bytes`: each body once,
 /// plus, for the requests being read at that moment, hyper's buffers and the joined copy.
