@@ -18,9 +18,21 @@ struct MemoryAlarm<'a> {
 }
 
 impl MemoryAlarm<'_> {
-    fn raise(node: &LocalCluster) -> MemoryAlarm<'_> {
+    /// Returns once the alarm is in force: the node raises it at its next memory check, a
+    /// moment after the watermark changed, and a webhook published before that is confirmed.
+    async fn raise(node: &LocalCluster) -> MemoryAlarm<'_> {
         node.ctl(1, &["set_vm_memory_high_watermark", "0.0000001"]);
-        MemoryAlarm { node }
+        let alarm = MemoryAlarm { node };
+        eventually("the node to raise its memory alarm", PATIENCE, || async {
+            let alarms = node.ctl(1, &["eval", "rabbit_alarm:get_alarms()."]);
+            if alarms.contains("memory") {
+                Ok(())
+            } else {
+                Err(alarms)
+            }
+        })
+        .await;
+        alarm
     }
 }
 
@@ -40,7 +52,7 @@ async fn blocked_broker_webhooks_are_spooled_then_drained() {
         .await;
     let mut queue = relay.queue("#").await;
 
-    let alarm = MemoryAlarm::raise(&node);
+    let alarm = MemoryAlarm::raise(&node).await;
     // RabbitMQ may announce the block only once the connection publishes: the first webhook
     // can wait out the confirm timeout before it is spooled; it is never lost.
     let ids = Mutex::new(Vec::new());
