@@ -96,7 +96,7 @@ impl Run {
     ) -> Run {
         let urls = cluster.urls().join(",");
         let watcher_url = cluster.url(WATCHER);
-        let exchange = TestExchange::on(&watcher_url);
+        let exchange = TestExchange::on_own_broker();
         declare_topology_on(cluster, leader, &exchange).await;
         let queue_name = exchange.own("all");
         // The load comes from one address, standing in for HireHop's several: a second's

@@ -360,29 +360,36 @@ pub fn spool_dir(name: &str) -> std::path::PathBuf {
 
 /// An exchange name no other test uses, on the test broker.
 pub fn unique_exchange() -> TestExchange {
-    TestExchange::on(&amqp_url())
+    TestExchange::new(Some(amqp_url()))
 }
 
 /// How long the cleanup of a [`TestExchange`] may take: it runs as a test ends, a failed one
-/// included, and must not hang it (a frozen node of the test's own, a broker that is away).
+/// included, and must not hang it (a broker that went away).
 const CLEANUP_PATIENCE: Duration = Duration::from_secs(10);
 
-/// An exchange name of a test's own on the broker at a URL. Dropped, it deletes, as queues and
-/// as exchanges, the names a relay on it declares (the exchange, `<name>.unrouted`,
+/// An exchange name of a test's own. Dropped, it deletes from the test broker, as queues and as
+/// exchanges, the names a relay on it declares (the exchange, `<name>.unrouted`,
 /// `<name>.history`) and the names handed out by [`TestExchange::own`]: at the end of the
 /// test, and also while a failed test unwinds, so that a red run leaves the broker clean.
 pub struct TestExchange {
     name: String,
-    url: String,
+    /// The broker it is deleted from; none for a broker of the test's own.
+    cleanup_url: Option<String>,
     own: Mutex<Vec<String>>,
 }
 
 impl TestExchange {
-    /// A unique name on the broker at `url` (the test broker, or a node of the test's own).
-    pub fn on(url: &str) -> TestExchange {
+    /// A unique name on a broker of the test's own (`LocalCluster`), which goes with all on it
+    /// when the test ends: nothing is deleted, so nothing waits on a node a fault left frozen
+    /// or down.
+    pub fn on_own_broker() -> TestExchange {
+        TestExchange::new(None)
+    }
+
+    fn new(cleanup_url: Option<String>) -> TestExchange {
         TestExchange {
             name: format!("relay-test-{}", uuid::Uuid::now_v7().simple()),
-            url: url.to_owned(),
+            cleanup_url,
             own: Mutex::new(Vec::new()),
         }
     }
@@ -421,6 +428,9 @@ impl std::fmt::Debug for TestExchange {
 
 impl Drop for TestExchange {
     fn drop(&mut self) {
+        let Some(url) = self.cleanup_url.clone() else {
+            return;
+        };
         let mut names = vec![
             self.name.clone(),
             format!("{}.unrouted", self.name),
@@ -429,7 +439,6 @@ impl Drop for TestExchange {
         names.append(&mut self.own.lock().unwrap_or_else(|e| e.into_inner()));
         // Drop cannot await, and a failed test unwinds inside its runtime: the deletes run on a
         // thread and a runtime of their own, and the test waits for them.
-        let url = self.url.clone();
         let deleted = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -591,7 +600,8 @@ impl<'a> TestRelayBuilder<'a> {
         self
     }
 
-    /// On the broker at `url` (a node of the test's own), where the test watches too.
+    /// On the broker at `url` (a node of the test's own), where the test watches too; the
+    /// exchange is left there, to go with the node.
     pub fn on(mut self, url: &str) -> Self {
         self.watch_url = Some(url.to_owned());
         self
@@ -611,11 +621,12 @@ impl<'a> TestRelayBuilder<'a> {
     }
 
     pub async fn start(self) -> TestRelay {
+        let exchange = self.exchange.unwrap_or_else(|| match self.watch_url {
+            Some(_) => TestExchange::on_own_broker(),
+            None => unique_exchange(),
+        });
         let watch_url = self.watch_url.unwrap_or_else(amqp_url);
         let relay_url = self.relay_url.unwrap_or_else(|| watch_url.clone());
-        let exchange = self
-            .exchange
-            .unwrap_or_else(|| TestExchange::on(&watch_url));
         let spool = spool_dir(&exchange).to_string_lossy().into_owned();
         let mut env = env(&exchange, &relay_url);
         env.push(("RELAY_SPOOL__DIR", &spool));

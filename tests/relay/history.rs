@@ -447,7 +447,7 @@ async fn a_broker_without_streams_stops_startup_with_a_clear_message() {
         "this RabbitMQ enables streams whatever RABBITMQ_FEATURE_FLAGS says:\n{flags}"
     );
     let url = node.url(1);
-    let exchange = harness::TestExchange::on(&url);
+    let exchange = harness::TestExchange::on_own_broker();
     let relay = RelayProcess::start(&[], &harness::env(&exchange, &url));
     let (status, log) = relay.exit().await;
     assert!(!status.success(), "{log}");
