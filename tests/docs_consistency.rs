@@ -11,7 +11,7 @@
 //!   changed on one side only, or a key the code no longer has, fails here. The fields of
 //!   `[[amqp.queues]]` and `[[auth.companies]]` entries are found by loading the example
 //!   entries of `deploy/relay.toml`.
-//! - The README shows, once, the test command `.ci/run` runs.
+//! - The README shows, once, the test command `.ci/run` runs, and it runs every test target.
 //! - Every relative link and `#anchor` in every markdown file resolves, and every repository
 //!   path written as code (`src/...`, `tests/...`, `deploy/...`) exists.
 //!
@@ -894,4 +894,50 @@ fn the_readme_shows_the_test_command_ci_runs() {
         command.iter().any(|line| line.starts_with("cargo test")),
         "README.md: the test command after {marker:?} runs no `cargo test`: {command:?}"
     );
+    // A `cargo test` that picks targets runs only those: then it must pick each of tests/.
+    let words: Vec<&str> = command
+        .iter()
+        .flat_map(|line| line.split_whitespace())
+        .collect();
+    let picks = [
+        "--lib",
+        "--bins",
+        "--test",
+        "--tests",
+        "--examples",
+        "--doc",
+    ];
+    if words.iter().any(|word| picks.contains(word)) {
+        let picked: Vec<&str> = words
+            .windows(2)
+            .filter(|pair| pair[0] == "--test")
+            .map(|pair| pair[1])
+            .collect();
+        for target in test_targets() {
+            assert!(
+                picked.contains(&target.as_str()),
+                "README.md: the test command after {marker:?} leaves out `--test {target}`"
+            );
+        }
+    }
+}
+
+/// The integration test targets cargo finds: `tests/NAME.rs` and `tests/NAME/main.rs`.
+fn test_targets() -> Vec<String> {
+    let mut targets: Vec<String> = std::fs::read_dir(root().join("tests"))
+        .expect("tests/ lists")
+        .filter_map(|entry| {
+            let path = entry.ok()?.path();
+            let name = path.file_stem()?.to_str()?.to_owned();
+            let target =
+                path.extension().is_some_and(|ext| ext == "rs") || path.join("main.rs").is_file();
+            target.then_some(name)
+        })
+        .collect();
+    targets.sort();
+    assert!(
+        targets.iter().any(|t| t == "relay"),
+        "no test target found in tests/: {targets:?}"
+    );
+    targets
 }

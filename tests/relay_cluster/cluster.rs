@@ -227,6 +227,7 @@ async fn each<T: Send + 'static, F: Future<Output = T> + Send + 'static>(
 /// Every row of the table: issue 14's faults on one cluster, one after the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_three_node_cluster_loses_no_webhook_and_refuses_none_under_each_fault() {
+    let _turn = crate::one_at_a_time().await;
     let cluster = std::sync::Arc::new(LocalCluster::up(3));
     let c = || std::sync::Arc::clone(&cluster);
     let mut rows = Vec::new();
