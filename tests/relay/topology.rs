@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use hyper::StatusCode;
-use lapin::options::ExchangeDeclareOptions;
+use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 
@@ -156,11 +156,35 @@ async fn with_history_on_a_deleted_exchange_is_found_and_declared_again() {
             .then_some(())
     })
     .await;
+    // The queue's binding comes back a moment after the exchange: until then a webhook goes to
+    // the unrouted queue, after it to the queue, which held none before.
+    let what = "a webhook to reach the queue bound to the declared exchange";
+    let reply = eventually(what, harness::PATIENCE, || async {
+        let reply = relay.post(webhook("job.updated")).await;
+        assert_eq!(reply.json()["status"], "accepted", "{reply:?}");
+        match messages_in(&broker, &kept).await {
+            0 => Err(reply),
+            _ => Ok(reply),
+        }
+    })
+    .await;
     let mut queue = harness::TestQueue::consume(&broker, &kept).await;
-    let reply = relay.post(webhook("job.updated")).await;
-    assert_eq!(reply.json()["status"], "accepted", "{reply:?}");
     assert_eq!(message_id(&queue.next().await), reply.message_id());
     relay.stop().await;
+}
+
+/// The messages `queue` holds, asked passively on a channel of its own.
+async fn messages_in(broker: &lapin::Connection, queue: &str) -> u32 {
+    let channel = broker.create_channel().await.unwrap();
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+        .expect("the queue exists")
+        .message_count()
 }
 
 #[tokio::test]
