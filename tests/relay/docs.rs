@@ -29,9 +29,7 @@ use std::time::Duration;
 
 use hyper::StatusCode;
 use lapin::BasicProperties;
-use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::Command;
@@ -539,24 +537,9 @@ async fn post(relay: &TestRelay, id: u64, with_id: bool) -> (String, Vec<u8>) {
     (reply.message_id(), body.into_bytes())
 }
 
-/// Ready messages and consumers of `queue` (declared passively, on a channel of its own: a
-/// missing queue closes the channel it was asked on).
+/// Ready messages and consumers of `queue`; none of either before a consumer declares it.
 async fn counts(broker: &lapin::Connection, queue: &str) -> (u32, u32) {
-    let channel = broker.create_channel().await.unwrap();
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
-    match channel
-        .queue_declare(queue.into(), passive, FieldTable::default())
-        .await
-    {
-        Ok(declared) => {
-            let _ = channel.close(200, "".into()).await;
-            (declared.message_count(), declared.consumer_count())
-        }
-        Err(_) => (0, 0),
-    }
+    harness::queue_counts(broker, queue).await.unwrap_or((0, 0))
 }
 
 /// Waits until `queue` holds `n` ready messages.

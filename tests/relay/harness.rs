@@ -852,6 +852,23 @@ pub async fn wait_count(counter: &std::sync::atomic::AtomicUsize, n: usize) {
     .await;
 }
 
+/// The ready messages and the consumers of `queue`, or `None` when the broker has no such
+/// queue. Asked passively, on a channel of its own: a missing queue closes the channel it was
+/// asked on.
+pub async fn queue_counts(broker: &lapin::Connection, queue: &str) -> Option<(u32, u32)> {
+    let channel = broker.create_channel().await.unwrap();
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let declared = channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+        .ok()?;
+    let _ = channel.close(200, "counted".into()).await;
+    Some((declared.message_count(), declared.consumer_count()))
+}
+
 /// A queue being consumed (auto-ack).
 pub struct TestQueue {
     consumer: lapin::Consumer,

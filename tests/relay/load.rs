@@ -22,7 +22,7 @@ pub struct Sent {
 
 /// Posts webhooks to `addr` at `rate` per second, each on a connection of its own and
 /// whatever the answers, until `stop` fires; then returns every request's outcome. A request
-/// that gets no answer in [`PATIENCE`] fails the test.
+/// that gets no answer in [`harness::PATIENCE`] fails the test.
 pub async fn open_loop(addr: SocketAddr, rate: u32, stop: CancellationToken) -> Vec<Sent> {
     let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);

@@ -14,18 +14,9 @@ use crate::harness::{
 };
 use crate::proxy::Proxy;
 
-/// Declares `queue` passively: does it exist? (On a channel of its own: a missing queue
-/// closes the channel it was asked on.)
+/// Whether the broker has `queue`.
 async fn exists(broker: &lapin::Connection, queue: &str) -> bool {
-    let channel = broker.create_channel().await.unwrap();
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
-    channel
-        .queue_declare(queue.into(), passive, FieldTable::default())
-        .await
-        .is_ok()
+    harness::queue_counts(broker, queue).await.is_some()
 }
 
 /// The arguments RabbitMQ holds for `queue`, as `rabbitmqctl list_queues` prints them.

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use hyper::StatusCode;
-use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
+use lapin::options::ExchangeDeclareOptions;
 use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 
@@ -162,29 +162,15 @@ async fn with_history_on_a_deleted_exchange_is_found_and_declared_again() {
     let reply = eventually(what, harness::PATIENCE, || async {
         let reply = relay.post(webhook("job.updated")).await;
         assert_eq!(reply.json()["status"], "accepted", "{reply:?}");
-        match messages_in(&broker, &kept).await {
-            0 => Err(reply),
-            _ => Ok(reply),
+        match harness::queue_counts(&broker, &kept).await {
+            Some((0, _)) | None => Err(reply),
+            Some(_) => Ok(reply),
         }
     })
     .await;
     let mut queue = harness::TestQueue::consume(&broker, &kept).await;
     assert_eq!(message_id(&queue.next().await), reply.message_id());
     relay.stop().await;
-}
-
-/// The messages `queue` holds, asked passively on a channel of its own.
-async fn messages_in(broker: &lapin::Connection, queue: &str) -> u32 {
-    let channel = broker.create_channel().await.unwrap();
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
-    channel
-        .queue_declare(queue.into(), passive, FieldTable::default())
-        .await
-        .expect("the queue exists")
-        .message_count()
 }
 
 #[tokio::test]
