@@ -12,7 +12,7 @@
 //!
 //! Modules:
 //! - `harness`: `eventually` (the one way to wait), starting relays (in-process with
-//!   `TestRelay::builder`, or the real binary), HTTP helpers, queues, and `TestExchange`, which
+//!   `TestRelay::builder`, or the real binary), HTTP requests, queues, and `TestExchange`, which
 //!   deletes what a test declared when it drops, a failed test's too.
 //! - `load`: an open-loop load, as HireHop sends, and what of it reached the broker.
 //! - `offline`: a relay process whose broker is out of reach, with a spool the test names.
