@@ -14,7 +14,7 @@
 //! - The metrics reference (the table of `docs/operating.md` whose columns are `metric`,
 //!   `type`, `labels`, `what`) lists, for each label of a fixed set of values, exactly the
 //!   values the code exports.
-//! - The README shows, once, the test command `.ci/run` runs.
+//! - The README shows, once, the test command `.ci/run` runs, and it runs every test target.
 //! - Every relative link and `#anchor` in every markdown file resolves, and every repository
 //!   path written as code (`src/...`, `tests/...`, `deploy/...`) exists.
 //!
@@ -980,4 +980,50 @@ fn the_readme_shows_the_test_command_ci_runs() {
         command.iter().any(|line| line.starts_with("cargo test")),
         "README.md: the test command after {marker:?} runs no `cargo test`: {command:?}"
     );
+    // A `cargo test` that picks targets runs only those: then it must pick each of tests/.
+    let words: Vec<&str> = command
+        .iter()
+        .flat_map(|line| line.split_whitespace())
+        .collect();
+    let picks = [
+        "--lib",
+        "--bins",
+        "--test",
+        "--tests",
+        "--examples",
+        "--doc",
+    ];
+    if words.iter().any(|word| picks.contains(word)) {
+        let picked: Vec<&str> = words
+            .windows(2)
+            .filter(|pair| pair[0] == "--test")
+            .map(|pair| pair[1])
+            .collect();
+        for target in test_targets() {
+            assert!(
+                picked.contains(&target.as_str()),
+                "README.md: the test command after {marker:?} leaves out `--test {target}`"
+            );
+        }
+    }
+}
+
+/// The integration test targets cargo finds: `tests/NAME.rs` and `tests/NAME/main.rs`.
+fn test_targets() -> Vec<String> {
+    let mut targets: Vec<String> = std::fs::read_dir(root().join("tests"))
+        .expect("tests/ lists")
+        .filter_map(|entry| {
+            let path = entry.ok()?.path();
+            let name = path.file_stem()?.to_str()?.to_owned();
+            let target =
+                path.extension().is_some_and(|ext| ext == "rs") || path.join("main.rs").is_file();
+            target.then_some(name)
+        })
+        .collect();
+    targets.sort();
+    assert!(
+        targets.iter().any(|t| t == "relay"),
+        "no test target found in tests/: {targets:?}"
+    );
+    targets
 }

@@ -150,7 +150,11 @@ async fn company_keys_open_only_their_company_and_rotation_accepts_old_and_new()
         company_id = 20
         export_keys = ["key-20"]
     "#;
-    let relay = TestRelay::start_with_file(file, &[("RELAY_AUTH__EXPORT_KEYS", "")]).await;
+    let relay = TestRelay::builder()
+        .env("RELAY_AUTH__EXPORT_KEYS", "")
+        .file(file)
+        .start()
+        .await;
     let mut queue = relay.queue("#").await;
     for (key, company, expected) in [
         ("old-key-10", 10, StatusCode::ACCEPTED),
@@ -177,7 +181,10 @@ async fn company_keys_open_only_their_company_and_rotation_accepts_old_and_new()
 
 #[tokio::test]
 async fn routing_key_prefix_is_prepended_and_type_keeps_the_event() {
-    let relay = TestRelay::start_with(&[("RELAY_AMQP__ROUTING_KEY_PREFIX", "hirehop.")]).await;
+    let relay = TestRelay::builder()
+        .env("RELAY_AMQP__ROUTING_KEY_PREFIX", "hirehop.")
+        .start()
+        .await;
     let mut queue = relay.queue("hirehop.job.#").await;
     let reply = relay.post(webhook("job.status.updated")).await;
     assert_eq!(reply.status, StatusCode::ACCEPTED);

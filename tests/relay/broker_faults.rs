@@ -1,14 +1,15 @@
 //! Broker faults that would disturb every other test on the shared broker (a resource alarm,
 //! a frozen node), injected on a RabbitMQ node of each test's own (see `local_cluster`).
 
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use hyper::{Method, StatusCode};
+use hyper::StatusCode;
 use lapin::types::AMQPValue;
 
-use crate::harness::{PATIENCE, TestRelay, message_id, request, webhook};
+use crate::harness::{PATIENCE, TestRelay, eventually, message_id, readyz, wait_readyz, webhook};
+use crate::load::{Sent, expect_on_broker, open_loop};
 use crate::local_cluster::LocalCluster;
-use crate::stall::{Sent, expect_on_broker, open_loop, wait_readyz};
 
 /// Raises a memory alarm on `node` by lowering its high watermark; the alarm ends when this
 /// is dropped (before the node is).
@@ -17,9 +18,21 @@ struct MemoryAlarm<'a> {
 }
 
 impl MemoryAlarm<'_> {
-    fn raise(node: &LocalCluster) -> MemoryAlarm<'_> {
+    /// Returns once the alarm is in force: the node raises it at its next memory check, a
+    /// moment after the watermark changed, and a webhook published before that is confirmed.
+    async fn raise(node: &LocalCluster) -> MemoryAlarm<'_> {
         node.ctl(1, &["set_vm_memory_high_watermark", "0.0000001"]);
-        MemoryAlarm { node }
+        let alarm = MemoryAlarm { node };
+        eventually("the node to raise its memory alarm", PATIENCE, || async {
+            let alarms = node.ctl(1, &["eval", "rabbit_alarm:get_alarms()."]);
+            if alarms.contains("memory") {
+                Ok(())
+            } else {
+                Err(alarms)
+            }
+        })
+        .await;
+        alarm
     }
 }
 
@@ -32,31 +45,35 @@ impl Drop for MemoryAlarm<'_> {
 #[tokio::test]
 async fn blocked_broker_webhooks_are_spooled_then_drained() {
     let node = LocalCluster::up(1);
-    let relay =
-        TestRelay::start_on(&node.url(1), &[("RELAY_AMQP__CONFIRM_TIMEOUT_MS", "2000")]).await;
+    let relay = TestRelay::builder()
+        .env("RELAY_AMQP__CONFIRM_TIMEOUT_MS", "2000")
+        .on(&node.url(1))
+        .start()
+        .await;
     let mut queue = relay.queue("#").await;
-    let readyz = || async { relay.send(request(Method::GET, "/readyz", "")).await };
 
-    let alarm = MemoryAlarm::raise(&node);
-    let mut ids = Vec::new();
+    let alarm = MemoryAlarm::raise(&node).await;
     // RabbitMQ may announce the block only once the connection publishes: the first webhook
     // can wait out the confirm timeout before it is spooled; it is never lost.
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let reply = relay.post(webhook("job.updated")).await;
-        assert_eq!(reply.status, StatusCode::ACCEPTED, "{:?}", reply.body);
-        assert_eq!(reply.json()["status"], "spooled");
-        ids.push(reply.message_id());
-        if readyz().await.json()["broker"] == "blocked" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the relay never noticed connection.blocked"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let ready = readyz().await;
+    let ids = Mutex::new(Vec::new());
+    let ready = eventually(
+        "the relay to notice connection.blocked",
+        PATIENCE,
+        || async {
+            let reply = relay.post(webhook("job.updated")).await;
+            assert_eq!(reply.status, StatusCode::ACCEPTED, "{:?}", reply.body);
+            assert_eq!(reply.json()["status"], "spooled");
+            ids.lock().unwrap().push(reply.message_id());
+            let ready = readyz(relay.addr).await;
+            if ready.json()["broker"] == "blocked" {
+                Ok(ready)
+            } else {
+                Err(ready)
+            }
+        },
+    )
+    .await;
+    let ids = ids.into_inner().unwrap();
     assert_eq!(ready.status, StatusCode::OK);
     assert_eq!(ready.json()["status"], "degraded");
     // While blocked, webhooks go to the spool at once instead of hanging.
@@ -92,52 +109,6 @@ async fn blocked_broker_webhooks_are_spooled_then_drained() {
     relay.stop().await;
 }
 
-/// `local-cluster.sh` does what its header says: the nodes join, and each can be frozen,
-/// killed, stopped and started again without touching the others (or the shared broker).
-#[tokio::test]
-async fn the_local_cluster_script_joins_freezes_kills_and_restarts_nodes() {
-    let cluster = LocalCluster::up(2);
-    // The nodes node `n` sees running, by its own account.
-    let running = |n: usize| -> Vec<String> {
-        let status = cluster.ctl(n, &["cluster_status", "--formatter", "json"]);
-        let status: serde_json::Value = serde_json::from_str(&status).expect("JSON status");
-        let mut nodes: Vec<String> = status["running_nodes"]
-            .as_array()
-            .expect("running_nodes")
-            .iter()
-            .map(|node| node.as_str().unwrap_or_default().to_owned())
-            .collect();
-        nodes.sort();
-        nodes
-    };
-    let both = vec![cluster.node_name(1), cluster.node_name(2)];
-    assert_eq!(running(1), both);
-    assert_eq!(cluster.urls().len(), 2);
-
-    // A frozen node keeps its port open but answers nothing.
-    cluster.freeze(2);
-    let stalled = tokio::time::timeout(
-        Duration::from_secs(3),
-        lapin::Connection::connect(&cluster.url(2), lapin::ConnectionProperties::default()),
-    )
-    .await;
-    assert!(
-        stalled.is_err(),
-        "a frozen node completed an AMQP handshake"
-    );
-    cluster.thaw(2);
-    crate::harness::broker_at(&cluster.url(2)).await;
-
-    cluster.kill(2);
-    cluster.start(2);
-    crate::harness::broker_at(&cluster.url(2)).await;
-    cluster.stop(1);
-    cluster.start(1);
-    assert_eq!(running(2), both, "node 1 did not rejoin");
-    let ping = cluster.cli(1, "rabbitmq-diagnostics", &["-q", "ping"]);
-    assert!(ping.contains("succeeded"), "{ping}");
-}
-
 /// The broker process frozen (SIGSTOP) for 15 s under 200 webhooks/s: its connections stay
 /// open and it answers nothing. The relay notices within about a second, answers every
 /// webhook from the spool within about a second, and loses none.
@@ -149,14 +120,12 @@ async fn a_frozen_node_under_load_costs_a_second_per_webhook_and_loses_none() {
     // An in-flight cap that webhooks waiting out the 5 s confirm timeout would overflow
     // (~1,000 at once at this rate): those would get 503.
     // One address stands in for HireHop's several.
-    let relay = TestRelay::start_on(
-        &node.url(1),
-        &[
-            ("RELAY_HTTP__MAX_IN_FLIGHT", "500"),
-            ("RELAY_HTTP__MAX_CONNECTIONS_PER_IP", "4096"),
-        ],
-    )
-    .await;
+    let relay = TestRelay::builder()
+        .env("RELAY_HTTP__MAX_IN_FLIGHT", "500")
+        .env("RELAY_HTTP__MAX_CONNECTIONS_PER_IP", "4096")
+        .on(&node.url(1))
+        .start()
+        .await;
     let mut queue = relay.queue("#").await;
     let stop = tokio_util::sync::CancellationToken::new();
     let load = tokio::spawn(open_loop(relay.addr, RATE, stop.clone()));
@@ -164,7 +133,8 @@ async fn a_frozen_node_under_load_costs_a_second_per_webhook_and_loses_none() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let frozen_at = Instant::now();
     node.freeze(1);
-    wait_readyz(relay.addr, "said the broker stalled", |body| {
+    wait_readyz(relay.addr, "the broker stalled", |reply| {
+        let body = reply.json();
         body["broker"] == "stalled" && body["status"] == "degraded"
     })
     .await;

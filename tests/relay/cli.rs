@@ -3,7 +3,7 @@
 
 use std::process::Output;
 
-use crate::harness::{KEY, RelayProcess, spool_dir, unique_exchange};
+use crate::harness::{KEY, RelayProcess, env, spool_dir};
 
 fn relay(args: &[&str], env: &[(&str, &str)]) -> Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_hirehop-relay"))
@@ -108,20 +108,17 @@ fn a_fatal_error_is_a_json_line_when_json_logs_are_asked_for() {
 
 #[tokio::test]
 async fn without_a_spool_the_log_says_the_port_waits_for_the_broker() {
-    let exchange = unique_exchange();
+    // A name only, not a `TestExchange`: with the broker nowhere, nothing is ever declared.
+    let exchange = format!("relay-test-{}", uuid::Uuid::now_v7().simple());
     let spool = spool_dir(&exchange);
+    let spool_str = spool.to_string_lossy().into_owned();
     let nowhere = "amqp://guest:guest@127.0.0.1:1/%2f";
-    let mut relay = RelayProcess::start(
-        &[],
-        &[
-            ("RELAY_AUTH__EXPORT_KEYS", KEY),
-            ("RELAY_HTTP__LISTEN", "127.0.0.1:0"),
-            ("RELAY_AMQP__URL", nowhere),
-            ("RELAY_AMQP__EXCHANGE", &exchange),
-            ("RELAY_SPOOL__ENABLED", "false"),
-            ("RELAY_SPOOL__DIR", &spool.to_string_lossy()),
-        ],
-    );
+    let mut relay_env = env(&exchange, nowhere);
+    relay_env.extend([
+        ("RELAY_SPOOL__ENABLED", "false"),
+        ("RELAY_SPOOL__DIR", &spool_str),
+    ]);
+    let mut relay = RelayProcess::start(&[], &relay_env);
     let line = relay
         .wait_for("the webhook port stays closed until the broker answers")
         .await;

@@ -6,21 +6,21 @@ use std::time::{Duration, Instant};
 use hyper::StatusCode;
 use lapin::types::AMQPValue;
 
-use crate::harness::{self, TestRelay, broker_addr, message_id, scrape, webhook};
+use crate::harness::{
+    self, PATIENCE, TestRelay, broker_addr, eventually, message_id, scrape, wait_readyz, webhook,
+};
 use crate::proxy::Proxy;
 
 #[tokio::test]
 async fn a_broker_that_stops_confirming_gives_503_or_goes_to_the_spool_at_the_stall_threshold() {
     for spool in ["false", "true"] {
         let proxy = Proxy::start(broker_addr()).await;
-        let relay = TestRelay::start_via(
-            &proxy,
-            &[
-                ("RELAY_AMQP__STALL_TIMEOUT_MS", "500"),
-                ("RELAY_SPOOL__ENABLED", spool),
-            ],
-        )
-        .await;
+        let relay = TestRelay::builder()
+            .env("RELAY_AMQP__STALL_TIMEOUT_MS", "500")
+            .env("RELAY_SPOOL__ENABLED", spool)
+            .via(&proxy)
+            .start()
+            .await;
         let mut queue = relay.queue("#").await;
         // The publish leaves the relay, but neither it nor its confirm gets through.
         proxy.stall(true);
@@ -46,17 +46,10 @@ async fn a_broker_that_stops_confirming_gives_503_or_goes_to_the_spool_at_the_st
             // The stalled connection is replaced once the broker answers again.
             proxy.cut();
             proxy.stall(false);
-            let deadline = Instant::now() + harness::PATIENCE;
-            loop {
-                let ready = relay
-                    .send(harness::request(hyper::Method::GET, "/readyz", ""))
-                    .await;
-                if ready.status == StatusCode::OK {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "the relay never reconnected");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            wait_readyz(relay.addr, "the relay reconnected", |reply| {
+                reply.status == StatusCode::OK
+            })
+            .await;
             let next = relay.post(webhook("job.updated")).await;
             assert_eq!(next.status, StatusCode::ACCEPTED, "{next:?}");
             assert_eq!(next.json()["status"], "accepted");
@@ -84,16 +77,14 @@ async fn a_broker_that_stops_confirming_gives_503_or_goes_to_the_spool_at_the_st
 async fn one_channel_carries_many_confirms_at_once() {
     const WEBHOOKS: usize = 8;
     let proxy = Proxy::start(broker_addr()).await;
-    let relay = TestRelay::start_via(
-        &proxy,
-        &[
-            ("RELAY_AMQP__CHANNELS", "1"),
-            ("RELAY_AMQP__CONFIRM_TIMEOUT_MS", "15000"),
-            ("RELAY_AMQP__STALL_TIMEOUT_MS", "15000"),
-            ("RELAY_SPOOL__ENABLED", "false"),
-        ],
-    )
-    .await;
+    let relay = TestRelay::builder()
+        .env("RELAY_AMQP__CHANNELS", "1")
+        .env("RELAY_AMQP__CONFIRM_TIMEOUT_MS", "15000")
+        .env("RELAY_AMQP__STALL_TIMEOUT_MS", "15000")
+        .env("RELAY_SPOOL__ENABLED", "false")
+        .via(&proxy)
+        .start()
+        .await;
     let mut queue = relay.queue("#").await;
     let body = webhook("job.updated");
     // What one publish (method, header and body frames) sends the broker.
@@ -120,15 +111,12 @@ async fn one_channel_carries_many_confirms_at_once() {
     // channel is not held while a confirm is awaited. (Half a publish of slack, for a
     // heartbeat frame.)
     let all_sent = WEBHOOKS as u64 * one_publish - one_publish / 2;
-    let deadline = Instant::now() + harness::PATIENCE;
-    while proxy.bytes_from_client() - before < all_sent {
-        assert!(
-            Instant::now() < deadline,
-            "only {} bytes of {WEBHOOKS} publishes left the relay on one channel",
-            proxy.bytes_from_client() - before
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let what = format!("{all_sent} bytes of {WEBHOOKS} publishes to leave on one channel");
+    eventually(&what, PATIENCE, || async {
+        let sent = proxy.bytes_from_client() - before;
+        if sent >= all_sent { Ok(()) } else { Err(sent) }
+    })
+    .await;
     proxy.stall(false);
     let mut ids = vec![first.message_id()];
     for post in posts {

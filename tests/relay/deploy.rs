@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use hyper::StatusCode;
 
-use crate::harness::{PATIENCE, TestRelay, scrape, webhook};
+use crate::harness::{PATIENCE, TestRelay, eventually, scrape, webhook};
 
 /// nginx started by the test; killed (with its workers) when dropped.
 struct Nginx {
@@ -139,18 +139,14 @@ impl Nginx {
             .stderr(std::fs::File::create(dir.join("stderr")).unwrap())
             .spawn()
             .expect("nginx is installed (Debian package nginx)");
-        let mut nginx = Nginx { child, dir, port };
-        let deadline = Instant::now() + PATIENCE;
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            if let Ok(Some(status)) = nginx.child.try_wait() {
-                panic!("nginx exited ({status}):\n{}", nginx.error_log());
+        let nginx = Nginx { child, dir, port };
+        eventually("nginx to listen", PATIENCE, || async {
+            match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                Ok(_) => Ok(()),
+                Err(err) => Err(format!("{err}; nginx says:\n{}", nginx.error_log())),
             }
-            assert!(Instant::now() < deadline, "nginx never listened");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await;
         nginx
     }
 
@@ -237,14 +233,14 @@ async fn behind_the_documented_nginx_an_idle_upstream_connection_never_meets_a_5
         nginx.error_log()
     );
     // ...and closes it itself, before the relay's idle timeout would.
-    let deadline = answered + idle_timeout + PATIENCE;
-    while established_on(relay.addr.port()) > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the idle connection was never closed"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let what = "the idle connection to be closed";
+    eventually(what, idle_timeout + PATIENCE, || async {
+        match established_on(relay.addr.port()) {
+            0 => Ok(()),
+            open => Err(format!("{open} open")),
+        }
+    })
+    .await;
     let held = answered.elapsed();
     assert_eq!(
         idle_closes(&scrape(relay.addr).await),

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Installs the clients of the README's consumer examples, for tests/relay/docs.rs: pika from
-# PyPI into a virtual environment and amqplib from npm into a prefix, both pinned, under
-# target/docs-clients (or the directory given). Reinstalls only when a pin, Python or Node
-# changed; after that it needs no network.
+# Installs the clients of the consumer examples in docs/consumers.md, for tests/relay/docs.rs:
+# pika from PyPI into a virtual environment and amqplib from npm into a prefix, both pinned,
+# under target/docs-clients (or the directory given). Reinstalls only when a pin, Python or
+# Node changed; after that it needs no network.
 #
 # Usage: tests/relay/docs-clients.sh [DIR]
 #
@@ -18,8 +18,8 @@ AMQPLIB="amqplib@2.3.1"
 
 for program in python3 node npm; do
   if ! command -v "$program" >/dev/null 2>&1; then
-    echo "error: $program not found; the docs test runs the README's Python and Node.js" \
-      "consumers (Debian: apt-get install python3-venv nodejs npm)" >&2
+    echo "error: $program not found; the docs test runs the Python and Node.js consumers of" \
+      "docs/consumers.md (Debian: apt-get install python3-venv nodejs npm)" >&2
     exit 1
   fi
 done

@@ -25,20 +25,17 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hyper::StatusCode;
 use lapin::BasicProperties;
-use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
-};
+use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
-use crate::harness::{self, KEY, PATIENCE, TestRelay, amqp_url, catch_all};
+use crate::harness::{self, KEY, PATIENCE, TestRelay, amqp_url, catch_all, eventually};
 
 /// The export key the docs use.
 const DOCS_KEY: &str = "change-me";
@@ -287,7 +284,10 @@ async fn run_for(
 
 #[tokio::test]
 async fn shell_blocks_run_against_a_relay() {
-    let relay = TestRelay::start_with(&[("RELAY_AUTH__EXPORT_KEYS", DOCS_KEY)]).await;
+    let relay = TestRelay::builder()
+        .env("RELAY_AUTH__EXPORT_KEYS", DOCS_KEY)
+        .start()
+        .await;
     let broker = harness::broker().await;
     let mut arrived = catch_all(&broker, &relay.exchange).await;
     let bin = relay_on_path();
@@ -303,7 +303,7 @@ async fn shell_blocks_run_against_a_relay() {
             .env("PATH", path_with(&bin))
             .env("HOME", std::env::temp_dir())
             .env("RELAY_AMQP__URL", amqp_url())
-            .env("RELAY_AMQP__EXCHANGE", &relay.exchange)
+            .env("RELAY_AMQP__EXCHANGE", relay.exchange.as_str())
             .env("RELAY_AUTH__EXPORT_KEYS", DOCS_KEY)
             .env("RELAY_SPOOL__DIR", &spool);
         let (status, stdout, stderr) = run(command, &block.at()).await;
@@ -381,7 +381,8 @@ async fn node_consumers_handle_dedupe_and_dead_letter() {
 
 #[tokio::test]
 async fn the_rust_example_consumer_handles_dedupe_and_dead_letter() {
-    // Built by cargo as the README says to run it; the examples are not built for `--test`.
+    // Built by cargo as docs/consumers.md says to run it; the examples are not built for
+    // `--test`.
     // In a user's environment, not the one cargo gives tests (its CARGO_* variables would
     // make this build's artifacts differ from those of a `cargo build` in a shell, so each
     // would rebuild what the other built).
@@ -412,7 +413,7 @@ async fn the_rust_example_consumer_handles_dedupe_and_dead_letter() {
 
 /// How a consumer is told its queue.
 enum Launch {
-    /// `QUEUE` in the environment (the README's consumers).
+    /// `QUEUE` in the environment (the consumers of docs/consumers.md).
     EnvQueue,
     /// `QUEUE BINDING` as arguments (`examples/consumer.rs`).
     QueueArgument,
@@ -421,46 +422,18 @@ enum Launch {
 /// Runs the consumer `command` against a relay of its own and checks what the docs promise:
 /// a webhook the relay accepted is printed and acked, a duplicate delivery of it is acked and
 /// not printed again, and one its handler refuses ends up in `<QUEUE>.dead`.
-async fn check_consumer(command: Command, what: &str, launch: Launch) {
+async fn check_consumer(mut command: Command, what: &str, launch: Launch) {
     let relay = TestRelay::start().await;
-    let queue = format!("{}.jobs", relay.exchange);
-    let dead = format!("{queue}.dead");
-    // The consumer declares two quorum queues: delete them whether the checks pass or not.
-    let checks = tokio::spawn(exercise_consumer(
-        command,
-        what.to_owned(),
-        launch,
-        relay,
-        queue.clone(),
-    ));
-    let outcome = checks.await;
-    let channel = harness::broker().await.create_channel().await.unwrap();
-    for name in [&queue, &dead] {
-        let _ = channel
-            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
-    if let Err(err) = outcome {
-        std::panic::resume_unwind(err.into_panic());
-    }
-}
-
-async fn exercise_consumer(
-    mut command: Command,
-    what: String,
-    launch: Launch,
-    relay: TestRelay,
-    queue: String,
-) {
-    let what = what.as_str();
-    let dead = format!("{queue}.dead");
+    // The consumer declares two quorum queues: deleted with the relay's exchange.
+    let queue = relay.exchange.own("jobs");
+    let dead = relay.exchange.own("jobs.dead");
     match launch {
         Launch::EnvQueue => command.env("QUEUE", &queue),
         Launch::QueueArgument => command.args([queue.as_str(), "job.#"]),
     };
     command
         .env("AMQP_URL", amqp_url())
-        .env("EXCHANGE", &relay.exchange)
+        .env("EXCHANGE", relay.exchange.as_str())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -517,24 +490,20 @@ async fn exercise_consumer(
     // Stopped, the consumer leaves nothing unacked behind: the broker would give it back to
     // the queue.
     consumer.kill().await;
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let (messages, consumers) = counts(&broker, &queue).await;
-        if consumers == 0 {
-            assert_eq!(
-                messages,
-                0,
-                "{what} did not ack everything it handled:\n{}",
-                consumer.output()
-            );
-            break;
+    let gone = format!("the broker to count no consumer on {queue}");
+    let messages = eventually(&gone, PATIENCE, || async {
+        match counts(&broker, &queue).await {
+            (messages, 0) => Ok(messages),
+            (_, consumers) => Err(format!("{consumers} consumers")),
         }
-        assert!(
-            Instant::now() < deadline,
-            "the broker still counts a consumer on {queue}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
+    assert_eq!(
+        messages,
+        0,
+        "{what} did not ack everything it handled:\n{}",
+        consumer.output()
+    );
     let kept = channel
         .basic_get(dead.as_str().into(), BasicGetOptions { no_ack: true })
         .await
@@ -568,42 +537,28 @@ async fn post(relay: &TestRelay, id: u64, with_id: bool) -> (String, Vec<u8>) {
     (reply.message_id(), body.into_bytes())
 }
 
-/// Ready messages and consumers of `queue` (declared passively, on a channel of its own: a
-/// missing queue closes the channel it was asked on).
+/// Ready messages and consumers of `queue`; none of either before a consumer declares it.
 async fn counts(broker: &lapin::Connection, queue: &str) -> (u32, u32) {
-    let channel = broker.create_channel().await.unwrap();
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
-    match channel
-        .queue_declare(queue.into(), passive, FieldTable::default())
-        .await
-    {
-        Ok(declared) => {
-            let _ = channel.close(200, "".into()).await;
-            (declared.message_count(), declared.consumer_count())
-        }
-        Err(_) => (0, 0),
-    }
+    harness::queue_counts(broker, queue).await.unwrap_or((0, 0))
 }
 
 /// Waits until `queue` holds `n` ready messages.
 async fn wait_messages(broker: &lapin::Connection, queue: &str, n: u32, consumer: &Consumer) {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let (messages, _) = counts(broker, queue).await;
-        if messages == n {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{queue} holds {messages} messages, not {n}; {} printed:\n{}",
-            consumer.what,
-            consumer.output()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        &format!("{queue} to hold {n} messages"),
+        PATIENCE,
+        || async {
+            match counts(broker, queue).await {
+                (messages, _) if messages == n => Ok(()),
+                (messages, _) => Err(format!(
+                    "{messages} messages; {} printed:\n{}",
+                    consumer.what,
+                    consumer.output()
+                )),
+            }
+        },
+    )
+    .await;
 }
 
 /// A consumer process; its stdout is read line by line, its stderr kept for failures.
@@ -660,24 +615,15 @@ impl Consumer {
     }
 
     /// Waits until the consumer has declared and bound `queue` and consumes from it.
-    async fn wait_consuming(&mut self, broker: &lapin::Connection, queue: &str) {
-        let deadline = Instant::now() + PATIENCE;
-        while counts(broker, queue).await.1 == 0 {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "{} exited ({status}) before consuming:\n{}",
-                    self.what,
-                    self.output()
-                );
+    async fn wait_consuming(&self, broker: &lapin::Connection, queue: &str) {
+        let what = format!("{} to consume from {queue}", self.what);
+        eventually(&what, PATIENCE, || async {
+            match counts(broker, queue).await {
+                (_, 0) => Err(self.output()),
+                _ => Ok(()),
             }
-            assert!(
-                Instant::now() < deadline,
-                "{} never consumed from {queue}:\n{}",
-                self.what,
-                self.output()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await;
     }
 
     /// Waits for a stdout line containing `needle`.

@@ -3,29 +3,25 @@
 //! the broker did not confirm), and the relay recovers on its own.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hyper::{Method, StatusCode};
+use hyper::StatusCode;
 use tokio::io::AsyncWriteExt;
 
 use crate::harness::{
-    PATIENCE, TestRelay, broker_addr, request, sample, scrape, wait_count, wait_sample, webhook,
+    PATIENCE, TestRelay, broker_addr, eventually, sample, scrape, wait_count, wait_readyz,
+    wait_sample, webhook,
 };
 use crate::proxy::Proxy;
 
-/// Polls `/readyz` until it answers `status` ([`PATIENCE`] at most).
+/// Waits until `/readyz` answers `status` ([`PATIENCE`] at most).
 async fn wait_ready(relay: &TestRelay, status: StatusCode) {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let reply = relay.send(request(Method::GET, "/readyz", "")).await;
-        if reply.status == status {
-            return;
-        }
-        assert!(Instant::now() < deadline, "/readyz never answered {status}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_readyz(relay.addr, &status.to_string(), |reply| {
+        reply.status == status
+    })
+    .await;
 }
 
 /// Closes the relay's connection from the broker side, as an operator or a broker restart
@@ -43,14 +39,12 @@ fn close_from_broker(exchange: &str) {
 #[tokio::test]
 async fn broker_closing_the_connection_gives_fast_503s_until_the_relay_reconnects() {
     let proxy = Proxy::start(broker_addr()).await;
-    let relay = TestRelay::start_via(
-        &proxy,
-        &[
-            ("RELAY_AMQP__CONFIRM_TIMEOUT_MS", "10000"),
-            ("RELAY_SPOOL__ENABLED", "false"),
-        ],
-    )
-    .await;
+    let relay = TestRelay::builder()
+        .env("RELAY_AMQP__CONFIRM_TIMEOUT_MS", "10000")
+        .env("RELAY_SPOOL__ENABLED", "false")
+        .via(&proxy)
+        .start()
+        .await;
     let mut queue = relay.queue("#").await;
 
     // Reconnects fail until the test allows them, so the outage lasts as long as needed.
@@ -86,9 +80,13 @@ async fn broker_closing_the_connection_gives_fast_503s_until_the_relay_reconnect
 /// every request got 202 or 503 in time, and that every 202 reached the broker.
 async fn cuts_under_load(overrides: &[(&str, &str)]) -> (usize, usize) {
     let proxy = Arc::new(Proxy::start(broker_addr()).await);
-    let mut settings = vec![("RELAY_AMQP__CONFIRM_TIMEOUT_MS", "2000")];
-    settings.extend_from_slice(overrides);
-    let relay = Arc::new(TestRelay::start_via(&proxy, &settings).await);
+    let relay = TestRelay::builder()
+        .env("RELAY_AMQP__CONFIRM_TIMEOUT_MS", "2000")
+        .envs(overrides)
+        .via(&proxy)
+        .start()
+        .await;
+    let relay = Arc::new(relay);
     let mut queue = relay.queue("#").await;
     let answered = Arc::new(AtomicUsize::new(0));
 
@@ -125,21 +123,22 @@ async fn cuts_under_load(overrides: &[(&str, &str)]) -> (usize, usize) {
 
     // After the load, the relay is back: one more must be confirmed straight away.
     wait_ready(&relay, StatusCode::OK).await;
-    let deadline = Instant::now() + PATIENCE;
-    loop {
+    // Behind the spool while it drains, then straight to the broker.
+    let what = "the relay to go back to publishing directly";
+    let accepted = Mutex::new(accepted);
+    eventually(what, PATIENCE, || async {
         let last = relay.post(webhook("job.updated")).await;
         assert_eq!(last.status, StatusCode::ACCEPTED);
-        accepted.insert(last.message_id());
-        if last.json()["status"] == "accepted" {
-            break;
+        accepted.lock().unwrap().insert(last.message_id());
+        let status = last.json()["status"].clone();
+        if status == "accepted" {
+            Ok(())
+        } else {
+            Err(status)
         }
-        // Still behind the spool while it drains.
-        assert!(
-            Instant::now() < deadline,
-            "the relay never went back to direct publishing"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
+    let accepted = accepted.into_inner().unwrap();
 
     // The cuts were real: the relay lost its connection and came back.
     let metrics = scrape(relay.addr).await;
@@ -179,7 +178,11 @@ async fn network_cuts_under_load_with_spool_accept_99_percent_and_lose_nothing()
 #[tokio::test]
 async fn client_hanging_up_does_not_cancel_a_delivery_already_begun() {
     let proxy = Proxy::start(broker_addr()).await;
-    let relay = TestRelay::start_via(&proxy, &[("RELAY_AMQP__CONFIRM_TIMEOUT_MS", "3000")]).await;
+    let relay = TestRelay::builder()
+        .env("RELAY_AMQP__CONFIRM_TIMEOUT_MS", "3000")
+        .via(&proxy)
+        .start()
+        .await;
     let mut queue = relay.queue("#").await;
     let body = webhook("job.updated");
 
@@ -192,14 +195,15 @@ async fn client_hanging_up_does_not_cancel_a_delivery_already_begun() {
     );
     client.write_all(request.as_bytes()).await.unwrap();
     // The publish has begun once its frames reached the (stalled) network.
-    let deadline = Instant::now() + PATIENCE;
-    while proxy.bytes_from_client() < sent_before + body.len() as u64 {
-        assert!(
-            Instant::now() < deadline,
-            "the relay never started publishing"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually("the relay to start publishing", PATIENCE, || async {
+        let sent = proxy.bytes_from_client() - sent_before;
+        if sent >= body.len() as u64 {
+            Ok(())
+        } else {
+            Err(sent)
+        }
+    })
+    .await;
     drop(client);
     // The server saw the hang-up and dropped the request's handler (and its in-flight count).
     wait_sample(

@@ -6,17 +6,17 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use hyper::{Method, StatusCode};
 use lapin::options::{QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 
 use crate::harness::{
-    self, KEY, PATIENCE, RelayProcess, Reply, request, sample, scrape, send, wait_sample,
-    webhook_with,
+    self, KEY, PATIENCE, RelayProcess, Reply, eventually, readyz, request, sample, scrape, send,
+    wait_sample, webhook_with,
 };
-use crate::spool::{Offline, count, readyz, take_all, wait_broker_connected};
+use crate::offline::Offline;
+use crate::spool::{count, take_all, wait_broker_connected};
 use crate::tmpfs::Tmpfs;
 
 /// Most webhooks one replay batch publishes: what a restart may publish twice.
@@ -81,15 +81,6 @@ fn segments(dir: &std::path::Path) -> usize {
         .count()
 }
 
-/// Polls `check` until it holds (at most [`PATIENCE`]).
-async fn eventually<F: Future<Output = bool>>(what: &str, check: impl Fn() -> F) {
-    let deadline = Instant::now() + PATIENCE;
-    while !check().await {
-        assert!(Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// The 503 and the readiness of a spool that cannot write: the reason is in both.
 async fn assert_refusing_because_the_disk_is_full(addr: SocketAddr, refusal: &Reply) {
     refusal.assert_unavailable();
@@ -144,8 +135,11 @@ async fn a_full_disk_is_refused_honestly_survives_a_restart_and_every_202_arrive
     outcome.assert_delivered(0);
     // Replayed to the end, the segment is deleted at once (it held export keys), and the
     // relay is fully ready again.
-    eventually("the drained segment is deleted", || async {
-        segments(&offline.dir) == 0
+    eventually("the drained segment to be deleted", PATIENCE, || async {
+        match segments(&offline.dir) {
+            0 => Ok(()),
+            left => Err(format!("{left} segments")),
+        }
     })
     .await;
     let ready = readyz(addr).await;
@@ -155,8 +149,8 @@ async fn a_full_disk_is_refused_honestly_survives_a_restart_and_every_202_arrive
     // A second outage finds the whole disk again, not a 503 for every webhook.
     offline.proxy.refuse(true);
     offline.proxy.cut();
-    eventually("the relay sees the broker gone", || async {
-        readyz(addr).await.json()["broker"] == "disconnected"
+    harness::wait_readyz(addr, "the broker is gone", |reply| {
+        reply.json()["broker"] == "disconnected"
     })
     .await;
     let (second, refusal) = post_until_refused(addr).await;
@@ -172,7 +166,7 @@ async fn a_full_disk_is_refused_honestly_survives_a_restart_and_every_202_arrive
     let outcome = count(&second, &take_all(&channel, &unrouted).await);
     eprintln!("second outage: {outcome:?}");
     outcome.assert_delivered(0);
-    offline.finish(relay, &channel).await;
+    relay.terminate().await;
 }
 
 #[tokio::test]
@@ -193,16 +187,7 @@ async fn the_cursor_survives_a_full_disk_so_a_restart_publishes_at_most_one_batc
     // still full: the cursor must be saved with no space left.
     let broker = harness::broker().await;
     let channel = broker.create_channel().await.unwrap();
-    let config = hirehop_relay::config::Config::load_from(
-        None,
-        Some(
-            relay_env
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-        ),
-    )
-    .unwrap();
+    let config = harness::config(&relay_env, None);
     hirehop_relay::amqp::topology::declare(&config.amqp, &broker)
         .await
         .unwrap();
@@ -272,7 +257,7 @@ async fn the_cursor_survives_a_full_disk_so_a_restart_publishes_at_most_one_batc
     let outcome = count(&accepted, &on_broker);
     eprintln!("replay stopped at {taken} on a full disk, then restarted: {outcome:?}");
     outcome.assert_delivered(REPLAY_BATCH);
-    offline.finish(relay, &channel).await;
+    relay.terminate().await;
 }
 
 #[tokio::test]
@@ -291,8 +276,8 @@ async fn a_spool_that_cannot_write_is_unready_until_space_comes_back_without_a_w
 
     // Space comes back. No webhook is sent: a readiness-gated load balancer would send none.
     std::fs::remove_file(filler).unwrap();
-    eventually("the spool accepts again", || async {
-        readyz(addr).await.status == StatusCode::OK
+    harness::wait_readyz(addr, "the spool accepts again", |reply| {
+        reply.status == StatusCode::OK
     })
     .await;
     let ready = readyz(addr).await.json();
@@ -301,7 +286,5 @@ async fn a_spool_that_cannot_write_is_unready_until_space_comes_back_without_a_w
     let req = request(Method::POST, "/webhooks/hirehop", padded_webhook());
     let reply = send(addr, req).await.unwrap();
     assert_eq!(reply.status, StatusCode::ACCEPTED, "{reply:?}");
-    let broker = harness::broker().await;
-    let channel = broker.create_channel().await.unwrap();
-    offline.finish(relay, &channel).await;
+    relay.terminate().await;
 }

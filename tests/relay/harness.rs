@@ -1,10 +1,16 @@
-//! Starting relays against the real broker, talking HTTP to them, and reading what reached
-//! the broker.
+//! Starting relays against the real broker, talking HTTP to them, waiting for what they do,
+//! reading what reached the broker, and leaving the broker as it was.
+//!
+//! - [`eventually`] is the one way to wait for a condition: it polls, and fails the test with
+//!   what it waited for and what it saw last.
+//! - [`TestRelay::builder`] starts a relay in this process, [`RelayProcess`] the real binary.
+//! - [`TestExchange`] names what a test declares on the broker and deletes it when dropped, so
+//!   a test that fails leaves the broker as clean as one that passes.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::Stdio;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -32,6 +38,62 @@ pub const KEY: &str = "k3y-for-tests-0001";
 
 /// Ceiling for anything a test waits on; a healthy run never comes close.
 pub const PATIENCE: Duration = Duration::from_secs(15);
+
+/// How often [`eventually`] looks again.
+const POLL: Duration = Duration::from_millis(20);
+
+/// What an [`eventually`] check gives: `Some` or `Ok` with a value once its condition holds;
+/// `None`, or `Err` with what it saw instead, while it does not.
+pub trait Observed {
+    type Value;
+    fn observed(self) -> Result<Self::Value, String>;
+}
+
+impl<T> Observed for Option<T> {
+    type Value = T;
+    fn observed(self) -> Result<T, String> {
+        self.ok_or_else(|| "nothing".to_owned())
+    }
+}
+
+impl<T, E: std::fmt::Debug> Observed for Result<T, E> {
+    type Value = T;
+    fn observed(self) -> Result<T, String> {
+        self.map_err(|seen| format!("{seen:?}"))
+    }
+}
+
+/// Runs `check` every 20 ms until its condition holds, and returns the value it gave then.
+/// When `deadline` passes first (a check still running is cut short), the test fails, saying
+/// what it waited for and what `check` saw last.
+///
+/// `check` is a closure returning a future (`|| async { ... }`) rather than an async closure,
+/// whose futures the compiler cannot yet prove `Send` for inside a spawned task. A check that
+/// must change something outside it goes through a `Mutex`.
+pub async fn eventually<O: Observed, F: Future<Output = O>>(
+    what: &str,
+    deadline: Duration,
+    mut check: impl FnMut() -> F,
+) -> O::Value {
+    let mut last = None;
+    let polled = tokio::time::timeout(deadline, async {
+        loop {
+            match check().await.observed() {
+                Ok(value) => return value,
+                Err(seen) => last = Some(seen),
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    })
+    .await;
+    polled.unwrap_or_else(|_| {
+        panic!(
+            "waited {deadline:?} for {what}, in vain; last seen: {}",
+            last.as_deref()
+                .unwrap_or("nothing yet: the first check never finished")
+        )
+    })
+}
 
 pub fn amqp_url() -> String {
     std::env::var("HIREHOP_TEST_AMQP_URL")
@@ -174,21 +236,31 @@ pub fn sample(text: &str, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
 }
 
-/// Polls `/metrics` at `addr` until `series` passes `check` (described by `what`), for
-/// [`PATIENCE`] at most.
+/// Waits until the sample `series` on `addr`'s `/metrics` passes `check` (described by
+/// `what`), for [`PATIENCE`] at most.
 pub async fn wait_sample(addr: SocketAddr, series: &str, what: &str, check: impl Fn(f64) -> bool) {
-    let deadline = std::time::Instant::now() + PATIENCE;
-    loop {
+    eventually(&format!("{series} to be {what}"), PATIENCE, || async {
         let value = sample(&scrape(addr).await, series);
-        if check(value) {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{series} never became {what} (last {value})"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        if check(value) { Ok(()) } else { Err(value) }
+    })
+    .await;
+}
+
+/// The relay's `/readyz` at `addr`.
+pub async fn readyz(addr: SocketAddr) -> Reply {
+    send(addr, request(Method::GET, "/readyz", ""))
+        .await
+        .expect("the relay answers /readyz")
+}
+
+/// Waits until `addr`'s `/readyz` passes `check` (described by `what`), for [`PATIENCE`] at
+/// most; returns that answer.
+pub async fn wait_readyz(addr: SocketAddr, what: &str, check: impl Fn(&Reply) -> bool) -> Reply {
+    eventually(&format!("/readyz to say {what}"), PATIENCE, || async {
+        let reply = readyz(addr).await;
+        if check(&reply) { Ok(reply) } else { Err(reply) }
+    })
+    .await
 }
 
 /// Posts a webhook for `event` over HTTP/2 on `io` (prior knowledge, or after ALPN chose h2);
@@ -283,13 +355,147 @@ pub fn spool_dir(name: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("{name}-spool"))
 }
 
-/// An exchange name no other test uses.
-pub fn unique_exchange() -> String {
-    format!("relay-test-{}", uuid::Uuid::now_v7().simple())
+/// An exchange name no other test uses, on the test broker.
+pub fn unique_exchange() -> TestExchange {
+    TestExchange::new(Some(amqp_url()))
 }
 
-/// The environment of a relay process on `exchange` at broker `url`, listening on a free
-/// port and accepting [`KEY`].
+/// How long the cleanup of a [`TestExchange`] may take: it runs as a test ends, a failed one
+/// included, and must not hang it (a broker that went away).
+const CLEANUP_PATIENCE: Duration = Duration::from_secs(10);
+
+/// An exchange name of a test's own. Dropped, it deletes from the test broker, as queues and as
+/// exchanges, the names a relay on it declares (the exchange, `<name>.unrouted`,
+/// `<name>.history`) and the names handed out by [`TestExchange::own`]: at the end of the
+/// test, and also while a failed test unwinds, so that a red run leaves the broker clean.
+pub struct TestExchange {
+    name: String,
+    /// The broker it is deleted from; none for a broker of the test's own.
+    cleanup_url: Option<String>,
+    own: Mutex<Vec<String>>,
+}
+
+impl TestExchange {
+    /// A unique name on a broker of the test's own (`LocalCluster`), which goes with all on it
+    /// when the test ends: nothing is deleted, so nothing waits on a node a fault left frozen
+    /// or down.
+    pub fn on_own_broker() -> TestExchange {
+        TestExchange::new(None)
+    }
+
+    fn new(cleanup_url: Option<String>) -> TestExchange {
+        TestExchange {
+            name: format!("relay-test-{}", uuid::Uuid::now_v7().simple()),
+            cleanup_url,
+            own: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.name
+    }
+
+    /// `<exchange>.<suffix>`: the name of a queue or an exchange the test declares for itself,
+    /// deleted with this exchange.
+    pub fn own(&self, suffix: &str) -> String {
+        let name = format!("{}.{suffix}", self.name);
+        self.own.lock().unwrap().push(name.clone());
+        name
+    }
+}
+
+impl std::ops::Deref for TestExchange {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.name
+    }
+}
+
+impl std::fmt::Display for TestExchange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+impl std::fmt::Debug for TestExchange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.name)
+    }
+}
+
+impl Drop for TestExchange {
+    fn drop(&mut self) {
+        let Some(url) = self.cleanup_url.clone() else {
+            return;
+        };
+        let mut names = vec![
+            self.name.clone(),
+            format!("{}.unrouted", self.name),
+            format!("{}.history", self.name),
+        ];
+        names.append(&mut self.own.lock().unwrap_or_else(|e| e.into_inner()));
+        // Drop cannot await, and a failed test unwinds inside its runtime: the deletes run on a
+        // thread and a runtime of their own, and the test waits for them.
+        let deleted = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|err| err.to_string())?;
+            runtime.block_on(async {
+                tokio::time::timeout(CLEANUP_PATIENCE, delete_all(&url, &names))
+                    .await
+                    .unwrap_or_else(|_| Err(format!("not done in {CLEANUP_PATIENCE:?}")))
+            })
+        })
+        .join();
+        match deleted {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => eprintln!("cleanup of exchange {}: {err}", self.name),
+            Err(_) => eprintln!("cleanup of exchange {}: the thread panicked", self.name),
+        }
+    }
+}
+
+/// Deletes each of `names` as a queue and as an exchange, whichever it is (RabbitMQ deletes
+/// what is not there without an error).
+async fn delete_all(url: &str, names: &[String]) -> Result<(), String> {
+    let connection = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+        .await
+        .map_err(|err| err.to_string())?;
+    let mut failed = Vec::new();
+    for name in names {
+        // On a channel each: a refused delete (a queue still exclusive to the test's own
+        // connection) closes its channel.
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|err| err.to_string())?;
+        if let Err(err) = channel
+            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+            .await
+        {
+            failed.push(format!("queue {name}: {err}"));
+            continue;
+        }
+        if let Err(err) = channel
+            .exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default())
+            .await
+        {
+            failed.push(format!("exchange {name}: {err}"));
+            continue;
+        }
+        let _ = channel.close(200, "deleted".into()).await;
+    }
+    let _ = connection.close(200, "test done".into()).await;
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(failed.join("; "))
+    }
+}
+
+/// The settings every relay under test starts from: a free port on loopback, the broker at
+/// `url`, the exchange, and [`KEY`].
 pub fn env<'a>(exchange: &'a str, url: &'a str) -> Vec<(&'a str, &'a str)> {
     vec![
         ("RELAY_HTTP__LISTEN", "127.0.0.1:0"),
@@ -299,27 +505,16 @@ pub fn env<'a>(exchange: &'a str, url: &'a str) -> Vec<(&'a str, &'a str)> {
     ]
 }
 
-fn test_config(
-    exchange: &str,
-    amqp_url: &str,
-    file: Option<&str>,
-    overrides: &[(&str, &str)],
-) -> Config {
-    let mut env: HashMap<String, String> = [
-        ("RELAY_HTTP__LISTEN", "127.0.0.1:0"),
-        ("RELAY_AMQP__URL", amqp_url),
-        ("RELAY_AMQP__EXCHANGE", exchange),
-        ("RELAY_AUTH__EXPORT_KEYS", KEY),
-        ("RELAY_SPOOL__DIR", &spool_dir(exchange).to_string_lossy()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
-    for (key, value) in overrides {
-        env.insert((*key).to_owned(), (*value).to_owned());
-    }
+/// The configuration `env` (`RELAY_*` variables, later ones winning) and the TOML `file`
+/// give, as the relay would load it.
+pub fn config(env: &[(&str, &str)], file: Option<&str>) -> Config {
+    let env: HashMap<String, String> = env
+        .iter()
+        .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
+        .collect();
     let path = file.map(|contents| {
-        let path = std::env::temp_dir().join(format!("{exchange}.toml"));
+        let path =
+            std::env::temp_dir().join(format!("relay-test-{}.toml", uuid::Uuid::now_v7().simple()));
         std::fs::write(&path, contents).unwrap();
         path
     });
@@ -330,115 +525,154 @@ fn test_config(
     config.expect("test config is valid")
 }
 
-/// A relay running in this process, on its own exchange.
+/// A relay running in this process, on an exchange of its own.
 pub struct TestRelay {
     pub addr: SocketAddr,
-    pub exchange: String,
+    pub exchange: TestExchange,
     pub config: Config,
-    shutdown: CancellationToken,
+    shutdown: Option<CancellationToken>,
     task: Option<JoinHandle<Result<(), hirehop_relay::RunError>>>,
     broker: lapin::Connection,
     channel: lapin::Channel,
 }
 
+/// How a [`TestRelay`] is set up; [`TestRelayBuilder::start`] starts it.
+pub struct TestRelayBuilder<'a> {
+    env: Vec<(String, String)>,
+    file: Option<&'a str>,
+    /// Where the relay publishes, when not where the test watches (through a proxy).
+    relay_url: Option<String>,
+    /// Where the test watches: the test broker unless [`TestRelayBuilder::on`].
+    watch_url: Option<String>,
+    exchange: Option<TestExchange>,
+    wait_for_broker: bool,
+}
+
 impl TestRelay {
+    /// A relay with the test defaults, once it is connected to the test broker.
     pub async fn start() -> TestRelay {
-        Self::start_with(&[]).await
+        Self::builder().start().await
     }
 
-    pub async fn start_with(overrides: &[(&str, &str)]) -> TestRelay {
-        Self::start_at(&amqp_url(), None, overrides, true).await
-    }
-
-    /// A relay on the broker at `url`, which the test's own connection uses too (a node of
-    /// the test's own); waits for the broker.
-    pub async fn start_on(url: &str, overrides: &[(&str, &str)]) -> TestRelay {
-        Self::start_at_broker(url, url, None, overrides, true).await
-    }
-
-    /// A relay configured by a TOML file (and the test's environment on top).
-    pub async fn start_with_file(file: &str, overrides: &[(&str, &str)]) -> TestRelay {
-        Self::start_at(&amqp_url(), Some(file), overrides, true).await
-    }
-
-    /// A relay whose broker connection goes through `proxy`; waits for the broker.
-    pub async fn start_via(proxy: &Proxy, overrides: &[(&str, &str)]) -> TestRelay {
-        Self::start_at(&via(proxy), None, overrides, true).await
-    }
-
-    /// A relay through `proxy`, configured by a TOML file too.
-    pub async fn start_via_file(
-        proxy: &Proxy,
-        file: &str,
-        overrides: &[(&str, &str)],
-    ) -> TestRelay {
-        Self::start_at(&via(proxy), Some(file), overrides, true).await
-    }
-
-    /// Like [`TestRelay::start_via`], but serves at once, broker or not (spool mode).
-    pub async fn start_via_without_waiting(proxy: &Proxy, overrides: &[(&str, &str)]) -> TestRelay {
-        Self::start_at(&via(proxy), None, overrides, false).await
-    }
-
-    async fn start_at(
-        amqp_url: &str,
-        file: Option<&str>,
-        overrides: &[(&str, &str)],
-        wait_for_broker: bool,
-    ) -> TestRelay {
-        Self::start_at_broker(
-            &self::amqp_url(),
-            amqp_url,
-            file,
-            overrides,
-            wait_for_broker,
-        )
-        .await
-    }
-
-    /// A relay publishing to `amqp_url`, watched by the test through `test_url`.
-    async fn start_at_broker(
-        test_url: &str,
-        amqp_url: &str,
-        file: Option<&str>,
-        overrides: &[(&str, &str)],
-        wait_for_broker: bool,
-    ) -> TestRelay {
-        let broker = broker_at(test_url).await;
-        let channel = broker.create_channel().await.unwrap();
-        // An exchange of the test's own, unless the test chose one (it declared something
-        // for it first).
-        let exchange = overrides
-            .iter()
-            .find(|(key, _)| *key == "RELAY_AMQP__EXCHANGE")
-            .map_or_else(unique_exchange, |(_, name)| (*name).to_owned());
-        let config = test_config(&exchange, amqp_url, file, overrides);
-        // What `main` runs, in two steps for the address in between.
-        let shutdown = CancellationToken::new();
-        let relay = tokio::time::timeout(PATIENCE, Relay::start(config.clone(), shutdown.clone()))
-            .await
-            .expect("the relay starts in time")
-            .expect("the relay starts")
-            .expect("the relay was not shut down");
-        if wait_for_broker {
-            tokio::time::timeout(PATIENCE, relay.wait_connected())
-                .await
-                .expect("the relay connects to the broker in time")
-                .expect("the relay sets up the broker");
+    /// A relay set up by the builder's calls, started by its `start`.
+    pub fn builder<'a>() -> TestRelayBuilder<'a> {
+        TestRelayBuilder {
+            env: Vec::new(),
+            file: None,
+            relay_url: None,
+            watch_url: None,
+            exchange: None,
+            wait_for_broker: true,
         }
-        let addr = relay.local_addr().unwrap();
-        let task = tokio::spawn(relay.run());
+    }
+}
+
+impl<'a> TestRelayBuilder<'a> {
+    /// A setting, as the `RELAY_*` variable that would set it; it wins over the defaults, the
+    /// file and earlier calls.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        assert_ne!(
+            key, "RELAY_AMQP__EXCHANGE",
+            "name the exchange with .exchange(), so that it is deleted at the end"
+        );
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Several settings, as [`TestRelayBuilder::env`].
+    pub fn envs(self, vars: &[(&str, &str)]) -> Self {
+        vars.iter()
+            .fold(self, |builder, (key, value)| builder.env(key, value))
+    }
+
+    /// A configuration file with `toml` in it, under the settings.
+    pub fn file(mut self, toml: &'a str) -> Self {
+        self.file = Some(toml);
+        self
+    }
+
+    /// Connected to the test broker through `proxy`, which can break the network.
+    pub fn via(mut self, proxy: &Proxy) -> Self {
+        self.relay_url = Some(via(proxy));
+        self
+    }
+
+    /// On the broker at `url` (a node of the test's own), where the test watches too; the
+    /// exchange is left there, to go with the node.
+    pub fn on(mut self, url: &str) -> Self {
+        self.watch_url = Some(url.to_owned());
+        self
+    }
+
+    /// On `exchange`, which the test named first (to declare something for it, say).
+    pub fn exchange(mut self, exchange: TestExchange) -> Self {
+        self.exchange = Some(exchange);
+        self
+    }
+
+    /// Serving at once, whether the broker answers or not (the spool keeps what it cannot
+    /// confirm), instead of once the relay is connected.
+    pub fn without_waiting_for_the_broker(mut self) -> Self {
+        self.wait_for_broker = false;
+        self
+    }
+
+    pub async fn start(self) -> TestRelay {
+        let exchange = self.exchange.unwrap_or_else(|| match self.watch_url {
+            Some(_) => TestExchange::on_own_broker(),
+            None => unique_exchange(),
+        });
+        let watch_url = self.watch_url.unwrap_or_else(amqp_url);
+        let relay_url = self.relay_url.unwrap_or_else(|| watch_url.clone());
+        let spool = spool_dir(&exchange).to_string_lossy().into_owned();
+        let mut env = env(&exchange, &relay_url);
+        env.push(("RELAY_SPOOL__DIR", &spool));
+        env.extend(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let config = config(&env, self.file);
+        let broker = broker_at(&watch_url).await;
+        let channel = broker.create_channel().await.unwrap();
+        let (addr, shutdown, task) = start_in_process(&config, self.wait_for_broker).await;
         TestRelay {
             addr,
             exchange,
             config,
-            shutdown,
+            shutdown: Some(shutdown),
             task: Some(task),
             broker,
             channel,
         }
     }
+}
 
+/// What `main` does with a loaded configuration, in this process: the publisher (connected,
+/// when `wait_for_broker`), the spool, the metrics and `run` on the configured port. Returns
+/// the port, the sender that shuts the relay down, and its task.
+async fn start_in_process(
+    config: &Config,
+    wait_for_broker: bool,
+) -> (
+    SocketAddr,
+    CancellationToken,
+    JoinHandle<Result<(), hirehop_relay::RunError>>,
+) {
+    // What `main` runs, in two steps for the address in between.
+    let shutdown = CancellationToken::new();
+    let relay = tokio::time::timeout(PATIENCE, Relay::start(config.clone(), shutdown.clone()))
+        .await
+        .expect("the relay starts in time")
+        .expect("the relay starts")
+        .expect("the relay was not shut down");
+    if wait_for_broker {
+        tokio::time::timeout(PATIENCE, relay.wait_connected())
+            .await
+            .expect("the relay connects to the broker in time")
+            .expect("the relay sets up the broker");
+    }
+    let addr = relay.local_addr().unwrap();
+    (addr, shutdown, tokio::spawn(relay.run()))
+}
+
+impl TestRelay {
     /// A fresh exclusive queue bound to the relay's exchange with `pattern`.
     pub async fn queue(&self, pattern: &str) -> TestQueue {
         let name = format!("{}.q.{}", self.exchange, uuid::Uuid::now_v7().simple());
@@ -499,9 +733,11 @@ impl TestRelay {
         );
     }
 
-    /// Graceful shutdown, then removal of what the relay declared.
+    /// Graceful shutdown; the relay's exchange and spool are deleted as it is dropped.
     pub async fn stop(mut self) {
-        self.shutdown.cancel();
+        if let Some(shutdown) = self.shutdown.take() {
+            shutdown.cancel();
+        }
         if let Some(task) = self.task.take() {
             tokio::time::timeout(PATIENCE, task)
                 .await
@@ -509,7 +745,16 @@ impl TestRelay {
                 .expect("the relay task does not panic")
                 .expect("the relay serves");
         }
-        delete_topology(&self.channel, &self.exchange).await;
+    }
+}
+
+impl Drop for TestRelay {
+    fn drop(&mut self) {
+        // Still running when a test fails: stopped first, so that it declares nothing again
+        // while its exchange is deleted (which happens next, as the fields drop).
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
         let _ = std::fs::remove_dir_all(&self.config.spool.dir);
     }
 }
@@ -523,23 +768,6 @@ pub fn via(proxy: &Proxy) -> String {
         "HIREHOP_TEST_AMQP_URL must spell out host:port"
     );
     url
-}
-
-/// Deletes what a relay on `exchange` declares: the exchange, `<exchange>.unrouted` and the
-/// history stream `<exchange>.history` (exchanges and queues).
-pub async fn delete_topology(channel: &lapin::Channel, exchange: &str) {
-    let unrouted = format!("{exchange}.unrouted");
-    let history = format!("{exchange}.history");
-    for queue in [&unrouted, &history] {
-        let _ = channel
-            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
-    for name in [exchange, unrouted.as_str(), history.as_str()] {
-        let _ = channel
-            .exchange_delete(name.into(), ExchangeDeleteOptions::default())
-            .await;
-    }
 }
 
 /// An exclusive queue bound to `exchange` with `#`, for tests that drive a relay process:
@@ -603,14 +831,28 @@ pub fn post_until_gone(
 
 /// Waits until `counter` reaches `n` (a ceiling of [`PATIENCE`]).
 pub async fn wait_count(counter: &std::sync::atomic::AtomicUsize, n: usize) {
-    let deadline = std::time::Instant::now() + PATIENCE;
-    while counter.load(std::sync::atomic::Ordering::SeqCst) < n {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the count never reached {n}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually(&format!("the count to reach {n}"), PATIENCE, || async {
+        let count = counter.load(std::sync::atomic::Ordering::SeqCst);
+        if count >= n { Ok(()) } else { Err(count) }
+    })
+    .await;
+}
+
+/// The ready messages and the consumers of `queue`, or `None` when the broker has no such
+/// queue. Asked passively, on a channel of its own: a missing queue closes the channel it was
+/// asked on.
+pub async fn queue_counts(broker: &lapin::Connection, queue: &str) -> Option<(u32, u32)> {
+    let channel = broker.create_channel().await.unwrap();
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let declared = channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+        .ok()?;
+    let _ = channel.close(200, "counted".into()).await;
+    Some((declared.message_count(), declared.consumer_count()))
 }
 
 /// A queue being consumed (auto-ack).
@@ -677,6 +919,8 @@ pub fn message_id(delivery: &lapin::message::Delivery) -> String {
 pub struct RelayProcess {
     pub child: tokio::process::Child,
     pub addr: Option<SocketAddr>,
+    /// The spool directory it gets unless its environment names one; removed when dropped.
+    own_spool: std::path::PathBuf,
     lines: mpsc::UnboundedReceiver<String>,
     log: Vec<String>,
     /// Lines before this one were matched by an earlier [`RelayProcess::wait_for`].
@@ -723,7 +967,7 @@ impl RelayProcess {
             .args(args)
             .env_clear()
             .env("RUST_LOG", "info")
-            .env("RELAY_SPOOL__DIR", own_spool)
+            .env("RELAY_SPOOL__DIR", &own_spool)
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -739,6 +983,7 @@ impl RelayProcess {
         RelayProcess {
             child,
             addr: None,
+            own_spool,
             lines,
             log: Vec::new(),
             matched: 0,
@@ -820,5 +1065,12 @@ impl RelayProcess {
             self.log.push(line);
         }
         (status, self.log.join("\n"))
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        // The child is killed as it drops (`kill_on_drop`), a failed test's included.
+        let _ = std::fs::remove_dir_all(&self.own_spool);
     }
 }

@@ -21,7 +21,7 @@ use lapin::{BasicProperties, ExchangeKind};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::harness::{
-    self, KEY, PATIENCE, RelayProcess, TestRelay, message_id, webhook, webhook_with,
+    self, KEY, PATIENCE, RelayProcess, TestRelay, eventually, message_id, webhook, webhook_with,
 };
 
 /// Everything the history stream of the relay configured by `config` holds, read up to its end.
@@ -49,8 +49,9 @@ fn ids(entries: &[Entry]) -> Vec<String> {
     entries.iter().map(|e| message_id(&e.message)).collect()
 }
 
-/// A queue of the test's own (not exclusive: replay binds it from its own connection).
-async fn own_queue(channel: &lapin::Channel, name: &str, arguments: FieldTable) {
+/// Declares a queue of the test's own, named by [`harness::TestExchange::own`] so that it is
+/// deleted at the end (not exclusive: replay binds it from its own connection).
+async fn declare_queue(channel: &lapin::Channel, name: &str, arguments: FieldTable) {
     channel
         .queue_declare(name.into(), QueueDeclareOptions::default(), arguments)
         .await
@@ -130,18 +131,15 @@ async fn take_all(channel: &lapin::Channel, queue: &str) -> Vec<lapin::message::
 /// Waits until `queue` holds `n` messages: messages a tool took and did not ack go back to
 /// their quorum queue a moment after it closed its connection.
 async fn wait_count(channel: &lapin::Channel, queue: &str, n: u32) {
-    let deadline = std::time::Instant::now() + PATIENCE;
-    loop {
-        let count = message_count(channel, queue).await;
-        if count == n {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{queue} holds {count} messages, not {n}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(
+        &format!("{queue} to hold {n} messages"),
+        PATIENCE,
+        || async {
+            let count = message_count(channel, queue).await;
+            if count == n { Ok(()) } else { Err(count) }
+        },
+    )
+    .await;
 }
 
 async fn run_replay(config: &AmqpConfig, request: replay::Request) -> Outcome {
@@ -201,10 +199,11 @@ async fn rabbitmq_applies_an_alternate_exchange_per_exchange_along_exchange_bind
         .await
         .unwrap();
     let x = harness::unique_exchange();
-    let (unrouted, front, tap) = (
+    let (unrouted, front, tap, tapx) = (
         format!("{x}.unrouted"),
-        format!("{x}.front"),
-        format!("{x}.tap"),
+        x.own("front"),
+        x.own("tap"),
+        x.own("tapx"),
     );
     let declare = |name: String, kind: ExchangeKind, arguments: FieldTable| {
         let channel = channel.clone();
@@ -231,10 +230,10 @@ async fn rabbitmq_applies_an_alternate_exchange_per_exchange_along_exchange_bind
         FieldTable::default(),
     )
     .await;
-    declare(x.clone(), ExchangeKind::Topic, ae).await;
+    declare(x.to_string(), ExchangeKind::Topic, ae).await;
     declare(front.clone(), ExchangeKind::Fanout, FieldTable::default()).await;
     for queue in [&unrouted, &tap] {
-        own_queue(&channel, queue, FieldTable::default()).await;
+        declare_queue(&channel, queue, FieldTable::default()).await;
     }
     bind(&channel, &unrouted, &unrouted, "").await;
     let publish = |exchange: String| {
@@ -272,19 +271,14 @@ async fn rabbitmq_applies_an_alternate_exchange_per_exchange_along_exchange_bind
                 .unwrap();
         }
     };
-    declare(
-        format!("{x}.tapx"),
-        ExchangeKind::Fanout,
-        FieldTable::default(),
-    )
-    .await;
-    bind(&channel, &tap, &format!("{x}.tapx"), "").await;
-    e2e(&x, &format!("{x}.tapx")).await;
-    publish(x.clone()).await;
+    declare(tapx.clone(), ExchangeKind::Fanout, FieldTable::default()).await;
+    bind(&channel, &tap, &tapx, "").await;
+    e2e(&x, &tapx).await;
+    publish(x.to_string()).await;
     assert_eq!(message_count(&channel, &unrouted).await, 0);
     assert_eq!(message_count(&channel, &tap).await, 1);
     channel
-        .exchange_delete(format!("{x}.tapx").as_str().into(), Default::default())
+        .exchange_delete(tapx.as_str().into(), Default::default())
         .await
         .unwrap();
 
@@ -294,17 +288,6 @@ async fn rabbitmq_applies_an_alternate_exchange_per_exchange_along_exchange_bind
     publish(front.clone()).await;
     assert_eq!(message_count(&channel, &unrouted).await, 1);
     assert_eq!(message_count(&channel, &tap).await, 2);
-
-    for queue in [&unrouted, &tap] {
-        let _ = channel
-            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
-    for exchange in [&x, &unrouted, &front] {
-        let _ = channel
-            .exchange_delete(exchange.as_str().into(), Default::default())
-            .await;
-    }
 }
 
 #[tokio::test]
@@ -359,7 +342,10 @@ async fn every_webhook_answered_202_is_in_the_history_stream() {
 /// confirms it (the stream took it), so the relay answers 202 instead of losing it with a 503.
 #[tokio::test]
 async fn without_an_alternate_exchange_history_keeps_an_unbound_event() {
-    let relay = TestRelay::start_with(&[("RELAY_AMQP__ALTERNATE_EXCHANGE", "false")]).await;
+    let relay = TestRelay::builder()
+        .env("RELAY_AMQP__ALTERNATE_EXCHANGE", "false")
+        .start()
+        .await;
     let id = post(&relay, "contact.person.created", 1).await;
     assert_eq!(ids(&history(&relay.config.amqp).await), [id]);
     relay.stop().await;
@@ -367,12 +353,15 @@ async fn without_an_alternate_exchange_history_keeps_an_unbound_event() {
 
 #[tokio::test]
 async fn history_off_declares_no_stream_and_publishes_to_the_exchange() {
-    let relay = TestRelay::start_with(&[("RELAY_HISTORY__ENABLED", "false")]).await;
+    let relay = TestRelay::builder()
+        .env("RELAY_HISTORY__ENABLED", "false")
+        .start()
+        .await;
     let mut queue = relay.queue("#").await;
     let id = post(&relay, "job.updated", 1).await;
     let delivery = queue.next().await;
     assert_eq!(message_id(&delivery), id);
-    assert_eq!(delivery.exchange.as_str(), relay.exchange);
+    assert_eq!(delivery.exchange.as_str(), relay.exchange.as_str());
     let broker = harness::broker().await;
     let history = relay.config.amqp.history_name();
     let err = broker
@@ -435,7 +424,6 @@ async fn an_existing_non_stream_history_queue_stops_startup_with_a_clear_message
     assert!(log.contains(&format!("history stream {history}")), "{log}");
     assert!(log.contains("history.enabled = false"), "{log}");
     assert!(log.contains("PRECONDITION_FAILED"), "{log}");
-    harness::delete_topology(&channel, &exchange).await;
 }
 
 /// A broker that cannot create streams (here RabbitMQ 3.10 with the `stream_queue` feature
@@ -459,7 +447,7 @@ async fn a_broker_without_streams_stops_startup_with_a_clear_message() {
         "this RabbitMQ enables streams whatever RABBITMQ_FEATURE_FLAGS says:\n{flags}"
     );
     let url = node.url(1);
-    let exchange = harness::unique_exchange();
+    let exchange = harness::TestExchange::on_own_broker();
     let relay = RelayProcess::start(&[], &harness::env(&exchange, &url));
     let (status, log) = relay.exit().await;
     assert!(!status.success(), "{log}");
@@ -505,8 +493,8 @@ async fn replay_by_time_window_returns_exactly_the_webhooks_received_in_it() {
 
     let broker = harness::broker().await;
     let channel = broker.create_channel().await.unwrap();
-    let target = format!("{}.backfill", relay.exchange);
-    own_queue(&channel, &target, FieldTable::default()).await;
+    let target = relay.exchange.own("backfill");
+    declare_queue(&channel, &target, FieldTable::default()).await;
     let filter = Filter {
         since: Some(since),
         until: Some(until),
@@ -520,10 +508,6 @@ async fn replay_by_time_window_returns_exactly_the_webhooks_received_in_it() {
     let replayed = take_all(&channel, &target).await;
     assert_eq!(sorted(replayed.iter().map(message_id)), expected);
 
-    channel
-        .queue_delete(target.as_str().into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
     relay.stop().await;
 }
 
@@ -545,8 +529,8 @@ async fn replay_filters_by_event_pattern_and_company() {
     }
     let broker = harness::broker().await;
     let channel = broker.create_channel().await.unwrap();
-    let target = format!("{}.jobs2", relay.exchange);
-    own_queue(&channel, &target, FieldTable::default()).await;
+    let target = relay.exchange.own("jobs2");
+    declare_queue(&channel, &target, FieldTable::default()).await;
     let filter = Filter {
         event: Some(TopicPattern::parse("job.#").unwrap()),
         company: Some(2),
@@ -563,10 +547,6 @@ async fn replay_filters_by_event_pattern_and_company() {
     );
     let replayed = take_all(&channel, &target).await;
     assert_eq!(sorted(replayed.iter().map(message_id)), sorted(wanted));
-    channel
-        .queue_delete(target.as_str().into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
     relay.stop().await;
 }
 
@@ -577,13 +557,10 @@ async fn replay_to_a_queue_delivers_to_that_queue_only() {
     let relay = TestRelay::start().await;
     let broker = harness::broker().await;
     let channel = broker.create_channel().await.unwrap();
-    let (other, target) = (
-        format!("{}.other", relay.exchange),
-        format!("{}.target", relay.exchange),
-    );
-    own_queue(&channel, &other, FieldTable::default()).await;
+    let (other, target) = (relay.exchange.own("other"), relay.exchange.own("target"));
+    declare_queue(&channel, &other, FieldTable::default()).await;
     bind(&channel, &other, &relay.exchange, "job.#").await;
-    own_queue(&channel, &target, FieldTable::default()).await;
+    declare_queue(&channel, &target, FieldTable::default()).await;
     bind(&channel, &target, &relay.exchange, "job.#").await;
     let mut posted = Vec::new();
     for event in ["job.updated", "job.updated", "contact.person.created"] {
@@ -608,12 +585,6 @@ async fn replay_to_a_queue_delivers_to_that_queue_only() {
     assert_eq!(message_count(&channel, &unrouted).await, unrouted_before);
     assert_eq!(ids(&history(&relay.config.amqp).await), posted);
 
-    for queue in [&other, &target] {
-        channel
-            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-            .await
-            .unwrap();
-    }
     relay.stop().await;
 }
 
@@ -643,8 +614,8 @@ async fn replayed_copies_are_byte_identical_apart_from_the_replay_header() {
 
     let broker = harness::broker().await;
     let channel = broker.create_channel().await.unwrap();
-    let target = format!("{}.copy", relay.exchange);
-    own_queue(&channel, &target, FieldTable::default()).await;
+    let target = relay.exchange.own("copy");
+    declare_queue(&channel, &target, FieldTable::default()).await;
     let before = SystemTime::now();
     run_replay(&relay.config.amqp, to_queue(&target, Filter::default())).await;
     let mut copies = take_all(&channel, &target).await;
@@ -672,10 +643,6 @@ async fn replayed_copies_are_byte_identical_apart_from_the_replay_header() {
         original.properties.headers().as_ref().unwrap().inner()
     );
 
-    channel
-        .queue_delete(target.as_str().into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
     relay.stop().await;
 }
 
@@ -684,8 +651,8 @@ async fn dry_run_counts_per_event_and_publishes_nothing() {
     let relay = TestRelay::start().await;
     let broker = harness::broker().await;
     let channel = broker.create_channel().await.unwrap();
-    let target = format!("{}.target", relay.exchange);
-    own_queue(&channel, &target, FieldTable::default()).await;
+    let target = relay.exchange.own("target");
+    declare_queue(&channel, &target, FieldTable::default()).await;
     bind(&channel, &target, &relay.exchange, "#").await;
     for event in ["job.updated", "job.updated", "invoice.status.updated"] {
         post(&relay, event, 1).await;
@@ -733,10 +700,6 @@ async fn dry_run_counts_per_event_and_publishes_nothing() {
     .to_string();
     assert!(err.contains("failed to find queue"), "{err}");
 
-    channel
-        .queue_delete(target.as_str().into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
     relay.stop().await;
 }
 
@@ -751,8 +714,8 @@ async fn replay_to_the_exchange_routes_through_the_bindings_of_now() {
     }
     let broker = harness::broker().await;
     let channel = broker.create_channel().await.unwrap();
-    let jobs = format!("{}.jobs", relay.exchange);
-    own_queue(&channel, &jobs, FieldTable::default()).await;
+    let jobs = relay.exchange.own("jobs");
+    declare_queue(&channel, &jobs, FieldTable::default()).await;
     bind(&channel, &jobs, &relay.exchange, "job.#").await;
     let unrouted = relay.config.amqp.unrouted_name();
     assert_eq!(message_count(&channel, &unrouted).await, 3);
@@ -785,10 +748,6 @@ async fn replay_to_the_exchange_routes_through_the_bindings_of_now() {
         "nor to the stream"
     );
 
-    channel
-        .queue_delete(jobs.as_str().into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
     relay.stop().await;
 }
 
@@ -814,8 +773,8 @@ async fn an_interrupted_replay_resumes_from_the_offset_it_reports() {
     }
     let broker = harness::broker().await;
     let channel = broker.create_channel().await.unwrap();
-    let target = format!("{}.target", relay.exchange);
-    own_queue(&channel, &target, FieldTable::default()).await;
+    let target = relay.exchange.own("target");
+    declare_queue(&channel, &target, FieldTable::default()).await;
 
     // Stopped as soon as it reports progress (every 100 webhooks read).
     let (stop, stopped) = tokio::sync::oneshot::channel();
@@ -856,10 +815,6 @@ async fn an_interrupted_replay_resumes_from_the_offset_it_reports() {
     let all: BTreeSet<String> = first.iter().chain(&second).map(message_id).collect();
     assert_eq!(all, posted.into_iter().collect::<BTreeSet<_>>());
 
-    channel
-        .queue_delete(target.as_str().into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
     relay.stop().await;
 }
 
@@ -875,14 +830,14 @@ async fn the_replay_command_says_how_far_it_got_and_how_to_go_on() {
     }
     let broker = harness::broker().await;
     let channel = broker.create_channel().await.unwrap();
-    let target = format!("{}.small", relay.exchange);
+    let target = relay.exchange.own("small");
     let mut small = FieldTable::default();
     small.insert("x-max-length".into(), AMQPValue::LongLongInt(10));
     small.insert(
         "x-overflow".into(),
         AMQPValue::LongString("reject-publish".into()),
     );
-    own_queue(&channel, &target, small).await;
+    declare_queue(&channel, &target, small).await;
 
     let url = harness::amqp_url();
     let env = harness::env(&relay.exchange, &url);
@@ -927,10 +882,6 @@ async fn the_replay_command_says_how_far_it_got_and_how_to_go_on() {
     );
     assert!(stdout.contains("  job.updated: 20\n"), "{stdout}");
 
-    channel
-        .queue_delete(target.as_str().into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
     relay.stop().await;
 }
 
@@ -958,8 +909,8 @@ async fn requeue_moves_unrouted_webhooks_to_a_newly_bound_queue_and_leaves_the_r
     let channel = broker.create_channel().await.unwrap();
     let unrouted = relay.config.amqp.unrouted_name();
     assert_eq!(message_count(&channel, &unrouted).await, 5);
-    let jobs = format!("{}.jobs", relay.exchange);
-    own_queue(&channel, &jobs, FieldTable::default()).await;
+    let jobs = relay.exchange.own("jobs");
+    declare_queue(&channel, &jobs, FieldTable::default()).await;
     bind(&channel, &jobs, &relay.exchange, "job.#").await;
 
     // --limit: one at a time if asked.
@@ -1010,10 +961,6 @@ async fn requeue_moves_unrouted_webhooks_to_a_newly_bound_queue_and_leaves_the_r
     let left = take_all(&channel, &unrouted).await;
     assert_eq!(left.iter().map(message_id).collect::<Vec<_>>(), [invoice]);
 
-    channel
-        .queue_delete(jobs.as_str().into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
     relay.stop().await;
 }
 
@@ -1021,13 +968,13 @@ async fn requeue_moves_unrouted_webhooks_to_a_newly_bound_queue_and_leaves_the_r
 /// (`mandatory`), and stays in the dead-letter queue it came from, where it was.
 #[tokio::test]
 async fn requeue_from_a_dead_letter_queue_leaves_what_the_broker_returns() {
-    let relay = TestRelay::start_with(&[("RELAY_AMQP__ALTERNATE_EXCHANGE", "false")]).await;
+    let relay = TestRelay::builder()
+        .env("RELAY_AMQP__ALTERNATE_EXCHANGE", "false")
+        .start()
+        .await;
     let broker = harness::broker().await;
     let channel = broker.create_channel().await.unwrap();
-    let (consumer, dead) = (
-        format!("{}.consumer", relay.exchange),
-        format!("{}.dead", relay.exchange),
-    );
+    let (consumer, dead) = (relay.exchange.own("consumer"), relay.exchange.own("dead"));
     channel
         .exchange_declare(
             dead.as_str().into(),
@@ -1037,14 +984,14 @@ async fn requeue_from_a_dead_letter_queue_leaves_what_the_broker_returns() {
         )
         .await
         .unwrap();
-    own_queue(&channel, &dead, FieldTable::default()).await;
+    declare_queue(&channel, &dead, FieldTable::default()).await;
     bind(&channel, &dead, &dead, "").await;
     let mut dlx = FieldTable::default();
     dlx.insert(
         "x-dead-letter-exchange".into(),
         AMQPValue::LongString(dead.as_str().into()),
     );
-    own_queue(&channel, &consumer, dlx).await;
+    declare_queue(&channel, &consumer, dlx).await;
     bind(&channel, &consumer, &relay.exchange, "#").await;
     let mut posted = HashMap::new();
     for event in ["job.updated", "contact.person.created", "job.created"] {
@@ -1066,14 +1013,14 @@ async fn requeue_from_a_dead_letter_queue_leaves_what_the_broker_returns() {
         .queue_delete(consumer.as_str().into(), QueueDeleteOptions::default())
         .await
         .unwrap();
-    let jobs = format!("{}.jobs", relay.exchange);
-    own_queue(&channel, &jobs, FieldTable::default()).await;
+    let jobs = relay.exchange.own("jobs");
+    declare_queue(&channel, &jobs, FieldTable::default()).await;
     bind(&channel, &jobs, &relay.exchange, "job.#").await;
-    let deadline = std::time::Instant::now() + PATIENCE;
-    while message_count(&channel, &dead).await < 3 {
-        assert!(std::time::Instant::now() < deadline, "never dead-lettered");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("the three to be dead-lettered", PATIENCE, || async {
+        let count = message_count(&channel, &dead).await;
+        if count >= 3 { Ok(()) } else { Err(count) }
+    })
+    .await;
 
     let counts = run_requeue(
         &relay.config.amqp,
@@ -1097,14 +1044,6 @@ async fn requeue_from_a_dead_letter_queue_leaves_what_the_broker_returns() {
     let left = take_all(&channel, &dead).await;
     assert_eq!(posted[&message_id(&left[0])], "contact.person.created");
 
-    for queue in [&dead, &jobs] {
-        let _ = channel
-            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
-    let _ = channel
-        .exchange_delete(dead.as_str().into(), Default::default())
-        .await;
     relay.stop().await;
 }
 
@@ -1151,8 +1090,8 @@ async fn requeue_killed_half_way_loses_nothing() {
     publisher.close().await;
     let unrouted = relay.config.amqp.unrouted_name();
     assert_eq!(message_count(&channel, &unrouted).await, total);
-    let jobs = format!("{}.jobs", relay.exchange);
-    own_queue(&channel, &jobs, FieldTable::default()).await;
+    let jobs = relay.exchange.own("jobs");
+    declare_queue(&channel, &jobs, FieldTable::default()).await;
     bind(&channel, &jobs, &relay.exchange, "job.#").await;
 
     let url = harness::amqp_url();
@@ -1165,14 +1104,11 @@ async fn requeue_killed_half_way_loses_nothing() {
         .spawn()
         .unwrap();
     // Killed once some have moved, long before all can have.
-    let deadline = std::time::Instant::now() + PATIENCE;
-    while message_count(&channel, &jobs).await < 200 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "requeue moved nothing"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    eventually("requeue to move 200", PATIENCE, || async {
+        let moved = message_count(&channel, &jobs).await;
+        if moved >= 200 { Ok(()) } else { Err(moved) }
+    })
+    .await;
     requeue.start_kill().unwrap();
     let status = requeue.wait().await.unwrap();
     assert_eq!(
@@ -1184,18 +1120,19 @@ async fn requeue_killed_half_way_loses_nothing() {
     assert!(moved < total, "{moved} moved: not half-way");
 
     // Everything is somewhere once the broker has taken back what requeue held.
-    let deadline = std::time::Instant::now() + PATIENCE;
-    let (in_jobs, in_unrouted) = loop {
+    let what = format!("the two queues to hold all {total} between them");
+    let (in_jobs, in_unrouted) = eventually(&what, PATIENCE, || async {
         let (a, b) = (
             message_count(&channel, &jobs).await,
             message_count(&channel, &unrouted).await,
         );
         if a + b >= total {
-            break (a, b);
+            Ok((a, b))
+        } else {
+            Err((a, b))
         }
-        assert!(std::time::Instant::now() < deadline, "{a} + {b} < {total}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    })
+    .await;
     let mut held: BTreeSet<String> = take_all(&channel, &jobs)
         .await
         .iter()
@@ -1207,10 +1144,6 @@ async fn requeue_killed_half_way_loses_nothing() {
         "{in_jobs} in the queue, {in_unrouted} still unrouted"
     );
 
-    channel
-        .queue_delete(jobs.as_str().into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
     relay.stop().await;
 }
 

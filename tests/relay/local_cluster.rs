@@ -203,11 +203,21 @@ fn describe(output: &Output) -> String {
 }
 
 /// A base port such that `n` AMQP ports from it, and their Erlang distribution ports (20,000
-/// above), are free right now.
+/// above), are free right now and below the kernel's ephemeral range. A port in that range
+/// can be given to any outgoing connection (the tests open hundreds a second) while a killed
+/// node is down, and the node then cannot listen on it again (`eaddrinuse`).
 fn free_ports(n: usize) -> u16 {
+    const LOWEST: u16 = 10_000;
     let n = u16::try_from(n).expect("few nodes");
+    let ephemeral = ephemeral_ports_start();
+    let room = ephemeral.saturating_sub(LOWEST + 20_000 + n);
+    assert!(
+        room > 0,
+        "the ephemeral ports start at {ephemeral} (net.ipv4.ip_local_port_range): no room below \
+         them for {n} nodes' ports from {LOWEST} and 20,000 above"
+    );
     loop {
-        let base = 10_000 + fastrand::u16(..30_000);
+        let base = LOWEST + fastrand::u16(..room);
         let free = (base..base + n)
             .flat_map(|port| [port, port + 20_000])
             .all(|port| TcpListener::bind(("127.0.0.1", port)).is_ok());
@@ -215,4 +225,13 @@ fn free_ports(n: usize) -> u16 {
             return base;
         }
     }
+}
+
+/// The first port of the kernel's ephemeral range, from which it picks the local port of an
+/// outgoing connection or of a listener on port 0.
+fn ephemeral_ports_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }

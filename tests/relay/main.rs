@@ -5,11 +5,18 @@
 //! what it declared at the end. The broker is `amqp://guest:guest@127.0.0.1:5672/%2f`, or
 //! `HIREHOP_TEST_AMQP_URL`; when it cannot be reached the tests fail and say how to start it.
 //!
+//! Two tests that measure time and memory run in binaries of their own, after this one:
+//! `tests/relay_cluster` (three-node clusters while a node fails) and `tests/relay_memory`
+//! (memory while spooling). They share `harness`, `proxy`, `load`, `offline`, `local_cluster`
+//! and `tmpfs` with this binary through `#[path]` modules.
+//!
 //! Modules:
-//! - `harness`: starting relays (in-process or as the real binary), HTTP helpers, queues.
+//! - `harness`: `eventually` (the one way to wait), starting relays (in-process with
+//!   `TestRelay::builder`, or the real binary), HTTP requests, queues, and `TestExchange`, which
+//!   deletes what a test declared when it drops, a failed test's too.
+//! - `load`: an open-loop load, as HireHop sends, and what of it reached the broker.
+//! - `offline`: a relay process whose broker is out of reach, with a spool the test names.
 //! - `hostile`: slow clients, header floods, garbage, network rules, redaction, replay window.
-//! - `memory`: bursts of 1 MiB webhooks into the spool, peak and resident memory against the
-//!   README's formula.
 //! - `tls`: HTTP/2 over ALPN, renewed and mismatched certificates, stalled handshakes against
 //!   the connection caps, plain HTTP to the TLS port.
 //! - `operate`: metrics, trace context, overload, keys reloaded on SIGHUP.
@@ -19,8 +26,6 @@
 //!   broker: a memory alarm, a frozen node.
 //! - `cli`: `--help`, the commands' options, startup errors that name the setting and follow
 //!   `log.format`.
-//! - `cluster`: a three-node cluster under load while a node is killed, drained, alarmed or
-//!   frozen: every 202 on the cluster, no other answer.
 //! - `confirms`: a broker that stops confirming; many confirms in flight on one channel.
 //! - `deploy`: the deploy files run for real: the documented nginx in front of a relay,
 //!   certbot's deploy hook.
@@ -49,7 +54,6 @@
 mod accept;
 mod broker_faults;
 mod cli;
-mod cluster;
 mod confirms;
 mod deploy;
 mod docs;
@@ -59,9 +63,11 @@ mod full_disk;
 mod harness;
 mod history;
 mod hostile;
+mod load;
+#[allow(dead_code, reason = "tests/relay_cluster uses the rest of it")]
 mod local_cluster;
-mod memory;
 mod monitoring;
+mod offline;
 mod operate;
 mod proxy;
 mod queues;

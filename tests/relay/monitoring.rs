@@ -8,7 +8,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use hyper::{Method, StatusCode};
 use promql_parser::label::MatchOp;
@@ -16,7 +16,9 @@ use promql_parser::parser::{Expr, VectorSelector};
 use promql_parser::util::{ExprVisitor, walk_expr};
 use serde_json::Value;
 
-use crate::harness::{self, PATIENCE, TestRelay, request, sample, scrape, send, webhook};
+use crate::harness::{
+    self, PATIENCE, TestRelay, eventually, request, sample, scrape, send, webhook,
+};
 use crate::local_cluster::LocalCluster;
 
 /// How long Prometheus may take to scrape, evaluate and see what a test expects; scrapes
@@ -240,49 +242,42 @@ fn seconds_from_now(days: u64) -> f64 {
 async fn tls_relay(dir: &Path, days: u32) -> (TestRelay, SocketAddr) {
     let (cert, key) = certificate(dir, days);
     let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let relay = TestRelay::start_with(&[
-        ("RELAY_TLS__CERT_FILE", &cert.to_string_lossy()),
-        ("RELAY_TLS__KEY_FILE", &key.to_string_lossy()),
-        ("RELAY_METRICS__LISTEN", &metrics.to_string()),
-    ])
-    .await;
+    let relay = TestRelay::builder()
+        .env("RELAY_TLS__CERT_FILE", &cert.to_string_lossy())
+        .env("RELAY_TLS__KEY_FILE", &key.to_string_lossy())
+        .env("RELAY_METRICS__LISTEN", &metrics.to_string())
+        .start()
+        .await;
     (relay, metrics)
 }
 
-/// Polls `/metrics` at `addr` until `series` passes `check`, for `ceiling` at most.
+/// Waits until `series` on `addr`'s `/metrics` passes `check`, for `ceiling` at most.
 async fn wait_metric(
     addr: SocketAddr,
     series: &str,
     ceiling: Duration,
     check: impl Fn(f64) -> bool,
 ) {
-    let deadline = Instant::now() + ceiling;
-    loop {
+    eventually(&format!("{series} as expected"), ceiling, || async {
         let text = scrape_when_up(addr).await;
-        let value = text
+        let value: Option<f64> = text
             .lines()
             .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok());
         if value.is_some_and(&check) {
-            return;
+            Ok(())
+        } else {
+            Err(value)
         }
-        assert!(
-            Instant::now() < deadline,
-            "{series} never as expected (last {value:?})"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
 }
 
 /// `scrape`, once the metrics listener (bound inside the relay's `run`) answers.
 async fn scrape_when_up(addr: SocketAddr) -> String {
-    let deadline = Instant::now() + PATIENCE;
-    while send(addr, request(Method::GET, "/healthz", ""))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "nothing answers on {addr}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(&format!("{addr} to answer"), PATIENCE, || async {
+        send(addr, request(Method::GET, "/healthz", "")).await
+    })
+    .await;
     scrape(addr).await
 }
 
@@ -366,19 +361,14 @@ impl Prometheus {
             _child: child,
             dir,
         };
-        let deadline = Instant::now() + PROMETHEUS_PATIENCE;
-        loop {
-            let ready = send(addr, request(Method::GET, "/-/ready", "")).await;
-            if ready.is_ok_and(|r| r.status == StatusCode::OK) {
-                return prometheus;
+        eventually("prometheus to get ready", PROMETHEUS_PATIENCE, || async {
+            match send(addr, request(Method::GET, "/-/ready", "")).await {
+                Ok(reply) if reply.status == StatusCode::OK => Ok(()),
+                answer => Err(format!("{answer:?}; its log:\n{}", prometheus.log())),
             }
-            assert!(
-                Instant::now() < deadline,
-                "prometheus did not get ready; its log:\n{}",
-                prometheus.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await;
+        prometheus
     }
 
     fn log(&self) -> String {
@@ -413,15 +403,19 @@ impl Prometheus {
 
     /// Polls `expr` until `check` accepts its result, for [`PROMETHEUS_PATIENCE`] at most.
     async fn wait(&self, expr: &str, what: &str, check: impl Fn(&[Value]) -> bool) -> Vec<Value> {
-        let deadline = Instant::now() + PROMETHEUS_PATIENCE;
-        loop {
-            let result = self.query(expr).await;
-            if check(&result) {
-                return result;
-            }
-            assert!(Instant::now() < deadline, "{expr} never {what}: {result:?}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        eventually(
+            &format!("{expr} to show {what}"),
+            PROMETHEUS_PATIENCE,
+            || async {
+                let result = self.query(expr).await;
+                if check(&result) {
+                    Ok(result)
+                } else {
+                    Err(result)
+                }
+            },
+        )
+        .await
     }
 }
 
@@ -484,8 +478,11 @@ async fn prometheus_evaluates_every_rule_and_dashboard_query_against_live_relays
 
     let node = node.await.unwrap();
     // C: on the node, with per-event queues, so the broker-side rules have queues to watch.
-    let on_node =
-        TestRelay::start_on(&node.url(1), &[("RELAY_AMQP__PER_EVENT_QUEUES", "true")]).await;
+    let on_node = TestRelay::builder()
+        .env("RELAY_AMQP__PER_EVENT_QUEUES", "true")
+        .on(&node.url(1))
+        .start()
+        .await;
 
     let rules = root().join("deploy/prometheus/alerts.yml");
     let config = format!(
@@ -504,7 +501,7 @@ async fn prometheus_evaluates_every_rule_and_dashboard_query_against_live_relays
     );
     let prometheus = Prometheus::start(&config).await;
     prometheus
-        .wait("up == 1", "had all four targets up", |r| r.len() == 4)
+        .wait("up == 1", "all four targets up", |r| r.len() == 4)
         .await;
 
     // Traffic, once Prometheus has seen the counters before it: accepted webhooks of two
@@ -528,14 +525,14 @@ async fn prometheus_evaluates_every_rule_and_dashboard_query_against_live_relays
     prometheus
         .wait(
             "sum(hirehop_relay_webhooks_total) == 4 and sum(hirehop_relay_connection_errors_total{kind=\"bad_request\"}) == 1",
-            "counted the traffic",
+            "the traffic counted",
             |r| r.len() == 1,
         )
         .await;
 
     // Every series a rule reads exists, and every rule has been evaluated without error.
-    let deadline = Instant::now() + PROMETHEUS_PATIENCE;
-    let groups = loop {
+    let what = "every rule to be evaluated";
+    let groups = eventually(what, PROMETHEUS_PATIENCE, || async {
         let groups = prometheus.api("/api/v1/rules").await["groups"].clone();
         let all: Vec<&Value> = groups
             .as_array()
@@ -544,11 +541,12 @@ async fn prometheus_evaluates_every_rule_and_dashboard_query_against_live_relays
             .flat_map(|g| g["rules"].as_array().unwrap())
             .collect();
         if all.iter().all(|r| r["health"] != "unknown") {
-            break groups;
+            Ok(groups)
+        } else {
+            Err(groups)
         }
-        assert!(Instant::now() < deadline, "rules never evaluated: {groups}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    })
+    .await;
     let runbook = anchors(&root().join("docs/runbook.md"));
     let mut rules = Vec::new();
     for group in groups.as_array().unwrap() {
@@ -577,7 +575,7 @@ async fn prometheus_evaluates_every_rule_and_dashboard_query_against_live_relays
             "{name}: docs/runbook.md has no #{anchor}"
         );
         for selector in selectors(rule["query"].as_str().unwrap()) {
-            let what = format!("matched anything ({name})");
+            let what = format!("any series ({name})");
             prometheus
                 .wait(&promql(&selector), &what, |r| !r.is_empty())
                 .await;
@@ -607,8 +605,8 @@ async fn prometheus_evaluates_every_rule_and_dashboard_query_against_live_relays
     ]
     .map(String::from)
     .into();
-    let deadline = Instant::now() + PROMETHEUS_PATIENCE;
-    loop {
+    let what = format!("the active alerts to be {expected:?}");
+    let rules = eventually(&what, PROMETHEUS_PATIENCE, || async {
         let groups = prometheus.api("/api/v1/rules").await["groups"].clone();
         let rules: Vec<Value> = groups
             .as_array()
@@ -617,25 +615,19 @@ async fn prometheus_evaluates_every_rule_and_dashboard_query_against_live_relays
             .flat_map(|g| g["rules"].as_array().unwrap().clone())
             .collect();
         let now = active(&rules);
-        if now == expected {
-            let certificate = rules
-                .iter()
-                .find(|r| r["name"] == "HireHopRelayCertificateExpiresSoon")
-                .unwrap();
-            let alert = &certificate["alerts"][0];
-            assert_eq!(
-                alert["labels"]["instance"],
-                tls_metrics.to_string(),
-                "{alert}"
-            );
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "active alerts {now:?}, expected {expected:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+        if now == expected { Ok(rules) } else { Err(now) }
+    })
+    .await;
+    let certificate = rules
+        .iter()
+        .find(|r| r["name"] == "HireHopRelayCertificateExpiresSoon")
+        .unwrap();
+    let alert = &certificate["alerts"][0];
+    assert_eq!(
+        alert["labels"]["instance"],
+        tls_metrics.to_string(),
+        "{alert}"
+    );
 
     // Every dashboard query returns data; the variables list both relays' exchanges.
     for panel in dashboard()["panels"].as_array().unwrap() {
@@ -643,9 +635,7 @@ async fn prometheus_evaluates_every_rule_and_dashboard_query_against_live_relays
             let expr = fill_in(target["expr"].as_str().unwrap());
             let title = panel["title"].as_str().unwrap();
             prometheus
-                .wait(&expr, &format!("returned data for {title:?}"), |r| {
-                    !r.is_empty()
-                })
+                .wait(&expr, &format!("data for {title:?}"), |r| !r.is_empty())
                 .await;
         }
     }
@@ -769,22 +759,17 @@ async fn status_summarizes_a_running_relay_for_people_and_scripts() {
 async fn status_says_not_ready_and_counts_what_was_lost() {
     // No spool, and a broker the relay loses: /readyz answers 503, webhooks get 503.
     let proxy = crate::proxy::Proxy::start(harness::broker_addr()).await;
-    let relay = TestRelay::start_via(&proxy, &[("RELAY_SPOOL__ENABLED", "false")]).await;
+    let relay = TestRelay::builder()
+        .env("RELAY_SPOOL__ENABLED", "false")
+        .via(&proxy)
+        .start()
+        .await;
     proxy.refuse(true);
     proxy.cut();
-    let deadline = Instant::now() + PATIENCE;
-    while send(relay.addr, request(Method::GET, "/readyz", ""))
-        .await
-        .unwrap()
-        .status
-        == StatusCode::OK
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the relay never noticed the broker was gone"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    harness::wait_readyz(relay.addr, "the broker is gone", |reply| {
+        reply.status != StatusCode::OK
+    })
+    .await;
     relay
         .post(webhook("job.updated"))
         .await

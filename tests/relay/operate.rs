@@ -9,8 +9,8 @@ use hyper::{Method, StatusCode};
 use lapin::types::AMQPValue;
 
 use crate::harness::{
-    KEY, PATIENCE, RelayProcess, TestRelay, addr_in, broker_addr, env, message_id, request, sample,
-    scrape, send, unique_exchange, wait_sample, webhook, webhook_with,
+    KEY, PATIENCE, RelayProcess, TestRelay, addr_in, broker_addr, env, eventually, message_id,
+    request, sample, scrape, send, unique_exchange, wait_sample, webhook, webhook_with,
 };
 use crate::proxy::Proxy;
 
@@ -73,11 +73,11 @@ async fn metrics_move_with_accepted_rejected_and_failed_requests() {
     relay.stop().await;
 
     // A failed delivery: nothing bound, no alternate exchange, no history stream.
-    let relay = TestRelay::start_with(&[
-        ("RELAY_AMQP__ALTERNATE_EXCHANGE", "false"),
-        ("RELAY_HISTORY__ENABLED", "false"),
-    ])
-    .await;
+    let relay = TestRelay::builder()
+        .env("RELAY_AMQP__ALTERNATE_EXCHANGE", "false")
+        .env("RELAY_HISTORY__ENABLED", "false")
+        .start()
+        .await;
     let reply = relay.post(webhook("job.updated")).await;
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
     let text = scrape(relay.addr).await;
@@ -107,7 +107,12 @@ async fn metrics_move_with_accepted_rejected_and_failed_requests() {
 
 #[tokio::test]
 async fn event_labels_stay_bounded_whatever_names_arrive() {
-    let relay = Arc::new(TestRelay::start_with(&[("RELAY_METRICS__MAX_EVENT_LABELS", "20")]).await);
+    let relay = Arc::new(
+        TestRelay::builder()
+            .env("RELAY_METRICS__MAX_EVENT_LABELS", "20")
+            .start()
+            .await,
+    );
     let workers: Vec<_> = (0..8)
         .map(|w| {
             let relay = Arc::clone(&relay);
@@ -180,13 +185,14 @@ async fn metrics_can_move_off_the_webhook_port() {
     let head = crate::harness::raw(metrics_addr, b"GET /metrics HTTP/1.1\r\n\r\n").await;
     assert!(head.starts_with("HTTP/1.1 400"), "{head}");
     relay.terminate().await;
-    let broker = crate::harness::broker().await;
-    crate::harness::delete_topology(&broker.create_channel().await.unwrap(), &exchange).await;
 }
 
 #[tokio::test]
 async fn the_relay_asks_the_broker_for_small_frames() {
-    let relay = TestRelay::start_with(&[("RELAY_AMQP__FRAME_MAX_BYTES", "16384")]).await;
+    let relay = TestRelay::builder()
+        .env("RELAY_AMQP__FRAME_MAX_BYTES", "16384")
+        .start()
+        .await;
     // As the broker sees the relay's connection.
     let frame_max = crate::harness::relay_connections(&relay.exchange, "frame_max");
     assert_eq!(frame_max, ["16384"]);
@@ -235,16 +241,14 @@ async fn trace_context_is_carried_into_the_message() {
 async fn overload_is_answered_fast_while_accepted_requests_complete() {
     let proxy = Proxy::start(broker_addr()).await;
     let relay = Arc::new(
-        TestRelay::start_via(
-            &proxy,
-            &[
-                ("RELAY_HTTP__MAX_IN_FLIGHT", "2"),
-                ("RELAY_AMQP__CONFIRM_TIMEOUT_MS", "10000"),
-                ("RELAY_AMQP__STALL_TIMEOUT_MS", "10000"),
-                ("RELAY_SPOOL__ENABLED", "false"),
-            ],
-        )
-        .await,
+        TestRelay::builder()
+            .env("RELAY_HTTP__MAX_IN_FLIGHT", "2")
+            .env("RELAY_AMQP__CONFIRM_TIMEOUT_MS", "10000")
+            .env("RELAY_AMQP__STALL_TIMEOUT_MS", "10000")
+            .env("RELAY_SPOOL__ENABLED", "false")
+            .via(&proxy)
+            .start()
+            .await,
     );
     let mut queue = relay.queue("#").await;
     proxy.stall(true);
@@ -293,7 +297,10 @@ async fn overload_is_answered_fast_while_accepted_requests_complete() {
 
 #[tokio::test]
 async fn connections_beyond_the_cap_get_503_and_are_closed() {
-    let relay = TestRelay::start_with(&[("RELAY_HTTP__MAX_CONNECTIONS", "2")]).await;
+    let relay = TestRelay::builder()
+        .env("RELAY_HTTP__MAX_CONNECTIONS", "2")
+        .start()
+        .await;
     let first = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
     let second = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
     let head = crate::harness::raw(relay.addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
@@ -304,18 +311,15 @@ async fn connections_beyond_the_cap_get_503_and_are_closed() {
     );
     drop((first, second));
     // Once the idle ones are gone, requests are served again.
-    let deadline = Instant::now() + PATIENCE;
-    loop {
+    eventually("the connection count to go down", PATIENCE, || async {
         let reply = relay.send(request(Method::GET, "/healthz", "")).await;
         if reply.status == StatusCode::OK {
-            break;
+            Ok(())
+        } else {
+            Err(reply.status)
         }
-        assert!(
-            Instant::now() < deadline,
-            "the connection count never went down"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await;
     relay.stop().await;
 }
 
@@ -358,8 +362,6 @@ async fn keys_read_at_load_serve_even_if_the_keys_file_goes_while_the_broker_is_
     let reply = send(addr, req).await.expect("the relay answers");
     assert_eq!(reply.status, StatusCode::ACCEPTED, "{reply:?}");
     relay.terminate().await;
-    let broker = crate::harness::broker().await;
-    crate::harness::delete_topology(&broker.create_channel().await.unwrap(), &exchange).await;
 }
 
 #[tokio::test]
@@ -432,6 +434,4 @@ async fn keys_file_reloads_on_change_and_on_sighup_without_dropping_requests() {
         assert!(!log.contains(secret), "{secret} leaked into the log");
     }
     let _ = std::fs::remove_file(keys);
-    let broker = crate::harness::broker().await;
-    crate::harness::delete_topology(&broker.create_channel().await.unwrap(), &exchange).await;
 }

@@ -9,23 +9,14 @@ use lapin::types::{AMQPValue, FieldTable};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::harness::{
-    self, KEY, PATIENCE, RelayProcess, TestRelay, broker_addr, env, message_id, sample, scrape,
-    unique_exchange, webhook, webhook_with,
+    self, KEY, PATIENCE, RelayProcess, TestExchange, TestRelay, broker_addr, env, eventually,
+    message_id, sample, scrape, unique_exchange, webhook, webhook_with,
 };
 use crate::proxy::Proxy;
 
-/// Declares `queue` passively: does it exist? (On a channel of its own: a missing queue
-/// closes the channel it was asked on.)
+/// Whether the broker has `queue`.
 async fn exists(broker: &lapin::Connection, queue: &str) -> bool {
-    let channel = broker.create_channel().await.unwrap();
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
-    channel
-        .queue_declare(queue.into(), passive, FieldTable::default())
-        .await
-        .is_ok()
+    harness::queue_counts(broker, queue).await.is_some()
 }
 
 /// The arguments RabbitMQ holds for `queue`, as `rabbitmqctl list_queues` prints them.
@@ -52,33 +43,24 @@ fn queue_arguments(queue: &str) -> String {
 
 /// Takes one message from `queue`, waiting for it (at most [`PATIENCE`]).
 async fn get(channel: &lapin::Channel, queue: &str) -> lapin::message::Delivery {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let got = channel
-            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
-            .await
-            .unwrap();
-        if let Some(message) = got {
-            return message.delivery;
-        }
-        assert!(Instant::now() < deadline, "nothing arrived in {queue}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let no_ack = BasicGetOptions { no_ack: true };
+    let got = eventually(&format!("a message in {queue}"), PATIENCE, || async {
+        channel.basic_get(queue.into(), no_ack).await.unwrap()
+    })
+    .await;
+    got.delivery
 }
 
-async fn delete_queues(channel: &lapin::Channel, queues: &[&str]) {
-    for queue in queues {
-        let _ = channel
-            .queue_delete((*queue).into(), QueueDeleteOptions::default())
-            .await;
-    }
+/// The per-event queue prefix for a relay on `exchange`: its queues are deleted with it.
+fn per_event_prefix(exchange: &TestExchange) -> String {
+    format!("{exchange}.ev.")
 }
 
 #[tokio::test]
 async fn declared_queues_exist_with_their_arguments_and_come_back_with_the_exchange() {
     let proxy = Proxy::start(broker_addr()).await;
-    let prefix = format!("q-{}", uuid::Uuid::now_v7().simple());
-    let (accounting, crm) = (format!("{prefix}.accounting"), format!("{prefix}.crm"));
+    let exchange = unique_exchange();
+    let (accounting, crm) = (exchange.own("accounting"), exchange.own("crm"));
     let file = format!(
         r#"
         [[amqp.queues]]
@@ -93,7 +75,12 @@ async fn declared_queues_exist_with_their_arguments_and_come_back_with_the_excha
         message_ttl_ms = 600000
         "#
     );
-    let relay = TestRelay::start_via_file(&proxy, &file, &[]).await;
+    let relay = TestRelay::builder()
+        .file(&file)
+        .via(&proxy)
+        .exchange(exchange)
+        .start()
+        .await;
     let broker = harness::broker().await;
     let channel = broker.create_channel().await.unwrap();
 
@@ -147,7 +134,10 @@ async fn declared_queues_exist_with_their_arguments_and_come_back_with_the_excha
         crm_arguments.contains(r#"{"x-queue-type","classic"}"#),
         "{crm_arguments}"
     );
-    delete_queues(&channel, &[&crm]).await;
+    channel
+        .queue_delete(crm.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
     proxy.cut();
     harness::wait_sample(
         relay.addr,
@@ -164,27 +154,29 @@ async fn declared_queues_exist_with_their_arguments_and_come_back_with_the_excha
         .await
         .unwrap();
     proxy.cut();
-    let deadline = Instant::now() + PATIENCE;
-    while !exists(&broker, &crm).await {
-        assert!(Instant::now() < deadline, "{crm} was not declared again");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(&format!("{crm} to be declared again"), PATIENCE, || async {
+        exists(&broker, &crm).await.then_some(())
+    })
+    .await;
     assert_eq!(queue_arguments(&crm), crm_arguments);
     relay.stop().await;
-    delete_queues(&channel, &[&accounting, &crm]).await;
 }
 
 #[tokio::test]
 async fn per_event_queues_catch_the_first_message_of_a_new_event() {
-    let prefix = format!("ev-{}.", uuid::Uuid::now_v7().simple());
-    let relay = TestRelay::start_with(&[
-        ("RELAY_AMQP__PER_EVENT_QUEUES", "true"),
-        ("RELAY_AMQP__PER_EVENT_QUEUE_PREFIX", &prefix),
-    ])
-    .await;
+    let exchange = unique_exchange();
+    let queue = exchange.own("ev.brand.new.event");
+    let relay = TestRelay::builder()
+        .env("RELAY_AMQP__PER_EVENT_QUEUES", "true")
+        .env(
+            "RELAY_AMQP__PER_EVENT_QUEUE_PREFIX",
+            &per_event_prefix(&exchange),
+        )
+        .exchange(exchange)
+        .start()
+        .await;
     let broker = harness::broker().await;
     let channel = broker.create_channel().await.unwrap();
-    let queue = format!("{prefix}brand.new.event");
     assert!(!exists(&broker, &queue).await);
     let reply = relay.post(webhook("brand.new.event")).await;
     assert_eq!(reply.status, StatusCode::ACCEPTED);
@@ -193,16 +185,17 @@ async fn per_event_queues_catch_the_first_message_of_a_new_event() {
     let reply = relay.post(webhook("brand.new.event")).await;
     assert_eq!(message_id(&get(&channel, &queue).await), reply.message_id());
     relay.stop().await;
-    delete_queues(&channel, &[&queue]).await;
 }
 
 #[tokio::test]
 async fn an_event_queue_the_broker_refuses_gets_503_and_is_not_spooled() {
-    let prefix = format!("ev-{}.", uuid::Uuid::now_v7().simple());
+    let exchange = unique_exchange();
+    let prefix = per_event_prefix(&exchange);
+    exchange.own("ev.job.created");
     let broker = harness::broker().await;
     let channel = broker.create_channel().await.unwrap();
     // A classic queue where the relay declares a quorum one: PRECONDITION_FAILED, for good.
-    let taken = format!("{prefix}job.updated");
+    let taken = exchange.own("ev.job.updated");
     let options = QueueDeclareOptions {
         durable: true,
         ..QueueDeclareOptions::default()
@@ -211,12 +204,13 @@ async fn an_event_queue_the_broker_refuses_gets_503_and_is_not_spooled() {
         .queue_declare(taken.as_str().into(), options, FieldTable::default())
         .await
         .unwrap();
-    let relay = TestRelay::start_with(&[
-        ("RELAY_AMQP__PER_EVENT_QUEUES", "true"),
-        ("RELAY_AMQP__PER_EVENT_QUEUE_PREFIX", &prefix),
-        ("RELAY_SPOOL__ENABLED", "true"),
-    ])
-    .await;
+    let relay = TestRelay::builder()
+        .env("RELAY_AMQP__PER_EVENT_QUEUES", "true")
+        .env("RELAY_AMQP__PER_EVENT_QUEUE_PREFIX", &prefix)
+        .env("RELAY_SPOOL__ENABLED", "true")
+        .exchange(exchange)
+        .start()
+        .await;
     let refused = relay.post(webhook("job.updated")).await;
     refused.assert_unavailable();
     let metrics = scrape(relay.addr).await;
@@ -239,39 +233,40 @@ async fn an_event_queue_the_broker_refuses_gets_503_and_is_not_spooled() {
     assert_eq!(other.status, StatusCode::ACCEPTED);
     assert_eq!(other.json()["status"], "accepted", "{other:?}");
     relay.stop().await;
-    delete_queues(&channel, &[&taken, &format!("{prefix}job.created")]).await;
 }
 
 #[tokio::test]
 async fn an_event_too_long_for_its_queue_name_gets_400() {
-    let prefix = format!("ev-{}.", uuid::Uuid::now_v7().simple());
-    let relay = TestRelay::start_with(&[
-        ("RELAY_AMQP__PER_EVENT_QUEUES", "true"),
-        ("RELAY_AMQP__PER_EVENT_QUEUE_PREFIX", &prefix),
-    ])
-    .await;
+    let exchange = unique_exchange();
+    let prefix = per_event_prefix(&exchange);
     let room = 255 - prefix.len();
+    let longest = "a".repeat(room);
+    let queue = exchange.own(&format!("ev.{longest}"));
+    let relay = TestRelay::builder()
+        .env("RELAY_AMQP__PER_EVENT_QUEUES", "true")
+        .env("RELAY_AMQP__PER_EVENT_QUEUE_PREFIX", &prefix)
+        .exchange(exchange)
+        .start()
+        .await;
     let too_long = relay.post(webhook(&"a".repeat(room + 1))).await;
     assert_eq!(too_long.status, StatusCode::BAD_REQUEST, "{too_long:?}");
     // The longest event that fits makes a queue name of exactly 255 bytes.
-    let longest = "a".repeat(room);
     let fits = relay.post(webhook(&longest)).await;
     assert_eq!(fits.status, StatusCode::ACCEPTED, "{fits:?}");
     assert_eq!(fits.json()["status"], "accepted", "{fits:?}");
-    let queue = format!("{prefix}{longest}");
+    assert_eq!(queue.len(), 255);
     let broker = harness::broker().await;
     assert!(exists(&broker, &queue).await);
     relay.stop().await;
-    delete_queues(&broker.create_channel().await.unwrap(), &[&queue]).await;
 }
 
 #[tokio::test]
 async fn a_routing_template_routes_two_companies_apart() {
-    let relay = TestRelay::start_with(&[
-        ("RELAY_AMQP__ROUTING_KEY_TEMPLATE", "{company_id}.{event}"),
-        ("RELAY_AUTH__EXPORT_KEYS", &format!("key-a,key-b,{KEY}")),
-    ])
-    .await;
+    let relay = TestRelay::builder()
+        .env("RELAY_AMQP__ROUTING_KEY_TEMPLATE", "{company_id}.{event}")
+        .env("RELAY_AUTH__EXPORT_KEYS", &format!("key-a,key-b,{KEY}"))
+        .start()
+        .await;
     let mut first = relay.queue("1.#").await;
     let mut second = relay.queue("2.job.*").await;
     let a = relay.post(webhook_with("job.updated", "key-a", 1)).await;
@@ -289,17 +284,17 @@ async fn a_routing_template_routes_two_companies_apart() {
 #[tokio::test]
 async fn a_full_reject_publish_queue_gives_503_or_spools_and_loses_nothing() {
     for spool in ["false", "true"] {
-        let name = format!("full-{}", uuid::Uuid::now_v7().simple());
+        let exchange = unique_exchange();
+        let name = exchange.own("full");
         let file =
             format!("[[amqp.queues]]\nname = \"{name}\"\nbindings = [\"#\"]\nmax_length = 2\n");
-        let relay = TestRelay::start_with_file(
-            &file,
-            &[
-                ("RELAY_SPOOL__ENABLED", spool),
-                ("RELAY_AMQP__CONFIRM_TIMEOUT_MS", "3000"),
-            ],
-        )
-        .await;
+        let relay = TestRelay::builder()
+            .env("RELAY_SPOOL__ENABLED", spool)
+            .env("RELAY_AMQP__CONFIRM_TIMEOUT_MS", "3000")
+            .file(&file)
+            .exchange(exchange)
+            .start()
+            .await;
         // Quorum queues apply the limit once it is exceeded, so the refusal may come a
         // message or so after the second.
         let mut accepted = Vec::new();
@@ -327,13 +322,11 @@ async fn a_full_reject_publish_queue_gives_503_or_spools_and_loses_nothing() {
         }
         // A consumer makes room; everything accepted arrives, in order.
         let broker = harness::broker().await;
-        let channel = broker.create_channel().await.unwrap();
         let mut queue = harness::TestQueue::consume(&broker, &name).await;
         for id in &accepted {
             assert_eq!(&message_id(&queue.next().await), id);
         }
         relay.stop().await;
-        delete_queues(&channel, &[&name]).await;
     }
 }
 
@@ -341,7 +334,8 @@ async fn a_full_reject_publish_queue_gives_503_or_spools_and_loses_nothing() {
 async fn a_queue_declared_differently_stops_startup_naming_queue_and_argument() {
     let broker = harness::broker().await;
     let channel = broker.create_channel().await.unwrap();
-    let name = format!("mismatch-{}", uuid::Uuid::now_v7().simple());
+    let exchange = unique_exchange();
+    let name = exchange.own("mismatch");
     let durable = QueueDeclareOptions {
         durable: true,
         ..Default::default()
@@ -350,7 +344,6 @@ async fn a_queue_declared_differently_stops_startup_naming_queue_and_argument() 
         .queue_declare(name.as_str().into(), durable, FieldTable::default())
         .await
         .unwrap();
-    let exchange = unique_exchange();
     let config = std::env::temp_dir().join(format!("{exchange}.toml"));
     std::fs::write(
         &config,
@@ -364,8 +357,6 @@ async fn a_queue_declared_differently_stops_startup_naming_queue_and_argument() 
     assert!(!status.success(), "{log}");
     assert!(log.contains(&format!("queue {name}")), "{log}");
     assert!(log.contains("x-queue-type"), "{log}");
-    harness::delete_topology(&channel, &exchange).await;
-    delete_queues(&channel, &[&name]).await;
     let _ = std::fs::remove_file(config);
 }
 
@@ -439,14 +430,12 @@ async fn send_posts_a_sample_that_tail_prints() {
 
     tail.kill().await.unwrap();
     relay.terminate().await;
-    let broker = harness::broker().await;
-    harness::delete_topology(&broker.create_channel().await.unwrap(), &exchange).await;
 }
 
 #[tokio::test]
 async fn topology_prints_and_applies_what_the_config_describes() {
     let exchange = unique_exchange();
-    let name = format!("{exchange}.jobs");
+    let name = exchange.own("jobs");
     let config = std::env::temp_dir().join(format!("{exchange}.toml"));
     std::fs::write(
         &config,
@@ -480,10 +469,7 @@ async fn topology_prints_and_applies_what_the_config_describes() {
         "{printed}"
     );
     let broker = harness::broker().await;
-    let channel = broker.create_channel().await.unwrap();
     assert!(exists(&broker, &name).await, "--apply declared the queue");
-    harness::delete_topology(&channel, &exchange).await;
-    delete_queues(&channel, &[&name]).await;
     let _ = std::fs::remove_file(config);
 }
 

@@ -96,7 +96,7 @@ async fn a_login_refused_after_the_first_connection_keeps_the_relay_spooling() {
     );
     let port = node.amqp_port(1);
     let url = format!("amqp://relay:first-pa55@127.0.0.1:{port}/%2f");
-    let exchange = unique_exchange();
+    let exchange = harness::TestExchange::on_own_broker();
     let mut relay_env = env(&exchange, &url);
     relay_env.push(("RELAY_AMQP__RECONNECT_MAX_BACKOFF_MS", "500"));
     let mut relay = RelayProcess::spawn(&relay_env).await;

@@ -200,7 +200,10 @@ async fn bad_requests_get_their_status_and_publish_nothing() {
 
 #[tokio::test]
 async fn declared_content_length_over_the_limit_is_413_before_any_body_byte() {
-    let relay = TestRelay::start_with(&[("RELAY_HTTP__MAX_BODY_BYTES", "1024")]).await;
+    let relay = TestRelay::builder()
+        .env("RELAY_HTTP__MAX_BODY_BYTES", "1024")
+        .start()
+        .await;
     let mut queue = relay.queue("#").await;
     // Only the head is sent: the answer must come without the body.
     let head = raw(
@@ -232,7 +235,10 @@ async fn declared_content_length_over_the_limit_is_413_before_any_body_byte() {
 
 #[tokio::test]
 async fn chunked_body_growing_over_the_limit_is_cut_off_with_413() {
-    let relay = TestRelay::start_with(&[("RELAY_HTTP__MAX_BODY_BYTES", "1024")]).await;
+    let relay = TestRelay::builder()
+        .env("RELAY_HTTP__MAX_BODY_BYTES", "1024")
+        .start()
+        .await;
     let mut queue = relay.queue("#").await;
     let mut stream = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
     stream
@@ -261,7 +267,10 @@ async fn chunked_body_growing_over_the_limit_is_cut_off_with_413() {
 
 #[tokio::test]
 async fn body_that_never_finishes_gets_408() {
-    let relay = TestRelay::start_with(&[("RELAY_HTTP__REQUEST_TIMEOUT_MS", "300")]).await;
+    let relay = TestRelay::builder()
+        .env("RELAY_HTTP__REQUEST_TIMEOUT_MS", "300")
+        .start()
+        .await;
     let mut queue = relay.queue("#").await;
     let body = webhook_with("job.updated", KEY, 1);
     let partial = format!(

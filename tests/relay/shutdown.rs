@@ -35,7 +35,6 @@ async fn sigterm_under_load_loses_no_accepted_webhook_and_exits_0() {
     assert!(log.contains("received shutdown signal"), "{log}");
     assert!(accepted.len() >= 100);
     queue.expect_all(accepted).await;
-    harness::delete_topology(&broker.create_channel().await.unwrap(), &exchange).await;
 }
 
 #[tokio::test]
@@ -97,7 +96,6 @@ async fn sigterm_lets_requests_in_flight_finish_with_202_and_exits_0() {
     assert!(status.success(), "exit status {status:?}; log:\n{log}");
     assert!(log.contains("all connections drained"), "{log}");
     queue.expect_all(ids).await;
-    harness::delete_topology(&broker.create_channel().await.unwrap(), &exchange).await;
 }
 
 #[tokio::test]
@@ -159,8 +157,6 @@ async fn logs_never_contain_keys_or_bodies_in_either_format() {
                 "{accepted}"
             );
         }
-        let broker = harness::broker().await;
-        harness::delete_topology(&broker.create_channel().await.unwrap(), &exchange).await;
     }
 }
 
@@ -184,8 +180,6 @@ async fn startup_waits_for_the_broker_and_says_why() {
         !log.contains("guest:guest"),
         "the URL password is redacted:\n{log}"
     );
-    let broker = harness::broker().await;
-    harness::delete_topology(&broker.create_channel().await.unwrap(), &exchange).await;
 }
 
 #[tokio::test]
@@ -236,8 +230,6 @@ async fn a_metrics_listener_that_cannot_bind_stops_startup_with_that_error_alone
         );
         assert_log_lines(before, &log);
     }
-    let broker = harness::broker().await;
-    harness::delete_topology(&broker.create_channel().await.unwrap(), &exchange).await;
 }
 
 /// A stop while a connection attempt is under way waits that attempt out (it gives up within

@@ -11,72 +11,18 @@ use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions, Que
 use lapin::types::{AMQPValue, FieldTable};
 
 use crate::harness::{
-    self, KEY, PATIENCE, RelayProcess, TestRelay, broker_addr, env, message_id, request, sample,
-    scrape, send, spool_dir, unique_exchange, via, wait_sample, webhook, webhook_with,
+    self, KEY, PATIENCE, RelayProcess, TestRelay, broker_addr, env, message_id, readyz, request,
+    sample, scrape, send, unique_exchange, via, wait_readyz, wait_sample, webhook, webhook_with,
 };
+use crate::offline::Offline;
 use crate::proxy::Proxy;
-use crate::stall::wait_readyz;
 
-/// A relay process's settings with its broker behind a proxy that refuses connections, and
-/// a spool directory the test names (so a restarted relay finds it again).
-pub struct Offline {
-    pub proxy: Proxy,
-    pub exchange: String,
-    pub dir: std::path::PathBuf,
-    dir_str: String,
-    url: String,
-}
-
-impl Offline {
-    pub async fn start() -> Offline {
-        Self::start_in(spool_dir(&unique_exchange())).await
-    }
-
-    /// With the spool in `dir`.
-    pub async fn start_in(dir: std::path::PathBuf) -> Offline {
-        let proxy = Proxy::start(broker_addr()).await;
-        proxy.refuse(true);
-        let exchange = unique_exchange();
-        let url = via(&proxy);
-        Offline {
-            dir_str: dir.to_string_lossy().into_owned(),
-            proxy,
-            exchange,
-            dir,
-            url,
-        }
-    }
-
-    pub fn env(&self) -> Vec<(&str, &str)> {
-        let mut relay_env = env(&self.exchange, &self.url);
-        relay_env.push(("RELAY_SPOOL__DIR", &self.dir_str));
-        relay_env
-    }
-
-    /// Stops `relay` with SIGTERM (it must exit 0) and removes what the test left behind.
-    pub async fn finish(&self, relay: RelayProcess, channel: &lapin::Channel) {
-        relay.terminate().await;
-        harness::delete_topology(channel, &self.exchange).await;
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-pub async fn readyz(addr: std::net::SocketAddr) -> harness::Reply {
-    send(addr, request(Method::GET, "/readyz", ""))
-        .await
-        .unwrap()
-}
-
-/// Polls `/readyz` until the broker shows as connected.
+/// Waits until `/readyz` shows the broker as connected.
 pub async fn wait_broker_connected(addr: std::net::SocketAddr) {
-    let deadline = Instant::now() + PATIENCE;
-    while readyz(addr).await.json()["broker"] != "connected" {
-        assert!(
-            Instant::now() < deadline,
-            "the relay never reached the broker"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_readyz(addr, "the broker is connected", |reply| {
+        reply.json()["broker"] == "connected"
+    })
+    .await;
 }
 
 /// The `received_at` header of `delivery`.
@@ -137,11 +83,12 @@ pub fn count(accepted: &[String], on_broker: &[String]) -> Count {
 async fn broker_out_of_reach_webhooks_are_spooled_then_replayed_in_order() {
     let proxy = Proxy::start(broker_addr()).await;
     proxy.refuse(true);
-    let relay = TestRelay::start_via_without_waiting(
-        &proxy,
-        &[("RELAY_AMQP__RECONNECT_MAX_BACKOFF_MS", "1000")],
-    )
-    .await;
+    let relay = TestRelay::builder()
+        .env("RELAY_AMQP__RECONNECT_MAX_BACKOFF_MS", "1000")
+        .via(&proxy)
+        .without_waiting_for_the_broker()
+        .start()
+        .await;
 
     let ready = readyz(relay.addr).await;
     assert_eq!(
@@ -291,13 +238,12 @@ async fn sigkill_while_the_broker_is_out_of_reach_loses_no_accepted_webhook() {
     relay.wait_for("will be replayed").await;
     wait_broker_connected(relay.addr()).await;
     let broker = harness::broker().await;
-    let channel = broker.create_channel().await.unwrap();
     let unrouted = format!("{exchange}.unrouted");
     harness::TestQueue::consume(&broker, &unrouted)
         .await
         .expect_all(accepted)
         .await;
-    offline.finish(relay, &channel).await;
+    relay.terminate().await;
 }
 
 #[tokio::test]
@@ -333,23 +279,25 @@ async fn a_corrupt_spool_tail_is_reported_and_the_rest_delivered() {
     relay.wait_for("torn or corrupt").await;
     relay.wait_for("listening").await;
     let broker = harness::broker().await;
-    let channel = broker.create_channel().await.unwrap();
     let unrouted = format!("{exchange}.unrouted");
     relay.wait_for("connected to the broker").await;
     let mut queue = harness::TestQueue::consume(&broker, &unrouted).await;
     for id in &ids {
         assert_eq!(&message_id(&queue.next().await), id);
     }
-    offline.finish(relay, &channel).await;
+    relay.terminate().await;
 }
 
 #[tokio::test]
 async fn a_full_spool_answers_503_loses_nothing_and_recovers() {
     let proxy = Proxy::start(broker_addr()).await;
     proxy.refuse(true);
-    let relay =
-        TestRelay::start_via_without_waiting(&proxy, &[("RELAY_SPOOL__MAX_BYTES", "1048576")])
-            .await;
+    let relay = TestRelay::builder()
+        .env("RELAY_SPOOL__MAX_BYTES", "1048576")
+        .via(&proxy)
+        .without_waiting_for_the_broker()
+        .start()
+        .await;
     // 100 KB webhooks: about ten fit.
     let big = |n: usize| {
         let mut body = webhook_with("job.updated", KEY, 1);
@@ -394,7 +342,8 @@ async fn a_full_spool_answers_503_loses_nothing_and_recovers() {
     wait_readyz(
         relay.addr,
         "said ok with the spool empty and accepting",
-        |body| {
+        |reply| {
+            let body = reply.json();
             body["status"] == "ok"
                 && body["spool"]["messages"] == 0
                 && body["spool"]["accepting"] == true
@@ -417,12 +366,12 @@ async fn with_two_broker_urls_the_relay_tries_the_first_then_uses_the_one_that_a
     first.refuse(true);
     let urls = format!("{},{}", via(&first), harness::amqp_url());
     let single_url = via(&single);
-    let relay = TestRelay::start_with(&[
-        ("RELAY_AMQP__URL", &single_url),
-        ("RELAY_AMQP__URLS", &urls),
-    ])
-    .await;
-    // Connected (start_with waits): the first node was tried in its turn, `url` never.
+    let relay = TestRelay::builder()
+        .env("RELAY_AMQP__URL", &single_url)
+        .env("RELAY_AMQP__URLS", &urls)
+        .start()
+        .await;
+    // Connected (start waits for that): the first node was tried in its turn, `url` never.
     assert!(
         first.connection_attempts() >= 1,
         "the first of amqp.urls was never tried"
@@ -459,7 +408,6 @@ async fn topology_mismatch_found_after_serving_from_the_spool_stops_the_relay() 
     assert!(!status.success(), "{log}");
     assert!(log.contains("PRECONDITION"), "{log}");
     assert!(log.contains(&format!("exchange {exchange}")), "{log}");
-    harness::delete_topology(&channel, &exchange).await;
 }
 
 #[tokio::test]
@@ -487,8 +435,6 @@ async fn sigterm_replays_the_spool_to_a_broker_that_just_came_back_before_exitin
     let outcome = count(&accepted, &take_all(&channel, &unrouted).await);
     eprintln!("replayed on SIGTERM: {outcome:?}");
     outcome.assert_delivered(0);
-    harness::delete_topology(&channel, &offline.exchange).await;
-    let _ = std::fs::remove_dir_all(&offline.dir);
 }
 
 #[tokio::test]
@@ -524,5 +470,5 @@ async fn sigterm_with_the_broker_away_says_what_stays_in_the_spool_for_the_next_
     let channel = broker.create_channel().await.unwrap();
     let unrouted = format!("{}.unrouted", offline.exchange);
     count(&accepted, &take_all(&channel, &unrouted).await).assert_delivered(0);
-    offline.finish(relay, &channel).await;
+    relay.terminate().await;
 }

@@ -10,7 +10,7 @@ use http_body_util::BodyExt;
 use hyper::{Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::harness::{self, RelayProcess, TestRelay, env, unique_exchange};
+use crate::harness::{self, RelayProcess, TestRelay, env, eventually, unique_exchange};
 
 /// A directory of its own for a test's certificates, removed when dropped.
 struct CertDir(PathBuf);
@@ -145,18 +145,11 @@ async fn tls_request(
 /// Posts over TLS trusting `root_pem` until the relay serves that certificate (at most
 /// `within`); the answer must then be a 202.
 async fn served_within(addr: SocketAddr, root_pem: &[u8], within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some((status, _)) = tls_post(addr, root_pem).await {
-            assert_eq!(status, StatusCode::ACCEPTED);
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the certificate was never served"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (status, _) = eventually("the certificate to be served", within, || async {
+        tls_post(addr, root_pem).await
+    })
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
 }
 
 #[tokio::test]
@@ -166,11 +159,11 @@ async fn tls_serves_h2_and_picks_up_a_renewed_certificate() {
     dir.install("first", "crt");
     dir.install("first", "key");
     let (cert, key) = dir.live();
-    let relay = TestRelay::start_with(&[
-        ("RELAY_TLS__CERT_FILE", &cert),
-        ("RELAY_TLS__KEY_FILE", &key),
-    ])
-    .await;
+    let relay = TestRelay::builder()
+        .env("RELAY_TLS__CERT_FILE", &cert)
+        .env("RELAY_TLS__KEY_FILE", &key)
+        .start()
+        .await;
     let (status, alpn) = tls_post(relay.addr, &first)
         .await
         .expect("the first certificate");
@@ -311,8 +304,6 @@ async fn a_reload_keeps_the_old_pair_until_the_matching_key_arrives() {
         1,
         "only the pair that stayed mismatched is an error:\n{log}"
     );
-    let broker = harness::broker().await;
-    harness::delete_topology(&broker.create_channel().await.unwrap(), &exchange).await;
 }
 
 /// A TCP connection from `from` (a 127.0.0.0/8 address) that starts a TLS record and then
@@ -331,14 +322,14 @@ async fn stalled_handshakes_from_one_address_cannot_keep_a_tls_client_out() {
     dir.install("relay", "crt");
     dir.install("relay", "key");
     let (cert, key) = dir.live();
-    let relay = TestRelay::start_with(&[
-        ("RELAY_TLS__CERT_FILE", &cert),
-        ("RELAY_TLS__KEY_FILE", &key),
-        ("RELAY_TLS__HANDSHAKE_TIMEOUT_MS", "1000"),
-        ("RELAY_HTTP__MAX_CONNECTIONS", "32"),
-        ("RELAY_HTTP__MAX_CONNECTIONS_PER_IP", "8"),
-    ])
-    .await;
+    let relay = TestRelay::builder()
+        .env("RELAY_TLS__CERT_FILE", &cert)
+        .env("RELAY_TLS__KEY_FILE", &key)
+        .env("RELAY_TLS__HANDSHAKE_TIMEOUT_MS", "1000")
+        .env("RELAY_HTTP__MAX_CONNECTIONS", "32")
+        .env("RELAY_HTTP__MAX_CONNECTIONS_PER_IP", "8")
+        .start()
+        .await;
     let addr = relay.addr;
     // About 60 new stalled handshakes a second from 127.0.0.2, for the whole test: alone, they
     // would hold the 32 connections for the header read timeout (10 s) each.
@@ -389,11 +380,11 @@ async fn plain_http_to_the_tls_port_is_told_to_use_tls() {
     dir.install("relay", "crt");
     dir.install("relay", "key");
     let (cert, key) = dir.live();
-    let relay = TestRelay::start_with(&[
-        ("RELAY_TLS__CERT_FILE", &cert),
-        ("RELAY_TLS__KEY_FILE", &key),
-    ])
-    .await;
+    let relay = TestRelay::builder()
+        .env("RELAY_TLS__CERT_FILE", &cert)
+        .env("RELAY_TLS__KEY_FILE", &key)
+        .start()
+        .await;
     let body = harness::webhook("job.updated");
     let request = format!(
         "POST /webhooks/hirehop HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
@@ -457,8 +448,6 @@ async fn refused_renegotiations_do_not_write_a_log_line_each() {
         !log.contains("rustls") && !log.contains("Renegotiation"),
         "per-client TLS warnings in the log:\n{log}"
     );
-    let broker = harness::broker().await;
-    harness::delete_topology(&broker.create_channel().await.unwrap(), &exchange).await;
 }
 
 /// One `openssl s_client` that connects over TLS 1.2 and asks to renegotiate, until the relay

@@ -30,8 +30,9 @@ impl Tmpfs {
             Ok(output) => {
                 let _ = std::fs::remove_dir(&dir);
                 panic!(
-                    "cannot mount a {size} tmpfs at {} ({}): the full-disk tests mount a small \
-                     filesystem and need root (or CAP_SYS_ADMIN); run them as root, as CI does",
+                    "cannot mount a {size} tmpfs at {} ({}): the full-disk and memory tests mount \
+                     a small filesystem and need root (or CAP_SYS_ADMIN); run them as root, as \
+                     CI does",
                     dir.display(),
                     String::from_utf8_lossy(&output.stderr).trim()
                 )

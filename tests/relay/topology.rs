@@ -1,12 +1,14 @@
 //! The exchange, its alternate exchange, and what happens when a message has nowhere to go or
 //! the broker already holds a different topology.
 
+use std::time::Duration;
+
 use hyper::StatusCode;
 use lapin::options::ExchangeDeclareOptions;
 use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::{self, TestRelay, message_id, webhook};
+use crate::harness::{self, TestRelay, eventually, message_id, webhook};
 
 #[tokio::test]
 async fn event_nobody_is_bound_to_is_kept_in_the_unrouted_queue() {
@@ -29,11 +31,11 @@ async fn event_nobody_is_bound_to_is_kept_in_the_unrouted_queue() {
 #[tokio::test]
 async fn returned_message_is_503_never_202() {
     // Without history too: the history stream would keep (and confirm) every message.
-    let relay = TestRelay::start_with(&[
-        ("RELAY_AMQP__ALTERNATE_EXCHANGE", "false"),
-        ("RELAY_HISTORY__ENABLED", "false"),
-    ])
-    .await;
+    let relay = TestRelay::builder()
+        .env("RELAY_AMQP__ALTERNATE_EXCHANGE", "false")
+        .env("RELAY_HISTORY__ENABLED", "false")
+        .start()
+        .await;
     let reply = relay.post(webhook("job.updated")).await;
     reply.assert_unavailable();
     // Once a consumer binds, the same event is accepted.
@@ -45,8 +47,8 @@ async fn returned_message_is_503_never_202() {
 }
 
 /// An exchange someone created by hand, without the alternate exchange the relay declares.
-async fn exchange_made_by_hand(channel: &lapin::Channel) -> String {
-    let exchange = format!("relay-test-mismatch-{}", uuid::Uuid::now_v7().simple());
+async fn exchange_made_by_hand(channel: &lapin::Channel) -> harness::TestExchange {
+    let exchange = harness::unique_exchange();
     channel
         .exchange_declare(
             exchange.as_str().into(),
@@ -67,15 +69,8 @@ async fn topology_mismatch_stops_startup_with_a_clear_message() {
     let broker = harness::broker().await;
     let channel = broker.create_channel().await.unwrap();
     let exchange = exchange_made_by_hand(&channel).await;
-    let env: std::collections::HashMap<String, String> = [
-        ("RELAY_AMQP__URL", harness::amqp_url()),
-        ("RELAY_AMQP__EXCHANGE", exchange.clone()),
-        ("RELAY_AUTH__EXPORT_KEYS", "k".to_owned()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-    let config = hirehop_relay::config::Config::load_from(None, Some(env)).unwrap();
+    let url = harness::amqp_url();
+    let config = harness::config(&harness::env(&exchange, &url), None);
     let result = tokio::time::timeout(
         harness::PATIENCE,
         hirehop_relay::amqp::Publisher::connect(config.amqp, CancellationToken::new()),
@@ -91,7 +86,6 @@ async fn topology_mismatch_stops_startup_with_a_clear_message() {
         "{message}"
     );
     assert!(message.contains("PRECONDITION"), "{message}");
-    harness::delete_topology(&channel, &exchange).await;
 }
 
 /// The refusal stops the relay as `main` runs it: with a spool the port opens first and the
@@ -106,7 +100,7 @@ async fn a_topology_the_broker_refuses_stops_the_relay_with_or_without_a_spool()
         let env = [
             ("RELAY_HTTP__LISTEN", "127.0.0.1:0".to_owned()),
             ("RELAY_AMQP__URL", harness::amqp_url()),
-            ("RELAY_AMQP__EXCHANGE", exchange.clone()),
+            ("RELAY_AMQP__EXCHANGE", exchange.to_string()),
             ("RELAY_AUTH__EXPORT_KEYS", "k".to_owned()),
             ("RELAY_SPOOL__ENABLED", spool.to_owned()),
             ("RELAY_SPOOL__DIR", spool_dir.to_string_lossy().into_owned()),
@@ -131,7 +125,6 @@ async fn a_topology_the_broker_refuses_stops_the_relay_with_or_without_a_spool()
             "spool {spool}: {cause}"
         );
     }
-    harness::delete_topology(&channel, &exchange).await;
     let _ = std::fs::remove_dir_all(spool_dir);
 }
 
@@ -155,11 +148,17 @@ async fn exchange_exists(broker: &lapin::Connection, exchange: &str) -> bool {
 
 #[tokio::test]
 async fn a_publish_to_an_exchange_deleted_meanwhile_declares_the_topology_again() {
-    let kept = format!("kept-{}", uuid::Uuid::now_v7().simple());
+    let exchange = harness::unique_exchange();
+    let kept = exchange.own("kept");
     let file =
         format!("[[amqp.queues]]\nname = \"{kept}\"\ntype = \"classic\"\nbindings = [\"#\"]\n");
     // Without the history's fanout in front, a publish to the missing exchange fails.
-    let relay = TestRelay::start_with_file(&file, &[("RELAY_HISTORY__ENABLED", "false")]).await;
+    let relay = TestRelay::builder()
+        .env("RELAY_HISTORY__ENABLED", "false")
+        .file(&file)
+        .exchange(exchange)
+        .start()
+        .await;
     let broker = harness::broker().await;
     let channel = broker.create_channel().await.unwrap();
     let mut queue = harness::TestQueue::consume(&broker, &kept).await;
@@ -174,41 +173,49 @@ async fn a_publish_to_an_exchange_deleted_meanwhile_declares_the_topology_again(
     assert_eq!(message_id(&queue.next().await), reply.message_id());
     assert!(exchange_exists(&broker, &relay.exchange).await);
     relay.stop().await;
-    let _ = channel
-        .queue_delete(kept.as_str().into(), Default::default())
-        .await;
 }
 
 /// With history on, every publish reaches the stream through the fanout in front of the
 /// exchange, so none fails when the exchange is deleted: the relay looks for it every 10 s.
 #[tokio::test]
 async fn with_history_on_a_deleted_exchange_is_found_and_declared_again() {
-    let kept = format!("kept-{}", uuid::Uuid::now_v7().simple());
+    let exchange = harness::unique_exchange();
+    let kept = exchange.own("kept");
     let file =
         format!("[[amqp.queues]]\nname = \"{kept}\"\ntype = \"classic\"\nbindings = [\"#\"]\n");
-    let relay = TestRelay::start_with_file(&file, &[]).await;
+    let relay = TestRelay::builder()
+        .file(&file)
+        .exchange(exchange)
+        .start()
+        .await;
     let broker = harness::broker().await;
     let channel = broker.create_channel().await.unwrap();
     channel
         .exchange_delete(relay.exchange.as_str().into(), Default::default())
         .await
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(25);
-    while !exchange_exists(&broker, &relay.exchange).await {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the relay never declared the deleted exchange again"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+    let what = "the relay to declare the deleted exchange again";
+    eventually(what, Duration::from_secs(25), || async {
+        exchange_exists(&broker, &relay.exchange)
+            .await
+            .then_some(())
+    })
+    .await;
+    // The queue's binding comes back a moment after the exchange: until then a webhook goes to
+    // the unrouted queue, after it to the queue, which held none before.
+    let what = "a webhook to reach the queue bound to the declared exchange";
+    let reply = eventually(what, harness::PATIENCE, || async {
+        let reply = relay.post(webhook("job.updated")).await;
+        assert_eq!(reply.json()["status"], "accepted", "{reply:?}");
+        match harness::queue_counts(&broker, &kept).await {
+            Some((0, _)) | None => Err(reply),
+            Some(_) => Ok(reply),
+        }
+    })
+    .await;
     let mut queue = harness::TestQueue::consume(&broker, &kept).await;
-    let reply = relay.post(webhook("job.updated")).await;
-    assert_eq!(reply.json()["status"], "accepted", "{reply:?}");
     assert_eq!(message_id(&queue.next().await), reply.message_id());
     relay.stop().await;
-    let _ = channel
-        .queue_delete(kept.as_str().into(), Default::default())
-        .await;
 }
 
 #[tokio::test]
@@ -216,20 +223,13 @@ async fn with_declare_off_the_relay_needs_the_exchange_and_declares_nothing() {
     let broker = harness::broker().await;
     let channel = broker.create_channel().await.unwrap();
     let exchange = harness::unique_exchange();
-    let env = |exchange: &str| -> std::collections::HashMap<String, String> {
-        [
-            ("RELAY_AMQP__URL", harness::amqp_url()),
-            ("RELAY_AMQP__EXCHANGE", exchange.to_owned()),
-            ("RELAY_AMQP__DECLARE", "false".to_owned()),
-            ("RELAY_HISTORY__ENABLED", "false".to_owned()),
-            ("RELAY_AUTH__EXPORT_KEYS", "k".to_owned()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect()
-    };
+    let url = harness::amqp_url();
+    let mut with_history = harness::env(&exchange, &url);
+    with_history.push(("RELAY_AMQP__DECLARE", "false"));
+    let mut settings = with_history.clone();
+    settings.push(("RELAY_HISTORY__ENABLED", "false"));
     // No exchange yet: a configuration error, said at once.
-    let config = hirehop_relay::config::Config::load_from(None, Some(env(&exchange))).unwrap();
+    let config = harness::config(&settings, None);
     let result = tokio::time::timeout(
         harness::PATIENCE,
         hirehop_relay::amqp::Publisher::connect(config.amqp, CancellationToken::new()),
@@ -263,9 +263,7 @@ async fn with_declare_off_the_relay_needs_the_exchange_and_declares_nothing() {
         .unwrap();
     let mut queue = harness::catch_all(&broker, &exchange).await;
     // With history on, the history's fanout is needed too, and named.
-    let mut with_history = env(&exchange);
-    with_history.remove("RELAY_HISTORY__ENABLED");
-    let config = hirehop_relay::config::Config::load_from(None, Some(with_history)).unwrap();
+    let config = harness::config(&with_history, None);
     let err = hirehop_relay::amqp::Publisher::connect(config.amqp, CancellationToken::new())
         .await
         .err()
@@ -276,16 +274,16 @@ async fn with_declare_off_the_relay_needs_the_exchange_and_declares_nothing() {
         "{err}"
     );
 
-    let relay = TestRelay::start_with(&[
-        ("RELAY_AMQP__EXCHANGE", &exchange),
-        ("RELAY_AMQP__DECLARE", "false"),
-        ("RELAY_HISTORY__ENABLED", "false"),
-    ])
-    .await;
+    let relay = TestRelay::builder()
+        .env("RELAY_AMQP__DECLARE", "false")
+        .env("RELAY_HISTORY__ENABLED", "false")
+        .exchange(exchange)
+        .start()
+        .await;
     let reply = relay.post(webhook("job.updated")).await;
     assert_eq!(reply.json()["status"], "accepted", "{reply:?}");
     assert_eq!(message_id(&queue.next().await), reply.message_id());
-    assert!(!exchange_exists(&broker, &format!("{exchange}.unrouted")).await);
+    let unrouted = format!("{}.unrouted", relay.exchange);
+    assert!(!exchange_exists(&broker, &unrouted).await);
     relay.stop().await;
-    harness::delete_topology(&channel, &exchange).await;
 }

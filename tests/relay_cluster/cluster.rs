@@ -2,7 +2,7 @@
 //! and a quorum queue, under an open-loop load while a node fails: killed, drained, alarmed,
 //! frozen. Each fault counts the 202s against what the cluster holds (by `message_id`), the
 //! answers that were not 202 (there must be none) and the duplicates, and prints a line of
-//! the table the README quotes.
+//! the table in deploy/rabbitmq/README.md (On a RabbitMQ cluster).
 //!
 //! One cluster serves every fault, one after the other (a fault is never injected while
 //! another runs), and each fault leaves the cluster whole again.
@@ -11,14 +11,14 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use hyper::StatusCode;
-use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::{self, TestQueue, TestRelay};
+use crate::harness::{self, TestExchange, TestQueue, TestRelay, wait_readyz};
+use crate::load::{Sent, expect_on_broker, open_loop};
 use crate::local_cluster::LocalCluster;
-use crate::stall::{Sent, expect_on_broker, open_loop};
 
 /// The node the relay connects to first (its `amqp.urls` start with it).
 const RELAYS_NODE: usize = 1;
@@ -33,16 +33,8 @@ const SLOWEST: Duration = Duration::from_secs(3);
 /// through node `leader`: the history stream's leader (like a quorum queue's) starts on the
 /// node it is declared through, and every publish waits for the stream's confirm.
 async fn declare_topology_on(cluster: &LocalCluster, leader: usize, exchange: &str) {
-    let env = [
-        ("RELAY_AMQP__URL", cluster.url(leader)),
-        ("RELAY_AMQP__EXCHANGE", exchange.to_owned()),
-        ("RELAY_AUTH__EXPORT_KEYS", harness::KEY.to_owned()),
-    ]
-    .into_iter()
-    .map(|(key, value)| (key.to_owned(), value))
-    .collect();
-    let config = hirehop_relay::config::Config::load_from(None, Some(env))
-        .expect("the cluster test's configuration is valid");
+    let url = cluster.url(leader);
+    let config = harness::config(&harness::env(exchange, &url), None);
     hirehop_relay::amqp::declare_topology_once(&config.amqp)
         .await
         .expect("the topology is declared through the leader's node");
@@ -84,8 +76,8 @@ impl std::fmt::Display for Row {
 /// A relay on the cluster under load, with a quorum queue that takes everything it publishes.
 struct Run {
     relay: TestRelay,
-    watcher: lapin::Connection,
-    queue_name: String,
+    /// The connection `queue` is consumed on.
+    _watcher: lapin::Connection,
     queue: TestQueue,
     load: JoinHandle<Vec<Sent>>,
     stop: CancellationToken,
@@ -103,18 +95,20 @@ impl Run {
         overrides: &[(&str, &str)],
     ) -> Run {
         let urls = cluster.urls().join(",");
-        let exchange = harness::unique_exchange();
+        let watcher_url = cluster.url(WATCHER);
+        let exchange = TestExchange::on_own_broker();
         declare_topology_on(cluster, leader, &exchange).await;
+        let queue_name = exchange.own("all");
         // The load comes from one address, standing in for HireHop's several: a second's
         // worth of it at 300/s is over the per-address connection cap.
-        let mut settings = vec![
-            ("RELAY_AMQP__URLS", urls.as_str()),
-            ("RELAY_AMQP__EXCHANGE", exchange.as_str()),
-            ("RELAY_HTTP__MAX_CONNECTIONS_PER_IP", "4096"),
-        ];
-        settings.extend_from_slice(overrides);
-        let relay = TestRelay::start_on(&cluster.url(WATCHER), &settings).await;
-        let queue_name = format!("{}.all", relay.exchange);
+        let relay = TestRelay::builder()
+            .env("RELAY_AMQP__URLS", &urls)
+            .env("RELAY_HTTP__MAX_CONNECTIONS_PER_IP", "4096")
+            .envs(overrides)
+            .on(&watcher_url)
+            .exchange(exchange)
+            .start()
+            .await;
         // Declared through the leader's node: a quorum queue's leader starts where it is
         // declared.
         let declaring = harness::broker_at(&cluster.url(leader)).await;
@@ -151,8 +145,7 @@ impl Run {
         tokio::time::sleep(Duration::from_secs(2)).await;
         Run {
             relay,
-            watcher,
-            queue_name,
+            _watcher: watcher,
             queue,
             load,
             stop,
@@ -208,13 +201,6 @@ impl Run {
             "{fault}: slowest answer {:?}",
             row.slowest
         );
-        let channel = self.watcher.create_channel().await.unwrap();
-        let _ = channel
-            .queue_delete(
-                self.queue_name.as_str().into(),
-                QueueDeleteOptions::default(),
-            )
-            .await;
         self.relay.stop().await;
         row
     }
@@ -241,6 +227,7 @@ async fn each<T: Send + 'static, F: Future<Output = T> + Send + 'static>(
 /// Every row of the table: issue 14's faults on one cluster, one after the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_three_node_cluster_loses_no_webhook_and_refuses_none_under_each_fault() {
+    let _turn = crate::one_at_a_time().await;
     let cluster = std::sync::Arc::new(LocalCluster::up(3));
     let c = || std::sync::Arc::clone(&cluster);
     let mut rows = Vec::new();
@@ -409,18 +396,20 @@ async fn a_three_node_cluster_loses_no_webhook_and_refuses_none_under_each_fault
             let cluster = c();
             async move {
                 let urls = cluster.urls().join(",");
-                let relay =
-                    TestRelay::start_on(&cluster.url(WATCHER), &[("RELAY_AMQP__URLS", &urls)])
-                        .await;
+                let relay = TestRelay::builder()
+                    .env("RELAY_AMQP__URLS", &urls)
+                    .on(&cluster.url(WATCHER))
+                    .start()
+                    .await;
                 let frozen_at = Instant::now();
                 cluster.freeze(RELAYS_NODE);
-                crate::stall::wait_readyz(relay.addr, "said the broker stalled", |body| {
-                    body["broker"] == "stalled"
+                wait_readyz(relay.addr, "the broker stalled", |reply| {
+                    reply.json()["broker"] == "stalled"
                 })
                 .await;
                 let noticed = frozen_at.elapsed();
-                crate::stall::wait_readyz(relay.addr, "reconnected", |body| {
-                    body["broker"] == "connected"
+                wait_readyz(relay.addr, "the relay reconnected", |reply| {
+                    reply.json()["broker"] == "connected"
                 })
                 .await;
                 let moved = frozen_at.elapsed();
