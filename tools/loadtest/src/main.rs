@@ -1,8 +1,9 @@
 //! Throughput, latency, CPU and memory of the relay, as ratios of what the broker itself can
 //! do on the same machine in the same run. See BENCHMARKS.md for how to read the results.
 //!
-//! `cargo bench --bench throughput` (add `-- --quick` for a short smoke run, `-- --help`
-//! for the knobs). It needs the RabbitMQ broker the tests use (127.0.0.1:5672, guest/guest).
+//! `cargo run --release -p loadtest` (add `-- --quick` for a short smoke run, `-- --help`
+//! for the knobs); it builds the relay's release binary first. It needs the RabbitMQ broker
+//! the tests use (127.0.0.1:5672, guest/guest).
 //!
 //! # What runs
 //! - **relay**: the `hirehop-relay` binary as a child process (`RELAY_*` variables, its own
@@ -36,33 +37,18 @@
 
 #![forbid(unsafe_code)]
 
-// The crate root is a file, not `throughput/main.rs`, so its modules need their path spelled
-// out; they live in `benches/throughput/` so that cargo does not take them for benches.
-#[path = "throughput/broker.rs"]
 mod broker;
-#[path = "throughput/cpus.rs"]
 mod cpus;
-#[path = "throughput/http_client.rs"]
 mod http_client;
-#[path = "throughput/load.rs"]
 mod load;
-#[path = "throughput/machine.rs"]
 mod machine;
-#[path = "throughput/payload.rs"]
 mod payload;
-#[path = "throughput/procs.rs"]
 mod procs;
-#[path = "throughput/raw_publisher.rs"]
 mod raw_publisher;
-#[path = "throughput/relay.rs"]
 mod relay;
-#[path = "throughput/report.rs"]
 mod report;
-#[path = "throughput/server_process.rs"]
 mod server_process;
-#[path = "throughput/servers.rs"]
 mod servers;
-#[path = "throughput/stats.rs"]
 mod stats;
 
 use std::path::PathBuf;
@@ -101,7 +87,7 @@ const PAUSE: Duration = Duration::from_millis(300);
 
 /// Load generator and baseline for hirehop-relay (see BENCHMARKS.md).
 #[derive(Parser, Debug)]
-#[command(name = "throughput")]
+#[command(name = "loadtest")]
 struct Args {
     /// Short smoke run (a minute or two): one repeat, 1.5 s phases.
     #[arg(long)]
@@ -151,18 +137,19 @@ struct Args {
     /// RUST_LOG of the relay; must keep its `listening` line (target `hirehop_relay`) on.
     #[arg(long, default_value = DEFAULT_RELAY_LOG)]
     relay_log: String,
-    /// Where the markdown report is written (relative to the package root).
+    /// Where the markdown report is written.
     #[arg(long, default_value = "target/bench-results.md")]
     out: PathBuf,
+    /// The relay binary to measure [default: the release build of this workspace, built
+    /// first with cargo].
+    #[arg(long, value_name = "PATH")]
+    relay_bin: Option<PathBuf>,
     /// Run as the plain hyper floor server (used by the bench itself).
     #[arg(long, hide = true)]
     floor_server: bool,
     /// Run as the bare relay, publishing to this exchange (used by the bench itself).
     #[arg(long, hide = true, value_name = "EXCHANGE")]
     bare_server: Option<String>,
-    /// Passed by `cargo bench`; without it (`cargo test --benches`) nothing is run.
-    #[arg(long, hide = true)]
-    bench: bool,
 }
 
 /// The run, with the `--quick` defaults applied.
@@ -180,6 +167,8 @@ struct Plan {
     amqp_url: String,
     relay_log: String,
     out: PathBuf,
+    /// The relay binary.
+    relay_bin: PathBuf,
     /// `(broker CPUs, everything else's CPUs)`, when the run splits them.
     cpu_split: Option<(String, String)>,
 }
@@ -208,6 +197,10 @@ impl Plan {
             amqp_url: args.amqp_url,
             relay_log: args.relay_log,
             out: args.out,
+            relay_bin: match args.relay_bin {
+                Some(path) => path,
+                None => build_relay()?,
+            },
             cpu_split: args.broker_cpus.zip(args.cpus),
         };
         anyhow::ensure!(!plan.duration.is_zero(), "--duration-secs must be above 0");
@@ -237,9 +230,6 @@ fn main() -> ExitCode {
             channels: args.channels,
             properties: args.raw_properties,
         }))
-    } else if !args.bench {
-        println!("throughput is a benchmark, not a test: run `cargo bench --bench throughput`");
-        Ok(())
     } else {
         Plan::new(args).and_then(|plan| {
             // Before the runtime starts its threads, so that they (and every process started
@@ -257,7 +247,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("throughput: {err:#}");
+            eprintln!("loadtest: {err:#}");
             ExitCode::FAILURE
         }
     }
@@ -361,6 +351,7 @@ impl Bench {
         };
         Ok(Bench {
             relay_settings: RelaySettings {
+                binary: plan.relay_bin.clone(),
                 channels: plan.channels,
                 rust_log: plan.relay_log.clone(),
             },
@@ -402,11 +393,8 @@ impl Bench {
     }
 
     async fn setup(&self) -> Setup {
-        let args: Vec<String> = std::env::args()
-            .skip(1)
-            .filter(|a| a != "--bench")
-            .collect();
-        let mut command = "cargo bench --bench throughput".to_owned();
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let mut command = "cargo run --release -p loadtest".to_owned();
         if !args.is_empty() {
             command = format!("{command} -- {}", args.join(" "));
         }
@@ -473,14 +461,13 @@ impl Bench {
             bare: bare_queues,
         } = *queues;
         for queues in [raw_queues, bare_queues] {
-            self.broker
-                .declare_exchange_like_relay(&queues.exchange)
+            let plan = &self.plan;
+            relay::declare_topology(&plan.relay_bin, &plan.amqp_url, &queues.exchange, false)
                 .await?;
             self.broker.declare_queues(queues).await?;
         }
         let raw = RawPublisher::connect(
             "hirehop-relay bench raw",
-            &relay::config(&[])?.amqp,
             &self.plan.amqp_url,
             &raw_queues.exchange,
             self.plan.channels,
@@ -989,6 +976,33 @@ async fn own_server(name: &'static str, args: &[&str]) -> anyhow::Result<ServerP
 /// The webhooks the bench sends, and the bare relay looks bodies up in.
 fn bench_webhooks(body_bytes: usize) -> Vec<Webhook> {
     payload::webhooks(relay::KEY, DISTINCT_BODIES, body_bytes)
+}
+
+/// Builds the relay's release binary with the cargo that runs this tool, and returns its path
+/// (the workspace's `target/release/`, beside this tool's own directory).
+fn build_relay() -> anyhow::Result<PathBuf> {
+    let cargo = std::env::var_os("CARGO")
+        .context("run through `cargo run --release -p loadtest`, or pass --relay-bin")?;
+    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../../Cargo.toml");
+    eprintln!("building the relay: cargo build --release -p hirehop-relay");
+    let status = std::process::Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "hirehop-relay",
+            "--manifest-path",
+            manifest,
+        ])
+        .status()
+        .context("failed to run cargo")?;
+    anyhow::ensure!(status.success(), "building the relay failed");
+    let exe = std::env::current_exe().context("cannot find the loadtest binary")?;
+    let target = exe
+        .parent()
+        .and_then(|profile| profile.parent())
+        .context("the loadtest binary is not in a cargo target directory")?;
+    Ok(target.join("release").join("hirehop-relay"))
 }
 
 /// The broker URL with a port nothing listens on (bound, then released), so connecting is

@@ -16,7 +16,6 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties};
 
 use crate::payload::EVENTS;
-use crate::relay;
 
 /// Unused bench queues disappear after this long (an interrupted run's leftovers).
 const QUEUE_EXPIRES_MS: i64 = 60 * 60 * 1000;
@@ -120,15 +119,6 @@ impl Broker {
             connection,
             channel,
         })
-    }
-
-    /// Declares `exchange` exactly as the relay does, with the relay's own code (default
-    /// settings): the topic exchange and its `<exchange>.unrouted` alternate exchange and queue.
-    pub async fn declare_exchange_like_relay(&self, exchange: &str) -> anyhow::Result<()> {
-        let config = relay::config(&[("RELAY_AMQP__EXCHANGE", exchange)])?;
-        hirehop_relay::amqp::topology::declare(&config.amqp, &self.connection)
-            .await
-            .with_context(|| format!("failed to declare exchange {exchange} like the relay"))
     }
 
     /// Declares the layout's queues and binds them to the exchange (which must exist).
