@@ -60,7 +60,7 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use tokio::process::Command;
 
-use crate::broker::{Broker, Layout, Queues};
+use crate::broker::{Broker, Layout, QueueType, Queues};
 use crate::http_client::{HttpClient, Target};
 use crate::load::Client;
 use crate::payload::Webhook;
@@ -112,6 +112,19 @@ struct Args {
     /// Connections (raw: concurrent publishers) that share the open-loop rate.
     #[arg(long, default_value_t = 64)]
     open_connections: usize,
+    /// Type of the layouts' queues: `classic`, or `quorum` (replicated over the nodes of a
+    /// cluster; see BENCHMARKS.md for a run on a local three-node cluster).
+    #[arg(long, value_enum, default_value_t = QueueType::Classic)]
+    queue_type: QueueType,
+    /// The broker's processes, whose CPU time is the broker's (e.g. every node of a cluster),
+    /// comma-separated [default: the RabbitMQ `beam.smp` found on this machine].
+    #[arg(long, value_delimiter = ',', value_name = "PIDS")]
+    broker_pids: Vec<u32>,
+    /// Also run, in each layout's closed loops, a relay with the history stream on
+    /// (`history.enabled`, the relay's default; the other relays run without it), to measure
+    /// what the stream costs: throughput and broker CPU per message.
+    #[arg(long)]
+    history: bool,
     /// Properties of the raw publisher's and the bare relay's messages: `minimal`
     /// (persistent, content type) or `relay` (the relay's properties and headers, to see what
     /// they cost the broker).
@@ -162,6 +175,9 @@ struct Plan {
     open_fraction: f64,
     open_connections: usize,
     raw_properties: RawProperties,
+    queue_type: QueueType,
+    broker_pids: Vec<u32>,
+    history: bool,
     channels: usize,
     body_bytes: usize,
     amqp_url: String,
@@ -192,6 +208,9 @@ impl Plan {
             open_fraction: args.open_fraction,
             open_connections: args.open_connections,
             raw_properties: args.raw_properties,
+            queue_type: args.queue_type,
+            broker_pids: args.broker_pids,
+            history: args.history,
             channels: args.channels,
             body_bytes: args.body_bytes,
             amqp_url: args.amqp_url,
@@ -323,7 +342,8 @@ struct Bench {
     relay_settings: RelaySettings,
     broker: Broker,
     clock: CpuClock,
-    broker_pid: Option<u32>,
+    /// The broker's processes, summed; empty if none was found.
+    broker_pids: Vec<u32>,
     /// Held for the whole run: dropping it gives the broker its CPUs back.
     _broker_pin: Option<cpus::BrokerPin>,
     webhooks: Arc<[Webhook]>,
@@ -336,15 +356,19 @@ struct Bench {
 
 impl Bench {
     async fn new(plan: Plan) -> anyhow::Result<Bench> {
-        let broker = Broker::connect(&plan.amqp_url).await?;
+        let broker = Broker::connect(&plan.amqp_url, plan.queue_type).await?;
         let webhooks = bench_webhooks(plan.body_bytes).into();
         // Short, unique, and sorts by time like the relay's own ids.
         let run_id = uuid::Uuid::now_v7().simple().to_string()[..12].to_owned();
-        let broker_pid = procs::find_broker_pid();
-        let broker_pin = match (&plan.cpu_split, broker_pid) {
+        let broker_pids = match plan.broker_pids.as_slice() {
+            [] => procs::find_broker_pid().into_iter().collect(),
+            pids => pids.to_vec(),
+        };
+        let broker_pin = match (&plan.cpu_split, broker_pids.as_slice()) {
             (None, _) => None,
-            (Some((broker_cpus, _)), Some(pid)) => Some(cpus::BrokerPin::set(pid, broker_cpus)?),
-            (Some(_), None) => anyhow::bail!(
+            (Some((broker_cpus, _)), [pid]) => Some(cpus::BrokerPin::set(*pid, broker_cpus)?),
+            (Some(_), [_, _, ..]) => anyhow::bail!("--broker-cpus pins one broker process"),
+            (Some(_), []) => anyhow::bail!(
                 "--broker-cpus needs the broker on this machine, and no RabbitMQ beam.smp \
                  process was found"
             ),
@@ -358,7 +382,7 @@ impl Bench {
             plan,
             broker,
             clock: CpuClock::detect(),
-            broker_pid,
+            broker_pids,
             _broker_pin: broker_pin,
             webhooks,
             run_id,
@@ -415,7 +439,8 @@ impl Bench {
             raw_properties: format!("{:?}", self.plan.raw_properties).to_lowercase(),
             relay_log: self.plan.relay_log.clone(),
             clock: self.clock,
-            broker_visible: self.broker_pid.is_some(),
+            broker_processes: self.broker_pids.len(),
+            queue_type: self.plan.queue_type,
             cpu_split: self.plan.cpu_split.clone(),
         }
     }
@@ -434,15 +459,19 @@ impl Bench {
         let raw_queues = Queues::new(&self.name(&format!("raw-{}", layout.short())), layout);
         let relay_queues = Queues::new(&self.name(&format!("relay-{}", layout.short())), layout);
         let bare_queues = Queues::new(&self.name(&format!("bare-{}", layout.short())), layout);
+        let mut history_queues =
+            Queues::new(&self.name(&format!("hist-{}", layout.short())), layout);
+        history_queues.history = true;
         let queues = LayoutQueues {
             raw: &raw_queues,
             relay: &relay_queues,
             bare: &bare_queues,
+            history: &history_queues,
         };
         let result = self
             .layout_processes(layout, &queues, floor, with_floor_closed)
             .await;
-        for queues in [&raw_queues, &relay_queues, &bare_queues] {
+        for queues in [&raw_queues, &relay_queues, &bare_queues, &history_queues] {
             self.broker.delete(queues).await;
         }
         result
@@ -459,6 +488,7 @@ impl Bench {
             raw: raw_queues,
             relay: relay_queues,
             bare: bare_queues,
+            history: history_queues,
         } = *queues;
         for queues in [raw_queues, bare_queues] {
             let plan = &self.plan;
@@ -477,6 +507,14 @@ impl Bench {
         let spool = SpoolDir::new(&relay_queues.exchange);
         let relay = self.relay_on_broker("relay", relay_queues, &spool).await?;
         let bare = self.bare_relay(&bare_queues.exchange).await?;
+        let history_spool = SpoolDir::new(&history_queues.exchange);
+        let history = match self.plan.history {
+            true => Some(
+                self.relay_on_broker("relay, history on", history_queues, &history_spool)
+                    .await?,
+            ),
+            false => None,
+        };
         let subjects = Subjects {
             raw: Subject {
                 system: System::Raw,
@@ -502,11 +540,20 @@ impl Bench {
                 via: Via::Server(floor),
                 queues: None,
             },
+            history: history.as_ref().map(|relay| Subject {
+                system: System::RelayHistory,
+                layout: Some(layout),
+                via: Via::Relay(relay),
+                queues: Some(history_queues),
+            }),
         };
         let result = self.compare(layout, &subjects, with_floor_closed).await;
         raw.close().await;
         relay.stop().await;
         bare.stop().await;
+        if let Some(history) = history {
+            history.stop().await;
+        }
         result
     }
 
@@ -559,8 +606,10 @@ impl Bench {
                     // The floor has no broker: once, in the first layout, is enough.
                     self.phase(subjects.floor, load, repeat).await?;
                 }
-                let mut order = [subjects.raw, subjects.relay, subjects.bare];
-                order.rotate_left(repeat % 3);
+                let mut order = vec![subjects.raw, subjects.relay, subjects.bare];
+                order.extend(subjects.history);
+                let n = order.len();
+                order.rotate_left(repeat % n);
                 for subject in order {
                     self.phase(subject, load, repeat).await?;
                 }
@@ -607,6 +656,7 @@ impl Bench {
                 amqp_url: &unreachable,
                 exchange: &queues.exchange,
                 spool,
+                history: false,
             },
         )
         .await?;
@@ -671,6 +721,7 @@ impl Bench {
             amqp_url: &self.plan.amqp_url,
             exchange: &queues.exchange,
             spool,
+            history: queues.history,
         };
         let relay = Relay::start(&self.relay_settings, spec).await?;
         relay.wait_connected().await?;
@@ -846,9 +897,12 @@ impl Bench {
         Ok(CpuSnapshot {
             server: server.map(|pid| self.clock.cpu_secs(pid)).transpose()?,
             // The broker is not ours: if it cannot be read, the column stays empty.
-            broker: self
-                .broker_pid
-                .and_then(|pid| self.clock.cpu_secs(pid).ok()),
+            broker: (!self.broker_pids.is_empty())
+                .then(|| {
+                    let secs = self.broker_pids.iter().map(|&pid| self.clock.cpu_secs(pid));
+                    secs.sum::<anyhow::Result<f64>>().ok()
+                })
+                .flatten(),
             client: self.clock.cpu_secs(std::process::id())?,
             machine: MachineCpu::read()?,
         })
@@ -873,6 +927,7 @@ impl Bench {
             System::Bare => "bare ",
             System::Floor => "floor",
             System::Spooling => "spool",
+            System::RelayHistory => "hist ",
         };
         let cpu = sample
             .server_cpu_per_1k
@@ -954,6 +1009,8 @@ struct Subjects<'a> {
     relay: Subject<'a>,
     bare: Subject<'a>,
     floor: Subject<'a>,
+    /// The relay with the history stream on, with `--history`.
+    history: Option<Subject<'a>>,
 }
 
 /// The queues of one layout, one set per system that publishes.
@@ -962,6 +1019,7 @@ struct LayoutQueues<'a> {
     raw: &'a Queues,
     relay: &'a Queues,
     bare: &'a Queues,
+    history: &'a Queues,
 }
 
 /// This bench binary re-executed with `args` as one of its own servers (the floor, the bare

@@ -14,8 +14,8 @@ use crate::server_process::ServerProcess;
 
 /// The export key the bench's relays accept and its webhooks carry.
 pub const KEY: &str = "bench-export-key-0001";
-/// The history stream is measured on its own (on and off), not in every run.
-const HISTORY_OFF: (&str, &str) = ("RELAY_HISTORY__ENABLED", "false");
+/// `history.enabled`: off, unless a relay measures what the history stream costs (`--history`).
+const HISTORY: &str = "RELAY_HISTORY__ENABLED";
 /// The relay's default `http.path`.
 pub const WEBHOOK_PATH: &str = "/webhooks/hirehop";
 /// How long a relay may take to connect to the broker, or to drain its spool.
@@ -33,7 +33,7 @@ pub fn command(binary: &Path, args: &[&str], exchange: &str, history: bool) -> C
         .env_clear()
         .env("RELAY_AMQP__EXCHANGE", exchange)
         .env("RELAY_AUTH__EXPORT_KEYS", KEY)
-        .env(HISTORY_OFF.0, if history { "true" } else { HISTORY_OFF.1 });
+        .env(HISTORY, if history { "true" } else { "false" });
     command
 }
 
@@ -98,6 +98,8 @@ pub struct RelaySpec<'a> {
     pub amqp_url: &'a str,
     pub exchange: &'a str,
     pub spool: &'a SpoolDir,
+    /// With the history stream `<exchange>.history` (declared by the relay itself).
+    pub history: bool,
 }
 
 pub struct Relay {
@@ -108,7 +110,7 @@ impl Relay {
     /// Starts the binary and waits for its `listening` line. With the spool on (the default)
     /// the port opens before the broker is connected: see [`Relay::wait_connected`].
     pub async fn start(settings: &RelaySettings, spec: RelaySpec<'_>) -> anyhow::Result<Relay> {
-        let mut command = command(&settings.binary, &["serve"], spec.exchange, false);
+        let mut command = command(&settings.binary, &["serve"], spec.exchange, spec.history);
         command
             .env("RUST_LOG", &settings.rust_log)
             .env("RELAY_LOG__FORMAT", "text")

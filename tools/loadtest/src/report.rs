@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use crate::broker::Layout;
+use crate::broker::{Layout, QueueType};
 use crate::procs::{CpuClock, Memory};
 use crate::stats::{Latency, median};
 
@@ -21,6 +21,8 @@ pub enum System {
     Bare,
     /// The relay with its broker unreachable: every webhook goes to the spool.
     Spooling,
+    /// The relay with the history stream on (`--history`); the others run without it.
+    RelayHistory,
 }
 
 impl System {
@@ -31,6 +33,7 @@ impl System {
             System::Floor => "hyper floor (no broker)",
             System::Bare => "bare relay (hyper + lapin only)",
             System::Spooling => "**relay, spool only**",
+            System::RelayHistory => "relay, history on",
         }
     }
 
@@ -42,7 +45,7 @@ impl System {
 
     /// Whether its rows show a ratio to the raw publisher (the `× raw` columns).
     fn against_raw(self) -> bool {
-        matches!(self, System::Relay | System::Bare)
+        matches!(self, System::Relay | System::Bare | System::RelayHistory)
     }
 }
 
@@ -123,7 +126,9 @@ pub struct Setup {
     pub raw_properties: String,
     pub relay_log: String,
     pub clock: CpuClock,
-    pub broker_visible: bool,
+    /// The broker processes whose CPU is read (several: the nodes of a cluster).
+    pub broker_processes: usize,
+    pub queue_type: QueueType,
     /// `(broker CPUs, everything else's CPUs)`, when the run split them.
     pub cpu_split: Option<(String, String)>,
 }
@@ -154,6 +159,7 @@ impl Report {
         self.write_memory(&mut out);
         self.write_targets(&mut out);
         self.write_breakdown(&mut out);
+        self.write_history(&mut out);
         out
     }
 
@@ -197,12 +203,15 @@ impl Report {
             out,
             "- relay `RUST_LOG={}`; CPU = utime+stime from /proc/<pid>/stat, {clock}; broker CPU {}",
             s.relay_log,
-            if s.broker_visible {
-                "from its beam.smp process"
-            } else {
-                "not visible (no beam.smp process found)"
+            match s.broker_processes {
+                0 => "not visible (no beam.smp process found)".to_owned(),
+                1 => "from its beam.smp process".to_owned(),
+                n => format!("summed over {n} processes (the nodes of a cluster)"),
             }
         );
+        if s.queue_type != QueueType::Classic {
+            let _ = writeln!(out, "- the layouts' queues: {}", s.queue_type.as_str());
+        }
         let _ = match &s.cpu_split {
             Some((broker, rest)) => writeln!(
                 out,
@@ -228,7 +237,12 @@ impl Report {
         for &layout in &self.layouts {
             for &concurrency in &self.concurrencies {
                 let mode = Mode::Closed { concurrency };
-                for system in [System::Raw, System::Relay, System::Bare] {
+                for system in [
+                    System::Raw,
+                    System::Relay,
+                    System::Bare,
+                    System::RelayHistory,
+                ] {
                     self.closed_row(out, Some(layout), system, mode);
                 }
             }
@@ -509,6 +523,45 @@ impl Report {
             "\nClosed-loop ratios at {conns} connections; CPU and p99 from the open loop at \
              the same rate."
         );
+    }
+
+    /// What the history stream costs: the relay with it on against the relay without, in the
+    /// same closed loops (`--history`; nothing without it).
+    fn write_history(&self, out: &mut String) {
+        let on = System::RelayHistory;
+        if !self.samples.iter().any(|s| s.system == on) {
+            return;
+        }
+        out.push_str(
+            "\n#### The history stream (relay with `history.enabled` ÷ without; not targets)\n\n\
+             | layout | conns | accepted/s, on ÷ off | broker CPU s/1k, off → on | on ÷ off \
+             | server CPU s/1k, off → on |\n\
+             |---|--:|--:|--:|--:|--:|\n",
+        );
+        for &layout in &self.layouts {
+            for &concurrency in &self.concurrencies {
+                let mode = Mode::Closed { concurrency };
+                let cost = |system, f: fn(&Row) -> Option<f64>| {
+                    Row::of(&self.select(Some(layout), system, |m| m == mode)).and_then(|r| f(&r))
+                };
+                let broker = |system| cost(system, |r| r.broker_cpu_per_1k);
+                let server = |system| cost(system, |r| r.server_cpu_per_1k);
+                let ratio = broker(on).zip(broker(System::Relay)).map(|(a, b)| a / b);
+                let _ = writeln!(
+                    out,
+                    "| {layout} | {concurrency} | {} | {} → {} | {} | {} → {} |",
+                    fmt_opt(
+                        self.throughput_ratio(layout, concurrency, (on, System::Relay)),
+                        2
+                    ),
+                    fmt_opt(broker(System::Relay), 3),
+                    fmt_opt(broker(on), 3),
+                    fmt_opt(ratio, 2),
+                    fmt_opt(server(System::Relay), 3),
+                    fmt_opt(server(on), 3),
+                );
+            }
+        }
     }
 
     fn select(
