@@ -49,9 +49,17 @@ impl TraceContext {
 }
 
 /// The `traceparent` value naming this span as the parent.
+impl TraceContext {
+    /// The `traceparent` that names the relay's span: `00-<trace id>-<span id>-<flags>`, as
+    /// `Display` writes it, concatenated without the formatter (this runs for every webhook).
+    pub fn traceparent(&self) -> String {
+        ["00-", &self.trace_id, "-", &self.span_id, "-", &self.flags].concat()
+    }
+}
+
 impl fmt::Display for TraceContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "00-{}-{}-{}", self.trace_id, self.span_id, self.flags)
+        f.write_str(&self.traceparent())
     }
 }
 
@@ -78,12 +86,23 @@ fn parse_traceparent(value: &str) -> Option<(String, String)> {
 fn random_hex(bytes: usize) -> String {
     loop {
         // One random number, formatted once: this runs for every webhook.
-        let id = fastrand::u128(..) >> (128 - 8 * bytes);
+        let id = fastrand::u128(..).to_be_bytes();
+        let id = &id[id.len() - bytes..];
         // All zeros is invalid in W3C trace context.
-        if id != 0 {
-            return format!("{id:0width$x}", width = 2 * bytes);
+        if id.iter().any(|&b| b != 0) {
+            return lower_hex(id);
         }
     }
+}
+
+/// `bytes` in lowercase hex, through hex's byte table: the formatter's padded `{:0w$x}` and
+/// `hex::encode`'s char iterator cost several times as much, and ids and the body's digest
+/// are formatted for every webhook.
+pub(crate) fn lower_hex(bytes: &[u8]) -> String {
+    let mut out = vec![0; 2 * bytes.len()];
+    // Cannot fail: the output is exactly twice the input's length.
+    let _ = hex::encode_to_slice(bytes, &mut out);
+    String::from_utf8(out).unwrap_or_default()
 }
 
 #[cfg(test)]

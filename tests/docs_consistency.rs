@@ -783,7 +783,7 @@ const REPOSITORY_DIRS: [&str; 8] = [
     "deploy/",
     "docs/",
     "examples/",
-    "benches/",
+    "tools/",
     "fuzz/",
     ".ci/",
 ];

@@ -29,7 +29,7 @@ pub fn properties(message: &Message) -> BasicProperties {
         "received_at".into(),
         AMQPValue::LongString(received_at.into()),
     );
-    let body_sha256 = hex::encode(Sha256::digest(&message.body));
+    let body_sha256 = crate::tracecontext::lower_hex(&Sha256::digest(&message.body));
     headers.insert(
         "body_sha256".into(),
         AMQPValue::LongString(body_sha256.into()),

@@ -16,7 +16,6 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties};
 
 use crate::payload::EVENTS;
-use crate::relay;
 
 /// Unused bench queues disappear after this long (an interrupted run's leftovers).
 const QUEUE_EXPIRES_MS: i64 = 60 * 60 * 1000;
@@ -65,6 +64,10 @@ impl fmt::Display for Layout {
 #[derive(Debug, Clone)]
 pub struct Queues {
     pub exchange: String,
+    /// Whether a relay with the history stream publishes here: `<exchange>.history`, a
+    /// stream and a fanout exchange, is deleted with the rest (never counted or purged: it
+    /// keeps a copy of everything, and streams cannot be purged).
+    pub history: bool,
     /// `(queue, binding key)` pairs.
     bindings: Vec<(String, String)>,
 }
@@ -79,6 +82,7 @@ impl Queues {
             .collect();
         Queues {
             exchange: exchange.to_owned(),
+            history: false,
             bindings,
         }
     }
@@ -96,14 +100,32 @@ fn unrouted(exchange: &str) -> String {
     format!("{exchange}.unrouted")
 }
 
+/// Type of the layouts' queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum QueueType {
+    Classic,
+    /// Replicated over the nodes of a cluster (one member on a single node).
+    Quorum,
+}
+
+impl QueueType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
+}
+
 /// The bench's own connection to the broker, for declarations and counts.
 pub struct Broker {
     connection: Connection,
     channel: Channel,
+    queue_type: QueueType,
 }
 
 impl Broker {
-    pub async fn connect(url: &str) -> anyhow::Result<Broker> {
+    pub async fn connect(url: &str, queue_type: QueueType) -> anyhow::Result<Broker> {
         let connection = Connection::connect(url, ConnectionProperties::default())
             .await
             .with_context(|| {
@@ -119,16 +141,8 @@ impl Broker {
         Ok(Broker {
             connection,
             channel,
+            queue_type,
         })
-    }
-
-    /// Declares `exchange` exactly as the relay does, with the relay's own code (default
-    /// settings): the topic exchange and its `<exchange>.unrouted` alternate exchange and queue.
-    pub async fn declare_exchange_like_relay(&self, exchange: &str) -> anyhow::Result<()> {
-        let config = relay::config(&[("RELAY_AMQP__EXCHANGE", exchange)])?;
-        hirehop_relay::amqp::topology::declare(&config.amqp, &self.connection)
-            .await
-            .with_context(|| format!("failed to declare exchange {exchange} like the relay"))
     }
 
     /// Declares the layout's queues and binds them to the exchange (which must exist).
@@ -136,6 +150,8 @@ impl Broker {
         for (queue, pattern) in &queues.bindings {
             let mut arguments = FieldTable::default();
             arguments.insert("x-expires".into(), AMQPValue::LongLongInt(QUEUE_EXPIRES_MS));
+            let kind = AMQPValue::LongString(self.queue_type.as_str().into());
+            arguments.insert("x-queue-type".into(), kind);
             self.declare_queue(queue, arguments).await?;
             self.bind(queue, &queues.exchange, pattern).await?;
         }
@@ -208,7 +224,10 @@ impl Broker {
                 return;
             }
         };
-        for name in queues.all() {
+        let history = queues
+            .history
+            .then(|| format!("{}.history", queues.exchange));
+        for name in queues.all().chain(history.clone()) {
             if let Err(err) = channel
                 .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
                 .await
@@ -216,7 +235,8 @@ impl Broker {
                 eprintln!("warning: failed to delete queue {name}: {err}");
             }
         }
-        for name in [queues.exchange.clone(), unrouted(&queues.exchange)] {
+        let exchanges = [queues.exchange.clone(), unrouted(&queues.exchange)];
+        for name in exchanges.into_iter().chain(history) {
             if let Err(err) = channel
                 .exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default())
                 .await

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use hirehop_relay::config::Config;
 use tokio::process::Command;
 
 use crate::http_client;
@@ -15,24 +14,50 @@ use crate::server_process::ServerProcess;
 
 /// The export key the bench's relays accept and its webhooks carry.
 pub const KEY: &str = "bench-export-key-0001";
-/// The history stream is measured on its own (on and off), not in every run.
-const HISTORY_OFF: (&str, &str) = ("RELAY_HISTORY__ENABLED", "false");
+/// `history.enabled`: off, unless a relay measures what the history stream costs (`--history`).
+const HISTORY: &str = "RELAY_HISTORY__ENABLED";
 /// The relay's default `http.path`.
 pub const WEBHOOK_PATH: &str = "/webhooks/hirehop";
 /// How long a relay may take to connect to the broker, or to drain its spool.
 const PATIENCE: Duration = Duration::from_secs(120);
 const POLL: Duration = Duration::from_millis(100);
 
-/// The relay's configuration as the bench's relays load it (defaults, no file, no variables
-/// from the bench's own environment), plus the `RELAY_*` variables in `env`. History is off:
-/// the bench compares the relay with a publisher that writes to the exchange alone.
-pub fn config(env: &[(&str, &str)]) -> anyhow::Result<Config> {
-    let env = [("RELAY_AUTH__EXPORT_KEYS", KEY), HISTORY_OFF]
-        .iter()
-        .chain(env)
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    Config::load_from(None, Some(env)).context("the relay's default configuration does not load")
+/// The relay binary run with `args`, configured as every relay of the bench: no variables
+/// from the bench's own environment, the bench's export key, history off unless `history`
+/// (the bench compares the relay with a publisher that writes to the exchange alone), and
+/// publishing to `exchange`.
+pub fn command(binary: &Path, args: &[&str], exchange: &str, history: bool) -> Command {
+    let mut command = Command::new(binary);
+    command
+        .args(args)
+        .env_clear()
+        .env("RELAY_AMQP__EXCHANGE", exchange)
+        .env("RELAY_AUTH__EXPORT_KEYS", KEY)
+        .env(HISTORY, if history { "true" } else { "false" });
+    command
+}
+
+/// Declares `exchange` exactly as a relay with default settings does, by the relay's own
+/// `topology --apply`: the topic exchange and its `<exchange>.unrouted` alternate exchange and
+/// queue (and the history stream with `history`).
+pub async fn declare_topology(
+    binary: &Path,
+    amqp_url: &str,
+    exchange: &str,
+    history: bool,
+) -> anyhow::Result<()> {
+    let output = command(binary, &["topology", "--apply"], exchange, history)
+        .env("RELAY_AMQP__URL", amqp_url)
+        .output()
+        .await
+        .with_context(|| format!("failed to run {}", binary.display()))?;
+    if !output.status.success() {
+        bail!(
+            "`hirehop-relay topology --apply` failed for exchange {exchange}: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 /// A spool directory of its own under the system's temp directory, removed when dropped.
@@ -61,6 +86,8 @@ impl Drop for SpoolDir {
 /// What every relay of a run shares.
 #[derive(Debug, Clone)]
 pub struct RelaySettings {
+    /// The relay's release binary.
+    pub binary: PathBuf,
     pub channels: usize,
     pub rust_log: String,
 }
@@ -71,6 +98,8 @@ pub struct RelaySpec<'a> {
     pub amqp_url: &'a str,
     pub exchange: &'a str,
     pub spool: &'a SpoolDir,
+    /// With the history stream `<exchange>.history` (declared by the relay itself).
+    pub history: bool,
 }
 
 pub struct Relay {
@@ -81,19 +110,14 @@ impl Relay {
     /// Starts the binary and waits for its `listening` line. With the spool on (the default)
     /// the port opens before the broker is connected: see [`Relay::wait_connected`].
     pub async fn start(settings: &RelaySettings, spec: RelaySpec<'_>) -> anyhow::Result<Relay> {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_hirehop-relay"));
+        let mut command = command(&settings.binary, &["serve"], spec.exchange, spec.history);
         command
-            .arg("serve")
-            .env_clear()
             .env("RUST_LOG", &settings.rust_log)
             .env("RELAY_LOG__FORMAT", "text")
             .env("RELAY_HTTP__LISTEN", "127.0.0.1:0")
             .env("RELAY_HTTP__PATH", WEBHOOK_PATH)
             .env("RELAY_AMQP__URL", spec.amqp_url)
-            .env("RELAY_AMQP__EXCHANGE", spec.exchange)
             .env("RELAY_AMQP__CHANNELS", settings.channels.to_string())
-            .env("RELAY_AUTH__EXPORT_KEYS", KEY)
-            .env(HISTORY_OFF.0, HISTORY_OFF.1)
             .env("RELAY_SPOOL__DIR", spec.spool.path());
         let process = ServerProcess::spawn(spec.name, command).await?;
         Ok(Relay { process })

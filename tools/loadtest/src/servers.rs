@@ -73,7 +73,6 @@ pub fn serve(bare: Option<Bare>) -> anyhow::Result<()> {
                 Some(bare) => Kind::Bare {
                     publisher: RawPublisher::connect(
                         "hirehop-relay bench bare relay",
-                        &crate::relay::config(&[])?.amqp,
                         &bare.amqp_url,
                         &bare.exchange,
                         bare.channels,

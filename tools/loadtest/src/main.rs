@@ -1,8 +1,9 @@
 //! Throughput, latency, CPU and memory of the relay, as ratios of what the broker itself can
 //! do on the same machine in the same run. See BENCHMARKS.md for how to read the results.
 //!
-//! `cargo bench --bench throughput` (add `-- --quick` for a short smoke run, `-- --help`
-//! for the knobs). It needs the RabbitMQ broker the tests use (127.0.0.1:5672, guest/guest).
+//! `cargo run --release -p loadtest` (add `-- --quick` for a short smoke run, `-- --help`
+//! for the knobs); it builds the relay's release binary first. It needs the RabbitMQ broker
+//! the tests use (127.0.0.1:5672, guest/guest).
 //!
 //! # What runs
 //! - **relay**: the `hirehop-relay` binary as a child process (`RELAY_*` variables, its own
@@ -36,33 +37,18 @@
 
 #![forbid(unsafe_code)]
 
-// The crate root is a file, not `throughput/main.rs`, so its modules need their path spelled
-// out; they live in `benches/throughput/` so that cargo does not take them for benches.
-#[path = "throughput/broker.rs"]
 mod broker;
-#[path = "throughput/cpus.rs"]
 mod cpus;
-#[path = "throughput/http_client.rs"]
 mod http_client;
-#[path = "throughput/load.rs"]
 mod load;
-#[path = "throughput/machine.rs"]
 mod machine;
-#[path = "throughput/payload.rs"]
 mod payload;
-#[path = "throughput/procs.rs"]
 mod procs;
-#[path = "throughput/raw_publisher.rs"]
 mod raw_publisher;
-#[path = "throughput/relay.rs"]
 mod relay;
-#[path = "throughput/report.rs"]
 mod report;
-#[path = "throughput/server_process.rs"]
 mod server_process;
-#[path = "throughput/servers.rs"]
 mod servers;
-#[path = "throughput/stats.rs"]
 mod stats;
 
 use std::path::PathBuf;
@@ -74,7 +60,7 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use tokio::process::Command;
 
-use crate::broker::{Broker, Layout, Queues};
+use crate::broker::{Broker, Layout, QueueType, Queues};
 use crate::http_client::{HttpClient, Target};
 use crate::load::Client;
 use crate::payload::Webhook;
@@ -101,7 +87,7 @@ const PAUSE: Duration = Duration::from_millis(300);
 
 /// Load generator and baseline for hirehop-relay (see BENCHMARKS.md).
 #[derive(Parser, Debug)]
-#[command(name = "throughput")]
+#[command(name = "loadtest")]
 struct Args {
     /// Short smoke run (a minute or two): one repeat, 1.5 s phases.
     #[arg(long)]
@@ -126,6 +112,19 @@ struct Args {
     /// Connections (raw: concurrent publishers) that share the open-loop rate.
     #[arg(long, default_value_t = 64)]
     open_connections: usize,
+    /// Type of the layouts' queues: `classic`, or `quorum` (replicated over the nodes of a
+    /// cluster; see BENCHMARKS.md for a run on a local three-node cluster).
+    #[arg(long, value_enum, default_value_t = QueueType::Classic)]
+    queue_type: QueueType,
+    /// The broker's processes, whose CPU time is the broker's (e.g. every node of a cluster),
+    /// comma-separated [default: the RabbitMQ `beam.smp` found on this machine].
+    #[arg(long, value_delimiter = ',', value_name = "PIDS")]
+    broker_pids: Vec<u32>,
+    /// Also run, in each layout's closed loops, a relay with the history stream on
+    /// (`history.enabled`, the relay's default; the other relays run without it), to measure
+    /// what the stream costs: throughput and broker CPU per message.
+    #[arg(long)]
+    history: bool,
     /// Properties of the raw publisher's and the bare relay's messages: `minimal`
     /// (persistent, content type) or `relay` (the relay's properties and headers, to see what
     /// they cost the broker).
@@ -151,18 +150,19 @@ struct Args {
     /// RUST_LOG of the relay; must keep its `listening` line (target `hirehop_relay`) on.
     #[arg(long, default_value = DEFAULT_RELAY_LOG)]
     relay_log: String,
-    /// Where the markdown report is written (relative to the package root).
+    /// Where the markdown report is written.
     #[arg(long, default_value = "target/bench-results.md")]
     out: PathBuf,
+    /// The relay binary to measure [default: the release build of this workspace, built
+    /// first with cargo].
+    #[arg(long, value_name = "PATH")]
+    relay_bin: Option<PathBuf>,
     /// Run as the plain hyper floor server (used by the bench itself).
     #[arg(long, hide = true)]
     floor_server: bool,
     /// Run as the bare relay, publishing to this exchange (used by the bench itself).
     #[arg(long, hide = true, value_name = "EXCHANGE")]
     bare_server: Option<String>,
-    /// Passed by `cargo bench`; without it (`cargo test --benches`) nothing is run.
-    #[arg(long, hide = true)]
-    bench: bool,
 }
 
 /// The run, with the `--quick` defaults applied.
@@ -175,11 +175,16 @@ struct Plan {
     open_fraction: f64,
     open_connections: usize,
     raw_properties: RawProperties,
+    queue_type: QueueType,
+    broker_pids: Vec<u32>,
+    history: bool,
     channels: usize,
     body_bytes: usize,
     amqp_url: String,
     relay_log: String,
     out: PathBuf,
+    /// The relay binary.
+    relay_bin: PathBuf,
     /// `(broker CPUs, everything else's CPUs)`, when the run splits them.
     cpu_split: Option<(String, String)>,
 }
@@ -203,11 +208,18 @@ impl Plan {
             open_fraction: args.open_fraction,
             open_connections: args.open_connections,
             raw_properties: args.raw_properties,
+            queue_type: args.queue_type,
+            broker_pids: args.broker_pids,
+            history: args.history,
             channels: args.channels,
             body_bytes: args.body_bytes,
             amqp_url: args.amqp_url,
             relay_log: args.relay_log,
             out: args.out,
+            relay_bin: match args.relay_bin {
+                Some(path) => path,
+                None => build_relay()?,
+            },
             cpu_split: args.broker_cpus.zip(args.cpus),
         };
         anyhow::ensure!(!plan.duration.is_zero(), "--duration-secs must be above 0");
@@ -237,9 +249,6 @@ fn main() -> ExitCode {
             channels: args.channels,
             properties: args.raw_properties,
         }))
-    } else if !args.bench {
-        println!("throughput is a benchmark, not a test: run `cargo bench --bench throughput`");
-        Ok(())
     } else {
         Plan::new(args).and_then(|plan| {
             // Before the runtime starts its threads, so that they (and every process started
@@ -257,7 +266,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("throughput: {err:#}");
+            eprintln!("loadtest: {err:#}");
             ExitCode::FAILURE
         }
     }
@@ -333,7 +342,8 @@ struct Bench {
     relay_settings: RelaySettings,
     broker: Broker,
     clock: CpuClock,
-    broker_pid: Option<u32>,
+    /// The broker's processes, summed; empty if none was found.
+    broker_pids: Vec<u32>,
     /// Held for the whole run: dropping it gives the broker its CPUs back.
     _broker_pin: Option<cpus::BrokerPin>,
     webhooks: Arc<[Webhook]>,
@@ -346,28 +356,33 @@ struct Bench {
 
 impl Bench {
     async fn new(plan: Plan) -> anyhow::Result<Bench> {
-        let broker = Broker::connect(&plan.amqp_url).await?;
+        let broker = Broker::connect(&plan.amqp_url, plan.queue_type).await?;
         let webhooks = bench_webhooks(plan.body_bytes).into();
         // Short, unique, and sorts by time like the relay's own ids.
         let run_id = uuid::Uuid::now_v7().simple().to_string()[..12].to_owned();
-        let broker_pid = procs::find_broker_pid();
-        let broker_pin = match (&plan.cpu_split, broker_pid) {
+        let broker_pids = match plan.broker_pids.as_slice() {
+            [] => procs::find_broker_pid().into_iter().collect(),
+            pids => pids.to_vec(),
+        };
+        let broker_pin = match (&plan.cpu_split, broker_pids.as_slice()) {
             (None, _) => None,
-            (Some((broker_cpus, _)), Some(pid)) => Some(cpus::BrokerPin::set(pid, broker_cpus)?),
-            (Some(_), None) => anyhow::bail!(
+            (Some((broker_cpus, _)), [pid]) => Some(cpus::BrokerPin::set(*pid, broker_cpus)?),
+            (Some(_), [_, _, ..]) => anyhow::bail!("--broker-cpus pins one broker process"),
+            (Some(_), []) => anyhow::bail!(
                 "--broker-cpus needs the broker on this machine, and no RabbitMQ beam.smp \
                  process was found"
             ),
         };
         Ok(Bench {
             relay_settings: RelaySettings {
+                binary: plan.relay_bin.clone(),
                 channels: plan.channels,
                 rust_log: plan.relay_log.clone(),
             },
             plan,
             broker,
             clock: CpuClock::detect(),
-            broker_pid,
+            broker_pids,
             _broker_pin: broker_pin,
             webhooks,
             run_id,
@@ -402,11 +417,8 @@ impl Bench {
     }
 
     async fn setup(&self) -> Setup {
-        let args: Vec<String> = std::env::args()
-            .skip(1)
-            .filter(|a| a != "--bench")
-            .collect();
-        let mut command = "cargo bench --bench throughput".to_owned();
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let mut command = "cargo run --release -p loadtest".to_owned();
         if !args.is_empty() {
             command = format!("{command} -- {}", args.join(" "));
         }
@@ -427,7 +439,8 @@ impl Bench {
             raw_properties: format!("{:?}", self.plan.raw_properties).to_lowercase(),
             relay_log: self.plan.relay_log.clone(),
             clock: self.clock,
-            broker_visible: self.broker_pid.is_some(),
+            broker_processes: self.broker_pids.len(),
+            queue_type: self.plan.queue_type,
             cpu_split: self.plan.cpu_split.clone(),
         }
     }
@@ -446,15 +459,19 @@ impl Bench {
         let raw_queues = Queues::new(&self.name(&format!("raw-{}", layout.short())), layout);
         let relay_queues = Queues::new(&self.name(&format!("relay-{}", layout.short())), layout);
         let bare_queues = Queues::new(&self.name(&format!("bare-{}", layout.short())), layout);
+        let mut history_queues =
+            Queues::new(&self.name(&format!("hist-{}", layout.short())), layout);
+        history_queues.history = true;
         let queues = LayoutQueues {
             raw: &raw_queues,
             relay: &relay_queues,
             bare: &bare_queues,
+            history: &history_queues,
         };
         let result = self
             .layout_processes(layout, &queues, floor, with_floor_closed)
             .await;
-        for queues in [&raw_queues, &relay_queues, &bare_queues] {
+        for queues in [&raw_queues, &relay_queues, &bare_queues, &history_queues] {
             self.broker.delete(queues).await;
         }
         result
@@ -471,16 +488,16 @@ impl Bench {
             raw: raw_queues,
             relay: relay_queues,
             bare: bare_queues,
+            history: history_queues,
         } = *queues;
         for queues in [raw_queues, bare_queues] {
-            self.broker
-                .declare_exchange_like_relay(&queues.exchange)
+            let plan = &self.plan;
+            relay::declare_topology(&plan.relay_bin, &plan.amqp_url, &queues.exchange, false)
                 .await?;
             self.broker.declare_queues(queues).await?;
         }
         let raw = RawPublisher::connect(
             "hirehop-relay bench raw",
-            &relay::config(&[])?.amqp,
             &self.plan.amqp_url,
             &raw_queues.exchange,
             self.plan.channels,
@@ -490,6 +507,14 @@ impl Bench {
         let spool = SpoolDir::new(&relay_queues.exchange);
         let relay = self.relay_on_broker("relay", relay_queues, &spool).await?;
         let bare = self.bare_relay(&bare_queues.exchange).await?;
+        let history_spool = SpoolDir::new(&history_queues.exchange);
+        let history = match self.plan.history {
+            true => Some(
+                self.relay_on_broker("relay, history on", history_queues, &history_spool)
+                    .await?,
+            ),
+            false => None,
+        };
         let subjects = Subjects {
             raw: Subject {
                 system: System::Raw,
@@ -515,11 +540,20 @@ impl Bench {
                 via: Via::Server(floor),
                 queues: None,
             },
+            history: history.as_ref().map(|relay| Subject {
+                system: System::RelayHistory,
+                layout: Some(layout),
+                via: Via::Relay(relay),
+                queues: Some(history_queues),
+            }),
         };
         let result = self.compare(layout, &subjects, with_floor_closed).await;
         raw.close().await;
         relay.stop().await;
         bare.stop().await;
+        if let Some(history) = history {
+            history.stop().await;
+        }
         result
     }
 
@@ -572,8 +606,10 @@ impl Bench {
                     // The floor has no broker: once, in the first layout, is enough.
                     self.phase(subjects.floor, load, repeat).await?;
                 }
-                let mut order = [subjects.raw, subjects.relay, subjects.bare];
-                order.rotate_left(repeat % 3);
+                let mut order = vec![subjects.raw, subjects.relay, subjects.bare];
+                order.extend(subjects.history);
+                let n = order.len();
+                order.rotate_left(repeat % n);
                 for subject in order {
                     self.phase(subject, load, repeat).await?;
                 }
@@ -620,6 +656,7 @@ impl Bench {
                 amqp_url: &unreachable,
                 exchange: &queues.exchange,
                 spool,
+                history: false,
             },
         )
         .await?;
@@ -684,6 +721,7 @@ impl Bench {
             amqp_url: &self.plan.amqp_url,
             exchange: &queues.exchange,
             spool,
+            history: queues.history,
         };
         let relay = Relay::start(&self.relay_settings, spec).await?;
         relay.wait_connected().await?;
@@ -859,9 +897,12 @@ impl Bench {
         Ok(CpuSnapshot {
             server: server.map(|pid| self.clock.cpu_secs(pid)).transpose()?,
             // The broker is not ours: if it cannot be read, the column stays empty.
-            broker: self
-                .broker_pid
-                .and_then(|pid| self.clock.cpu_secs(pid).ok()),
+            broker: (!self.broker_pids.is_empty())
+                .then(|| {
+                    let secs = self.broker_pids.iter().map(|&pid| self.clock.cpu_secs(pid));
+                    secs.sum::<anyhow::Result<f64>>().ok()
+                })
+                .flatten(),
             client: self.clock.cpu_secs(std::process::id())?,
             machine: MachineCpu::read()?,
         })
@@ -886,6 +927,7 @@ impl Bench {
             System::Bare => "bare ",
             System::Floor => "floor",
             System::Spooling => "spool",
+            System::RelayHistory => "hist ",
         };
         let cpu = sample
             .server_cpu_per_1k
@@ -967,6 +1009,8 @@ struct Subjects<'a> {
     relay: Subject<'a>,
     bare: Subject<'a>,
     floor: Subject<'a>,
+    /// The relay with the history stream on, with `--history`.
+    history: Option<Subject<'a>>,
 }
 
 /// The queues of one layout, one set per system that publishes.
@@ -975,6 +1019,7 @@ struct LayoutQueues<'a> {
     raw: &'a Queues,
     relay: &'a Queues,
     bare: &'a Queues,
+    history: &'a Queues,
 }
 
 /// This bench binary re-executed with `args` as one of its own servers (the floor, the bare
@@ -989,6 +1034,33 @@ async fn own_server(name: &'static str, args: &[&str]) -> anyhow::Result<ServerP
 /// The webhooks the bench sends, and the bare relay looks bodies up in.
 fn bench_webhooks(body_bytes: usize) -> Vec<Webhook> {
     payload::webhooks(relay::KEY, DISTINCT_BODIES, body_bytes)
+}
+
+/// Builds the relay's release binary with the cargo that runs this tool, and returns its path
+/// (the workspace's `target/release/`, beside this tool's own directory).
+fn build_relay() -> anyhow::Result<PathBuf> {
+    let cargo = std::env::var_os("CARGO")
+        .context("run through `cargo run --release -p loadtest`, or pass --relay-bin")?;
+    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../../Cargo.toml");
+    eprintln!("building the relay: cargo build --release -p hirehop-relay");
+    let status = std::process::Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "hirehop-relay",
+            "--manifest-path",
+            manifest,
+        ])
+        .status()
+        .context("failed to run cargo")?;
+    anyhow::ensure!(status.success(), "building the relay failed");
+    let exe = std::env::current_exe().context("cannot find the loadtest binary")?;
+    let target = exe
+        .parent()
+        .and_then(|profile| profile.parent())
+        .context("the loadtest binary is not in a cargo target directory")?;
+    Ok(target.join("release").join("hirehop-relay"))
 }
 
 /// The broker URL with a port nothing listens on (bound, then released), so connecting is
