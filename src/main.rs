@@ -502,10 +502,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // From the very start: SIGHUP's default action would end the process undrained.
     hirehop_relay::signal::install_hangup_handler();
     let shutdown = CancellationToken::new();
+    // Installed here, before anything listens; awaited by a task of its own.
+    let signalled = hirehop_relay::signal::shutdown();
     tokio::spawn({
         let shutdown = shutdown.clone();
         async move {
-            let signal = hirehop_relay::signal::shutdown().await;
+            let signal = signalled.await;
             // Cancel first: nothing, not even a failing log write, may stand in its way.
             shutdown.cancel();
             tracing::info!(signal, "received shutdown signal");

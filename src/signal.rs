@@ -1,16 +1,23 @@
 //! The signals that stop the relay.
 
-/// Resolves on the first SIGTERM or SIGINT, with the signal's name.
+/// Installs the SIGTERM and SIGINT handlers now, and returns a future that resolves on the
+/// first of them, with the signal's name.
 ///
 /// SIGTERM: Kubernetes, systemd and `docker stop` send this to start a graceful shutdown.
 /// SIGINT: Ctrl-C in a terminal; treated the same so a developer sees the drain too.
-pub async fn shutdown() -> &'static str {
+///
+/// The handlers are in place when this returns, not when the future is first polled: a
+/// SIGTERM that comes the moment the port opens must find them, or its default action ends
+/// the process undrained.
+pub fn shutdown() -> impl Future<Output = &'static str> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler works");
     let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler works");
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    async move {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
     }
 }
 

@@ -37,6 +37,25 @@ async fn sigterm_under_load_loses_no_accepted_webhook_and_exits_0() {
     queue.expect_all(accepted).await;
 }
 
+/// A SIGTERM the moment the port opens is a graceful stop too: the handlers are installed
+/// before the relay listens. (They were installed by a task that, on a busy machine, had not
+/// always run by then, and the signal's default action ended the process: 8 starts in 40.)
+#[tokio::test]
+async fn sigterm_as_soon_as_the_port_opens_stops_gracefully() {
+    let exchange = unique_exchange();
+    let url = harness::amqp_url();
+    let relay_env = env(&exchange, &url);
+    for start in 1..=40 {
+        let relay = RelayProcess::spawn(&relay_env).await;
+        relay.signal("TERM");
+        let (status, log) = relay.exit().await;
+        assert!(
+            status.success(),
+            "start {start}: exit status {status:?} after SIGTERM; log:\n{log}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn sigterm_lets_requests_in_flight_finish_with_202_and_exits_0() {
     // The broker is behind a proxy that holds the publishes, so the requests are still in
