@@ -20,6 +20,7 @@
 //! ([`topology`](crate::amqp::topology)); telling a stall from a slow broker
 //! ([`stall`](crate::amqp::stall)).
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -607,17 +608,21 @@ async fn keep_healthy(
     // exchange, so a deleted `amqp.exchange` fails no publish: look for it now and then.
     let mut topology_check = tokio::time::interval(TOPOLOGY_CHECK);
     topology_check.reset();
+    // The check under way runs beside the watches below, not in their place: on a hung node
+    // it waits up to `amqp.connect_timeout_ms`, and the missed heartbeat must be taken
+    // meanwhile. Dropped with the loop (by `stop`, say): the connection stays in place, for
+    // the supervisor to close.
+    let mut checking: Option<Pin<Box<dyn Future<Output = ()> + Send + '_>>> = None;
     let mut last_error = None;
     loop {
         tokio::select! {
             () = inner.stop.cancelled() => return Lost::Closed,
-            _ = topology_check.tick(), if inner.config.history.enabled => {
-                // Cut short by `stop`: the connection stays in place, for the supervisor to
-                // close.
-                tokio::select! {
-                    () = check_topology_now(inner) => {}
-                    () = inner.stop.cancelled() => return Lost::Closed,
-                }
+            _ = topology_check.tick(), if inner.config.history.enabled && checking.is_none() => {
+                checking = Some(Box::pin(check_topology_now(inner)));
+                continue;
+            }
+            () = async { checking.as_mut().expect("a check is under way").await }, if checking.is_some() => {
+                checking = None;
                 continue;
             }
             stall = watch.stalled() => return Lost::Stalled(format!(
