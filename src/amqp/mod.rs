@@ -6,6 +6,7 @@
 //!   contract (`docs/consumers.md`).
 //! - [`connect`](mod@connect): which node to try next, and one connection to it: heartbeat, topology
 //!   check, channels, refusals, close.
+//! - [`error`](mod@error): why talking to the broker failed, and which failures no retry fixes.
 //! - [`stall`]: telling a broker that stopped answering from a slow one.
 //! - [`topology`]: the exchanges, queues, bindings and history stream the config describes,
 //!   declared at the first connection and printed by `hirehop-relay topology`.
@@ -17,6 +18,7 @@
 //!   through the exchange (`hirehop-relay requeue`).
 
 pub mod connect;
+mod error;
 pub mod history;
 pub mod properties;
 pub mod publisher;

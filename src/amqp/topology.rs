@@ -24,8 +24,8 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
 use tokio::sync::OnceCell;
 
-use crate::amqp::connect::protocol_error;
-use crate::amqp::{ConnectError, integer, long_string};
+use crate::amqp::error::{ConnectError, protocol_error};
+use crate::amqp::{integer, long_string};
 use crate::config::{AmqpConfig, QueueConfig, QueueType};
 
 /// Declares everything the config describes, on a channel of its own (a refused
