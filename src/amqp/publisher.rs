@@ -202,17 +202,7 @@ impl Publisher {
             .stall
             .send(since, deadline, self.send(&channel, message), blocked)
             .await;
-        let confirmed = match sent {
-            Ok(Ok(confirm)) => {
-                session
-                    .stall
-                    .answer(since, deadline, confirm, blocked)
-                    .await
-            }
-            Ok(Err(err)) => Ok(Err(err)),
-            Err(silence) => Err(silence),
-        };
-        self.outcome(confirmed)
+        self.settle(&session, since, deadline, sent).await
     }
 
     /// Publishes `messages` in order on one channel (AMQP keeps a channel's order), all
@@ -237,17 +227,7 @@ impl Publisher {
         }
         let mut results = Vec::with_capacity(messages.len());
         for (since, sent) in confirms {
-            let confirmed = match sent {
-                Ok(Ok(confirm)) => {
-                    session
-                        .stall
-                        .answer(since, deadline, confirm, blocked)
-                        .await
-                }
-                Ok(Err(err)) => Ok(Err(err)),
-                Err(silence) => Err(silence),
-            };
-            results.push(self.outcome(confirmed));
+            results.push(self.settle(&session, since, deadline, sent).await);
         }
         results
     }
@@ -296,6 +276,29 @@ impl Publisher {
             },
             stall = session.stall.stalled() => Err(PublishError::Stalled(stall)),
         }
+    }
+
+    /// Waits for the broker's answer to a publish handed over at `since` (unless handing it
+    /// over already failed), and turns it into the publish's result.
+    async fn settle(
+        &self,
+        session: &Session,
+        since: Instant,
+        deadline: Instant,
+        sent: Result<Result<lapin::PublisherConfirm, lapin::Error>, Silence>,
+    ) -> Result<(), PublishError> {
+        let blocked = || session.connection.status().blocked();
+        let confirmed = match sent {
+            Ok(Ok(confirm)) => {
+                session
+                    .stall
+                    .answer(since, deadline, confirm, blocked)
+                    .await
+            }
+            Ok(Err(err)) => Ok(Err(err)),
+            Err(silence) => Err(silence),
+        };
+        self.outcome(confirmed)
     }
 
     fn outcome(
