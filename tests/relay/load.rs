@@ -57,6 +57,22 @@ pub async fn open_loop(addr: SocketAddr, rate: u32, stop: CancellationToken) -> 
     sent
 }
 
+/// Every request of `sent` got a 202, none later than `limit`; returns the slowest answer.
+pub fn assert_all_accepted_within(sent: &[Sent], limit: Duration) -> Duration {
+    let refused: Vec<&Sent> = sent
+        .iter()
+        .filter(|s| s.status != StatusCode::ACCEPTED)
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "{} not accepted: {refused:?}",
+        refused.len()
+    );
+    let slowest = sent.iter().map(|s| s.took).max().unwrap();
+    assert!(slowest < limit, "slowest answer {slowest:?}");
+    slowest
+}
+
 /// Takes messages from `queue` until every 202 of `sent` has arrived, and a second more;
 /// returns how many arrived more than once.
 pub async fn expect_on_broker(queue: &mut harness::TestQueue, sent: &[Sent]) -> usize {

@@ -49,9 +49,15 @@ async fn returned_message_is_503_never_202() {
 /// An exchange someone created by hand, without the alternate exchange the relay declares.
 async fn exchange_made_by_hand(channel: &lapin::Channel) -> harness::TestExchange {
     let exchange = harness::unique_exchange();
+    declare_plain_topic(channel, &exchange).await;
+    exchange
+}
+
+/// A durable topic exchange with no arguments, as a broker's definitions or a person make it.
+async fn declare_plain_topic(channel: &lapin::Channel, exchange: &str) {
     channel
         .exchange_declare(
-            exchange.as_str().into(),
+            exchange.into(),
             lapin::ExchangeKind::Topic,
             ExchangeDeclareOptions {
                 durable: true,
@@ -61,7 +67,6 @@ async fn exchange_made_by_hand(channel: &lapin::Channel) -> harness::TestExchang
         )
         .await
         .unwrap();
-    exchange
 }
 
 #[tokio::test]
@@ -249,18 +254,7 @@ async fn with_declare_off_the_relay_needs_the_exchange_and_declares_nothing() {
     // The broker's definitions made it (here: the test, as a plain topic exchange, which
     // the relay would have declared otherwise): the relay publishes to it and declares
     // nothing of its own.
-    channel
-        .exchange_declare(
-            exchange.as_str().into(),
-            lapin::ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    declare_plain_topic(&channel, &exchange).await;
     let mut queue = harness::catch_all(&broker, &exchange).await;
     // With history on, the history's fanout is needed too, and named.
     let config = harness::config(&with_history, None);

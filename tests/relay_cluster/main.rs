@@ -16,6 +16,7 @@
 #[allow(dead_code, reason = "shared with tests/relay; used here in part")]
 #[path = "../relay/harness.rs"]
 mod harness;
+#[allow(dead_code, reason = "shared with tests/relay; used here in part")]
 #[path = "../relay/load.rs"]
 mod load;
 #[allow(dead_code, reason = "shared with tests/relay; used here in part")]
