@@ -21,7 +21,9 @@
 //!    stream, when history is on, to the topic exchange) and waits for that message's
 //!    publisher confirm; only an Ack becomes a plain 202. When the broker cannot confirm
 //!    (down, blocked, nack, timeout), the message goes to the [`spool`] instead and the 202
-//!    is sent once it is fsynced on disk; [`delivery::replay`] drains the spool later.
+//!    is sent once it is fsynced on disk; [`delivery::replay`] drains the spool later. The
+//!    delivery runs in the request's own task and always to its end: should the client hang
+//!    up, [`completion`] spawns the rest of it.
 //!
 //! # The process
 //! [`config`] reads and validates everything once, at load, into a [`config::Config`]; the
@@ -62,6 +64,7 @@ pub mod tracecontext;
 // The relay's insides.
 mod access;
 mod auth;
+mod completion;
 mod delivery;
 mod health;
 mod rejection_log;

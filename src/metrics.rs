@@ -19,9 +19,9 @@ mod process;
 
 pub use labels::{ConnectionErrorKind, PublishOutcome, RejectionReason, Route, TlsFailure};
 
-use std::collections::HashSet;
-use std::sync::Mutex;
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -124,7 +124,7 @@ pub struct Metrics {
     rejections: Family<RejectionLabels, Counter>,
     publishes: Family<OutcomeLabels, Counter>,
     confirm_seconds: Histogram,
-    webhooks: Family<EventLabels, Counter>,
+    webhooks: EventCounters,
     broker_connected: Gauge,
     broker_blocked: Gauge,
     reconnects: Counter,
@@ -136,7 +136,6 @@ pub struct Metrics {
     replay_failures: Counter,
     connection_errors: Family<KindLabels, Counter>,
     tls_handshake_failures: Family<TlsFailureLabels, Counter>,
-    events: EventNames,
     /// One scrape at a time: state gauges are refreshed, then everything encoded.
     render: Mutex<()>,
     ready: Gauge,
@@ -144,23 +143,39 @@ pub struct Metrics {
     certificate_expiry: Gauge<f64, AtomicU64>,
 }
 
-/// Decides which event names get a label of their own.
-struct EventNames {
-    seen: Mutex<HashSet<String>>,
+/// `hirehop_relay_webhooks_total`, by event: the first `max` event names get a counter of
+/// their own, later ones share `other`'s. A name seen before is counted under a read lock,
+/// without allocating.
+struct EventCounters {
+    family: Family<EventLabels, Counter>,
+    by_name: RwLock<HashMap<String, Counter>>,
     max: usize,
 }
 
-impl EventNames {
-    fn label(&self, event: &str) -> String {
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        if seen.contains(event) {
-            return event.to_owned();
+impl EventCounters {
+    fn inc(&self, event: &str) {
+        let by_name = self.by_name.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(counter) = by_name.get(event) {
+            counter.inc();
+            return;
         }
-        if seen.len() < self.max {
-            seen.insert(event.to_owned());
-            return event.to_owned();
+        drop(by_name);
+        let mut by_name = self.by_name.write().unwrap_or_else(|p| p.into_inner());
+        let counter = |event: &str| {
+            self.family
+                .get_or_create(&EventLabels {
+                    event: event.to_owned(),
+                })
+                .clone()
+        };
+        if by_name.len() < self.max {
+            by_name
+                .entry(event.to_owned())
+                .or_insert_with(|| counter(event))
+                .inc();
+        } else {
+            counter("other").inc();
         }
-        "other".to_owned()
     }
 }
 
@@ -371,7 +386,11 @@ impl Metrics {
             rejections,
             publishes,
             confirm_seconds,
-            webhooks,
+            webhooks: EventCounters {
+                family: webhooks,
+                by_name: RwLock::new(HashMap::new()),
+                max: max_event_labels,
+            },
             broker_connected,
             broker_blocked,
             reconnects,
@@ -383,10 +402,6 @@ impl Metrics {
             replay_failures,
             connection_errors,
             tls_handshake_failures,
-            events: EventNames {
-                seen: Mutex::new(HashSet::new()),
-                max: max_event_labels,
-            },
             render: Mutex::new(()),
             ready,
             certificate_expiry,
@@ -431,8 +446,7 @@ impl Metrics {
     }
 
     pub fn webhook(&self, event: &str) {
-        let event = self.events.label(event);
-        self.webhooks.get_or_create(&EventLabels { event }).inc();
+        self.webhooks.inc(event);
     }
 
     pub fn connection_error(&self, kind: ConnectionErrorKind) {

@@ -27,6 +27,7 @@ use tracing::{Instrument, Level};
 use crate::access::{AccessPolicy, KeyFailureBudget, Source};
 use crate::amqp::PublishError;
 use crate::auth::KeyStore;
+use crate::completion::RunToCompletion;
 use crate::config::{Config, HttpConfig};
 use crate::delivery::{Delivery, DeliveryError, Outcome};
 use crate::envelope::{Envelope, EnvelopeError};
@@ -45,8 +46,8 @@ pub struct App {
     pub routing: RoutingTemplate,
     pub keys: Arc<KeyStore>,
     pub delivery: Delivery,
-    /// Publishes run as tasks tracked here, so a client hanging up cannot cancel a publish
-    /// already begun, and shutdown can wait for them.
+    /// Deliveries under way, wherever they run (see [`RunToCompletion`]): shutdown waits
+    /// for them.
     pub publishes: TaskTracker,
     /// Permits for webhooks handled at once (`http.max_in_flight`), taken once the body is in.
     pub in_flight: Semaphore,
@@ -143,7 +144,7 @@ pub enum Rejection {
     SpoolFull(#[source] SpoolError),
     #[error("spool write failed, webhook not accepted")]
     SpoolFailed(#[source] SpoolError),
-    /// The delivery task panicked or was cancelled (a bug, or the runtime shutting down).
+    /// The delivery panicked (a bug).
     #[error("delivery ended abnormally, webhook not accepted")]
     DeliveryAborted(String),
 }
@@ -493,19 +494,15 @@ async fn accept(
         tracestate: trace.tracestate,
     };
     let delivery = app.delivery.clone();
-    // Spawned, then awaited: if the client disconnects, hyper drops this future, but the
-    // publish (or spool write) goes on to its end instead of being cut off halfway. Boxed
-    // first: the delivery future is about 1.8 KB, and Tokio moves a spawned future, and the
-    // slot its output replaces, several times (into the span, the tracker and the task, out
-    // as the result); a box is moved once, and the task itself stays small.
-    let deliver = app
-        .publishes
-        .spawn(Box::pin(async move { delivery.deliver(&message).await }).in_current_span());
+    // Run to its end even if the client disconnects (hyper then drops this future): a publish
+    // or spool write cut off halfway would lose the webhook.
+    let deliver = RunToCompletion::new(
+        &app.publishes,
+        async move { delivery.deliver(&message).await },
+    );
     let outcome = match deliver.await {
         Ok(result) => result?,
-        Err(join) => {
-            return Err(Rejection::DeliveryAborted(join.to_string()));
-        }
+        Err(panicked) => return Err(Rejection::DeliveryAborted(panicked.to_string())),
     };
     let status = match outcome {
         Outcome::Confirmed => "accepted",
