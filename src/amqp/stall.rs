@@ -22,6 +22,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use futures_lite::future::poll_once;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -85,10 +86,11 @@ impl StallWatch {
     }
 
     /// Waits for `answer`, the broker's answer to a publish handed to it at `since` (its
-    /// confirm), until `deadline`. Gives up at once when the connection is stalled, and calls
-    /// it stalled when the broker answers nothing for the threshold after `since`. `blocked`
-    /// says whether the broker has blocked publishing, which explains a silence: the wait
-    /// then ends after the threshold without calling the connection stalled.
+    /// confirm), until `deadline`. Gives up at once when the connection is stalled (unless the
+    /// answer is already there), and calls it stalled when the broker answers nothing for the
+    /// threshold after `since`. `blocked` says whether the broker has blocked publishing,
+    /// which explains a silence: the wait then ends after the threshold without calling the
+    /// connection stalled.
     pub(crate) async fn answer<T, E>(
         &self,
         since: Instant,
@@ -119,12 +121,12 @@ impl StallWatch {
         blocked: impl Fn() -> bool,
         is_answer: bool,
     ) -> Result<Result<T, E>, Silence> {
+        tokio::pin!(answer);
         if let Some(stall) = self.stall.get().copied() {
-            return Err(Silence::Stalled(stall));
+            return self.unless_answered(answer, stall, is_answer).await;
         }
         self.waiting.fetch_add(1, Ordering::Relaxed);
         let _waiting = Waiting(&self.waiting);
-        tokio::pin!(answer);
         loop {
             let check = (since.max(self.last_answer()) + self.threshold).min(deadline);
             tokio::select! {
@@ -136,7 +138,9 @@ impl StallWatch {
                     }
                     return Ok(answered);
                 }
-                stall = self.stalled() => return Err(Silence::Stalled(stall)),
+                stall = self.stalled() => {
+                    return self.unless_answered(answer, stall, is_answer).await;
+                }
                 () = tokio::time::sleep_until(check) => {}
             }
             let now = Instant::now();
@@ -153,6 +157,25 @@ impl StallWatch {
                 return Err(Silence::Deadline);
             }
         }
+    }
+
+    /// The end of a wait on a stalled connection: `stall`, unless the answer is already
+    /// there. A confirm can arrive after the wait last looked but before the stall was seen,
+    /// or before the wait even began (a batch's later confirms, waited for one after the
+    /// other); thrown away, its webhook would be published again. A publish still being
+    /// handed over is left as it is, though: what it sent on a stalled connection could
+    /// arrive twice.
+    async fn unless_answered<O>(
+        &self,
+        answer: impl Future<Output = O>,
+        stall: Stall,
+        is_answer: bool,
+    ) -> Result<O, Silence> {
+        if is_answer && let Some(answered) = poll_once(answer).await {
+            self.answered();
+            return Ok(answered);
+        }
+        Err(Silence::Stalled(stall))
     }
 
     /// Marks the connection stalled (once): every wait on it ends now.
@@ -233,11 +256,35 @@ mod tests {
         // A publish that comes after the stall does not wait at all.
         let now = Instant::now();
         assert!(matches!(
-            watch
-                .answer(now, now + LONG, after(Duration::ZERO), || false)
-                .await,
+            watch.answer(now, now + LONG, never(), || false).await,
             Err(Silence::Stalled(_))
         ));
+        assert_eq!(now.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_already_there_wins_over_a_stall_noticed_elsewhere() {
+        let watch = StallWatch::new(THRESHOLD);
+        let start = Instant::now();
+        let first = watch.answer(start, start + LONG, never(), || false).await;
+        assert!(matches!(first, Err(Silence::Stalled(_))), "{first:?}");
+        // A confirm that arrived meanwhile (the next of a batch, say) is taken, not thrown
+        // away with the connection...
+        let now = Instant::now();
+        let there = std::future::ready(Ok::<_, ()>(()));
+        assert_eq!(
+            watch.answer(now, now + LONG, there, || false).await,
+            Ok(Ok(()))
+        );
+        // ...but one still to come is not waited for, and nothing more is handed over.
+        let waited = watch
+            .answer(now, now + LONG, after(Duration::from_millis(1)), || false)
+            .await;
+        assert!(matches!(waited, Err(Silence::Stalled(_))), "{waited:?}");
+        let handed_over = std::future::ready(Ok::<_, ()>(()));
+        let sent = watch.send(now, now + LONG, handed_over, || false).await;
+        assert!(matches!(sent, Err(Silence::Stalled(_))), "{sent:?}");
+        assert_eq!(now.elapsed(), Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]
