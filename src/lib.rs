@@ -388,7 +388,10 @@ async fn serve(
         let budget = config.spool.shutdown_replay_timeout();
         if tokio::time::timeout(budget, &mut replay).await.is_err() {
             stop_replay.cancel();
-            // Replay stops between batches; a batch is bounded by the confirm timeout.
+            // Replay stops between batches. A batch gives up after the confirm timeout of
+            // silence from the broker, so this is enough for it unless the broker is still
+            // confirming it, slowly: what it has not confirmed when the connection closes stays
+            // in the spool, and may reach the broker twice.
             let _ = tokio::time::timeout(ceiling, replay).await;
         }
     }

@@ -198,7 +198,7 @@ pub(crate) async fn open_session(
             connection: Arc::new(connection),
             channels,
             url: url.clone(),
-            stall: Arc::new(StallWatch::new(config.stall_timeout())),
+            stall: Arc::new(StallWatch::new()),
             declared,
         })
     })

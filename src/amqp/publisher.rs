@@ -40,7 +40,7 @@ use crate::amqp::connect::{
     reopen_channels,
 };
 use crate::amqp::properties::properties;
-use crate::amqp::stall::{Silence, Stall, StallWatch};
+use crate::amqp::stall::{Patience, Silence, Stall, StallWatch};
 use crate::amqp::topology::EventQueues;
 use crate::config::AmqpConfig;
 use crate::message::Message;
@@ -196,17 +196,39 @@ impl Publisher {
             self.ensure_event_queue(&session, message.routing_key.as_str(), deadline)
                 .await?;
         }
+        // Its client waits for the answer: a short silence is enough to give up on the broker
+        // and spool instead.
+        let patience = Patience {
+            stall: self.inner.config.stall_timeout(),
+            deadline: Some(deadline),
+        };
         let blocked = || session.connection.status().blocked();
         let since = Instant::now();
         let sent = session
             .stall
-            .send(since, deadline, self.send(&channel, message), blocked)
+            .send(since, patience, self.send(&channel, message), blocked)
             .await;
-        self.settle(&session, since, deadline, sent).await
+        self.settle(&session, since, patience, sent).await
     }
 
     /// Publishes `messages` in order on one channel (AMQP keeps a channel's order), all
-    /// confirms in flight at once; one result per message, in the same order.
+    /// confirms in flight at once; one result per message, in the same order. For replay of
+    /// the spool.
+    ///
+    /// Patient, unlike [`Self::publish`]: no client waits for these, and giving up on a message
+    /// the broker already has means publishing it again, a duplicate. So a wait here calls the
+    /// connection stalled only after the broker has answered nothing on it for the confirm
+    /// timeout (`amqp.stall_timeout_ms` if that is longer), which a broker that is slow rather
+    /// than hung, pausing its confirms for a second or two, never reaches. Nor does the batch
+    /// have a deadline: confirms come as the broker gets to them, and one that keeps
+    /// confirming, however slowly, gets to confirm the whole batch. What still ends these waits
+    /// at once: a stall a webhook's own publish noticed (with its shorter threshold), and a
+    /// lost connection or a missed heartbeat, which fail every confirm under way.
+    ///
+    /// Webhooks do not wait any longer for it: while the spool holds records, new webhooks
+    /// are spooled rather than published (see `Delivery::deliver`), so replay is alone on the
+    /// connection but for publishes that began before the spool did, which keep their own
+    /// threshold. `/readyz` goes on saying the broker is connected while replay waits.
     pub async fn publish_batch(&self, messages: &[Message]) -> Vec<Result<(), PublishError>> {
         let Some((session, channel)) = self.channel() else {
             return messages
@@ -214,20 +236,24 @@ impl Publisher {
                 .map(|_| Err(PublishError::Unavailable))
                 .collect();
         };
-        let deadline = Instant::now() + self.inner.config.confirm_timeout();
+        let config = &self.inner.config;
+        let patience = Patience {
+            stall: config.confirm_timeout().max(config.stall_timeout()),
+            deadline: None,
+        };
         let blocked = || session.connection.status().blocked();
         let mut confirms = Vec::with_capacity(messages.len());
         for message in messages {
             let since = Instant::now();
             let sent = session
                 .stall
-                .send(since, deadline, self.send(&channel, message), blocked)
+                .send(since, patience, self.send(&channel, message), blocked)
                 .await;
             confirms.push((since, sent));
         }
         let mut results = Vec::with_capacity(messages.len());
         for (since, sent) in confirms {
-            results.push(self.settle(&session, since, deadline, sent).await);
+            results.push(self.settle(&session, since, patience, sent).await);
         }
         results
     }
@@ -284,7 +310,7 @@ impl Publisher {
         &self,
         session: &Session,
         since: Instant,
-        deadline: Instant,
+        patience: Patience,
         sent: Result<Result<lapin::PublisherConfirm, lapin::Error>, Silence>,
     ) -> Result<(), PublishError> {
         let blocked = || session.connection.status().blocked();
@@ -292,7 +318,7 @@ impl Publisher {
             Ok(Ok(confirm)) => {
                 session
                     .stall
-                    .answer(since, deadline, confirm, blocked)
+                    .answer(since, patience, confirm, blocked)
                     .await
             }
             Ok(Err(err)) => Ok(Err(err)),

@@ -4,8 +4,10 @@
 //! A hung broker (a GC pause, a stuck disk, a frozen VM, a network that drops packets instead
 //! of resetting) keeps its TCP connection open and simply stops answering, so nothing fails:
 //! publishes wait for confirms that do not come. The watch calls a connection stalled when
-//! a publish has waited `amqp.stall_timeout_ms` and the broker has answered nothing on that
-//! connection since the publish was handed to it. A broker that is slow but alive keeps
+//! a publish has waited its threshold and the broker has answered nothing on that connection
+//! since the publish was handed to it. The threshold is the wait's own: a webhook's publish,
+//! which its HTTP client waits for, has `amqp.stall_timeout_ms`; replay of the spool, which no
+//! client waits for, is more patient (see [`Patience`]). A broker that is slow but alive keeps
 //! confirming *something* (confirms come in batches, as its disk commits), so a long queue
 //! of publishes behind a slow commit is not a stall; a broker that blocked publishing
 //! (`connection.blocked`: a resource alarm) has said why it is silent, so neither is that,
@@ -22,12 +24,12 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use futures_lite::future::poll_once;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// What the broker has answered on one connection, and whether it stopped.
 pub(crate) struct StallWatch {
-    threshold: Duration,
     opened: Instant,
     /// When the broker last answered a publish on this connection, in µs since `opened`.
     last_answer_us: AtomicU64,
@@ -38,13 +40,23 @@ pub(crate) struct StallWatch {
 }
 
 /// A stall as it was noticed, for the log and `/readyz`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Stall {
     /// How long the broker had been silent with a publish waiting.
     pub silent_for: Duration,
     /// Publishes that were waiting on the connection when the stall was noticed: each went
     /// to the spool and may reach the broker twice.
     pub waiting: usize,
+}
+
+/// How long one wait for the broker may last.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Patience {
+    /// The silence (nothing answered on the connection since the publish was handed over)
+    /// after which the wait calls the connection stalled.
+    pub(crate) stall: Duration,
+    /// When the wait ends all the same; with `None`, only a silence ends it.
+    pub(crate) deadline: Option<Instant>,
 }
 
 /// Why waiting for the broker ended without an answer.
@@ -60,9 +72,8 @@ pub(crate) enum Silence {
 }
 
 impl StallWatch {
-    pub(crate) fn new(threshold: Duration) -> StallWatch {
+    pub(crate) fn new() -> StallWatch {
         StallWatch {
-            threshold,
             opened: Instant::now(),
             last_answer_us: AtomicU64::new(0),
             waiting: AtomicUsize::new(0),
@@ -78,25 +89,24 @@ impl StallWatch {
     /// Resolves once the connection is called stalled.
     pub(crate) async fn stalled(&self) -> Stall {
         self.stalled.cancelled().await;
-        self.stall.get().copied().unwrap_or(Stall {
-            silent_for: self.threshold,
-            waiting: 0,
-        })
+        // Recorded before the token is cancelled (see `call_stalled`).
+        self.stall.get().copied().unwrap_or_default()
     }
 
     /// Waits for `answer`, the broker's answer to a publish handed to it at `since` (its
-    /// confirm), until `deadline`. Gives up at once when the connection is stalled, and calls
-    /// it stalled when the broker answers nothing for the threshold after `since`. `blocked`
-    /// says whether the broker has blocked publishing, which explains a silence: the wait
-    /// then ends after the threshold without calling the connection stalled.
+    /// confirm), until `patience.deadline`. Gives up at once when the connection is stalled
+    /// (unless the answer is already there), and calls it stalled when the broker answers
+    /// nothing for `patience.stall` after `since`. `blocked` says whether the broker has
+    /// blocked publishing, which explains a silence: the wait then ends after that long
+    /// without calling the connection stalled.
     pub(crate) async fn answer<T, E>(
         &self,
         since: Instant,
-        deadline: Instant,
+        patience: Patience,
         answer: impl Future<Output = Result<T, E>>,
         blocked: impl Fn() -> bool,
     ) -> Result<Result<T, E>, Silence> {
-        self.wait(since, deadline, answer, blocked, true).await
+        self.wait(since, patience, answer, blocked, true).await
     }
 
     /// As [`Self::answer`], for handing the publish over (`basic.publish`), which can wait on
@@ -104,29 +114,34 @@ impl StallWatch {
     pub(crate) async fn send<T, E>(
         &self,
         since: Instant,
-        deadline: Instant,
+        patience: Patience,
         sending: impl Future<Output = Result<T, E>>,
         blocked: impl Fn() -> bool,
     ) -> Result<Result<T, E>, Silence> {
-        self.wait(since, deadline, sending, blocked, false).await
+        self.wait(since, patience, sending, blocked, false).await
     }
 
     async fn wait<T, E>(
         &self,
         since: Instant,
-        deadline: Instant,
+        patience: Patience,
         answer: impl Future<Output = Result<T, E>>,
         blocked: impl Fn() -> bool,
         is_answer: bool,
     ) -> Result<Result<T, E>, Silence> {
+        tokio::pin!(answer);
         if let Some(stall) = self.stall.get().copied() {
-            return Err(Silence::Stalled(stall));
+            return self.unless_answered(answer, stall, is_answer).await;
         }
         self.waiting.fetch_add(1, Ordering::Relaxed);
         let _waiting = Waiting(&self.waiting);
-        tokio::pin!(answer);
+        let Patience {
+            stall: threshold,
+            deadline,
+        } = patience;
         loop {
-            let check = (since.max(self.last_answer()) + self.threshold).min(deadline);
+            let silence_ends = since.max(self.last_answer()) + threshold;
+            let check = deadline.map_or(silence_ends, |deadline| silence_ends.min(deadline));
             tokio::select! {
                 // An answer that is already there wins over a timer that fired with it.
                 biased;
@@ -136,23 +151,45 @@ impl StallWatch {
                     }
                     return Ok(answered);
                 }
-                stall = self.stalled() => return Err(Silence::Stalled(stall)),
+                stall = self.stalled() => {
+                    return self.unless_answered(answer, stall, is_answer).await;
+                }
                 () = tokio::time::sleep_until(check) => {}
             }
             let now = Instant::now();
             let silent_for = now - since.max(self.last_answer());
             let silent_throughout = since >= self.last_answer();
-            if (silent_for >= self.threshold || now >= deadline) && blocked() {
+            let past_deadline = deadline.is_some_and(|deadline| now >= deadline);
+            if (silent_for >= threshold || past_deadline) && blocked() {
                 return Err(Silence::Blocked);
             }
             // A deadline shorter than the threshold still proves a silence that long.
-            if silent_for >= self.threshold || (now >= deadline && silent_throughout) {
+            if silent_for >= threshold || (past_deadline && silent_throughout) {
                 return Err(Silence::Stalled(self.call_stalled(silent_for)));
             }
-            if now >= deadline {
+            if past_deadline {
                 return Err(Silence::Deadline);
             }
         }
+    }
+
+    /// The end of a wait on a stalled connection: `stall`, unless the answer is already
+    /// there. A confirm can arrive after the wait last looked but before the stall was seen,
+    /// or before the wait even began (a batch's later confirms, waited for one after the
+    /// other); thrown away, its webhook would be published again. A publish still being
+    /// handed over is left as it is, though: what it sent on a stalled connection could
+    /// arrive twice.
+    async fn unless_answered<O>(
+        &self,
+        answer: impl Future<Output = O>,
+        stall: Stall,
+        is_answer: bool,
+    ) -> Result<O, Silence> {
+        if is_answer && let Some(answered) = poll_once(answer).await {
+            self.answered();
+            return Ok(answered);
+        }
+        Err(Silence::Stalled(stall))
     }
 
     /// Marks the connection stalled (once): every wait on it ends now.
@@ -193,6 +230,19 @@ mod tests {
 
     const THRESHOLD: Duration = Duration::from_millis(1000);
     const LONG: Duration = Duration::from_secs(5);
+    /// Replay's waits: the broker silent for `LONG`, and no deadline.
+    const PATIENT: Patience = Patience {
+        stall: LONG,
+        deadline: None,
+    };
+
+    /// A webhook's publish handed over at `since`: the threshold, and a deadline.
+    fn live(since: Instant) -> Patience {
+        Patience {
+            stall: THRESHOLD,
+            deadline: Some(since + LONG),
+        }
+    }
 
     fn never() -> impl Future<Output = Result<(), ()>> {
         std::future::pending()
@@ -205,7 +255,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn silence_past_the_threshold_is_a_stall_that_ends_every_wait() {
-        let watch = Arc::new(StallWatch::new(THRESHOLD));
+        let watch = Arc::new(StallWatch::new());
         let start = Instant::now();
         // A later publish waits too; it must end when the first one notices.
         let later = {
@@ -214,12 +264,12 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 let since = Instant::now();
                 (
-                    watch.answer(since, since + LONG, never(), || false).await,
+                    watch.answer(since, live(since), never(), || false).await,
                     since.elapsed(),
                 )
             })
         };
-        let first = watch.answer(start, start + LONG, never(), || false).await;
+        let first = watch.answer(start, live(start), never(), || false).await;
         assert_eq!(start.elapsed(), THRESHOLD);
         let Err(Silence::Stalled(stall)) = first else {
             panic!("{first:?}");
@@ -233,16 +283,40 @@ mod tests {
         // A publish that comes after the stall does not wait at all.
         let now = Instant::now();
         assert!(matches!(
-            watch
-                .answer(now, now + LONG, after(Duration::ZERO), || false)
-                .await,
+            watch.answer(now, live(now), never(), || false).await,
             Err(Silence::Stalled(_))
         ));
+        assert_eq!(now.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_already_there_wins_over_a_stall_noticed_elsewhere() {
+        let watch = StallWatch::new();
+        let start = Instant::now();
+        let first = watch.answer(start, live(start), never(), || false).await;
+        assert!(matches!(first, Err(Silence::Stalled(_))), "{first:?}");
+        // A confirm that arrived meanwhile (the next of a batch, say) is taken, not thrown
+        // away with the connection...
+        let now = Instant::now();
+        let there = std::future::ready(Ok::<_, ()>(()));
+        assert_eq!(
+            watch.answer(now, live(now), there, || false).await,
+            Ok(Ok(()))
+        );
+        // ...but one still to come is not waited for, and nothing more is handed over.
+        let waited = watch
+            .answer(now, live(now), after(Duration::from_millis(1)), || false)
+            .await;
+        assert!(matches!(waited, Err(Silence::Stalled(_))), "{waited:?}");
+        let handed_over = std::future::ready(Ok::<_, ()>(()));
+        let sent = watch.send(now, live(now), handed_over, || false).await;
+        assert!(matches!(sent, Err(Silence::Stalled(_))), "{sent:?}");
+        assert_eq!(now.elapsed(), Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_slow_broker_that_keeps_answering_is_not_stalled() {
-        let watch = Arc::new(StallWatch::new(THRESHOLD));
+        let watch = Arc::new(StallWatch::new());
         let start = Instant::now();
         // Publishes every 200 ms, answered every 500 ms from 0.8 s on: a backlog grows, and
         // the later ones wait up to 3.5 s, far over the threshold, but the broker is never
@@ -258,7 +332,7 @@ mod tests {
                         tokio::time::sleep_until(answered_at).await;
                         Ok::<_, ()>(())
                     };
-                    watch.answer(since, since + LONG, answer, || false).await
+                    watch.answer(since, live(since), answer, || false).await
                 })
             })
             .collect();
@@ -270,11 +344,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_blocked_broker_is_silent_for_a_reason_and_not_waited_out() {
-        let watch = StallWatch::new(THRESHOLD);
+        let watch = StallWatch::new();
         let blocked = AtomicBool::new(true);
         let start = Instant::now();
         let waited = watch
-            .answer(start, start + LONG, never(), || {
+            .answer(start, live(start), never(), || {
                 blocked.load(Ordering::SeqCst)
             })
             .await;
@@ -285,14 +359,14 @@ mod tests {
         blocked.store(false, Ordering::SeqCst);
         let now = Instant::now();
         let answered = watch
-            .answer(now, now + LONG, after(Duration::from_millis(200)), || false)
+            .answer(now, live(now), after(Duration::from_millis(200)), || false)
             .await;
         assert_eq!(answered, Ok(Ok(())));
     }
 
     #[tokio::test(start_paused = true)]
     async fn handing_publishes_over_is_not_an_answer() {
-        let watch = Arc::new(StallWatch::new(THRESHOLD));
+        let watch = Arc::new(StallWatch::new());
         let start = Instant::now();
         // A hung broker's socket still takes bytes for a while: sends keep completing.
         let sends = {
@@ -301,11 +375,11 @@ mod tests {
                 for _ in 0..9 {
                     let since = Instant::now();
                     let sent = after(Duration::from_millis(100));
-                    let _ = watch.send(since, since + LONG, sent, || false).await;
+                    let _ = watch.send(since, live(since), sent, || false).await;
                 }
             })
         };
-        let waited = watch.answer(start, start + LONG, never(), || false).await;
+        let waited = watch.answer(start, live(start), never(), || false).await;
         assert!(matches!(waited, Err(Silence::Stalled(_))), "{waited:?}");
         assert_eq!(start.elapsed(), THRESHOLD);
         sends.await.unwrap();
@@ -313,26 +387,87 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_deadline_before_the_threshold_with_no_answer_is_a_stall_too() {
-        let watch = StallWatch::new(Duration::from_secs(10));
+        let watch = StallWatch::new();
         let start = Instant::now();
-        let waited = watch.answer(start, start + LONG, never(), || false).await;
+        let patience = Patience {
+            stall: Duration::from_secs(10),
+            ..live(start)
+        };
+        let waited = watch.answer(start, patience, never(), || false).await;
         assert!(matches!(waited, Err(Silence::Stalled(s)) if s.silent_for == LONG));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_deadline_after_answers_to_others_is_only_a_deadline() {
-        let watch = Arc::new(StallWatch::new(Duration::from_secs(10)));
+        let watch = Arc::new(StallWatch::new());
         let start = Instant::now();
+        let patience = Patience {
+            stall: Duration::from_secs(10),
+            ..live(start)
+        };
         let other = {
             let watch = Arc::clone(&watch);
             tokio::spawn(async move {
                 let answer = after(Duration::from_secs(1));
-                watch.answer(start, start + LONG, answer, || false).await
+                watch.answer(start, patience, answer, || false).await
             })
         };
-        let waited = watch.answer(start, start + LONG, never(), || false).await;
+        let waited = watch.answer(start, patience, never(), || false).await;
         assert_eq!(waited, Err(Silence::Deadline));
         assert_eq!(other.await.unwrap(), Ok(Ok(())));
         assert!(!watch.is_stalled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_patient_wait_outlasts_a_pause_but_not_a_hang() {
+        let watch = StallWatch::new();
+        let start = Instant::now();
+        // Silent for longer than a webhook's threshold, then answering: slow, not hung.
+        let paused = after(Duration::from_millis(1500));
+        assert_eq!(
+            watch.answer(start, PATIENT, paused, || false).await,
+            Ok(Ok(()))
+        );
+        assert!(!watch.is_stalled());
+        let now = Instant::now();
+        let waited = watch.answer(now, PATIENT, never(), || false).await;
+        assert!(matches!(waited, Err(Silence::Stalled(s)) if s.silent_for == LONG));
+        assert_eq!(now.elapsed(), LONG);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_patient_batch_is_not_cut_short_while_the_broker_confirms() {
+        let watch = StallWatch::new();
+        let start = Instant::now();
+        // 100 publishes handed over at once, confirmed one every 200 ms: the last one 20 s
+        // later, far past any deadline the batch could have had.
+        for i in 1..=100 {
+            let confirmed = start + Duration::from_millis(200) * i;
+            let answer = async move {
+                tokio::time::sleep_until(confirmed).await;
+                Ok::<_, ()>(())
+            };
+            assert_eq!(
+                watch.answer(start, PATIENT, answer, || false).await,
+                Ok(Ok(()))
+            );
+        }
+        assert_eq!(start.elapsed(), Duration::from_secs(20));
+        assert!(!watch.is_stalled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stall_a_webhook_notices_ends_a_patient_wait_at_once() {
+        let watch = Arc::new(StallWatch::new());
+        let start = Instant::now();
+        let replay = {
+            let watch = Arc::clone(&watch);
+            tokio::spawn(async move { watch.answer(start, PATIENT, never(), || false).await })
+        };
+        let webhook = watch.answer(start, live(start), never(), || false).await;
+        assert!(matches!(webhook, Err(Silence::Stalled(_))), "{webhook:?}");
+        let replayed = replay.await.unwrap();
+        assert!(matches!(replayed, Err(Silence::Stalled(_))), "{replayed:?}");
+        assert_eq!(start.elapsed(), THRESHOLD);
     }
 }

@@ -67,10 +67,12 @@ pub struct AmqpConfig {
     /// Number of publishing channels, each with many confirms in flight.
     pub channels: usize,
     /// How long a publish may wait for the broker's confirm before the request gets 503.
+    /// Replay of the spool has no such deadline: it calls the connection stalled once the
+    /// broker has confirmed nothing at all for this long (`stall_timeout_ms` if longer).
     pub confirm_timeout_ms: u64,
-    /// How long the broker may stay silent (no confirm at all) while publishes wait on a
-    /// connection before the relay calls it stalled: waiting webhooks go to the spool, and
-    /// the connection is abandoned for the next node.
+    /// How long the broker may stay silent (no confirm at all) while webhooks' publishes wait
+    /// on a connection before the relay calls it stalled: waiting webhooks go to the spool,
+    /// and the connection is abandoned for the next node.
     pub stall_timeout_ms: u64,
     /// Declare the exchanges, queues and bindings at the first connection (and again if the
     /// exchange is found gone). `false`: the broker's definitions own the topology and the

@@ -20,7 +20,8 @@
 //! - `tls`: HTTP/2 over ALPN, renewed and mismatched certificates, stalled handshakes against
 //!   the connection caps, plain HTTP to the TLS port.
 //! - `operate`: metrics, trace context, overload, keys reloaded on SIGHUP.
-//! - `proxy`: a TCP proxy between relay and broker that can cut, refuse and stall.
+//! - `proxy`: a TCP proxy between relay and broker that can cut, refuse, stall, and hold the
+//!   broker's replies only.
 //! - `local_cluster`: RabbitMQ nodes of a test's own (`deploy/rabbitmq/local-cluster.sh`).
 //! - `broker_faults`: faults on such a node that would disturb every other test on the shared
 //!   broker: a memory alarm, a frozen node.
@@ -47,7 +48,7 @@
 //! - `scale`: two relays behind HAProxy, one killed under load.
 //! - `shutdown`: SIGTERM under load loses no accepted webhook and exits 0.
 //! - `spool`: broker out of reach, SIGKILL, torn spool tail, full spool, several broker URLs,
-//!   the spool replayed on SIGTERM.
+//!   the spool replayed on SIGTERM, a pause in the broker's replies during replay.
 //! - `stall`: a broker that stops answering under load, held by the proxy.
 //! - `tmpfs`: a small real filesystem a test mounts (as root) and unmounts when done.
 

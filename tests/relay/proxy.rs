@@ -1,5 +1,6 @@
 //! A TCP proxy that sits between the relay and the broker, so tests can break the network
-//! for real: cut every open connection, refuse new ones, or stall the traffic.
+//! for real: cut every open connection, refuse new ones, stall the traffic, or hold the
+//! broker's replies only.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,12 +20,25 @@ pub struct Proxy {
 struct State {
     upstream: SocketAddr,
     refusing: AtomicBool,
-    stalled: watch::Sender<bool>,
-    /// Bytes read from the relay (counted even while stalled).
+    held: watch::Sender<Held>,
+    /// Bytes read from the relay (counted even while held).
     from_client: AtomicU64,
     /// Connections accepted from the relay (counted even while refusing).
     attempts: AtomicU64,
     connections: Mutex<Vec<AbortHandle>>,
+}
+
+/// Which traffic is held rather than forwarded.
+#[derive(Debug, Clone, Copy, Default)]
+struct Held {
+    both: bool,
+    replies: bool,
+}
+
+impl Held {
+    fn holds(self, from_client: bool) -> bool {
+        self.both || (self.replies && !from_client)
+    }
 }
 
 impl Proxy {
@@ -34,7 +48,7 @@ impl Proxy {
         let state = Arc::new(State {
             upstream,
             refusing: AtomicBool::new(false),
-            stalled: watch::channel(false).0,
+            held: watch::channel(Held::default()).0,
             from_client: AtomicU64::new(0),
             attempts: AtomicU64::new(0),
             connections: Mutex::new(Vec::new()),
@@ -61,7 +75,14 @@ impl Proxy {
 
     /// While on, bytes are read but not forwarded, in either direction.
     pub fn stall(&self, on: bool) {
-        self.state.stalled.send_replace(on);
+        self.state.held.send_modify(|held| held.both = on);
+    }
+
+    /// While on, bytes from the broker are read but not forwarded, while the relay's still
+    /// reach it: a broker that takes everything and answers late (a long pause), as seen from
+    /// the relay.
+    pub fn hold_replies(&self, on: bool) {
+        self.state.held.send_modify(|held| held.replies = on);
     }
 
     pub fn bytes_from_client(&self) -> u64 {
@@ -112,13 +133,13 @@ async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     state: &State,
-    count: bool,
+    from_client: bool,
 ) {
-    let mut stalled = state.stalled.subscribe();
+    let mut held = state.held.subscribe();
     let mut buf = vec![0u8; 64 * 1024];
-    // Read while stalled too (held here, not forwarded), so `bytes_from_client` says what the
+    // Read while held too (kept here, not forwarded), so `bytes_from_client` says what the
     // relay sent, not only the first piece of it.
-    let mut held = Vec::new();
+    let mut kept = Vec::new();
     loop {
         tokio::select! {
             read = from.read(&mut buf) => {
@@ -126,21 +147,21 @@ async fn pump(
                     Ok(0) | Err(_) => return,
                     Ok(n) => n,
                 };
-                if count {
+                if from_client {
                     state.from_client.fetch_add(n as u64, Ordering::SeqCst);
                 }
-                held.extend_from_slice(&buf[..n]);
+                kept.extend_from_slice(&buf[..n]);
             }
             // The watch's value is not kept borrowed while writing.
-            unstalled = async { stalled.wait_for(|stalled| !*stalled).await.is_ok() },
-                if !held.is_empty() => {
-                if !unstalled {
+            released = async { held.wait_for(|held| !held.holds(from_client)).await.is_ok() },
+                if !kept.is_empty() => {
+                if !released {
                     return;
                 }
-                if to.write_all(&held).await.is_err() {
+                if to.write_all(&kept).await.is_err() {
                     return;
                 }
-                held.clear();
+                kept.clear();
             }
         }
     }

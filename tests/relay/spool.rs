@@ -472,3 +472,66 @@ async fn sigterm_with_the_broker_away_says_what_stays_in_the_spool_for_the_next_
     count(&accepted, &take_all(&channel, &unrouted).await).assert_delivered(0);
     relay.terminate().await;
 }
+
+/// A broker that pauses its replies for longer than `amqp.stall_timeout_ms` in the middle of a
+/// replay is slow, not hung: replay waits for its confirms, rather than calling the connection
+/// stalled and publishing what the broker already had again on the next one.
+#[tokio::test]
+async fn a_pause_in_the_brokers_replies_during_replay_duplicates_nothing() {
+    // Enough for replay to be well under way, with full batches of 256, when the pause comes.
+    const CLIENTS: usize = 16;
+    const EACH: usize = 200;
+    const WEBHOOKS: usize = CLIENTS * EACH;
+    let offline = Offline::start().await;
+    // The default thresholds: a stall after 1 s of silence, a 5 s confirm timeout.
+    let relay = RelayProcess::spawn(&offline.env()).await;
+    let posted = Arc::new(AtomicUsize::new(0));
+    let mut accepted = Vec::new();
+    for client in harness::post_until_gone(relay.addr(), CLIENTS, EACH, &posted) {
+        accepted.extend(client.await.unwrap());
+    }
+    assert_eq!(accepted.len(), WEBHOOKS);
+    assert_eq!(
+        readyz(relay.addr()).await.json()["spool"]["messages"],
+        WEBHOOKS
+    );
+
+    offline.proxy.refuse(false);
+    // Batches of 1, 2, ... 128 replayed: every batch from now on is 256 webhooks.
+    wait_readyz(relay.addr(), "replay under way in full batches", |reply| {
+        reply.json()["spool"]["messages"]
+            .as_u64()
+            .is_some_and(|left| left <= (WEBHOOKS - 255) as u64)
+    })
+    .await;
+    // The broker takes everything the relay sends and answers nothing for 1.5 s: longer than
+    // `amqp.stall_timeout_ms`, but it is slow, not hung.
+    offline.proxy.hold_replies(true);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Held up in the middle, not done before the pause.
+    let left = readyz(relay.addr()).await.json()["spool"]["messages"].clone();
+    assert!(left.as_u64().is_some_and(|left| left > 0), "{left}");
+    offline.proxy.hold_replies(false);
+    wait_sample(relay.addr(), "hirehop_relay_spool_messages", "0", |n| {
+        n == 0.0
+    })
+    .await;
+
+    let metrics = scrape(relay.addr()).await;
+    let broker = harness::broker().await;
+    let channel = broker.create_channel().await.unwrap();
+    let unrouted = format!("{}.unrouted", offline.exchange);
+    let outcome = count(&accepted, &take_all(&channel, &unrouted).await);
+    eprintln!(
+        "a pause of 1.5 s during replay: {outcome:?}, {} stalls",
+        sample(&metrics, "hirehop_relay_broker_stalls_total")
+    );
+    outcome.assert_delivered(0);
+    // Replay waited: the connection was never given up.
+    assert_eq!(
+        sample(&metrics, "hirehop_relay_broker_stalls_total"),
+        0.0,
+        "{metrics}"
+    );
+    relay.terminate().await;
+}
