@@ -122,7 +122,9 @@ pub struct Metrics {
     in_flight: Gauge,
     connections: Gauge,
     rejections: Family<RejectionLabels, Counter>,
-    publishes: Family<OutcomeLabels, Counter>,
+    /// `hirehop_relay_publishes_total`'s series, one per outcome in `PublishOutcome::ALL`'s
+    /// order: counted for every webhook, so found by index rather than by hashing labels.
+    publishes: Vec<Counter>,
     confirm_seconds: Histogram,
     webhooks: EventCounters,
     broker_connected: Gauge,
@@ -358,11 +360,10 @@ impl Metrics {
                 .get_or_create(&RejectionLabels { reason })
                 .inc_by(0);
         }
-        for &outcome in PublishOutcome::ALL {
-            publishes
-                .get_or_create(&OutcomeLabels { outcome })
-                .inc_by(0);
-        }
+        let publishes = PublishOutcome::ALL
+            .iter()
+            .map(|&outcome| publishes.get_or_create(&OutcomeLabels { outcome }).clone())
+            .collect();
         for &kind in ConnectionErrorKind::ALL {
             connection_errors
                 .get_or_create(&KindLabels { kind })
@@ -436,9 +437,7 @@ impl Metrics {
     }
 
     pub fn publish(&self, outcome: PublishOutcome) {
-        self.publishes
-            .get_or_create(&OutcomeLabels { outcome })
-            .inc();
+        self.publishes[outcome as usize].inc();
     }
 
     pub fn confirm_latency(&self, elapsed: Duration) {

@@ -62,10 +62,15 @@ fn check_event(event: &str, max: usize) -> Result<(), EventNameError> {
 }
 
 fn check_characters(s: &str) -> Result<(), EventNameError> {
-    if s.contains(['*', '#']) {
-        return Err(EventNameError::Wildcard);
+    // One pass (this runs for every webhook); a wildcard is named before a control character.
+    let mut control = false;
+    for c in s.chars() {
+        match c {
+            '*' | '#' => return Err(EventNameError::Wildcard),
+            c => control |= c.is_control(),
+        }
     }
-    if s.chars().any(char::is_control) {
+    if control {
         return Err(EventNameError::ControlCharacter);
     }
     Ok(())

@@ -8,12 +8,18 @@ use hyper::HeaderMap;
 /// The relay's own span in a trace: the caller's trace id (or a new one), a new span id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TraceContext {
-    trace_id: String,
-    span_id: String,
-    flags: String,
+    /// `00-<trace id>-<span id>-<flags>`, lowercase hex: built once, on the stack (this runs
+    /// for every webhook).
+    traceparent: [u8; TRACEPARENT_LEN],
     /// Vendor data from the caller, passed on as it came (when well-formed).
     pub tracestate: Option<String>,
 }
+
+const TRACEPARENT_LEN: usize = 55;
+/// Where the trace id, the span id and the flags sit in a `traceparent`.
+const TRACE_ID: std::ops::Range<usize> = 3..35;
+const SPAN_ID: std::ops::Range<usize> = 36..52;
+const FLAGS: std::ops::Range<usize> = 53..55;
 
 impl TraceContext {
     /// A child of the request's `traceparent` if it has a valid one, else a new sampled root.
@@ -22,49 +28,52 @@ impl TraceContext {
             .get("traceparent")
             .and_then(|v| v.to_str().ok())
             .and_then(parse_traceparent);
-        let span_id = random_hex(8);
-        match parent {
-            Some((trace_id, flags)) => TraceContext {
-                trace_id,
-                span_id,
-                flags,
-                tracestate: headers
+        let mut traceparent = *b"00-00000000000000000000000000000000-0000000000000000-01";
+        random_hex(&mut traceparent[SPAN_ID]);
+        let tracestate = match parent {
+            Some((trace_id, flags)) => {
+                traceparent[TRACE_ID].copy_from_slice(trace_id.as_bytes());
+                traceparent[FLAGS].copy_from_slice(flags.as_bytes());
+                headers
                     .get("tracestate")
                     .and_then(|v| v.to_str().ok())
                     .filter(|s| s.len() <= 512 && !s.is_empty())
-                    .map(str::to_owned),
-            },
-            None => TraceContext {
-                trace_id: random_hex(16),
-                span_id,
-                flags: "01".to_owned(),
-                tracestate: None,
-            },
+                    .map(str::to_owned)
+            }
+            None => {
+                random_hex(&mut traceparent[TRACE_ID]);
+                None
+            }
+        };
+        TraceContext {
+            traceparent,
+            tracestate,
         }
     }
 
     pub fn trace_id(&self) -> &str {
-        &self.trace_id
+        &self.as_str()[TRACE_ID]
     }
-}
 
-/// The `traceparent` value naming this span as the parent.
-impl TraceContext {
-    /// The `traceparent` that names the relay's span: `00-<trace id>-<span id>-<flags>`, as
-    /// `Display` writes it, concatenated without the formatter (this runs for every webhook).
+    /// The `traceparent` that names the relay's span: `00-<trace id>-<span id>-<flags>`.
     pub fn traceparent(&self) -> String {
-        ["00-", &self.trace_id, "-", &self.span_id, "-", &self.flags].concat()
+        self.as_str().to_owned()
+    }
+
+    fn as_str(&self) -> &str {
+        // Always ASCII: hex digits and dashes, checked or written here.
+        std::str::from_utf8(&self.traceparent).unwrap_or_default()
     }
 }
 
 impl fmt::Display for TraceContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.traceparent())
+        f.write_str(self.as_str())
     }
 }
 
 /// `(trace_id, flags)` of a version-00 `traceparent`, if valid.
-fn parse_traceparent(value: &str) -> Option<(String, String)> {
+fn parse_traceparent(value: &str) -> Option<(&str, &str)> {
     let mut parts = value.trim().split('-');
     let (version, trace_id, parent_id, flags) =
         (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
@@ -80,17 +89,20 @@ fn parse_traceparent(value: &str) -> Option<(String, String)> {
         && hex(flags, 2)
         && trace_id.bytes().any(|b| b != b'0')
         && parent_id.bytes().any(|b| b != b'0');
-    valid.then(|| (trace_id.to_owned(), flags.to_owned()))
+    valid.then_some((trace_id, flags))
 }
 
-fn random_hex(bytes: usize) -> String {
+/// Fills `out` with a random id in lowercase hex (`out.len() / 2` random bytes, at most 16).
+fn random_hex(out: &mut [u8]) {
     loop {
         // One random number, formatted once: this runs for every webhook.
         let id = fastrand::u128(..).to_be_bytes();
-        let id = &id[id.len() - bytes..];
+        let id = &id[id.len() - out.len() / 2..];
         // All zeros is invalid in W3C trace context.
         if id.iter().any(|&b| b != 0) {
-            return lower_hex(id);
+            // Cannot fail: `out` is exactly twice `id`'s length.
+            let _ = hex::encode_to_slice(id, out);
+            return;
         }
     }
 }
@@ -134,14 +146,16 @@ mod tests {
     #[test]
     fn random_ids_have_the_right_width() {
         for _ in 0..1000 {
-            let (trace, span) = (random_hex(16), random_hex(8));
-            assert_eq!((trace.len(), span.len()), (32, 16));
+            let (mut trace, mut span) = ([0; 32], [0; 16]);
+            random_hex(&mut trace);
+            random_hex(&mut span);
             assert!(
                 trace
-                    .bytes()
-                    .chain(span.bytes())
-                    .all(|b| b.is_ascii_hexdigit())
+                    .iter()
+                    .chain(&span)
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
             );
+            assert!(trace.iter().any(|&b| b != b'0') && span.iter().any(|&b| b != b'0'));
         }
     }
 

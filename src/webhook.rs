@@ -266,10 +266,8 @@ pub async fn handle(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let started = Instant::now();
     // Time-ordered, so message ids sort by arrival; doubles as the request id in logs.
-    let request_id = uuid::Uuid::now_v7()
-        .hyphenated()
-        .encode_lower(&mut uuid::Uuid::encode_buffer())
-        .to_owned();
+    let mut id_text = uuid::Uuid::encode_buffer();
+    let request_id: &str = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut id_text);
     let trace = TraceContext::from_headers(request.headers());
     let route = route_of(&app, request.uri().path());
     let client = app.access.client_ip(peer.ip(), request.headers());
@@ -286,7 +284,7 @@ pub async fn handle(
     );
     let answer = match check_host(&request) {
         Ok(()) => {
-            dispatch(&app, request, &request_id, trace, client)
+            dispatch(&app, request, request_id, trace, client)
                 .instrument(span.clone())
                 .await
         }
@@ -303,7 +301,7 @@ pub async fn handle(
         app.delivery.metrics().rejection(reason);
         rejection_response(&rejection, app.http.retry_after_secs)
     });
-    if let Ok(value) = HeaderValue::from_str(&request_id) {
+    if let Ok(value) = HeaderValue::from_str(request_id) {
         response.headers_mut().insert("x-request-id", value);
     }
     app.delivery
@@ -562,12 +560,14 @@ async fn read_body(http: &HttpConfig, request: Request<Incoming>) -> Result<Byte
     // Two clocks: the whole body within request_timeout, and no pause between two pieces
     // longer than body_idle_timeout (a client dribbling a byte at a time is cut off early).
     let deadline = tokio::time::Instant::now() + http.request_timeout();
-    let mut chunks: Vec<Bytes> = Vec::new();
+    // Most bodies come in one piece: the list is made only for a second.
+    let mut first: Option<Bytes> = None;
+    let mut rest: Vec<Bytes> = Vec::new();
     loop {
         let pause = (tokio::time::Instant::now() + http.body_idle_timeout()).min(deadline);
         let frame = match tokio::time::timeout_at(pause, body.frame()).await {
             Err(_) => return Err(Rejection::BodyTimeout),
-            Ok(None) => return Ok(join(chunks)),
+            Ok(None) => return Ok(join(first, rest)),
             Ok(Some(Ok(frame))) => frame,
             Ok(Some(Err(err))) if err.is::<LengthLimitError>() => {
                 return Err(Rejection::TooLarge { limit });
@@ -576,17 +576,26 @@ async fn read_body(http: &HttpConfig, request: Request<Incoming>) -> Result<Byte
         };
         // Trailers, if any, are not part of the webhook.
         if let Ok(data) = frame.into_data() {
-            chunks.push(data);
+            match first {
+                None => first = Some(data),
+                Some(_) => rest.push(data),
+            }
         }
     }
 }
 
 /// One `Bytes` for the whole body; without a copy when it came in one piece.
-fn join(mut chunks: Vec<Bytes>) -> Bytes {
-    match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.pop().unwrap_or_default(),
-        _ => Bytes::from(chunks.concat()),
+fn join(first: Option<Bytes>, rest: Vec<Bytes>) -> Bytes {
+    match first {
+        None => Bytes::new(),
+        Some(first) if rest.is_empty() => first,
+        Some(first) => {
+            let mut body = first.to_vec();
+            for chunk in rest {
+                body.extend_from_slice(&chunk);
+            }
+            Bytes::from(body)
+        }
     }
 }
 

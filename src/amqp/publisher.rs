@@ -204,11 +204,12 @@ impl Publisher {
         };
         let blocked = || session.connection.status().blocked();
         let since = Instant::now();
-        let sent = session
+        let published = async { self.send(&channel, message).await?.await };
+        let confirmed = session
             .stall
-            .send(since, patience, self.send(&channel, message), blocked)
+            .publish(since, patience, published, blocked)
             .await;
-        self.settle(&session, since, patience, sent).await
+        self.outcome(confirmed)
     }
 
     /// Publishes `messages` in order on one channel (AMQP keeps a channel's order), all

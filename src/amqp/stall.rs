@@ -59,6 +59,19 @@ pub(crate) struct Patience {
     pub(crate) deadline: Option<Instant>,
 }
 
+/// What a wait is for: what its end means, and whether it is looked at once more when the
+/// connection is stalled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Awaiting {
+    /// Handing a publish over (`basic.publish`). Its end is not an answer from the broker,
+    /// and on a stalled connection it is left alone: what it sent could arrive twice.
+    HandOver,
+    /// The broker's confirm of a publish already handed over.
+    Confirm,
+    /// Both, one after the other, in one future. Not begun on a stalled connection.
+    Publish,
+}
+
 /// Why waiting for the broker ended without an answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Silence {
@@ -106,7 +119,8 @@ impl StallWatch {
         answer: impl Future<Output = Result<T, E>>,
         blocked: impl Fn() -> bool,
     ) -> Result<Result<T, E>, Silence> {
-        self.wait(since, patience, answer, blocked, true).await
+        self.wait(since, patience, answer, blocked, Awaiting::Confirm)
+            .await
     }
 
     /// As [`Self::answer`], for handing the publish over (`basic.publish`), which can wait on
@@ -118,7 +132,21 @@ impl StallWatch {
         sending: impl Future<Output = Result<T, E>>,
         blocked: impl Fn() -> bool,
     ) -> Result<Result<T, E>, Silence> {
-        self.wait(since, patience, sending, blocked, false).await
+        self.wait(since, patience, sending, blocked, Awaiting::HandOver)
+            .await
+    }
+
+    /// As [`Self::answer`], for a publish handed over and confirmed in one future: one wait,
+    /// one timer, where a webhook's publish would otherwise take two.
+    pub(crate) async fn publish<T, E>(
+        &self,
+        since: Instant,
+        patience: Patience,
+        publishing: impl Future<Output = Result<T, E>>,
+        blocked: impl Fn() -> bool,
+    ) -> Result<Result<T, E>, Silence> {
+        self.wait(since, patience, publishing, blocked, Awaiting::Publish)
+            .await
     }
 
     async fn wait<T, E>(
@@ -127,11 +155,15 @@ impl StallWatch {
         patience: Patience,
         answer: impl Future<Output = Result<T, E>>,
         blocked: impl Fn() -> bool,
-        is_answer: bool,
+        awaiting: Awaiting,
     ) -> Result<Result<T, E>, Silence> {
         tokio::pin!(answer);
         if let Some(stall) = self.stall.get().copied() {
-            return self.unless_answered(answer, stall, is_answer).await;
+            // A publish that has not begun is not begun now: it would be handed over.
+            return match awaiting {
+                Awaiting::Confirm => self.unless_answered(answer, stall).await,
+                Awaiting::HandOver | Awaiting::Publish => Err(Silence::Stalled(stall)),
+            };
         }
         self.waiting.fetch_add(1, Ordering::Relaxed);
         let _waiting = Waiting(&self.waiting);
@@ -146,13 +178,20 @@ impl StallWatch {
                 // An answer that is already there wins over a timer that fired with it.
                 biased;
                 answered = &mut answer => {
-                    if is_answer {
+                    // A confirm (or a nack) is the broker answering; an error is the
+                    // connection's, and handing over is ours.
+                    if awaiting != Awaiting::HandOver && answered.is_ok() {
                         self.answered();
                     }
                     return Ok(answered);
                 }
                 stall = self.stalled() => {
-                    return self.unless_answered(answer, stall, is_answer).await;
+                    return match awaiting {
+                        Awaiting::Confirm | Awaiting::Publish => {
+                            self.unless_answered(answer, stall).await
+                        }
+                        Awaiting::HandOver => Err(Silence::Stalled(stall)),
+                    };
                 }
                 () = tokio::time::sleep_until(check) => {}
             }
@@ -173,23 +212,25 @@ impl StallWatch {
         }
     }
 
-    /// The end of a wait on a stalled connection: `stall`, unless the answer is already
-    /// there. A confirm can arrive after the wait last looked but before the stall was seen,
-    /// or before the wait even began (a batch's later confirms, waited for one after the
-    /// other); thrown away, its webhook would be published again. A publish still being
-    /// handed over is left as it is, though: what it sent on a stalled connection could
-    /// arrive twice.
-    async fn unless_answered<O>(
+    /// The end of a wait for a confirm on a stalled connection: `stall`, unless the answer
+    /// is already there. A confirm can arrive after the wait last looked but before the stall
+    /// was seen, or before the wait even began (a batch's later confirms, waited for one
+    /// after the other); thrown away, its webhook would be published again. A publish still
+    /// being handed over is left as it is, though (see [`Awaiting`]).
+    async fn unless_answered<T, E>(
         &self,
-        answer: impl Future<Output = O>,
+        answer: impl Future<Output = Result<T, E>>,
         stall: Stall,
-        is_answer: bool,
-    ) -> Result<O, Silence> {
-        if is_answer && let Some(answered) = poll_once(answer).await {
-            self.answered();
-            return Ok(answered);
+    ) -> Result<Result<T, E>, Silence> {
+        match poll_once(answer).await {
+            Some(answered) => {
+                if answered.is_ok() {
+                    self.answered();
+                }
+                Ok(answered)
+            }
+            None => Err(Silence::Stalled(stall)),
         }
-        Err(Silence::Stalled(stall))
     }
 
     /// Marks the connection stalled (once): every wait on it ends now.
@@ -312,6 +353,29 @@ mod tests {
         let sent = watch.send(now, live(now), handed_over, || false).await;
         assert!(matches!(sent, Err(Silence::Stalled(_))), "{sent:?}");
         assert_eq!(now.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_publish_is_not_begun_on_a_stalled_connection() {
+        let watch = StallWatch::new();
+        let start = Instant::now();
+        let first = watch.answer(start, live(start), never(), || false).await;
+        assert!(matches!(first, Err(Silence::Stalled(_))), "{first:?}");
+        let begun = AtomicBool::new(false);
+        let publishing = std::future::poll_fn(|_| {
+            begun.store(true, Ordering::Relaxed);
+            std::task::Poll::Ready(Ok::<_, ()>(()))
+        });
+        let now = Instant::now();
+        let published = watch.publish(now, live(now), publishing, || false).await;
+        assert!(
+            matches!(published, Err(Silence::Stalled(_))),
+            "{published:?}"
+        );
+        assert!(
+            !begun.load(Ordering::Relaxed),
+            "handed over on a stalled connection"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -18,7 +18,8 @@ macro_rules! label_values {
         }
 
         impl $name {
-            /// Every value, in the order the docs list them.
+            /// Every value, in the order the docs list them: the declaration order, so a
+            /// value's index here is `value as usize`.
             pub const ALL: &[$name] = &[$($name::$value,)+];
 
             /// The value as exported.
@@ -194,5 +195,12 @@ mod tests {
             Some(RejectionReason::bad_key)
         );
         assert_eq!(RejectionReason::parse("Bad_Key"), None);
+    }
+
+    #[test]
+    fn a_values_index_in_all_is_its_discriminant() {
+        for (index, &outcome) in PublishOutcome::ALL.iter().enumerate() {
+            assert_eq!(outcome as usize, index, "{outcome:?}");
+        }
     }
 }
