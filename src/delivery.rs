@@ -246,6 +246,8 @@ async fn replay_batch(
             }
         }
     }
+    // Fewer results than messages: those past the last result were not published (their
+    // per-event queue, or an earlier one's, could not be declared), and stay.
     let results = publisher.publish_batch(&messages).await;
     let mut first_error = None;
     for ((i, message), result) in positions.into_iter().zip(&messages).zip(results) {

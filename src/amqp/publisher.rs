@@ -216,6 +216,10 @@ impl Publisher {
     /// confirms in flight at once; one result per message, in the same order. For replay of
     /// the spool.
     ///
+    /// With `amqp.per_event_queues`, the queue of every routing key in the batch is declared
+    /// first (see [`Self::ensure_event_queues`]). When one cannot be, neither its message nor
+    /// any after it is published, and the results stop at that message's, which says why.
+    ///
     /// Patient, unlike [`Self::publish`]: no client waits for these, and giving up on a message
     /// the broker already has means publishing it again, a duplicate. So a wait here calls the
     /// connection stalled only after the broker has answered nothing on it for the confirm
@@ -242,9 +246,10 @@ impl Publisher {
             stall: config.confirm_timeout().max(config.stall_timeout()),
             deadline: None,
         };
+        let (ready, undeclared) = self.ensure_event_queues(&session, messages, patience).await;
         let blocked = || session.connection.status().blocked();
-        let mut confirms = Vec::with_capacity(messages.len());
-        for message in messages {
+        let mut confirms = Vec::with_capacity(ready);
+        for message in &messages[..ready] {
             let since = Instant::now();
             let sent = session
                 .stall
@@ -252,10 +257,11 @@ impl Publisher {
                 .await;
             confirms.push((since, sent));
         }
-        let mut results = Vec::with_capacity(messages.len());
+        let mut results = Vec::with_capacity(ready + 1);
         for (since, sent) in confirms {
             results.push(self.settle(&session, since, patience, sent).await);
         }
+        results.extend(undeclared.map(Err));
         results
     }
 
@@ -305,6 +311,55 @@ impl Publisher {
         }
     }
 
+    /// For [`Self::publish_batch`]: declares the per-event queue of each routing key in
+    /// `messages` that has none yet, in the order the keys first appear, before any of them is
+    /// published. Spooled webhooks include events never published before (the broker was away
+    /// when they first came) and events whose queues a broker that lost its topology no longer
+    /// has; published without their queue, they would be unroutable.
+    ///
+    /// The broker's answer to a declaration is an answer like a confirm, waited for with the
+    /// batch's `patience`: for as long as the broker is not silent for that long, and no
+    /// longer than a stall or a lost connection. Returns how many messages, from the first,
+    /// have their queue, and why the next one has none. Replay keeps only the confirmed prefix
+    /// of a batch, so the messages after that one are not published either: they would reach
+    /// the broker ahead of it, and again when it is retried.
+    async fn ensure_event_queues(
+        &self,
+        session: &Session,
+        messages: &[Message],
+        patience: Patience,
+    ) -> (usize, Option<PublishError>) {
+        let Inner {
+            config,
+            event_queues,
+            ..
+        } = &*self.inner;
+        if !config.per_event_queues {
+            return (messages.len(), None);
+        }
+        let blocked = || session.connection.status().blocked();
+        for (n, message) in messages.iter().enumerate() {
+            let routing_key = message.routing_key.as_str();
+            // `None` for a key declared already, by this batch or before it.
+            let Some(declaring) =
+                event_queues.declaration(config, &session.connection, routing_key)
+            else {
+                continue;
+            };
+            let declared = session
+                .stall
+                .answer(Instant::now(), patience, declaring, blocked)
+                .await;
+            let err = match declared {
+                Ok(Ok(())) => continue,
+                Ok(Err(err)) => refused_event_queue(err),
+                Err(silence) => silent(config, silence),
+            };
+            return (n, Some(err));
+        }
+        (messages.len(), None)
+    }
+
     /// Waits for the broker's answer to a publish handed over at `since` (unless handing it
     /// over already failed), and turns it into the publish's result.
     async fn settle(
@@ -333,11 +388,7 @@ impl Publisher {
         confirmed: Result<Result<Confirmation, lapin::Error>, Silence>,
     ) -> Result<(), PublishError> {
         let result = match confirmed {
-            Err(Silence::Deadline) => {
-                Err(PublishError::Timeout(self.inner.config.confirm_timeout()))
-            }
-            Err(Silence::Stalled(stall)) => Err(PublishError::Stalled(stall)),
-            Err(Silence::Blocked) => Err(PublishError::Blocked),
+            Err(silence) => Err(silent(&self.inner.config, silence)),
             Ok(Err(err)) => Err(PublishError::Failed(err)),
             Ok(Ok(Confirmation::Ack(None))) => Ok(()),
             Ok(Ok(Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)))) => {
@@ -454,6 +505,15 @@ impl Publisher {
             .find(|c| c.status().connected())
             .cloned()?;
         Some((session, channel))
+    }
+}
+
+/// What a wait for the broker that ended without its answer means for the publish.
+fn silent(config: &AmqpConfig, silence: Silence) -> PublishError {
+    match silence {
+        Silence::Deadline => PublishError::Timeout(config.confirm_timeout()),
+        Silence::Stalled(stall) => PublishError::Stalled(stall),
+        Silence::Blocked => PublishError::Blocked,
     }
 }
 

@@ -10,9 +10,10 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::harness::{
     self, KEY, PATIENCE, RelayProcess, TestExchange, TestRelay, broker_addr, env, eventually,
-    message_id, sample, scrape, unique_exchange, webhook, webhook_with,
+    message_id, readyz, sample, scrape, unique_exchange, wait_sample, webhook, webhook_with,
 };
 use crate::proxy::Proxy;
+use crate::spool::take_all;
 
 /// Whether the broker has `queue`.
 async fn exists(broker: &lapin::Connection, queue: &str) -> bool {
@@ -184,6 +185,132 @@ async fn per_event_queues_catch_the_first_message_of_a_new_event() {
     // The second one uses the cached declaration and lands in the same queue.
     let reply = relay.post(webhook("brand.new.event")).await;
     assert_eq!(message_id(&get(&channel, &queue).await), reply.message_id());
+    relay.stop().await;
+}
+
+/// Events first seen while the broker is out of reach are spooled; replay declares their
+/// queues before it publishes them, so they reach their own queues, not `<exchange>.unrouted`.
+#[tokio::test]
+async fn per_event_queues_catch_new_events_replayed_from_the_spool() {
+    let proxy = Proxy::start(broker_addr()).await;
+    proxy.refuse(true);
+    let exchange = unique_exchange();
+    let events = [
+        "first.seen.spooled",
+        "second.seen.spooled",
+        "third.seen.spooled",
+    ];
+    let queues = events.map(|event| exchange.own(&format!("ev.{event}")));
+    let relay = TestRelay::builder()
+        .env("RELAY_AMQP__PER_EVENT_QUEUES", "true")
+        .env(
+            "RELAY_AMQP__PER_EVENT_QUEUE_PREFIX",
+            &per_event_prefix(&exchange),
+        )
+        .env("RELAY_AMQP__RECONNECT_MAX_BACKOFF_MS", "500")
+        .via(&proxy)
+        .exchange(exchange)
+        .without_waiting_for_the_broker()
+        .start()
+        .await;
+    // Replay sends batches of one, two, then four webhooks: the second holds two new keys,
+    // the third only keys declared already.
+    let mut accepted = [Vec::new(), Vec::new(), Vec::new()];
+    for _ in 0..2 {
+        for (event, ids) in events.iter().zip(&mut accepted) {
+            let reply = relay.post(webhook(event)).await;
+            assert_eq!(reply.status, StatusCode::ACCEPTED, "{:?}", reply.body);
+            assert_eq!(reply.json()["status"], "spooled");
+            ids.push(reply.message_id());
+        }
+    }
+
+    proxy.refuse(false);
+    wait_sample(relay.addr, "hirehop_relay_spool_messages", "0", |n| {
+        n == 0.0
+    })
+    .await;
+    let broker = harness::broker().await;
+    let channel = broker.create_channel().await.unwrap();
+    let unrouted = relay.config.amqp.unrouted_name();
+    assert_eq!(take_all(&channel, &unrouted).await, Vec::<String>::new());
+    // Each once, in the order they arrived.
+    for (queue, ids) in queues.iter().zip(&accepted) {
+        assert_eq!(&take_all(&channel, queue).await, ids, "in {queue}");
+    }
+    relay.stop().await;
+}
+
+/// A spooled webhook whose queue the broker refuses to declare at replay stays at the head of
+/// the spool, and nothing behind it is published, until the queue can be declared.
+#[tokio::test]
+async fn an_event_queue_refused_at_replay_holds_the_spool_until_it_is_fixed() {
+    let proxy = Proxy::start(broker_addr()).await;
+    proxy.refuse(true);
+    let exchange = unique_exchange();
+    let events = ["before.refused", "refused.at.replay", "after.refused"];
+    let queues = events.map(|event| exchange.own(&format!("ev.{event}")));
+    let relay = TestRelay::builder()
+        .env("RELAY_AMQP__PER_EVENT_QUEUES", "true")
+        .env(
+            "RELAY_AMQP__PER_EVENT_QUEUE_PREFIX",
+            &per_event_prefix(&exchange),
+        )
+        .env("RELAY_AMQP__RECONNECT_MAX_BACKOFF_MS", "500")
+        .via(&proxy)
+        .exchange(exchange)
+        .without_waiting_for_the_broker()
+        .start()
+        .await;
+    let mut accepted = Vec::new();
+    for event in events {
+        let reply = relay.post(webhook(event)).await;
+        assert_eq!(reply.json()["status"], "spooled", "{reply:?}");
+        accepted.push(reply.message_id());
+    }
+    // Meanwhile a classic queue takes the name where the relay declares a quorum one.
+    let broker = harness::broker().await;
+    let channel = broker.create_channel().await.unwrap();
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(queues[1].as_str().into(), durable, FieldTable::default())
+        .await
+        .unwrap();
+
+    proxy.refuse(false);
+    wait_sample(
+        relay.addr,
+        "hirehop_relay_spool_replay_failures_total",
+        "at least 1",
+        |failures| failures >= 1.0,
+    )
+    .await;
+    // The one before it was replayed; it and the one after it stay, unpublished.
+    assert_eq!(readyz(relay.addr).await.json()["spool"]["messages"], 2);
+    assert_eq!(take_all(&channel, &queues[0]).await, &accepted[..1]);
+    assert!(!exists(&broker, &queues[2]).await);
+    let unrouted = relay.config.amqp.unrouted_name();
+    assert_eq!(take_all(&channel, &unrouted).await, Vec::<String>::new());
+
+    channel
+        .queue_delete(queues[1].as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    wait_sample(relay.addr, "hirehop_relay_spool_messages", "0", |n| {
+        n == 0.0
+    })
+    .await;
+    for (queue, id) in queues.iter().zip(&accepted).skip(1) {
+        assert_eq!(
+            take_all(&channel, queue).await,
+            std::slice::from_ref(id),
+            "in {queue}"
+        );
+    }
+    assert_eq!(take_all(&channel, &unrouted).await, Vec::<String>::new());
     relay.stop().await;
 }
 
