@@ -352,6 +352,14 @@ fn run(command: Command, file: Option<PathBuf>) -> anyhow::Result<()> {
             print!("{}", outcome.counts.report(&request.from, &amqp));
             match outcome.error {
                 Some(err) => Err(err).context("requeue stopped early"),
+                // Unlike an unbound event, a refused queue is a fault to fix: say so in the
+                // exit status too.
+                None if outcome.counts.queue_refused > 0 => Err(anyhow::anyhow!(
+                    "the broker refused to declare {} per-event queue(s); their messages stay \
+                     in {}",
+                    outcome.counts.refused_queues.len(),
+                    request.from
+                )),
                 None => Ok(()),
             }
         }

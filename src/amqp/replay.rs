@@ -10,6 +10,10 @@
 //! filter on the relay's own `received_at`: a point in time finds a chunk of the stream, which
 //! may begin earlier, and a webhook that waited in a relay's spool reaches the stream after
 //! later ones, so `--until` cannot end the reading early.
+//!
+//! With `--to-exchange` and `amqp.per_event_queues`, replay declares the queue of each routing
+//! key before it publishes the first copy with that key, as the relay does before a webhook's
+//! first publish. A queue the broker refuses to declare stops the replay at that webhook.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
@@ -24,6 +28,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
 
 use super::history::{self, Filter, HistoryError, Reader, Start};
+use super::topology::EventQueues;
 use super::{ConnectError, connect_any};
 use crate::config::AmqpConfig;
 
@@ -149,6 +154,11 @@ pub enum ReplayError {
     Nacked { offset: u64 },
     #[error("the broker did not confirm the webhook at offset {offset} within {timeout:?}")]
     Timeout { offset: u64, timeout: Duration },
+    #[error(
+        "failed to declare the per-event queue of the webhook at offset {offset}, not \
+         published: {cause}"
+    )]
+    EventQueue { offset: u64, cause: ConnectError },
 }
 
 /// Runs `request` against the broker of `config` until the end, an error, or `stop`;
@@ -203,6 +213,19 @@ async fn run(
             counts.matched += 1;
             *counts.events.entry(event.clone()).or_default() += 1;
             if let Some(sink) = publishing {
+                // A queue that cannot be declared stops the replay before this webhook, as a
+                // refused publish does: the command that goes on from here starts with it.
+                let routing_key = entry.message.routing_key.as_str();
+                if let Err(cause) = sink
+                    .ensure_event_queue(connection, config, routing_key)
+                    .await
+                {
+                    let err = ReplayError::EventQueue {
+                        offset: entry.offset,
+                        cause,
+                    };
+                    break Some((Some(err), Some(entry.offset)));
+                }
                 match sink.publish(&entry.message, &replayed_at).await {
                     Ok(confirm) => {
                         counts.published += 1;
@@ -296,6 +319,9 @@ struct Sink {
     exchange: ShortString,
     /// The temporary exchange of a `--to-queue` replay, deleted at the end.
     temporary: Option<String>,
+    /// The per-event queues declared so far, for a `--to-exchange` replay with
+    /// `amqp.per_event_queues`.
+    event_queues: Option<EventQueues>,
 }
 
 impl Sink {
@@ -391,11 +417,34 @@ impl Sink {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(setup)?;
+        let event_queues =
+            (config.per_event_queues && *target == Target::Exchange).then(EventQueues::default);
         Ok(Sink {
             channel,
             exchange: exchange.into(),
             temporary,
+            event_queues,
         })
+    }
+
+    /// For a `--to-exchange` replay with `amqp.per_event_queues`: declares the queue of
+    /// `routing_key` unless this replay did already. A webhook in the history may never have
+    /// had its queue (per-event queues were off when it came, or the queue was deleted since),
+    /// and published without it, it would go to `<exchange>.unrouted`.
+    async fn ensure_event_queue(
+        &self,
+        connection: &Connection,
+        config: &AmqpConfig,
+        routing_key: &str,
+    ) -> Result<(), ConnectError> {
+        let declaring = self
+            .event_queues
+            .as_ref()
+            .and_then(|queues| queues.declaration(config, connection, routing_key));
+        match declaring {
+            Some(declaring) => declaring.await,
+            None => Ok(()),
+        }
     }
 
     async fn publish(

@@ -16,6 +16,11 @@
 //! every copy of the batch that went unrouted has arrived before it. Such a copy is in
 //! `<exchange>.unrouted` already, so the original is acked (it moved to the end of that queue)
 //! and the rest with its routing key stay where they are, not published again.
+//!
+//! With `amqp.per_event_queues`, requeue declares the queue of each routing key before it
+//! publishes the first copy with that key, as the relay does before a webhook's first publish:
+//! a webhook often waits in `<exchange>.unrouted` precisely because its queue did not exist
+//! yet. A queue the broker refuses to declare leaves that key's messages in the source.
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
@@ -30,6 +35,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, Consumer, PublisherConfirm};
 
+use super::topology::{EventQueues, event_queue_name};
 use super::{ConnectError, connect_any, history};
 use crate::config::AmqpConfig;
 use crate::routing::TopicPattern;
@@ -65,6 +71,10 @@ pub struct Counts {
     /// Of the unroutable ones, those whose copy the alternate exchange put at the end of
     /// `<exchange>.unrouted` (the source's copy was acked).
     pub sent_to_unrouted: u64,
+    /// Left in the source, not published: the broker refused to declare their per-event
+    /// queue (`amqp.per_event_queues`). Why, per queue.
+    pub queue_refused: u64,
+    pub refused_queues: BTreeMap<String, String>,
 }
 
 impl Counts {
@@ -99,6 +109,15 @@ impl Counts {
             }
             out.push('\n');
             super::replay::push_events(&mut out, &self.unroutable_events);
+        }
+        if self.queue_refused > 0 {
+            out.push_str(&format!(
+                "per-event queue refused, left in {from}: {}\n",
+                self.queue_refused
+            ));
+            for why in self.refused_queues.values() {
+                out.push_str(&format!("  {why}\n"));
+            }
         }
         if self.skipped > 0 {
             out.push_str(&format!(
@@ -197,6 +216,7 @@ async fn run(
     };
     let mut mover = Mover {
         config,
+        connection,
         request,
         source,
         publishing,
@@ -206,6 +226,7 @@ async fn run(
         },
         published: 0,
         unroutable_keys: HashSet::new(),
+        event_queues: EventQueues::default(),
     };
     tokio::pin!(stop);
     let error = loop {
@@ -242,6 +263,7 @@ struct Sent {
 
 struct Mover<'a> {
     config: &'a AmqpConfig,
+    connection: &'a Connection,
     request: &'a Request,
     source: Channel,
     publishing: Channel,
@@ -249,6 +271,8 @@ struct Mover<'a> {
     published: u64,
     /// Routing keys found still unroutable during this run.
     unroutable_keys: HashSet<String>,
+    /// The per-event queues declared during this run (`amqp.per_event_queues`).
+    event_queues: EventQueues,
 }
 
 impl Mover<'_> {
@@ -289,6 +313,12 @@ impl Mover<'_> {
             }
             if self.unroutable_keys.contains(original.routing_key.as_str()) {
                 self.count_unroutable(event);
+                continue;
+            }
+            if !self
+                .ensure_event_queue(original.routing_key.as_str())
+                .await?
+            {
                 continue;
             }
             let confirm = self
@@ -379,6 +409,36 @@ impl Mover<'_> {
                 .map_err(RequeueError::Broker)?;
         }
         failure.map_or(Ok(()), Err)
+    }
+
+    /// With `amqp.per_event_queues`, declares the queue of `routing_key` unless this run did
+    /// already: the message may be in the source only because that queue did not exist, and
+    /// published without it, it would be unroutable again. False when the broker refuses the
+    /// queue (other arguments, no permission): the message is not published and stays in the
+    /// source, as do the later ones with that key, and the summary says why. Any other failure
+    /// (a lost connection) ends the run.
+    async fn ensure_event_queue(&mut self, routing_key: &str) -> Result<bool, RequeueError> {
+        if !self.config.per_event_queues {
+            return Ok(true);
+        }
+        let queue = event_queue_name(self.config, routing_key);
+        if !self.counts.refused_queues.contains_key(&queue) {
+            let Some(declaring) =
+                self.event_queues
+                    .declaration(self.config, self.connection, routing_key)
+            else {
+                return Ok(true);
+            };
+            match declaring.await {
+                Ok(()) => return Ok(true),
+                Err(err) if err.is_fatal() => {
+                    self.counts.refused_queues.insert(queue, err.to_string());
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+        self.counts.queue_refused += 1;
+        Ok(false)
     }
 
     fn count_unroutable(&mut self, event: String) {

@@ -1147,6 +1147,180 @@ async fn requeue_killed_half_way_loses_nothing() {
     relay.stop().await;
 }
 
+/// The tools' settings with `amqp.per_event_queues` on, per-event queues named
+/// `<exchange>.ev.<routing key>` (the test registers those it expects, to delete them).
+fn with_per_event_queues<'a>(
+    exchange: &'a str,
+    url: &'a str,
+    prefix: &'a str,
+) -> Vec<(&'a str, &'a str)> {
+    let mut env = harness::env(exchange, url);
+    env.push(("RELAY_AMQP__PER_EVENT_QUEUES", "true"));
+    env.push(("RELAY_AMQP__PER_EVENT_QUEUE_PREFIX", prefix));
+    env
+}
+
+/// The `message_id`s of every message `queue` holds right now, in order; taken.
+async fn take_ids(channel: &lapin::Channel, queue: &str) -> Vec<String> {
+    take_all(channel, queue)
+        .await
+        .iter()
+        .map(message_id)
+        .collect()
+}
+
+/// A classic queue named `queue`, where the tools declare a quorum one: the broker refuses
+/// their declaration (PRECONDITION_FAILED) for as long as it is there.
+async fn take_the_name(channel: &lapin::Channel, queue: &str) {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(queue.into(), durable, FieldTable::default())
+        .await
+        .unwrap();
+}
+
+/// With per-event queues on, a webhook that reached `<exchange>.unrouted` because its queue did
+/// not exist yet is moved by requeue into its own queue: requeue declares it first.
+#[tokio::test]
+async fn requeue_with_per_event_queues_moves_webhooks_into_their_own_queues() {
+    // Per-event queues off here, so the webhooks land in unrouted, as before their queue existed.
+    let relay = TestRelay::start().await;
+    let mut jobs = Vec::new();
+    let mut contacts = Vec::new();
+    for event in ["job.updated", "contact.person.created", "job.updated"] {
+        let id = post(&relay, event, 1).await;
+        match event {
+            "job.updated" => jobs.push(id),
+            _ => contacts.push(id),
+        }
+    }
+    let broker = harness::broker().await;
+    let channel = broker.create_channel().await.unwrap();
+    let unrouted = relay.config.amqp.unrouted_name();
+    assert_eq!(message_count(&channel, &unrouted).await, 3);
+    let job_queue = relay.exchange.own("ev.job.updated");
+    let contact_queue = relay.exchange.own("ev.contact.person.created");
+
+    let url = harness::amqp_url();
+    let prefix = format!("{}.ev.", relay.exchange);
+    let env = with_per_event_queues(&relay.exchange, &url, &prefix);
+    let output = tool(&["requeue"], &env).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains(": moved 3 through"), "{stdout}");
+    // Each once, in the order they were in unrouted; none left there.
+    assert_eq!(take_ids(&channel, &job_queue).await, jobs);
+    assert_eq!(take_ids(&channel, &contact_queue).await, contacts);
+    wait_count(&channel, &unrouted, 0).await;
+
+    relay.stop().await;
+}
+
+/// A per-event queue the broker refuses to declare: requeue leaves that event's webhooks in
+/// the source, moves the others, names the queue and why, and exits non-zero.
+#[tokio::test]
+async fn requeue_leaves_webhooks_whose_per_event_queue_is_refused() {
+    let relay = TestRelay::start().await;
+    let refused = post(&relay, "invoice.status.updated", 1).await;
+    let job = post(&relay, "job.updated", 1).await;
+    let also_refused = post(&relay, "invoice.status.updated", 1).await;
+    let broker = harness::broker().await;
+    let channel = broker.create_channel().await.unwrap();
+    let unrouted = relay.config.amqp.unrouted_name();
+    assert_eq!(message_count(&channel, &unrouted).await, 3);
+    let taken = relay.exchange.own("ev.invoice.status.updated");
+    take_the_name(&channel, &taken).await;
+    let job_queue = relay.exchange.own("ev.job.updated");
+
+    let url = harness::amqp_url();
+    let prefix = format!("{}.ev.", relay.exchange);
+    let env = with_per_event_queues(&relay.exchange, &url, &prefix);
+    let output = tool(&["requeue"], &env).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains(": moved 1 through"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("per-event queue refused, left in {unrouted}: 2\n")),
+        "{stdout}"
+    );
+    assert!(stdout.contains(&taken), "{stdout}");
+    assert!(stdout.contains("PRECONDITION_FAILED"), "{stdout}");
+    assert!(stderr.contains("per-event queue"), "{stderr}");
+    assert_eq!(take_ids(&channel, &job_queue).await, [job]);
+    assert_eq!(message_count(&channel, &taken).await, 0);
+    wait_count(&channel, &unrouted, 2).await;
+    assert_eq!(take_ids(&channel, &unrouted).await, [refused, also_refused]);
+
+    relay.stop().await;
+}
+
+/// With per-event queues on, `replay --to-exchange` declares the queue of each event it
+/// replays before publishing it; one the broker refuses stops the replay at that webhook,
+/// with the command that goes on from there.
+#[tokio::test]
+async fn replay_to_the_exchange_declares_per_event_queues() {
+    let relay = TestRelay::start().await;
+    let mut posted = Vec::new();
+    for event in [
+        "job.updated",
+        "contact.person.created",
+        "job.updated",
+        "invoice.status.updated",
+        "job.created",
+    ] {
+        posted.push(post(&relay, event, 1).await);
+    }
+    let broker = harness::broker().await;
+    let channel = broker.create_channel().await.unwrap();
+    let unrouted = relay.config.amqp.unrouted_name();
+    assert_eq!(message_count(&channel, &unrouted).await, 5);
+    let job_queue = relay.exchange.own("ev.job.updated");
+    let contact_queue = relay.exchange.own("ev.contact.person.created");
+    let taken = relay.exchange.own("ev.invoice.status.updated");
+    take_the_name(&channel, &taken).await;
+    let after = relay.exchange.own("ev.job.created");
+
+    let url = harness::amqp_url();
+    let prefix = format!("{}.ev.", relay.exchange);
+    let env = with_per_event_queues(&relay.exchange, &url, &prefix);
+    let output = tool(&["replay", "--to-exchange"], &env).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("published 3, confirmed 3\n"), "{stdout}");
+    assert!(stderr.contains(&taken), "{stderr}");
+    assert!(stderr.contains("PRECONDITION_FAILED"), "{stderr}");
+    assert_eq!(
+        take_ids(&channel, &job_queue).await,
+        [posted[0].clone(), posted[2].clone()]
+    );
+    assert_eq!(
+        take_ids(&channel, &contact_queue).await,
+        [posted[1].clone()]
+    );
+    assert_eq!(message_count(&channel, &taken).await, 0);
+    // Nothing past the refused one was published, nor went to unrouted.
+    assert!(harness::queue_counts(&broker, &after).await.is_none());
+    assert_eq!(message_count(&channel, &unrouted).await, 5);
+    // It goes on from the refused webhook.
+    let held = history(&relay.config.amqp).await;
+    let line = stderr
+        .lines()
+        .find(|line| line.contains("--from-offset"))
+        .unwrap_or_else(|| panic!("no resume command in:\n{stderr}"));
+    assert!(
+        line.contains(&format!("--from-offset {}", held[3].offset)),
+        "{line}"
+    );
+
+    relay.stop().await;
+}
+
 /// `tail --since` prints what the relay accepted before it started (routed or not, matching
 /// the pattern), then goes on with what arrives.
 #[tokio::test]
