@@ -57,6 +57,23 @@ fn per_event_prefix(exchange: &TestExchange) -> String {
     format!("{exchange}.ev.")
 }
 
+/// A relay with per-event queues that reaches the broker through `proxy` and serves before it
+/// has (so webhooks are spooled while the proxy refuses), reconnecting quickly once let through.
+async fn spooling_with_per_event_queues(proxy: &Proxy, exchange: TestExchange) -> TestRelay {
+    TestRelay::builder()
+        .env("RELAY_AMQP__PER_EVENT_QUEUES", "true")
+        .env(
+            "RELAY_AMQP__PER_EVENT_QUEUE_PREFIX",
+            &per_event_prefix(&exchange),
+        )
+        .env("RELAY_AMQP__RECONNECT_MAX_BACKOFF_MS", "500")
+        .via(proxy)
+        .exchange(exchange)
+        .without_waiting_for_the_broker()
+        .start()
+        .await
+}
+
 #[tokio::test]
 async fn declared_queues_exist_with_their_arguments_and_come_back_with_the_exchange() {
     let proxy = Proxy::start(broker_addr()).await;
@@ -201,18 +218,7 @@ async fn per_event_queues_catch_new_events_replayed_from_the_spool() {
         "third.seen.spooled",
     ];
     let queues = events.map(|event| exchange.own(&format!("ev.{event}")));
-    let relay = TestRelay::builder()
-        .env("RELAY_AMQP__PER_EVENT_QUEUES", "true")
-        .env(
-            "RELAY_AMQP__PER_EVENT_QUEUE_PREFIX",
-            &per_event_prefix(&exchange),
-        )
-        .env("RELAY_AMQP__RECONNECT_MAX_BACKOFF_MS", "500")
-        .via(&proxy)
-        .exchange(exchange)
-        .without_waiting_for_the_broker()
-        .start()
-        .await;
+    let relay = spooling_with_per_event_queues(&proxy, exchange).await;
     // Replay sends batches of one, two, then four webhooks: the second holds two new keys,
     // the third only keys declared already.
     let mut accepted = [Vec::new(), Vec::new(), Vec::new()];
@@ -250,18 +256,7 @@ async fn an_event_queue_refused_at_replay_holds_the_spool_until_it_is_fixed() {
     let exchange = unique_exchange();
     let events = ["before.refused", "refused.at.replay", "after.refused"];
     let queues = events.map(|event| exchange.own(&format!("ev.{event}")));
-    let relay = TestRelay::builder()
-        .env("RELAY_AMQP__PER_EVENT_QUEUES", "true")
-        .env(
-            "RELAY_AMQP__PER_EVENT_QUEUE_PREFIX",
-            &per_event_prefix(&exchange),
-        )
-        .env("RELAY_AMQP__RECONNECT_MAX_BACKOFF_MS", "500")
-        .via(&proxy)
-        .exchange(exchange)
-        .without_waiting_for_the_broker()
-        .start()
-        .await;
+    let relay = spooling_with_per_event_queues(&proxy, exchange).await;
     let mut accepted = Vec::new();
     for event in events {
         let reply = relay.post(webhook(event)).await;
