@@ -379,6 +379,28 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn an_error_is_not_the_broker_answering() {
+        let watch = Arc::new(StallWatch::new());
+        let start = Instant::now();
+        // A publish whose wait ends in an error halfway (its channel closed, say)...
+        let failed = {
+            let watch = Arc::clone(&watch);
+            tokio::spawn(async move {
+                let failing = async {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    Err::<(), ()>(())
+                };
+                watch.answer(start, live(start), failing, || false).await
+            })
+        };
+        // ...does not tell another, waiting since the same moment, that the broker is alive.
+        let waiting = watch.answer(start, live(start), never(), || false).await;
+        assert!(matches!(waiting, Err(Silence::Stalled(_))), "{waiting:?}");
+        assert_eq!(start.elapsed(), THRESHOLD);
+        assert_eq!(failed.await.unwrap(), Ok(Err(())));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_slow_broker_that_keeps_answering_is_not_stalled() {
         let watch = Arc::new(StallWatch::new());
         let start = Instant::now();
