@@ -711,6 +711,15 @@ impl TestRelay {
             .await
     }
 
+    /// Posts a valid webhook for `event`, checks that it was accepted into the spool (not
+    /// published), and returns its message id.
+    pub async fn post_spooled(&self, event: &str) -> String {
+        let reply = self.post(webhook(event)).await;
+        assert_eq!(reply.status, StatusCode::ACCEPTED, "{:?}", reply.body);
+        assert_eq!(reply.json()["status"], "spooled", "{reply:?}");
+        reply.message_id()
+    }
+
     pub async fn send(&self, request: Request<Full<Bytes>>) -> Reply {
         send(self.addr, request).await.expect("the relay answers")
     }

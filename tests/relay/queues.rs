@@ -224,10 +224,7 @@ async fn per_event_queues_catch_new_events_replayed_from_the_spool() {
     let mut accepted = [Vec::new(), Vec::new(), Vec::new()];
     for _ in 0..2 {
         for (event, ids) in events.iter().zip(&mut accepted) {
-            let reply = relay.post(webhook(event)).await;
-            assert_eq!(reply.status, StatusCode::ACCEPTED, "{:?}", reply.body);
-            assert_eq!(reply.json()["status"], "spooled");
-            ids.push(reply.message_id());
+            ids.push(relay.post_spooled(event).await);
         }
     }
 
@@ -259,9 +256,7 @@ async fn an_event_queue_refused_at_replay_holds_the_spool_until_it_is_fixed() {
     let relay = spooling_with_per_event_queues(&proxy, exchange).await;
     let mut accepted = Vec::new();
     for event in events {
-        let reply = relay.post(webhook(event)).await;
-        assert_eq!(reply.json()["status"], "spooled", "{reply:?}");
-        accepted.push(reply.message_id());
+        accepted.push(relay.post_spooled(event).await);
     }
     // Meanwhile a classic queue takes the name where the relay declares a quorum one.
     let broker = harness::broker().await;

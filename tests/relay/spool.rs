@@ -140,16 +140,11 @@ async fn broker_out_of_reach_webhooks_are_spooled_then_replayed_in_order() {
     let posted_from = now_ms();
     let mut ids = Vec::new();
     for n in 0..20 {
-        let reply = relay.post(webhook(&format!("job.n{n}"))).await;
-        assert_eq!(reply.status, StatusCode::ACCEPTED, "{:?}", reply.body);
-        assert_eq!(reply.json()["status"], "spooled");
-        ids.push(reply.message_id());
+        ids.push(relay.post_spooled(&format!("job.n{n}")).await);
     }
     // One the broker would confirm, spooled behind them: replay must not let it overtake the
     // refused `job.*` head, although it is in the first batch replay reads.
-    let other = relay.post(webhook("stock.moved")).await;
-    assert_eq!(other.json()["status"], "spooled");
-    ids.push(other.message_id());
+    ids.push(relay.post_spooled("stock.moved").await);
     let posted_until = SystemTime::now();
     assert_eq!(readyz(relay.addr).await.json()["spool"]["messages"], 21);
 
@@ -165,11 +160,8 @@ async fn broker_out_of_reach_webhooks_are_spooled_then_replayed_in_order() {
     // The broker is back and would confirm this one (nothing refuses `late.*`), but the
     // spool is not empty: it must go behind what is there, not overtake it.
     assert_eq!(readyz(relay.addr).await.json()["spool"]["messages"], 21);
-    let late = relay.post(webhook("late.arrival")).await;
-    assert_eq!(late.status, StatusCode::ACCEPTED, "{:?}", late.body);
-    assert_eq!(late.json()["status"], "spooled");
+    ids.push(relay.post_spooled("late.arrival").await);
     assert_eq!(readyz(relay.addr).await.json()["spool"]["messages"], 22);
-    ids.push(late.message_id());
 
     channel
         .queue_delete(blocker.as_str().into(), QueueDeleteOptions::default())
