@@ -1162,17 +1162,22 @@ async fn requeue_killed_half_way_loses_nothing() {
     relay.stop().await;
 }
 
-/// The tools' settings with `amqp.per_event_queues` on, per-event queues named
-/// `<exchange>.ev.<routing key>` (the test registers those it expects, to delete them).
-fn with_per_event_queues<'a>(
-    exchange: &'a str,
-    url: &'a str,
-    prefix: &'a str,
-) -> Vec<(&'a str, &'a str)> {
-    let mut env = harness::env(exchange, url);
+/// Runs the tool with `args` on `relay`'s exchange with `amqp.per_event_queues` on, per-event
+/// queues named `<exchange>.ev.<routing key>` (the test registers those it expects, to delete
+/// them). Whether it succeeded, and what it printed on stdout and stderr.
+async fn tool_with_per_event_queues(relay: &TestRelay, args: &[&str]) -> (bool, String, String) {
+    let url = harness::amqp_url();
+    let prefix = format!("{}.ev.", relay.exchange);
+    let mut env = harness::env(&relay.exchange, &url);
     env.push(("RELAY_AMQP__PER_EVENT_QUEUES", "true"));
-    env.push(("RELAY_AMQP__PER_EVENT_QUEUE_PREFIX", prefix));
-    env
+    env.push(("RELAY_AMQP__PER_EVENT_QUEUE_PREFIX", &prefix));
+    let output = tool(args, &env).await;
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    (
+        output.status.success(),
+        text(&output.stdout),
+        text(&output.stderr),
+    )
 }
 
 /// The `message_id`s of every message `queue` holds right now, in order; taken.
@@ -1214,13 +1219,8 @@ async fn requeue_with_per_event_queues_moves_webhooks_into_their_own_queues() {
     let job_queue = relay.exchange.own("ev.job.updated");
     let contact_queue = relay.exchange.own("ev.contact.person.created");
 
-    let url = harness::amqp_url();
-    let prefix = format!("{}.ev.", relay.exchange);
-    let env = with_per_event_queues(&relay.exchange, &url, &prefix);
-    let output = tool(&["requeue"], &env).await;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stdout}\n{stderr}");
+    let (succeeded, stdout, stderr) = tool_with_per_event_queues(&relay, &["requeue"]).await;
+    assert!(succeeded, "{stdout}\n{stderr}");
     assert!(stdout.contains(": moved 3 through"), "{stdout}");
     // Each once, in the order they were in unrouted; none left there.
     assert_eq!(take_ids(&channel, &job_queue).await, jobs);
@@ -1246,13 +1246,8 @@ async fn requeue_leaves_webhooks_whose_per_event_queue_is_refused() {
     take_the_name(&channel, &taken).await;
     let job_queue = relay.exchange.own("ev.job.updated");
 
-    let url = harness::amqp_url();
-    let prefix = format!("{}.ev.", relay.exchange);
-    let env = with_per_event_queues(&relay.exchange, &url, &prefix);
-    let output = tool(&["requeue"], &env).await;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{stdout}\n{stderr}");
+    let (succeeded, stdout, stderr) = tool_with_per_event_queues(&relay, &["requeue"]).await;
+    assert!(!succeeded, "{stdout}\n{stderr}");
     assert!(stdout.contains(": moved 1 through"), "{stdout}");
     assert!(
         stdout.contains(&format!("per-event queue refused, left in {unrouted}: 2\n")),
@@ -1295,13 +1290,9 @@ async fn replay_to_the_exchange_declares_per_event_queues() {
     take_the_name(&channel, &taken).await;
     let after = relay.exchange.own("ev.job.created");
 
-    let url = harness::amqp_url();
-    let prefix = format!("{}.ev.", relay.exchange);
-    let env = with_per_event_queues(&relay.exchange, &url, &prefix);
-    let output = tool(&["replay", "--to-exchange"], &env).await;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{stdout}\n{stderr}");
+    let (succeeded, stdout, stderr) =
+        tool_with_per_event_queues(&relay, &["replay", "--to-exchange"]).await;
+    assert!(!succeeded, "{stdout}\n{stderr}");
     assert!(stdout.contains("published 3, confirmed 3\n"), "{stdout}");
     assert!(stderr.contains(&taken), "{stderr}");
     assert!(stderr.contains("PRECONDITION_FAILED"), "{stderr}");
